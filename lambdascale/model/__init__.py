@@ -1,0 +1,1 @@
+"""Llama-family model, block plan, checkpoint format and importers."""

@@ -1,0 +1,23 @@
+"""Data-plane configuration section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TransferSettings(BaseModel):
+    """Transport backend and emulated link capacities."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["tcp", "nixl"] = Field(default="tcp", description="data-plane transport")
+    link_gbps: float | None = Field(
+        default=None, gt=0, description="cap on each agent's send and receive rate, Gbit/s (None = uncapped)"
+    )
+    ssd_gbps: float | None = Field(
+        default=None, gt=0, description="cap on reads from the SSD tier, Gbit/s (None = uncapped)"
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="give up connecting to a peer after this long")
+    stall_timeout_s: float = Field(default=10.0, gt=0, description="a peer that moves no bytes this long is declared dead")

@@ -1,0 +1,149 @@
+"""Cluster presets and simulated models.
+
+A preset (YAML or JSON, ``lambdascale-cluster`` v1, documented in docs/sim-formats.md) describes
+one node type: GPUs per node, GPU memory, which calibration file times its compute and with what
+scale factors, and the bandwidth of each link. Packaged presets live in ``lambdascale/sim/presets``;
+``--cluster FILE`` takes a user's own.
+
+Links, per node (each direction is a separate link; bandwidths in GB/s = 1e9 bytes/s):
+
+* ``nic_out``/``nic_in``: ``nic_gbps`` Gbit/s per GPU (one NIC per GPU), times the GPUs an
+  instance uses (a 70B instance on 4 GPUs drives 4 NICs);
+* ``pcie``: host memory -> GPU, ``pcie_GBps`` per GPU, times GPUs per instance;
+* ``ssd``: SSD -> host memory, ``ssd_GBps`` per node;
+* ``nvlink``: GPU <-> GPU inside a node.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lambdascale.errors import LambdaScaleError, ModelNotFoundError
+from lambdascale.model.arch import SHAPES, ModelArch
+
+
+class ClusterError(LambdaScaleError):
+    """A cluster preset is unknown or malformed."""
+
+
+class GpuSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="GPU model, for reports")
+    memory_gib: float = Field(gt=0, le=10_000, description="GPU memory per GPU")
+    calibration: str = Field(default="h200", description="packaged calibration name or file path")
+    prefill_scale: float = Field(default=1.0, gt=0, le=100, description="prefill time over the calibrated GPU's")
+    decode_scale: float = Field(default=1.0, gt=0, le=100, description="decode time over the calibrated GPU's")
+    tp_overhead: float = Field(default=0.15, ge=0, le=10, description="extra time fraction of tensor parallelism")
+
+
+class LinkSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nic_gbps: float = Field(gt=0, le=100_000, description="network per GPU, Gbit/s, each direction")
+    nic_latency_us: float = Field(default=5.0, ge=0, le=1e6, description="per-transfer network latency")
+    pcie_GBps: float = Field(gt=0, le=10_000, description="pinned host -> GPU per GPU, GB/s")
+    nvlink_GBps: float = Field(gt=0, le=100_000, description="GPU <-> GPU inside a node, GB/s")
+    ssd_GBps: float = Field(gt=0, le=10_000, description="SSD -> host per node, GB/s")
+
+
+class ClusterSpec(BaseModel):
+    """A node type and its links (the preset file's schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field(default="lambdascale-cluster", pattern="^lambdascale-cluster$")
+    format_version: int = Field(default=1, ge=1, le=1)
+    name: str
+    description: str = ""
+    gpu: GpuSpec
+    gpus_per_node: int = Field(default=1, ge=1, le=64, description="GPUs per node")
+    host_memory_gib: float = Field(gt=0, description="host memory per node (pinned pool)")
+    links: LinkSpec
+
+
+def preset_names() -> list[str]:
+    d = resources.files("lambdascale.sim") / "presets"
+    return sorted(p.name.rsplit(".", 1)[0] for p in d.iterdir() if p.name.endswith((".yaml", ".yml")))
+
+
+def load_cluster(name_or_path: str | Path) -> ClusterSpec:
+    """A packaged preset by name or a preset file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ClusterError(f"cannot read cluster file {p}: {e.strerror}") from None
+        source = str(p)
+    else:
+        f = resources.files("lambdascale.sim") / "presets" / f"{name_or_path}.yaml"
+        if not f.is_file():
+            raise ClusterError(f"unknown cluster preset {name_or_path!r}; presets: {', '.join(preset_names())} (or a file path)")
+        text, source = f.read_text(), f"preset {name_or_path}"
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ClusterError(f"cluster file {source} cannot be parsed: {e}") from None
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})" for x in e.errors())
+        raise ClusterError(f"cluster file {source}: {msgs}") from None
+
+
+#: Model aliases on the CLI -> registered shapes.
+ALIASES = {"llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b", "llama-2-70b": "llama2-70b",
+           "llama-3-8b": "llama3-8b", "7b": "llama2-7b", "13b": "llama2-13b", "70b": "llama2-70b"}
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """A model as the simulator sees it: shape, bytes, GPUs per instance, blocks and chunks."""
+
+    name: str
+    arch: ModelArch
+    nbytes: int
+    tp: int
+    n_blocks: int
+    n_chunks: int
+
+    @property
+    def chunk_bytes(self) -> float:
+        return self.nbytes / self.n_chunks
+
+
+def resolve_model(name: str, n_blocks: int = 8, n_chunks: int = 16, gpu_memory_gib: float = 80.0,
+                  dtype_bytes: int = 2) -> SimModel:
+    """A registered shape (``llama2-13b``, aliases like ``llama-2-13b``) or a manifest directory.
+
+    GPUs per instance: the fewest powers of two whose memory holds the weights with 25% to spare
+    for KV cache (Llama-2 70B -> 4 on 80 GiB GPUs, as in the λScale testbed).
+    """
+    key = ALIASES.get(name.lower(), name.lower())
+    p = Path(name)
+    if key in SHAPES:
+        arch, nbytes, canonical = SHAPES[key], SHAPES[key].total_bytes(dtype_bytes), key
+    elif (p / "manifest.json").is_file():
+        try:
+            man = json.loads((p / "manifest.json").read_text())
+            arch = ModelArch.model_validate(man["arch"])
+            nbytes = int(sum(b["nbytes"] for b in man["blocks"]))
+            canonical = str(man.get("name", p.name))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ModelNotFoundError(f"{p / 'manifest.json'}: not a lambdascale manifest ({e})") from None
+    else:
+        raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(sorted(SHAPES))} or a model directory with manifest.json")
+    if n_blocks > arch.num_hidden_layers:
+        n_blocks = arch.num_hidden_layers
+    n_chunks = max(n_chunks, n_blocks)
+    tp = 1
+    while nbytes * 1.25 > tp * gpu_memory_gib * 2**30 and tp < 64:
+        tp *= 2
+    return SimModel(canonical, arch, nbytes, tp, n_blocks, n_chunks)

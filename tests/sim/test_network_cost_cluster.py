@@ -1,0 +1,110 @@
+"""Flow-level network sharing, cost model interpolation, presets and calibration files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lambdascale.model.arch import SHAPES
+from lambdascale.sim.cluster import ClusterError, load_cluster, preset_names, resolve_model
+from lambdascale.sim.costmodel import CalibrationError, CostModel, load_calibration
+from lambdascale.sim.events import EventLoop
+from lambdascale.sim.network import Network
+
+
+def _net() -> tuple[EventLoop, Network, dict[str, float]]:
+    loop = EventLoop()
+    net = Network(loop)
+    for link, cap in {"a": 100.0, "b": 100.0, "c": 50.0}.items():
+        net.add_link(link, cap)
+    return loop, net, {}
+
+
+def test_uncontended_flow_takes_bytes_over_bottleneck() -> None:
+    loop, net, done = _net()
+    net.start(("a", "c"), 100.0, lambda f: done.__setitem__("x", loop.now()))
+    loop.run()
+    assert done["x"] == pytest.approx(2.0)
+
+
+def test_max_min_fair_sharing_and_rate_change_on_completion() -> None:
+    loop, net, done = _net()
+    # Two flows share link a (100): 50 each. Flow y also crosses c (50) so it is capped at 50 anyway.
+    net.start(("a",), 100.0, lambda f: done.__setitem__("x", loop.now()))
+    net.start(("a", "c"), 200.0, lambda f: done.__setitem__("y", loop.now()))
+    # A third flow only on b is unaffected.
+    net.start(("b",), 100.0, lambda f: done.__setitem__("z", loop.now()))
+    loop.run()
+    assert done["x"] == pytest.approx(2.0)
+    assert done["z"] == pytest.approx(1.0)
+    # y: 100 bytes in the first 2 s at 50/s, then still capped at 50 by c -> 2 more seconds.
+    assert done["y"] == pytest.approx(4.0)
+
+
+def test_max_min_gives_leftover_to_unconstrained_flow() -> None:
+    loop, net, done = _net()
+    net.start(("a", "c"), 100.0, lambda f: done.__setitem__("slow", loop.now()))  # capped at 50 by c
+    net.start(("a",), 100.0, lambda f: done.__setitem__("fast", loop.now()))     # gets the other 50
+    loop.run()
+    assert done["slow"] == pytest.approx(2.0) and done["fast"] == pytest.approx(2.0)
+    loop2, net2, done2 = _net()
+    net2.start(("a", "c"), 50.0, lambda f: done2.__setitem__("slow", loop2.now()))
+    net2.start(("a",), 150.0, lambda f: done2.__setitem__("fast", loop2.now()))
+    loop2.run()
+    # both at 50 until slow ends at 1 s, then fast alone at 100: 100 left -> 2 s.
+    assert done2["fast"] == pytest.approx(2.0)
+
+
+def test_unknown_link_is_an_error() -> None:
+    loop, net, _ = _net()
+    with pytest.raises(KeyError, match="nope"):
+        net.start(("nope",), 1.0, lambda f: None)
+
+
+def test_cost_model_interpolates_and_scales() -> None:
+    cal = load_calibration("h200")
+    arch = SHAPES["llama2-13b"]
+    m = CostModel.build(cal, "llama2-13b", arch)
+    t = cal.models["llama2-13b"]
+    assert m.prefill_s(512) == pytest.approx(t.prefill_ms_per_layer[512] * 1e-3 * 40)
+    assert m.prefill_s(10) == pytest.approx(m.prefill_s(128))  # floor below the first point
+    mid = (t.decode_ms_per_layer[8] + t.decode_ms_per_layer[32]) / 2 * 1e-3
+    assert m.decode_s(20, layers=1) == pytest.approx(mid)
+    slow = CostModel.build(cal, "llama2-13b", arch, decode_scale=2.0, tp=4, tp_overhead=0.0)
+    assert slow.decode_s(8) == pytest.approx(m.decode_s(8) * 2.0 / 4)
+    # A shape without its own entry borrows the nearest one, scaled by layer bytes.
+    small = CostModel.build(cal, "tiny-llama", SHAPES["tiny-llama"])
+    assert 0 < small.decode_s(1) < m.decode_s(1)
+
+
+def test_calibration_errors_name_field(tmp_path: Path) -> None:
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"format": "lambdascale-calibration", "format_version": 1, "device": "x",
+                               "copy": {"h2d_GBps": 1, "d2h_GBps": 1, "ssd_read_GBps": 1},
+                               "models": {"m": {"layer_bytes": -1, "prefill_ms_per_layer": {"1": 1},
+                                                "decode_ms_per_layer": {"1": 1}}}}))
+    with pytest.raises(CalibrationError, match="models.m.layer_bytes"):
+        load_calibration(bad)
+    with pytest.raises(CalibrationError, match="unknown calibration"):
+        load_calibration("tpu9")
+
+
+def test_raw_shared_calibration_converts(calibration_dir: Path) -> None:
+    raw = load_calibration(calibration_dir / "h200_2026-11-28.json")
+    pkg = load_calibration("h200")
+    assert raw.models["llama2-70b"].prefill_ms_per_layer == pkg.models["llama2-70b"].prefill_ms_per_layer
+
+
+def test_presets_and_models(tmp_path: Path) -> None:
+    assert {"h800-ib400", "h200-ib400", "a100-roce100"} <= set(preset_names())
+    c = load_cluster("h800-ib400")
+    assert c.links.nic_gbps == 400 and c.gpus_per_node == 1
+    assert resolve_model("llama-2-70b").tp == 4 and resolve_model("13b").tp == 1
+    bad = tmp_path / "x.yaml"
+    bad.write_text("name: x\ngpu: {name: g, memory_gib: 0}\nhost_memory_gib: 1\nlinks: {nic_gbps: 1, pcie_GBps: 1, nvlink_GBps: 1, ssd_GBps: 1}\n")
+    with pytest.raises(ClusterError, match="gpu.memory_gib"):
+        load_cluster(bad)
+    with pytest.raises(ClusterError, match="presets: "):
+        load_cluster("tpu-pod")

@@ -21,3 +21,18 @@ class TransferSettings(BaseModel):
     )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="give up connecting to a peer after this long")
     stall_timeout_s: float = Field(default=10.0, gt=0, description="a peer that moves no bytes this long is declared dead")
+    io_slice_bytes: int = Field(
+        default=1 << 20,
+        ge=4096,
+        le=1 << 30,
+        description="bytes per socket call / token-bucket grant; smaller slices make a rate cap smoother",
+    )
+    bucket_burst_bytes: int = Field(
+        default=1 << 20,
+        ge=4096,
+        le=1 << 30,
+        description="token-bucket depth: bytes a capped link may move at once after being idle",
+    )
+    nixl_poll_s: float = Field(
+        default=0.0005, gt=0, le=0.1, description="how often the nixl backend polls for notifications and completions"
+    )

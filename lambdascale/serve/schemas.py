@@ -1,0 +1,165 @@
+"""OpenAI wire formats: request bodies (validated strictly) and response/chunk builders.
+
+Requests are pydantic models in strict mode, so a string where a number belongs is a 400 naming
+the field rather than a silent coercion. Unknown fields are ignored (clients send ``user`` and
+friends); fields we cannot honour (``n`` > 1, penalties, logprobs) are rejected explicitly.
+Limits that need the model (context length) are checked later, in the app, with the tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_MAX_SEED = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1, le=1_000_000, description="-1 = off")
+    seed: int | None = Field(default=None, ge=-_MAX_SEED, le=_MAX_SEED)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    logprobs: Any = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v not in (None, False):
+            raise ValueError("logprobs are not supported")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``: a text prompt or one list of token ids."""
+
+    prompt: str | list[int] | list[str] = Field()
+    echo: bool = Field(default=False)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if isinstance(v[0], str):
+                if len(v) != 1:
+                    raise ValueError("only one prompt per request is supported (got a list of several)")
+            elif any(t < 0 for t in v):  # type: ignore[operator]
+                raise ValueError("token ids must be non-negative")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _content_somewhere(self) -> "ChatCompletionRequest":
+        if all(not m.text() for m in self.messages):
+            raise ValueError("messages must contain some text")
+        return self
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---- admin ----------------------------------------------------------------------------------
+
+class DeploySpec(_Strict):
+    """A model registration with its scaling settings (admin API body, SQLite row)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+    min_instances: int = Field(default=0, ge=0, le=1024, description="instances kept even when idle (0 = scale to zero)")
+    max_instances: int = Field(default=4, ge=1, le=1024, description="most instances the autoscaler may run")
+    target_concurrency: int = Field(default=4, ge=1, le=4096, description="in-flight requests per instance the autoscaler aims at")
+    keep_alive_s: float = Field(default=60.0, ge=0.0, le=86_400.0, description="idle seconds before an instance is released")
+    tiers: list[Literal["gpu", "host", "ssd"]] = Field(
+        default_factory=lambda: ["host", "ssd"], description="tiers the weights are cached in between uses"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DeploySpec":
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) exceeds max_instances ({self.max_instances})")
+        if len(set(self.tiers)) != len(self.tiers):
+            raise ValueError(f"tiers has duplicates: {self.tiers}")
+        return self
+
+
+class UpdateSpec(_Strict):
+    """Partial update of a registration (unset fields keep their value)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    min_instances: int | None = Field(default=None, ge=0, le=1024)
+    max_instances: int | None = Field(default=None, ge=1, le=1024)
+    target_concurrency: int | None = Field(default=None, ge=1, le=4096)
+    keep_alive_s: float | None = Field(default=None, ge=0.0, le=86_400.0)
+    tiers: list[Literal["gpu", "host", "ssd"]] | None = None
+
+
+def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

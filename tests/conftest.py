@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
@@ -25,4 +26,30 @@ def calibration_dir() -> Path:
     d = SHARED / "calibration"
     if not d.is_dir():
         pytest.skip(f"calibration data not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """A models directory holding ``smollm2-135m`` in our block format (imported once, cached).
+
+    The cache lives in ``~/.cache/lambdascale/test-models/v<format version>`` (override with
+    ``LAMBDASCALE_TEST_MODELS``), so a format change re-imports; a file lock makes concurrent
+    test sessions import it only once. Returns the models directory (use
+    ``find_model(demo_model_dir, "smollm2-135m")``).
+    """
+    import os
+
+    from lambdascale.model.importers import DEMO_MODEL, import_model
+    from lambdascale.model.manifest import FORMAT_VERSION
+
+    base = Path(os.environ.get("LAMBDASCALE_TEST_MODELS", Path.home() / ".cache" / "lambdascale" / "test-models"))
+    d = base / f"v{FORMAT_VERSION}"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            import_model(DEMO_MODEL, d)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return d

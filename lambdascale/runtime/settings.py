@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class RuntimeSettings(BaseModel):
-    """How node agents are launched."""
+    """How node agents are launched, watched and driven."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -16,3 +16,18 @@ class RuntimeSettings(BaseModel):
     nodes: int = Field(default=4, ge=1, le=4096, description="node agents to run")
     address: str | None = Field(default=None, description="Ray cluster address for the ray launcher")
     heartbeat_s: float = Field(default=1.0, gt=0, description="agent heartbeat period")
+    heartbeat_misses: int = Field(
+        default=5, ge=1, le=1000, description="heartbeats missed in a row before the controller declares an agent lost"
+    )
+    register_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long the controller waits for launched agents to register"
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="limit on one control request to an agent (loading a big model from SSD included)"
+    )
+    multicast_timeout_s: float = Field(
+        default=600.0, gt=0, description="give up a multicast that has not completed after this long"
+    )
+    ray_resource: str = Field(
+        default="lambdascale_node", min_length=1, description="custom Ray resource that marks a node able to host one agent"
+    )

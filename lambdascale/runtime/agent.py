@@ -1,0 +1,341 @@
+"""Node agent: one process per node; owns its model buffers (host tier) and its transport endpoint.
+
+The agent dials the controller at the address its launcher gives, registers (node id, pid,
+transport address), sends heartbeats and answers typed control messages
+(:mod:`lambdascale.runtime.messages`). Weights move only over the transport: a receiver verifies
+every arriving chunk's xxh64 against the manifest before it marks the chunk held, and only held
+chunks are ever forwarded (:class:`SendChunks` lists wait per chunk, so forwarding is chunk-level,
+not round-level).
+
+Dying with the launcher: the agent exits when its control connection closes, when its parent
+process changes (checked every heartbeat) and, on Linux, through ``PR_SET_PDEATHSIG`` = SIGKILL
+set at start-up, so a hard kill of the controller leaves no orphan.
+
+Run as ``python -m lambdascale.runtime.agent --controller HOST:PORT --node N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from lambdascale.errors import LambdaScaleError, TransferError
+from lambdascale.model.manifest import Manifest, chunk_block, read_manifest
+from lambdascale.runtime.messages import (
+    CancelSends,
+    ChunkCorrupt,
+    ChunkHeld,
+    ControlError,
+    CorruptNext,
+    DropModel,
+    GetStatus,
+    Heartbeat,
+    HoldModel,
+    PrepareReceive,
+    Register,
+    Reply,
+    SendChunks,
+    SendFailed,
+    SetPeers,
+    Shutdown,
+    read_msg,
+    write_msg,
+)
+from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.base import Arrival, Transport, make_transport
+from lambdascale.transfer.ratelimit import TokenBucket, gbps_to_bytes_per_s
+from lambdascale.transfer.settings import TransferSettings
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def buffer_name(model: str, block: int) -> str:
+    """Transport buffer holding block ``block`` of ``model`` (same name on every node)."""
+    return f"{model}/b{block:03d}"
+
+
+def chunk_tag(model: str, chunk: int) -> str:
+    return f"{model}|{chunk}"
+
+
+def parse_tag(tag: str) -> tuple[str, int]:
+    model, _, c = tag.rpartition("|")
+    return model, int(c)
+
+
+@dataclass
+class ModelState:
+    """One model on this node: its manifest and which chunks are held (verified)."""
+
+    manifest: Manifest
+    held: set[int] = field(default_factory=set)
+    events: dict[int, asyncio.Event] = field(default_factory=dict)
+
+    def event(self, chunk: int) -> asyncio.Event:
+        ev = self.events.get(chunk)
+        if ev is None:
+            ev = self.events[chunk] = asyncio.Event()
+            if chunk in self.held:
+                ev.set()
+        return ev
+
+    def mark_held(self, chunk: int) -> None:
+        self.held.add(chunk)
+        self.event(chunk).set()
+
+
+class NodeAgent:
+    """The agent's state and message handlers; :meth:`run` is its whole life."""
+
+    def __init__(
+        self,
+        node: int,
+        controller: tuple[str, int],
+        transfer: TransferSettings,
+        runtime: RuntimeSettings,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.node = node
+        self.controller = controller
+        self.transfer_settings = transfer
+        self.runtime = runtime
+        self.parent_pid = parent_pid
+        self.transport: Transport = make_transport(transfer.backend, node, transfer)
+        self.models: dict[str, ModelState] = {}
+        self.ssd_bucket = TokenBucket(
+            gbps_to_bytes_per_s(transfer.ssd_gbps) if transfer.ssd_gbps else None, transfer.bucket_burst_bytes
+        )
+        self._send_tasks: dict[str, list[tuple[int, asyncio.Task]]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._write_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    # ---- plumbing --------------------------------------------------------------------------
+    async def _report(self, msg) -> None:
+        assert self._writer is not None
+        async with self._write_lock:
+            await write_msg(self._writer, msg)
+
+    def _model(self, name: str) -> ModelState:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise LambdaScaleError(f"node {self.node} holds no model {name!r} (has: {sorted(self.models)})") from None
+
+    def _allocate(self, manifest: Manifest) -> ModelState:
+        if manifest.name in self.models:
+            return self.models[manifest.name]
+        for blk in manifest.blocks:
+            self.transport.register(buffer_name(manifest.name, blk.index), blk.nbytes)
+        st = self.models[manifest.name] = ModelState(manifest)
+        return st
+
+    # ---- handlers --------------------------------------------------------------------------
+    async def _hold_model(self, msg: HoldModel) -> dict:
+        """Read every block file into its buffer (SSD tier -> host tier), verifying each chunk."""
+        manifest = read_manifest(msg.model_dir)
+        st = self._allocate(manifest)
+        for blk in manifest.blocks:
+            path = Path(msg.model_dir) / blk.file
+            view = self.transport.buffer(buffer_name(manifest.name, blk.index))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != blk.nbytes:
+                    raise LambdaScaleError(f"{path}: file size differs from the manifest's {blk.nbytes} bytes")
+                for ch in blk.chunks:
+                    await self.ssd_bucket.acquire(ch.length)
+                    part = view[ch.offset : ch.offset + ch.length]
+                    n = await asyncio.to_thread(os.preadv, fd, [part], ch.offset)
+                    if n != ch.length:
+                        raise LambdaScaleError(f"{path}: short read at byte {ch.offset} ({n} of {ch.length})")
+                    if xxhash.xxh64(part).hexdigest() != ch.xxh64:
+                        raise LambdaScaleError(f"{path}: chunk {ch.index} fails its xxh64 check")
+                    st.mark_held(ch.index)
+            finally:
+                os.close(fd)
+        return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held)}
+
+    async def _run_sends(self, model: str, sends: list[tuple[int, int]], epoch: int) -> None:
+        st = self._model(model)
+        for chunk, dst in sends:
+            await st.event(chunk).wait()
+            ch = st.manifest.chunk(chunk)
+            b = chunk_block(chunk, st.manifest.n_blocks, st.manifest.n_chunks)
+            try:
+                await self.transport.send(dst, buffer_name(model, b), ch.offset, ch.length, chunk_tag(model, chunk))
+            except TransferError as e:
+                await self._report(SendFailed(node=self.node, model=model, chunk=chunk, dst=dst, epoch=epoch, error=str(e)))
+
+    async def _on_arrival(self, arr: Arrival) -> None:
+        model, chunk = parse_tag(arr.tag)
+        st = self.models.get(model)
+        if st is None:
+            return
+        ch = st.manifest.chunk(chunk)
+        if (arr.offset, arr.length) != (ch.offset, ch.length):
+            await self._report(ChunkCorrupt(node=self.node, model=model, chunk=chunk, src=arr.src,
+                                            detail=f"range [{arr.offset}, +{arr.length}) is not chunk {chunk}'s"))
+            return
+        view = self.transport.buffer(arr.name)[arr.offset : arr.offset + arr.length]
+        got = xxhash.xxh64(view).hexdigest()
+        if got != ch.xxh64:
+            await self._report(ChunkCorrupt(node=self.node, model=model, chunk=chunk, src=arr.src,
+                                            detail=f"xxh64 {got} != manifest {ch.xxh64}"))
+            return
+        st.mark_held(chunk)
+        await self._report(ChunkHeld(node=self.node, model=model, chunk=chunk, src=arr.src))
+
+    async def _handle(self, msg) -> dict:
+        if isinstance(msg, SetPeers):
+            for p in msg.peers:
+                if p.node != self.node:
+                    self.transport.add_peer(p)
+            return {}
+        if isinstance(msg, HoldModel):
+            return await self._hold_model(msg)
+        if isinstance(msg, PrepareReceive):
+            st = self._allocate(Manifest.model_validate(msg.manifest))
+            return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held)}
+        if isinstance(msg, SendChunks):
+            self._model(msg.model)
+            task = asyncio.get_running_loop().create_task(self._run_sends(msg.model, msg.sends, msg.epoch))
+            self._send_tasks.setdefault(msg.model, []).append((msg.epoch, task))
+            return {}
+        if isinstance(msg, CancelSends):
+            keep = []
+            for ep, t in self._send_tasks.get(msg.model, []):
+                if ep <= msg.epoch:
+                    t.cancel()
+                    await asyncio.gather(t, return_exceptions=True)
+                elif not t.done():
+                    keep.append((ep, t))
+            self._send_tasks[msg.model] = keep
+            st = self.models.get(msg.model)
+            return {"held": sorted(st.held) if st else []}
+        if isinstance(msg, GetStatus):
+            return {
+                "node": self.node,
+                "pid": os.getpid(),
+                "models": {n: sorted(s.held) for n, s in self.models.items()},
+                "bytes_sent": self.transport.bytes_sent,
+                "bytes_received": self.transport.bytes_received,
+            }
+        if isinstance(msg, DropModel):
+            st = self.models.pop(msg.model, None)
+            if st is not None:
+                for blk in st.manifest.blocks:
+                    self.transport.unregister(buffer_name(msg.model, blk.index))
+            return {}
+        if isinstance(msg, CorruptNext):
+            self.transport.corrupt_tags.add(chunk_tag(msg.model, msg.chunk))
+            return {}
+        if isinstance(msg, Shutdown):
+            self._stop.set()
+            return {}
+        raise ControlError(f"node {self.node}: unexpected message {type(msg).__name__}")
+
+    async def _serve_request(self, msg) -> None:
+        try:
+            data = await self._handle(msg)
+            reply = Reply(req=msg.req, data=data)
+        except (LambdaScaleError, OSError, ValueError) as e:
+            reply = Reply(req=msg.req, ok=False, error=f"node {self.node}: {e}")
+        await self._report(reply)
+
+    # ---- loops -----------------------------------------------------------------------------
+    async def _control_loop(self, reader: asyncio.StreamReader) -> None:
+        tasks: set[asyncio.Task] = set()
+        while True:
+            msg = await read_msg(reader)
+            if msg is None:
+                return  # controller gone: die with it
+            t = asyncio.get_running_loop().create_task(self._serve_request(msg))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    async def _arrival_loop(self) -> None:
+        while True:
+            await self._on_arrival(await self.transport.arrivals.get())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.runtime.heartbeat_s)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                return  # launcher gone (re-parented): die with it
+            await self._report(Heartbeat(node=self.node))
+
+    async def run(self) -> None:
+        await self.transport.start()
+        host, port = self.controller
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), self.transfer_settings.connect_timeout_s
+        )
+        self._writer = writer
+        await self._report(Register(node=self.node, pid=os.getpid(), peer=self.transport.info()))
+        loops = [
+            asyncio.ensure_future(self._control_loop(reader)),
+            asyncio.ensure_future(self._arrival_loop()),
+            asyncio.ensure_future(self._heartbeat_loop()),
+            asyncio.ensure_future(self._stop.wait()),
+        ]
+        try:
+            await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in loops:
+                t.cancel()
+            for lst in self._send_tasks.values():
+                for _, t in lst:
+                    t.cancel()
+            await self.transport.close()
+            writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lambdascale-agent", description="node agent (started by a launcher)")
+    p.add_argument("--controller", required=True, help="HOST:PORT of the controller")
+    p.add_argument("--node", type=int, required=True)
+    p.add_argument("--transfer-json", default="{}", help="TransferSettings as JSON")
+    p.add_argument("--runtime-json", default="{}", help="RuntimeSettings as JSON")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when the parent is no longer this pid")
+    args = p.parse_args(argv)
+    set_parent_death_signal()
+    if args.parent_pid is not None and os.getppid() != args.parent_pid:
+        return 1  # the launcher died before we armed the death signal
+    host, _, port = args.controller.rpartition(":")
+    agent = NodeAgent(
+        args.node,
+        (host, int(port)),
+        TransferSettings.model_validate(json.loads(args.transfer_json)),
+        RuntimeSettings.model_validate(json.loads(args.runtime_json)),
+        parent_pid=args.parent_pid,
+    )
+    try:
+        asyncio.run(agent.run())
+    except (ConnectionError, OSError, asyncio.TimeoutError) as e:
+        print(f"agent {args.node}: control channel to {args.controller} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

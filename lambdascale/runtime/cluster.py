@@ -1,0 +1,212 @@
+"""Controller side of the runtime: the agents' registry, request/reply over the control channel,
+the stream of agent events, and loss detection.
+
+:class:`Cluster` listens on 127.0.0.1 (or a given host); launchers tell each agent this address.
+Agents register, then every request (``await cluster.request(node, Msg(req=0, ...))``) is matched
+to its :class:`~lambdascale.runtime.messages.Reply` by id. Unsolicited reports (chunk held /
+corrupt, send failed) and :class:`NodeLost` land in :attr:`Cluster.events`. An agent is lost when
+its control connection closes or it misses ``heartbeat_misses`` heartbeats; pending requests to it
+fail with :class:`NodeLostError` at once, never hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from lambdascale.errors import LambdaScaleError
+from lambdascale.runtime.messages import (
+    ChunkCorrupt,
+    ChunkHeld,
+    ControlError,
+    Heartbeat,
+    Register,
+    Reply,
+    SendFailed,
+    SetPeers,
+    read_msg,
+    write_msg,
+)
+from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.base import PeerInfo
+
+
+class NodeLostError(LambdaScaleError):
+    """An agent died or went silent while the controller needed it."""
+
+
+class AgentRequestError(LambdaScaleError):
+    """An agent answered a request with an error (its message says which node and why)."""
+
+
+class NodeStatus(str, Enum):
+    UP = "up"
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    """Event: ``node`` is gone (connection closed or heartbeats missed)."""
+
+    node: int
+    reason: str
+    type: str = "node_lost"
+
+
+@dataclass
+class AgentHandle:
+    node: int
+    pid: int
+    peer: PeerInfo
+    writer: asyncio.StreamWriter
+    status: NodeStatus = NodeStatus.UP
+    last_seen: float = field(default_factory=time.monotonic)
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+ClusterEvent = ChunkHeld | ChunkCorrupt | SendFailed | NodeLost
+
+
+class Cluster:
+    """Registry of node agents and the controller's end of every control channel."""
+
+    def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1") -> None:
+        self.settings = runtime or RuntimeSettings()
+        self.host = host
+        self.agents: dict[int, AgentHandle] = {}
+        self.events: asyncio.Queue[ClusterEvent] = asyncio.Queue()
+        self._server: asyncio.Server | None = None
+        self._req_ids = itertools.count(1)
+        self._registered = asyncio.Condition()
+        self._tasks: set[asyncio.Task] = set()
+        self._monitor: asyncio.Task | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Listen for agents; returns the (host, port) to give launchers."""
+        self._server = await asyncio.start_server(self._on_agent, self.host, 0)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+        return self.address
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "cluster not started"
+        return self.host, self._server.sockets[0].getsockname()[1]
+
+    def alive(self) -> list[int]:
+        return sorted(n for n, a in self.agents.items() if a.status is NodeStatus.UP)
+
+    async def wait_for_agents(self, nodes: list[int], timeout: float | None = None) -> None:
+        """Wait until every node in ``nodes`` registered; a clear error names the missing ones."""
+        timeout = self.settings.register_timeout_s if timeout is None else timeout
+
+        async def ready() -> None:
+            async with self._registered:
+                await self._registered.wait_for(lambda: all(n in self.agents for n in nodes))
+
+        try:
+            await asyncio.wait_for(ready(), timeout)
+        except asyncio.TimeoutError:
+            missing = sorted(set(nodes) - set(self.agents))
+            raise NodeLostError(
+                f"agents {missing} did not register within {timeout}s (runtime.register_timeout_s)"
+            ) from None
+
+    async def _on_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handle: AgentHandle | None = None
+        reason = "control connection closed"
+        try:
+            first = await read_msg(reader)
+            if not isinstance(first, Register):
+                writer.close()
+                return
+            handle = AgentHandle(node=first.node, pid=first.pid, peer=first.peer, writer=writer)
+            self.agents[first.node] = handle
+            async with self._registered:
+                self._registered.notify_all()
+            while True:
+                msg = await read_msg(reader)
+                if msg is None:
+                    break
+                handle.last_seen = time.monotonic()
+                if isinstance(msg, Reply):
+                    fut = handle.pending.pop(msg.req, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif isinstance(msg, Heartbeat):
+                    pass
+                else:
+                    self.events.put_nowait(msg)  # ChunkHeld, ChunkCorrupt, SendFailed
+        except (ConnectionError, ControlError) as e:
+            reason = f"control channel error: {e}"
+        finally:
+            if handle is not None:
+                self._mark_lost(handle, reason)
+
+    def _mark_lost(self, handle: AgentHandle, reason: str) -> None:
+        if handle.status is NodeStatus.LOST:
+            return
+        handle.status = NodeStatus.LOST
+        for fut in handle.pending.values():
+            if not fut.done():
+                fut.set_exception(NodeLostError(f"node {handle.node} lost: {reason}"))
+        handle.pending.clear()
+        handle.writer.close()
+        self.events.put_nowait(NodeLost(handle.node, reason))
+
+    async def _watch_heartbeats(self) -> None:
+        limit = self.settings.heartbeat_s * self.settings.heartbeat_misses
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            now = time.monotonic()
+            for h in list(self.agents.values()):
+                if h.status is NodeStatus.UP and now - h.last_seen > limit:
+                    self._mark_lost(h, f"no heartbeat for {now - h.last_seen:.1f}s (limit {limit:.1f}s)")
+
+    async def request(self, node: int, msg: Any, timeout: float | None = None) -> dict[str, Any]:
+        """Send a request (its ``req`` is assigned here) and return the reply's data."""
+        h = self.agents.get(node)
+        if h is None or h.status is not NodeStatus.UP:
+            raise NodeLostError(f"node {node} is not up")
+        msg = msg.model_copy(update={"req": next(self._req_ids)})
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        h.pending[msg.req] = fut
+        try:
+            async with h.lock:
+                await write_msg(h.writer, msg)
+        except (ConnectionError, RuntimeError) as e:
+            h.pending.pop(msg.req, None)
+            self._mark_lost(h, f"cannot write to control channel: {e}")
+            raise NodeLostError(f"node {node} lost: {e}") from None
+        timeout = self.settings.request_timeout_s if timeout is None else timeout
+        try:
+            reply: Reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            h.pending.pop(msg.req, None)
+            raise NodeLostError(
+                f"node {node} did not answer {type(msg).__name__} within {timeout}s (runtime.request_timeout_s)"
+            ) from None
+        if not reply.ok:
+            raise AgentRequestError(reply.error)
+        if "peer" in reply.data:
+            h.peer = PeerInfo.model_validate(reply.data["peer"])
+        return reply.data
+
+    async def broadcast_peers(self) -> None:
+        """Tell every live agent every live agent's current transport address."""
+        peers = [self.agents[n].peer for n in self.alive()]
+        await asyncio.gather(*(self.request(n, SetPeers(req=0, peers=peers)) for n in self.alive()))
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        for h in self.agents.values():
+            h.writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

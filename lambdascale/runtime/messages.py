@@ -1,0 +1,202 @@
+"""Typed control messages between the controller and node agents, and their framing.
+
+Control only: weights never travel here (they go over a :class:`~lambdascale.transfer.base.Transport`).
+Framing: a 4-byte big-endian length, then the JSON of one message; the ``type`` field picks the
+class. Requests from the controller carry ``req`` (an id) and are answered by a :class:`Reply`
+with the same id; everything an agent reports on its own (register, heartbeat, arrivals, failures)
+carries no id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from lambdascale.errors import LambdaScaleError
+from lambdascale.transfer.base import PeerInfo
+
+MAX_FRAME = 64 << 20  # a manifest of a huge model is a few MB; anything bigger is a bug or an attack
+_LEN = struct.Struct("!I")
+
+
+class ControlError(LambdaScaleError):
+    """The control channel broke or carried something malformed."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- controller -> agent (requests) ----------------------------------------------------------
+
+class SetPeers(_Msg):
+    """Every peer's current transport address; the agent (re)adds each."""
+
+    type: Literal["set_peers"] = "set_peers"
+    req: int
+    peers: list[PeerInfo]
+
+
+class HoldModel(_Msg):
+    """Load a model from ``model_dir`` (its SSD tier) into host buffers; every chunk is verified."""
+
+    type: Literal["hold_model"] = "hold_model"
+    req: int
+    model_dir: str
+
+
+class PrepareReceive(_Msg):
+    """Preallocate receive buffers for a model described by ``manifest`` (its JSON dump)."""
+
+    type: Literal["prepare_receive"] = "prepare_receive"
+    req: int
+    manifest: dict[str, Any]
+
+
+class SendChunks(_Msg):
+    """Send chunks in order; each waits until this agent holds (has verified) the chunk.
+
+    ``sends`` is a list of (chunk, destination node). ``epoch`` lets the controller cancel a
+    whole generation of lists at once after a re-plan.
+    """
+
+    type: Literal["send_chunks"] = "send_chunks"
+    req: int
+    model: str
+    epoch: int = Field(ge=0)
+    sends: list[tuple[int, int]]
+
+
+class CancelSends(_Msg):
+    """Stop every send list with ``epoch <= epoch``; the reply carries the chunks held now."""
+
+    type: Literal["cancel_sends"] = "cancel_sends"
+    req: int
+    model: str
+    epoch: int
+
+
+class GetStatus(_Msg):
+    type: Literal["get_status"] = "get_status"
+    req: int
+
+
+class DropModel(_Msg):
+    type: Literal["drop_model"] = "drop_model"
+    req: int
+    model: str
+
+
+class CorruptNext(_Msg):
+    """Test hook: flip a byte of the next arrival of ``chunk`` (simulated wire corruption)."""
+
+    type: Literal["corrupt_next"] = "corrupt_next"
+    req: int
+    model: str
+    chunk: int
+
+
+class Shutdown(_Msg):
+    type: Literal["shutdown"] = "shutdown"
+    req: int
+
+
+# ---- agent -> controller ---------------------------------------------------------------------
+
+class Register(_Msg):
+    type: Literal["register"] = "register"
+    node: int
+    pid: int
+    peer: PeerInfo
+
+
+class Heartbeat(_Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+    node: int
+
+
+class ChunkHeld(_Msg):
+    """A chunk arrived from ``src`` and its xxh64 matched: it may be used and forwarded."""
+
+    type: Literal["chunk_held"] = "chunk_held"
+    node: int
+    model: str
+    chunk: int
+    src: int
+
+
+class ChunkCorrupt(_Msg):
+    """A chunk arrived from ``src`` but its xxh64 did not match: it is not held, not forwarded."""
+
+    type: Literal["chunk_corrupt"] = "chunk_corrupt"
+    node: int
+    model: str
+    chunk: int
+    src: int
+    detail: str
+
+
+class SendFailed(_Msg):
+    type: Literal["send_failed"] = "send_failed"
+    node: int
+    model: str
+    chunk: int
+    dst: int
+    epoch: int
+    error: str
+
+
+class Reply(_Msg):
+    type: Literal["reply"] = "reply"
+    req: int
+    ok: bool = True
+    error: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+Message = Annotated[
+    Union[
+        SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown,
+        Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
+    ],
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+def encode(msg: _Msg) -> bytes:
+    body = msg.model_dump_json().encode()
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes) -> _Msg:
+    try:
+        return _ADAPTER.validate_json(body)
+    except ValidationError as e:
+        raise ControlError(f"malformed control message: {e.errors()[0]['msg']} in {body[:200]!r}") from None
+
+
+async def write_msg(writer: asyncio.StreamWriter, msg: _Msg) -> None:
+    writer.write(encode(msg))
+    await writer.drain()
+
+
+async def read_msg(reader: asyncio.StreamReader) -> _Msg | None:
+    """The next message, or ``None`` when the peer closed the channel cleanly."""
+    try:
+        head = await reader.readexactly(_LEN.size)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise ControlError("control channel closed in the middle of a frame header") from None
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ControlError(f"control frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    try:
+        body = await reader.readexactly(n)
+    except asyncio.IncompleteReadError:
+        raise ControlError(f"control channel closed in the middle of a {n}-byte frame") from None
+    return decode(body)

@@ -1,0 +1,104 @@
+"""Node agents on real processes: registration, requests, loss detection, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lambdascale.runtime.cluster import AgentRequestError, NodeLost, NodeLostError
+from lambdascale.runtime.launcher import LocalCluster
+from lambdascale.runtime.messages import GetStatus, HoldModel, SendChunks
+from lambdascale.runtime.settings import RuntimeSettings
+from tests.runtime.conftest import run_async
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (absent, or a zombie waiting for its reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_agents_register_answer_and_report_loss(tiny_model: Path) -> None:
+    async def main() -> None:
+        async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=0.2)) as lc:
+            c = lc.cluster
+            assert c.alive() == [0, 1]
+            st = await c.request(1, GetStatus(req=0))
+            assert st["node"] == 1 and st["pid"] == lc.launcher.pids()[1]
+            data = await c.request(0, HoldModel(req=0, model_dir=str(tiny_model)))
+            assert data["held"] == list(range(16))
+            assert data["peer"]["backend"] == "tcp" and data["peer"]["port"] > 0
+            with pytest.raises(AgentRequestError, match=r"node 1: .*no manifest"):
+                await c.request(1, HoldModel(req=0, model_dir=str(tiny_model.parent / "nope")))
+            with pytest.raises(AgentRequestError, match=r"node 1 holds no model 'ghost'"):
+                await c.request(1, SendChunks(req=0, model="ghost", epoch=0, sends=[(0, 0)]))
+            lc.launcher.kill(1)
+            ev = await c.events.get()
+            assert isinstance(ev, NodeLost) and ev.node == 1
+            assert c.alive() == [0]
+            with pytest.raises(NodeLostError, match="node 1 is not up"):
+                await c.request(1, GetStatus(req=0))
+        assert all(_gone(p) for p in lc.launcher.pids().values())
+
+    run_async(main())
+
+
+def test_register_timeout_names_missing_agents() -> None:
+    from lambdascale.runtime.cluster import Cluster
+
+    async def main() -> None:
+        c = Cluster(RuntimeSettings())
+        await c.start()
+        try:
+            with pytest.raises(NodeLostError, match=r"agents \[0, 1\] did not register within 0.2s"):
+                await c.wait_for_agents([0, 1], timeout=0.2)
+        finally:
+            await c.close()
+
+    run_async(main())
+
+
+_CONTROLLER = r"""
+import asyncio, json, sys
+from lambdascale.runtime.launcher import LocalCluster
+async def main():
+    async with LocalCluster(2) as lc:
+        print(json.dumps(list(lc.launcher.pids().values())), flush=True)
+        await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_agents_die_with_their_controller(sig: int) -> None:
+    ctl = subprocess.Popen([sys.executable, "-c", _CONTROLLER], stdout=subprocess.PIPE, text=True,
+                           cwd=Path(__file__).resolve().parents[2])
+    pids: list[int] = []
+    try:
+        line = ctl.stdout.readline()
+        assert line, "controller printed no agent pids"
+        pids = json.loads(line)
+        assert len(pids) == 2 and not any(_gone(p) for p in pids)
+        ctl.send_signal(sig)
+        ctl.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+            time.sleep(0.05)
+        assert all(_gone(p) for p in pids), f"orphan agents left: {[p for p in pids if not _gone(p)]}"
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.wait()
+        for p in pids:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)

@@ -55,14 +55,16 @@ class Network:
         self.capacity[link] = float(bytes_per_s)
 
     def start(self, path: tuple[LinkId, ...], nbytes: float, done: Callable[[Flow], None],
-              tag: object = None) -> Flow:
-        """Start a flow now (after the fixed latency); ``done(flow)`` fires when it completes."""
+              tag: object = None, latency_s: float | None = None) -> Flow:
+        """Start a flow now; its bytes move after ``latency_s`` (default: the network's), and
+        ``done(flow)`` fires when the last byte lands."""
         for link in path:
             if link not in self.capacity:
                 raise KeyError(f"unknown link {link!r}")
         f = Flow(tuple(path), float(nbytes), done, tag, remaining=float(nbytes))
-        if self.latency_s > 0:
-            self.loop.after(self.latency_s, Priority.TRANSFER, self._activate, f)
+        lat = self.latency_s if latency_s is None else latency_s
+        if lat > 0:
+            self.loop.after(lat, Priority.TRANSFER, self._activate, f)
         else:
             self._activate(f)
         return f
@@ -131,7 +133,6 @@ class Network:
     def _complete(self) -> None:
         self._next = None
         self._advance()
-        now = self.loop.now()
         # A flow is done when what is left would take under a nanosecond (float residue).
         finished = [f for f in self.flows if f.remaining <= max(1e-9 * f.nbytes, f.rate * 1e-12)]
         if not finished:  # float residue moved the earliest completion a hair later
@@ -145,4 +146,3 @@ class Network:
         self._reshare()
         for f in finished:
             f.done(f)
-        del now

@@ -1,4 +1,4 @@
-"""Simulator configuration section."""
+"""Simulator configuration section (``sim.*``): the defaults of ``lambdascale simulate``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,30 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class SimSettings(BaseModel):
-    """Defaults of ``lambdascale simulate``."""
+    """Defaults of ``lambdascale simulate``; every field is also a CLI flag of that command."""
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(default=0, ge=0, description="seed of every random component")
+    cluster: str = Field(default="h800-ib400", description="cluster preset name or preset file")
+    model: str = Field(default="llama2-13b", description="model shape name (llama2-7b/13b/70b, llama3-8b) or a model directory")
+    nodes: int = Field(default=8, ge=1, le=4096, description="nodes in the cluster, sources included")
+    systems: str = Field(default="lambdascale,serverlessllm,faasnet,nccl,keepalive",
+                         description="comma-separated systems to simulate")
+    slo_ttft_s: float = Field(default=2.5, gt=0, le=3600, description="TTFT objective; SLO attainment = share of requests within it")
+    n_blocks: int = Field(default=8, ge=1, le=1024, description="execution blocks per model")
+    n_chunks: int = Field(default=16, ge=1, le=65536, description="transfer chunks per model (all blocks)")
+    min_instances: int = Field(default=1, ge=0, le=4096, description="instances always kept (the warm source of scale-outs)")
+    target_concurrency: int = Field(default=8, ge=1, le=100_000, description="requests per instance the autoscaler sizes for")
+    keep_alive_s: float = Field(default=30.0, ge=0, le=86400, description="idle time before an instance may be removed")
+    keepalive_baseline_keep_alive_s: float = Field(default=300.0, ge=0, le=86400,
+                                                   description="keep-alive of the keep-alive-only baseline (its one mechanism)")
+    max_batch: int = Field(default=32, ge=1, le=4096, description="most sequences one instance runs in a batch")
+    kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory left after weights usable for KV cache")
+    host_pool_gib: float | None = Field(default=None, ge=0, le=1e6,
+                                        description="host-memory pool per node for this model's cached copies (other tenants use the rest); None = the preset's host memory")
+    ssd_preloaded: bool = Field(default=True, description="every node starts with the model on its SSD")
+    drain_s: float = Field(default=600.0, ge=0, le=86400, description="time allowed after the last arrival for requests to finish")
+    sample_interval_s: float = Field(default=1.0, gt=0, le=3600, description="period of the instances/rate time series")
+    duration_s: float | None = Field(default=None, gt=0, description="replay only the first S seconds of the trace")
+    time_scale: float = Field(default=1.0, gt=0, le=1e4, description="speed up the trace's arrivals by this factor")

@@ -1,0 +1,745 @@
+"""The cluster simulator: one system, one workload, one cluster, on simulated time.
+
+Data flow per event (see the module map in docs/arch/sim.md)::
+
+    arrival ──> router (control.router.route_model) ──> instance queue ──> batch steps (cost model)
+    control tick ──> snapshot ──> control.autoscale ──> control.place ──> load / multicast
+                                                   └──> control.manage_memory ──> evict / copy back
+    multicast (pipe.plan_multicast) ──> rounds of flows on the Network ──> chunk lands
+        ──> pipe.PipelinePlanner.on_chunk ──> form / dissolve λPipe pipelines ──> node full
+
+The simulator owns *mechanism* only (moving bytes, running batches, bookkeeping); every decision
+comes from the shared policies in ``lambdascale.control`` and ``lambdascale.pipe``.
+
+Batch execution is iteration-level continuous batching, fast-forwarded: while an instance's batch
+does not change, its decode steps all last the same, so one event covers the ``k`` steps until the
+first sequence finishes. A request routed to a busy instance joins at the next step boundary
+(the segment is cut there). A step that admits new sequences prefills all their prompt tokens and
+decodes one token for the running ones (prefill produces each new sequence's first token).
+Requests on a pipeline that is dissolved move, with their token state, to a full instance, which
+recomputes their KV cache (a prefill of prompt + generated tokens) and continues the stream; their
+TTFT is unchanged, as the client saw its first token already.
+
+Costs: GPU-seconds = GPUs held by instances (from the moment a node is picked as a target, so
+loading counts) integrated over time, until the simulation ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from lambdascale.control.autoscaler import autoscale
+from lambdascale.control.memory import manage_memory
+from lambdascale.control.placement import place
+from lambdascale.control.router import route_model
+from lambdascale.control.settings import ControlSettings
+from lambdascale.control.snapshot import (
+    ClusterSnapshot,
+    CopyBack,
+    DeploymentSpec,
+    Holding,
+    InstanceState,
+    InstanceView,
+    ModelView,
+    NodeView,
+    RouteKind,
+    ScalePlan,
+    Stage,
+    Tier,
+)
+from lambdascale.control.timeline import ScaleTimeline
+from lambdascale.pipe.multicast import MulticastPlan, plan_multicast
+from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
+from lambdascale.sim.cluster import ClusterSpec, SimModel
+from lambdascale.sim.costmodel import CostModel
+from lambdascale.sim.events import EventHandle, EventLoop, Priority
+from lambdascale.sim.network import Flow, Network
+from lambdascale.sim.settings import SimSettings
+from lambdascale.sim.systems.base import System
+from lambdascale.sim.workload import Workload
+
+GB = 1e9
+GIB = float(1 << 30)
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Req:
+    """One request's token state and timestamps (NaN until they happen)."""
+
+    idx: int
+    arrival: float
+    inp: int
+    out: int
+    generated: int = 0
+    first_token: float = math.nan
+    finish: float = math.nan
+    migrations: int = 0
+    resume: bool = False  # migrated: next prefill recomputes prompt + generated tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.inp + self.out
+
+
+@dataclass(eq=False)
+class Inst:
+    """A full instance on one node, or a λPipe pipeline over several loading nodes."""
+
+    id: str
+    state: InstanceState
+    stages: tuple[tuple[int, int, int], ...]  # (node, block_start, block_end)
+    capacity: int
+    kv_capacity: int
+    pipeline: Pipeline | None = None
+    comm_s_per_token: float = 0.0
+    comm_latency_s: float = 0.0
+    running: list[Req] = field(default_factory=list)
+    pending: deque[Req] = field(default_factory=deque)
+    kv_used: int = 0
+    # current segment: start, step duration, steps, sequences being prefilled in it
+    seg_start: float = 0.0
+    seg_dt: float = 0.0
+    seg_k: int = 0
+    seg_new: list[Req] = field(default_factory=list)
+    event: EventHandle | None = None
+    remove_when_full: bool = False
+    busy_s: float = 0.0
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.running) + len(self.pending)
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        return tuple(s[0] for s in self.stages)
+
+
+@dataclass(eq=False)
+class NodeState:
+    """What a node holds and which GPU instance it runs."""
+
+    id: int
+    gpus_total: int
+    gpus_free: int
+    host: bool = False
+    host_partial: bool = False
+    host_last_used: float = 0.0
+    ssd: bool = False
+    ssd_partial: bool = False
+    chunks: set[int] = field(default_factory=set)  # chunks on GPU (loading or full)
+    inst: Inst | None = None  # the node's own (loading or full) instance
+    gpu_since: float | None = None
+    gpu_last_used: float = 0.0
+    timeline: ScaleTimeline | None = None
+    source_busy: int = 0  # multicasts using this node's copy right now
+
+
+@dataclass
+class ScaleRecord:
+    """One executed scale-out plan with its milestones."""
+
+    timeline: ScaleTimeline
+    n_targets: int
+    n_network: int
+    n_sources: int
+    algo: str
+    tiers: dict[str, int]
+
+
+@dataclass
+class SimResult:
+    """Everything a report needs from one run (arrays indexed like the workload)."""
+
+    system: str
+    ttft: np.ndarray
+    tpot: np.ndarray
+    finish: np.ndarray
+    gpu_seconds: float
+    end_time: float
+    scale_events: list[ScaleRecord]
+    series_t: np.ndarray
+    series_instances: np.ndarray
+    series_pipelines: np.ndarray
+    series_rate: np.ndarray
+    migrations: int
+    events: int
+    unfinished: int
+
+    def slo_attainment(self, slo_s: float) -> float:
+        ok = np.sum(np.nan_to_num(self.ttft, nan=np.inf) <= slo_s)
+        return float(ok / max(1, len(self.ttft)))
+
+
+# ---- the simulator -----------------------------------------------------------------------------
+
+
+class Simulation:
+    """Replays ``workload`` against ``system`` on a cluster of ``settings.nodes`` nodes.
+
+    Everything random was drawn when the workload was generated; the run itself is
+    deterministic. All state is per instance (no globals), so simulations can run side by side.
+    """
+
+    def __init__(self, workload: Workload, cluster: ClusterSpec, model: SimModel, system: System,
+                 settings: SimSettings, control: ControlSettings, cost: CostModel,
+                 progress: Callable[[float], None] | None = None) -> None:
+        self.w, self.cluster, self.model, self.system, self.s = workload, cluster, model, system, settings
+        self.cfg = system.control_settings(control)
+        self.cost = cost
+        self.progress = progress
+        self.loop = EventLoop()
+        ka = settings.keep_alive_s if system.keep_alive_s is None else (
+            settings.keepalive_baseline_keep_alive_s if system.keep_alive_s < 0 else system.keep_alive_s)
+        self.spec = DeploymentSpec(
+            min_instances=min(settings.min_instances, settings.nodes), max_instances=settings.nodes,
+            target_concurrency=settings.target_concurrency, keep_alive_s=ka,
+            cache_tiers=system.cache_tiers, scale_to_zero=settings.min_instances == 0,
+            gpus_per_instance=model.tp)
+        self.gpus_per_node = max(cluster.gpus_per_node, model.tp)
+        L = cluster.links
+        tp = model.tp
+        self.nic_Bps = L.nic_gbps / 8 * GB * tp  # an instance drives one NIC per GPU
+        self.nic_latency = L.nic_latency_us * 1e-6
+        self.net = Network(self.loop)
+        for n in range(settings.nodes):
+            self.net.add_link(("out", n), self.nic_Bps)
+            self.net.add_link(("in", n), self.nic_Bps)
+            self.net.add_link(("pcie", n), L.pcie_GBps * GB * tp)
+            self.net.add_link(("d2h", n), L.pcie_GBps * GB * tp)
+            self.net.add_link(("ssd", n), L.ssd_GBps * GB)
+            self.net.add_link(("ssdw", n), L.ssd_GBps * GB)
+        host_pool = cluster.host_memory_gib if settings.host_pool_gib is None else settings.host_pool_gib
+        self.host_bytes_total = int(host_pool * GIB)
+        self.ssd_bytes_total = int(max(4 * 2**40, 2 * model.nbytes))
+        self.nodes = [NodeState(n, self.gpus_per_node, self.gpus_per_node, ssd=settings.ssd_preloaded)
+                      for n in range(settings.nodes)]
+        # KV capacity of one instance, in tokens (prompt + output of admitted sequences).
+        kv_tok = model.arch.kv_bytes_per_token()
+        spare = tp * cluster.gpu.memory_gib * GIB - model.nbytes
+        self.kv_capacity = max(1, int(spare * settings.kv_memory_fraction / kv_tok))
+        self.act_bytes = model.arch.activation_bytes_per_token()
+        self.reqs = [Req(i, float(a), int(x), int(y)) for i, (a, x, y) in
+                     enumerate(zip(workload.arrival_s, workload.input_tokens, workload.output_tokens))]
+        self.held: deque[Req] = deque()
+        self.insts: dict[str, Inst] = {}
+        self._inst_seq = 0
+        self._event_seq = 0
+        self.scale_events: list[ScaleRecord] = []
+        self.last_request_at: float | None = None
+        self.last_scale_at: float | None = None
+        self._recent: deque[float] = deque()
+        self._svc_ewma = 0.0
+        self.done = 0
+        self.arrived = 0
+        self.rejected = 0
+        self.migrations = 0
+        self.gpu_seconds = 0.0
+        self._copying: set[tuple[int, Tier]] = set()
+        self._pipelines: dict[int, tuple[PipelinePlanner, ScaleTimeline, dict[Pipeline, Inst], set[int]]] = {}
+        self.series: list[tuple[float, int, int, int]] = []
+        self._arrivals_in_sample = 0
+        self._finished = False
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _new_inst(self, state: InstanceState, stages: tuple[tuple[int, int, int], ...],
+                  pipeline: Pipeline | None = None) -> Inst:
+        self._inst_seq += 1
+        kind = "p" if pipeline is not None else "i"
+        inst = Inst(f"{self.model.name}-{kind}{self._inst_seq}", state, stages, self.s.max_batch,
+                    self.kv_capacity, pipeline=pipeline)
+        if pipeline is not None and len(stages) > 1:
+            hops = len(stages) - 1
+            inst.comm_s_per_token = hops * self.act_bytes / self.nic_Bps
+            inst.comm_latency_s = hops * self.nic_latency
+        self.insts[inst.id] = inst
+        return inst
+
+    def _alloc_gpu(self, node: NodeState) -> None:
+        node.gpus_free -= self.model.tp
+        node.gpu_since = self.loop.now()
+
+    def _free_gpu(self, node: NodeState) -> None:
+        now = self.loop.now()
+        if node.gpu_since is not None:
+            self.gpu_seconds += (now - node.gpu_since) * self.model.tp
+        node.gpu_since = None
+        node.gpus_free += self.model.tp
+        node.chunks.clear()
+        node.inst = None
+
+    # ---- snapshot ---------------------------------------------------------------------------
+
+    def _inst_view(self, inst: Inst) -> InstanceView:
+        toks = sum(r.inp + r.out - r.generated for r in inst.pending) + sum(r.out - r.generated for r in inst.running)
+        return InstanceView(inst.id, self.model.name, inst.state,
+                            tuple(Stage(n, a, b) for n, a, b in inst.stages),
+                            capacity=inst.capacity, outstanding_requests=inst.outstanding,
+                            outstanding_tokens=toks)
+
+    def _model_view(self) -> ModelView:
+        now = self.loop.now()
+        while self._recent and self._recent[0] < now - 10.0:
+            self._recent.popleft()
+        insts = tuple(self._inst_view(i) for i in self.insts.values())
+        return ModelView(
+            name=self.model.name, spec=self.spec, size_bytes=self.model.nbytes, n_blocks=self.model.n_blocks,
+            instances=insts, queue_len=len(self.held),
+            in_flight=sum(i.outstanding for i in self.insts.values()),
+            arrival_rate=len(self._recent) / 10.0, service_time_s=self._svc_ewma,
+            last_request_at=self.last_request_at, last_scale_at=self.last_scale_at)
+
+    def _holdings(self, node: NodeState) -> tuple[Holding, ...]:
+        m, nb, B, K = self.model.name, self.model.nbytes, self.model.n_blocks, self.model.n_chunks
+        out: list[Holding] = []
+        if node.inst is not None:
+            if len(node.chunks) == K:
+                out.append(Holding(m, Tier.GPU, nb, node.gpu_last_used, pinned=node.source_busy > 0))
+            else:
+                counts = [0] * B
+                for c in node.chunks:
+                    counts[c * B // K] += 1
+                per = [0] * B
+                for c in range(K):
+                    per[c * B // K] += 1
+                blocks = frozenset(b for b in range(B) if counts[b] == per[b])
+                out.append(Holding(m, Tier.GPU, int(nb * len(node.chunks) / K), node.gpu_last_used, blocks=blocks))
+        if node.host:
+            out.append(Holding(m, Tier.HOST, nb, node.host_last_used, pinned=node.source_busy > 0))
+        elif node.host_partial:
+            out.append(Holding(m, Tier.HOST, nb, node.host_last_used, blocks=frozenset()))
+        if node.ssd or node.ssd_partial:
+            out.append(Holding(m, Tier.SSD, nb, 0.0, blocks=None if node.ssd else frozenset()))
+        return tuple(out)
+
+    def snapshot(self) -> ClusterSnapshot:
+        nodes = []
+        for n in self.nodes:
+            hs = self._holdings(n)
+            host_used = sum(h.nbytes for h in hs if h.tier is Tier.HOST)
+            ssd_used = sum(h.nbytes for h in hs if h.tier is Tier.SSD)
+            nodes.append(NodeView(
+                id=n.id, gpus_total=n.gpus_total, gpus_free=n.gpus_free,
+                host_bytes_total=self.host_bytes_total, host_bytes_free=max(0, self.host_bytes_total - host_used),
+                ssd_bytes_total=self.ssd_bytes_total, ssd_bytes_free=max(0, self.ssd_bytes_total - ssd_used),
+                holdings=hs))
+        return ClusterSnapshot(nodes=tuple(nodes), models=(self._model_view(),))
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def _arrive(self, r: Req) -> None:
+        now = self.loop.now()
+        self.arrived += 1
+        self._arrivals_in_sample += 1
+        self.last_request_at = now
+        self._recent.append(now)
+        self.held.append(r)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Route held requests in arrival order until the router holds one."""
+        if not self.held:
+            return
+        view = self._model_view()
+        while self.held:
+            d = route_model(view, self.cfg, self.loop.now())
+            if d.kind is RouteKind.INSTANCE:
+                r = self.held.popleft()
+                inst = self.insts[d.instance_id]  # type: ignore[index]
+                self._admit(inst, r)
+                view = self._model_view()
+            elif d.kind is RouteKind.HOLD:
+                # The router counts the request being routed as one more held; ours is already in
+                # the queue, so a HOLD here just means "wait".
+                break
+            else:
+                # Over the hold limit: the request stays queued at the head (simulated clients
+                # retry); it still counts against the SLO through its TTFT.
+                break
+
+    def _admit(self, inst: Inst, r: Req) -> None:
+        inst.pending.append(r)
+        if inst.event is None:
+            self._start_step(inst)
+        else:
+            self._cut_segment(inst)
+
+    # ---- batch execution --------------------------------------------------------------------
+
+    def _comm(self, inst: Inst, tokens: int) -> float:
+        return inst.comm_latency_s + tokens * inst.comm_s_per_token if inst.comm_s_per_token else 0.0
+
+    def _start_step(self, inst: Inst) -> None:
+        now = self.loop.now()
+        new: list[Req] = []
+        tokens = 0
+        while inst.pending and len(inst.running) + len(new) < inst.capacity:
+            r = inst.pending[0]
+            if inst.kv_used + r.kv_tokens > inst.kv_capacity and (inst.running or new):
+                break
+            inst.pending.popleft()
+            inst.kv_used += r.kv_tokens
+            tokens += r.inp + (r.generated if r.resume else 0)
+            new.append(r)
+        nrun = len(inst.running)
+        if new:
+            dt = self.cost.prefill_s(tokens) + self.cost.decode_s(nrun) + self._comm(inst, tokens + nrun)
+            k = 1
+        elif inst.running:
+            k = min(r.out - r.generated for r in inst.running)
+            dt = self.cost.decode_s(nrun) + self._comm(inst, nrun)
+        else:
+            inst.event = None
+            self._maybe_release(inst)
+            return
+        inst.seg_start, inst.seg_dt, inst.seg_k, inst.seg_new = now, dt, max(1, k), new
+        inst.event = self.loop.schedule(now + dt * inst.seg_k, Priority.STEP, self._step_done, inst)
+
+    def _cut_segment(self, inst: Inst) -> None:
+        """New work arrived during a multi-step decode segment: end it at the next step boundary."""
+        if inst.seg_new or inst.seg_k <= 1 or len(inst.running) >= inst.capacity:
+            return
+        done = int((self.loop.now() - inst.seg_start) / inst.seg_dt) + 1
+        if done < inst.seg_k:
+            self.loop.cancel(inst.event)
+            inst.seg_k = done
+            inst.event = self.loop.schedule(inst.seg_start + done * inst.seg_dt, Priority.STEP, self._step_done, inst)
+
+    def _step_done(self, inst: Inst) -> None:
+        now = self.loop.now()
+        inst.event = None
+        inst.busy_s += inst.seg_dt * inst.seg_k
+        k = inst.seg_k
+        for r in inst.running:
+            r.generated += k
+        for r in inst.seg_new:
+            if r.resume:
+                r.resume = False
+            else:
+                r.first_token = now
+            r.generated += 1
+            inst.running.append(r)
+        inst.seg_new = []
+        still: list[Req] = []
+        for r in inst.running:
+            if r.generated >= r.out:
+                r.finish = now
+                inst.kv_used -= r.kv_tokens
+                self.done += 1
+                self._svc_ewma = 0.9 * self._svc_ewma + 0.1 * (now - r.arrival) if self._svc_ewma else now - r.arrival
+            else:
+                still.append(r)
+        freed = len(still) < len(inst.running)
+        inst.running = still
+        for n in inst.nodes:
+            self.nodes[n].gpu_last_used = now
+        self._start_step(inst)
+        if freed:
+            self._pump()
+
+    def _maybe_release(self, inst: Inst) -> None:
+        if inst.state is InstanceState.DRAINING and inst.outstanding == 0 and inst.event is None:
+            self.insts.pop(inst.id, None)
+            node = self.nodes[inst.stages[0][0]]
+            if node.inst is inst:
+                self._free_gpu(node)
+
+    # ---- control loop -----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = self.loop.now()
+        snap = self.snapshot()
+        for d in autoscale(snap, self.cfg, now):
+            if d.add:
+                plan = place(snap, d, self.cfg, now)
+                if plan.targets:
+                    self._execute(plan)
+                    snap = self.snapshot()
+            for iid in d.remove:
+                self._remove(iid)
+        if d.add or d.remove:
+            self.last_scale_at = now
+        mem = manage_memory(self.snapshot() if (d.add or d.remove) else snap, self.cfg, now)
+        for e in mem.evictions:
+            self._evict(e.node, e.tier)
+        for c in mem.copy_backs:
+            self._copy_back(c)
+        self._pump()
+        if not (self.arrived == len(self.reqs) and self.done == len(self.reqs)):
+            self.loop.after(self.cfg.autoscale_interval_s, Priority.CONTROL, self._tick)
+        else:
+            self._finished = True
+
+    def _remove(self, iid: str) -> None:
+        inst = self.insts.get(iid)
+        if inst is None:
+            return
+        if inst.state is InstanceState.LOADING:
+            inst.remove_when_full = True  # its node may be relaying a multicast; drop it once full
+            return
+        inst.state = InstanceState.DRAINING
+        # Queued-but-not-started requests go back to the router.
+        while inst.pending:
+            self.held.appendleft(inst.pending.pop())
+        self._maybe_release(inst)
+
+    def _evict(self, node_id: int, tier: Tier) -> None:
+        n = self.nodes[node_id]
+        if tier is Tier.HOST:
+            n.host = False
+        elif tier is Tier.SSD:
+            n.ssd = False
+
+    def _copy_back(self, c: CopyBack) -> None:
+        n = self.nodes[c.node]
+        key = (c.node, c.to_tier)
+        if key in self._copying:
+            return
+        if c.to_tier is Tier.HOST and not n.host:
+            path: tuple[Any, ...] = (("d2h", c.node),)
+            n.host_partial = True
+        elif c.to_tier is Tier.SSD and not n.ssd:
+            path = (("ssdw", c.node),)
+            n.ssd_partial = True
+        else:
+            return
+        self._copying.add(key)
+
+        def done(_: Flow) -> None:
+            self._copying.discard(key)
+            if c.to_tier is Tier.HOST:
+                n.host_partial, n.host, n.host_last_used = False, True, self.loop.now()
+            else:
+                n.ssd_partial, n.ssd = False, True
+
+        self.net.start(path, c.nbytes, done, latency_s=0.0)
+
+    # ---- scale-out --------------------------------------------------------------------------
+
+    def _execute(self, plan: ScalePlan) -> ScaleRecord:
+        """Start every load of a placement plan: local tiers, multicast, or the model store."""
+        now = self.loop.now()
+        self._event_seq += 1
+        targets = tuple(t.node for t in plan.targets)
+        tl = ScaleTimeline(self._event_seq, self.model.name, now, targets)
+        tiers: dict[str, int] = {}
+        for t in plan.targets:
+            tiers[t.local_tier.value] = tiers.get(t.local_tier.value, 0) + 1
+        network = list(plan.network_targets)
+        use_peers = bool(plan.sources) and bool(network) and self.system.peer_fetch
+        rec = ScaleRecord(tl, len(targets), len(network) if use_peers else 0,
+                          len(plan.sources) if use_peers else 0, plan.algo.value if use_peers else "local", tiers)
+        self.scale_events.append(rec)
+        for t in plan.targets:
+            node = self.nodes[t.node]
+            self._alloc_gpu(node)
+            node.inst = self._new_inst(InstanceState.LOADING, ((t.node, 0, self.model.n_blocks),))
+            node.timeline = tl
+        for t in plan.local_targets:
+            self._local_load(self.nodes[t.node], t.local_tier)
+        if network and not use_peers:
+            for n in network:  # no peer fetch: the node's SSD copy, else the model store (SSD-speed)
+                self._local_load(self.nodes[n], Tier.SSD)
+        elif network:
+            self._multicast(plan, tl)
+        return rec
+
+    def _local_load(self, node: NodeState, tier: Tier) -> None:
+        if tier is Tier.GPU:
+            node.chunks = set(range(self.model.n_chunks))
+            self.loop.after(0.0, Priority.STATE, self._node_full, node)
+            return
+        path: tuple[Any, ...] = (("pcie", node.id),) if tier is Tier.HOST else (("ssd", node.id), ("pcie", node.id))
+        if tier is Tier.HOST:
+            node.host_last_used = self.loop.now()
+
+        def done(_: Flow) -> None:
+            node.chunks = set(range(self.model.n_chunks))
+            if tier is Tier.SSD and Tier.HOST in self.spec.cache_tiers and self.cfg.memory_copy_back:
+                # The loader stages SSD reads in pinned host memory: the copy stays cached there
+                # if the pool has room (the memory manager evicts it otherwise).
+                node.host, node.host_last_used = True, self.loop.now()
+            self._node_full(node)
+
+        self.net.start(path, self.model.nbytes, done, latency_s=0.0)
+
+    def _multicast(self, plan: ScalePlan, tl: ScaleTimeline) -> None:
+        order = plan.multicast_nodes()
+        mc = plan_multicast(plan.algo.value, len(order), len(plan.sources), self.model.n_blocks, self.model.n_chunks)
+        receivers = [order[i] for i in mc.receiver_nodes]
+        for s in plan.sources:
+            self.nodes[s.node].source_busy += 1
+            if s.tier is Tier.HOST:
+                self.nodes[s.node].host_last_used = self.loop.now()
+        planner = None
+        if self.system.execute_while_load and plan.execute_while_load:
+            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks)
+            self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
+        run = _MulticastRun(self, mc, order, tl, planner, [s.node for s in plan.sources])
+        run.start_round()
+
+    def _on_chunk(self, node_id: int, chunk: int, tl: ScaleTimeline, planner: PipelinePlanner | None) -> None:
+        node = self.nodes[node_id]
+        tl.mark_first_chunk(self.loop.now())
+        if node.inst is None:
+            return
+        node.chunks.add(chunk)
+        if planner is not None:
+            p = planner.on_chunk(node_id, chunk)
+            if p is not None:
+                self._apply_pipelines(tl.event_id, p.form, p.dissolve)
+        if len(node.chunks) == self.model.n_chunks:
+            self._node_full(node)
+
+    def _apply_pipelines(self, event_id: int, form: tuple[Pipeline, ...], dissolve: tuple[Pipeline, ...]) -> None:
+        _, tl, running, _ = self._pipelines[event_id]
+        for p in dissolve:
+            inst = running.pop(p, None)
+            if inst is not None:
+                self._dissolve(inst)
+        for p in form:
+            stages = tuple((s.node, s.start, s.end) for s in p.stages)
+            inst = self._new_inst(InstanceState.PIPELINED, stages, pipeline=p)
+            running[p] = inst
+            tl.mark_first_pipeline(self.loop.now())
+        if form:
+            self._pump()
+
+    def _dissolve(self, inst: Inst) -> None:
+        """Move a pipeline's requests, with their token state, back to the router."""
+        self.loop.cancel(inst.event)
+        inst.event = None
+        moved: list[Req] = []
+        for r in inst.seg_new:  # a prefill step in progress is lost: redo it elsewhere
+            moved.append(r)
+        if inst.seg_k > 1 and not inst.seg_new and inst.running:
+            # Credit the decode steps finished before the cut.
+            steps = int((self.loop.now() - inst.seg_start) / inst.seg_dt) if inst.seg_dt > 0 else 0
+            for r in inst.running:
+                r.generated += min(steps, inst.seg_k - 1)
+        for r in inst.running:
+            r.resume = True
+            r.migrations += 1
+            moved.append(r)
+        moved.extend(inst.pending)
+        self.migrations += len(inst.running)
+        inst.running, inst.pending, inst.seg_new = [], deque(), []
+        self.insts.pop(inst.id, None)
+        for r in reversed(moved):
+            self.held.appendleft(r)
+
+    def _node_full(self, node: NodeState) -> None:
+        now = self.loop.now()
+        inst = node.inst
+        if inst is None or inst.state is not InstanceState.LOADING:
+            return
+        inst.state = InstanceState.FULL
+        node.gpu_last_used = now
+        tl = node.timeline
+        if tl is not None:
+            tl.mark_first_pipeline(now)
+            tl.mark_node_full(node.id, now)
+            entry = self._pipelines.get(tl.event_id)
+            if entry is not None and tl.complete:
+                _, _, running, _ = entry
+                for p in list(running):
+                    self._dissolve(running.pop(p))
+                del self._pipelines[tl.event_id]
+                tl.mark_dissolved(now)
+        if inst.remove_when_full:
+            self._remove(inst.id)
+        self._pump()
+
+    # ---- sampling and run -------------------------------------------------------------------
+
+    def _sample(self) -> None:
+        now = self.loop.now()
+        counted = sum(1 for i in self.insts.values() if i.state in (InstanceState.FULL, InstanceState.LOADING))
+        pipes = sum(1 for i in self.insts.values() if i.state is InstanceState.PIPELINED)
+        self.series.append((now, counted, pipes, self._arrivals_in_sample))
+        self._arrivals_in_sample = 0
+        if self.progress is not None:
+            self.progress(now)
+        if not self._finished:
+            self.loop.after(self.s.sample_interval_s, Priority.REPORT, self._sample)
+
+    def _start(self) -> None:
+        for i in range(self.spec.floor):
+            node = self.nodes[i]
+            self._alloc_gpu(node)
+            node.chunks = set(range(self.model.n_chunks))
+            node.inst = self._new_inst(InstanceState.FULL, ((i, 0, self.model.n_blocks),))
+            node.host = self.cfg.memory_copy_back and Tier.HOST in self.spec.cache_tiers
+        for r in self.reqs:
+            self.loop.schedule(r.arrival, Priority.ARRIVAL, self._arrive, r)
+        self.loop.schedule(0.0, Priority.CONTROL, self._tick)
+        self.loop.schedule(0.0, Priority.REPORT, self._sample)
+
+    def run(self) -> SimResult:
+        self._start()
+        horizon = (float(self.w.arrival_s[-1]) if len(self.w) else 0.0) + self.s.drain_s
+        end = self.loop.run(until=horizon)
+        for n in self.nodes:
+            if n.gpu_since is not None:
+                self.gpu_seconds += (end - n.gpu_since) * self.model.tp
+                n.gpu_since = end
+        arr = np.array([r.arrival for r in self.reqs])
+        first = np.array([r.first_token for r in self.reqs])
+        fin = np.array([r.finish for r in self.reqs])
+        outs = np.array([r.out for r in self.reqs])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(outs > 1, (fin - first) / np.maximum(1, outs - 1), np.nan)
+        s = np.array(self.series, dtype=float).reshape(-1, 4)
+        return SimResult(
+            system=self.system.name, ttft=first - arr, tpot=tpot, finish=fin, gpu_seconds=self.gpu_seconds,
+            end_time=end, scale_events=self.scale_events, series_t=s[:, 0], series_instances=s[:, 1],
+            series_pipelines=s[:, 2], series_rate=s[:, 3] / self.s.sample_interval_s,
+            migrations=self.migrations, events=self.loop.processed,
+            unfinished=int(np.sum(np.isnan(fin))))
+
+
+class _MulticastRun:
+    """Plays a :class:`MulticastPlan` round by round on the flow network.
+
+    Round ``t`` starts when every transfer of round ``t-1`` has landed (the reference's
+    round-synchronous execution, ``pipe.play(mode="round")``); each send is a flow from the
+    sender's NIC to the receiver's NIC, so concurrent scale-outs and copy-backs share links.
+    """
+
+    def __init__(self, sim: Simulation, plan: MulticastPlan, order: tuple[int, ...], tl: ScaleTimeline,
+                 planner: PipelinePlanner | None, sources: list[int]) -> None:
+        self.sim, self.plan, self.order, self.tl, self.planner = sim, plan, order, tl, planner
+        self.sources = sources
+        self.r = 0
+        self.outstanding = 0
+        self.chunk_bytes = sim.model.chunk_bytes
+
+    def start_round(self) -> None:
+        while self.r < len(self.plan.rounds) and not self.plan.rounds[self.r]:
+            self.r += 1
+        if self.r >= len(self.plan.rounds):
+            for s in self.sources:
+                self.sim.nodes[s].source_busy -= 1
+            return
+        sends = self.plan.rounds[self.r]
+        self.r += 1
+        self.outstanding = len(sends)
+        for snd in sends:
+            a, b = self.order[snd.src], self.order[snd.dst]
+            self.sim.net.start((("out", a), ("in", b)), self.chunk_bytes, self._landed,
+                               tag=(b, snd.chunk), latency_s=self.sim.nic_latency)
+
+    def _landed(self, f: Flow) -> None:
+        node, chunk = f.tag  # type: ignore[misc]
+        self.sim._on_chunk(node, chunk, self.tl, self.planner)
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.start_round()

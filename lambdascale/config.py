@@ -27,6 +27,7 @@ from lambdascale.engine.settings import EngineSettings
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.serve.settings import ServeSettings
 from lambdascale.sim.settings import SimSettings
+from lambdascale.pipe.settings import PipeSettings
 from lambdascale.store.settings import StoreSettings
 from lambdascale.transfer.settings import TransferSettings
 
@@ -66,6 +67,7 @@ class LambdaScaleConfig(BaseModel):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     sim: SimSettings = Field(default_factory=SimSettings)
+    pipe: PipeSettings = Field(default_factory=PipeSettings)
 
 
 class ConfigError(ValueError):

@@ -1,1 +1,28 @@
-"""pipe."""
+"""λPipe planners: multicast schedules, execution pipelines, and a schedule player.
+
+Everything here is pure and deterministic; the runtime and the simulator both import it.
+"""
+
+from lambdascale.pipe.multicast import (
+    Algo,
+    MulticastPlan,
+    PlanError,
+    PlanViolation,
+    Send,
+    SendKind,
+    block_of_chunk,
+    chunks_of_block,
+    lower_bound_rounds,
+    plan_multicast,
+    source_order,
+    validate_plan,
+)
+from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner, Stage, plan_pipelines, planned_sizes
+from lambdascale.pipe.player import Links, PlayMode, PlayResult, play
+
+__all__ = [
+    "Algo", "MulticastPlan", "PlanError", "PlanViolation", "Send", "SendKind", "block_of_chunk",
+    "chunks_of_block", "lower_bound_rounds", "plan_multicast", "source_order", "validate_plan",
+    "Pipeline", "PipelinePlan", "PipelinePlanner", "Stage", "plan_pipelines", "planned_sizes",
+    "Links", "PlayMode", "PlayResult", "play",
+]

@@ -1,0 +1,424 @@
+"""Execution-pipeline planner (execute-while-load).
+
+While a multicast runs, receivers together hold every block long before any one of them holds
+all. This module decides which cross-node pipelines to run on the blocks already present.
+
+Policy (pure function of holdings, capacity and the pipelines already running):
+
+1. *Planned sizes* halve from the block count and fit the receivers:
+   ``planned_sizes(8 blocks, 7 nodes) == (4, 2, 1)``; a size-1 entry stands for nodes serving alone.
+2. A node that holds every block (and has capacity for all of them) is *solo-capable*; it never
+   joins a pipeline. A running pipeline is *dissolved* when one of its members becomes
+   solo-capable (its requests move to full instances with their token state, see DESIGN.md), or
+   when a member no longer holds its stage's blocks or lost the capacity for them.
+3. For every planned size >= 2 not currently running, largest first, build it from free nodes
+   (not solo-capable, not in a kept pipeline): stage loads differ by at most one block, stages
+   cover blocks ``0..B-1`` in order, each stage on a distinct node holding all its blocks. Nodes
+   holding fewer blocks are preferred, so richer nodes stay free for smaller pipelines.
+
+``capacity[node]`` is the node's free capacity in blocks: the most blocks it can execute (KV-cache
+memory for their layers); 0 takes the node out. Nodes missing from ``capacity`` are unlimited.
+
+:class:`PipelinePlanner` is the incremental form called on every chunk arrival: a chunk that does
+not complete a block costs O(1), and a completed block re-plans only when it can change the
+answer (the node became solo-capable, or a planned size is not running). Its decisions equal
+:func:`plan_pipelines` fed with the previous answer (a test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from lambdascale.pipe.multicast import PlanError
+
+
+@dataclass(frozen=True, order=True)
+class Stage:
+    """A run of consecutive blocks ``[start, end)`` executed on ``node``."""
+
+    start: int
+    end: int
+    node: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An execution pipeline: ``assignment[b]`` is the node that runs block ``b``.
+
+    Requests flow through blocks ``0..B-1`` in order; a node may run several non-adjacent blocks
+    (it keeps the KV cache of all its layers), so the hop sequence is :attr:`stages`, the runs of
+    consecutive blocks on one node. The pipeline's *size* is its number of distinct nodes; their
+    loads (blocks per node) differ by at most one.
+    """
+
+    assignment: tuple[int, ...]
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """Distinct nodes in order of first appearance."""
+        return tuple(dict.fromkeys(self.assignment))
+
+    @property
+    def size(self) -> int:
+        return len(set(self.assignment))
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        out: list[Stage] = []
+        start = 0
+        for b in range(1, len(self.assignment) + 1):
+            if b == len(self.assignment) or self.assignment[b] != self.assignment[start]:
+                out.append(Stage(start, b, self.assignment[start]))
+                start = b
+        return tuple(out)
+
+    def loads(self) -> dict[int, int]:
+        """node -> number of blocks it runs."""
+        out: dict[int, int] = {}
+        for v in self.assignment:
+            out[v] = out.get(v, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "nodes": list(self.nodes),
+            "assignment": list(self.assignment),
+            "stages": [{"node": st.node, "start": st.start, "end": st.end} for st in self.stages],
+        }
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """The planner's answer: pipelines to form now, to keep, to dissolve; solo-capable nodes."""
+
+    form: tuple[Pipeline, ...]
+    keep: tuple[Pipeline, ...]
+    dissolve: tuple[Pipeline, ...]
+    solo: tuple[int, ...]
+    planned: tuple[int, ...]
+
+    @property
+    def active(self) -> tuple[Pipeline, ...]:
+        """Pipelines running after this decision (kept, then newly formed)."""
+        return self.keep + self.form
+
+    @property
+    def instances(self) -> int:
+        """Serving instances after this decision: active pipelines plus solo nodes."""
+        return len(self.keep) + len(self.form) + len(self.solo)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.form or self.dissolve)
+
+
+def planned_sizes(n_blocks: int, n_nodes: int) -> tuple[int, ...]:
+    """Pipeline sizes by halving from the block count, taken while they fit ``n_nodes`` nodes.
+
+    Sizes are ``B, B//2, B//4, ..., 1``; each is taken (once) if the total stays <= n_nodes.
+    """
+    out: list[int] = []
+    used = 0
+    s = n_blocks
+    while s >= 1:
+        if used + s <= n_nodes:
+            out.append(s)
+            used += s
+        s //= 2
+    return tuple(out)
+
+
+def _assign(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], size: int) -> tuple[int, ...] | None:
+    """Assign every block to one of ``nodes`` (holding it), loads in {floor, ceil} of B/size.
+
+    Phase 1 gives each node ``floor`` slots and matches slots to blocks (Kuhn's augmenting
+    paths); it must fill every slot. Phase 2 places the remaining blocks along augmenting paths
+    that end at a node below ``ceil``; such a path never lowers a node's load, so every node ends
+    with floor or ceil blocks. Returns None when this node set cannot carry the pipeline.
+    """
+    lo, extra = divmod(n_blocks, size)
+    hi = lo + (1 if extra else 0)
+    owner = [-1] * n_blocks  # block -> node
+    slot_of_block = [-1] * n_blocks  # phase-1 slot holding the block
+    slots = [v for v in nodes for _ in range(lo)]
+    of_node = {v: [b for b in range(n_blocks) if (masks[v] >> b) & 1] for v in nodes}
+
+    def kuhn(i: int, seen: set[int]) -> bool:
+        for b in of_node[slots[i]]:
+            if b in seen:
+                continue
+            seen.add(b)
+            j = slot_of_block[b]
+            if j == -1 or kuhn(j, seen):
+                slot_of_block[b] = i
+                return True
+        return False
+
+    for i in range(len(slots)):
+        if not kuhn(i, set()):
+            return None
+    load = {v: 0 for v in nodes}
+    for b, i in enumerate(slot_of_block):
+        if i != -1:
+            owner[b] = slots[i]
+            load[slots[i]] += 1
+    holders = [[v for v in nodes if (masks[v] >> b) & 1] for b in range(n_blocks)]
+    for b in range(n_blocks):
+        if owner[b] == -1 and not _place_block(b, owner, load, holders, of_node, hi):
+            return None
+    return tuple(owner)
+
+
+def _place_block(b: int, owner: list[int], load: dict[int, int], holders, of_node, hi: int) -> bool:
+    """Augmenting path from an unplaced block to a node with load < hi (loads never drop)."""
+    prev: dict[int, tuple[int, int]] = {}  # node -> (block that reaches it, previous node or -1)
+    frontier = [(b, -1)]
+    seen_nodes: set[int] = set()
+    while frontier:
+        nxt = []
+        for blk, frm in frontier:
+            for v in holders[blk]:
+                if v in seen_nodes:
+                    continue
+                seen_nodes.add(v)
+                prev[v] = (blk, frm)
+                if load[v] < hi:
+                    # walk back: v takes blk, its previous owner takes the block before, ...
+                    load[v] += 1
+                    cur = v
+                    while True:
+                        blk_c, frm_c = prev[cur]
+                        owner[blk_c] = cur
+                        if frm_c == -1:
+                            break
+                        cur = frm_c
+                    return True
+                for ob in of_node[v]:
+                    if owner[ob] == v:
+                        nxt.append((ob, v))
+        frontier = nxt
+    return False
+
+
+def _choose_nodes(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> list[int] | None:
+    """Greedy cover: repeatedly take the node adding the most uncovered blocks, counting at most
+    ``ceil(B/size)`` per node (what it can carry), poorer nodes first on ties; then fill up to
+    ``size`` from ``pool`` in order."""
+    hi = -(-n_blocks // size)
+    full = (1 << n_blocks) - 1
+    covered = 0
+    chosen: list[int] = []
+    taken: set[int] = set()
+    while covered != full:
+        if len(chosen) == size:
+            return None
+        best, gain = -1, 0
+        for v in pool:  # pool is poorest-first, so strict '>' keeps the poorer node on ties
+            if v in taken:
+                continue
+            g = min(hi, (masks[v] & ~covered).bit_count())
+            if g > gain:
+                best, gain = v, g
+        if best < 0:
+            return None
+        chosen.append(best)
+        taken.add(best)
+        covered |= masks[best]
+    for v in pool:
+        if len(chosen) == size:
+            break
+        if v not in taken:
+            chosen.append(v)
+            taken.add(v)
+    return chosen if len(chosen) == size else None
+
+
+def _build(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, int], cap: Mapping[int, int]) -> Pipeline | None:
+    """One pipeline of ``size`` distinct nodes from ``free`` (poorest first), or None.
+
+    Node choice is a heuristic (greedy cover, then the same from the richest nodes); the
+    assignment on a chosen node set is exact.
+    """
+    lo, hi = n_blocks // size, -(-n_blocks // size)
+    pool = [v for v in free if cap.get(v, n_blocks) >= hi and masks[v].bit_count() >= max(lo, 1)]
+    if len(pool) < size:
+        return None
+    for order in (pool, sorted(pool, key=lambda v: (-masks[v].bit_count(), v))):
+        nodes = _choose_nodes(size, n_blocks, order, masks)
+        if nodes is None:
+            continue
+        a = _assign(n_blocks, nodes, masks, size)
+        if a is not None:
+            return Pipeline(a)
+    return None
+
+
+def _to_masks(holdings: Mapping[int, Iterable[int]], n_blocks: int) -> dict[int, int]:
+    masks: dict[int, int] = {}
+    for node, blocks in holdings.items():
+        m = 0
+        for b in blocks:
+            if not 0 <= b < n_blocks:
+                raise PlanError(f"holdings of node {node}: block {b} outside 0..{n_blocks - 1}")
+            m |= 1 << b
+        masks[node] = m
+    return masks
+
+
+def _plan_masks(
+    masks: Mapping[int, int],
+    n_blocks: int,
+    cap: Mapping[int, int],
+    current: Sequence[Pipeline],
+    sizes: Sequence[int],
+) -> PipelinePlan:
+    full_mask = (1 << n_blocks) - 1
+    solo = sorted(v for v, m in masks.items() if m == full_mask and cap.get(v, n_blocks) >= n_blocks)
+    solo_set = set(solo)
+    keep: list[Pipeline] = []
+    dissolve: list[Pipeline] = []
+    used: set[int] = set()
+    for p in current:
+        if len(p.assignment) != n_blocks:
+            raise PlanError(f"current pipeline {p.assignment} does not cover {n_blocks} blocks")
+        ok = all(
+            v in masks and v not in solo_set and v not in used
+            and (masks[v] >> b) & 1 for b, v in enumerate(p.assignment)
+        ) and all(cap.get(v, n_blocks) >= n for v, n in p.loads().items())
+        if ok:
+            keep.append(p)
+            used.update(p.nodes)
+        else:
+            dissolve.append(p)
+    running = {p.size for p in keep}
+    free = [v for v in masks if v not in solo_set and v not in used and cap.get(v, n_blocks) >= 1]
+    free.sort(key=lambda v: (masks[v].bit_count(), v))
+    form: list[Pipeline] = []
+    for s in sizes:
+        if s < 2 or s in running:
+            continue
+        p = _build(s, n_blocks, free, masks, cap)
+        if p is not None:
+            form.append(p)
+            running.add(s)
+            taken = set(p.nodes)
+            free = [v for v in free if v not in taken]
+    return PipelinePlan(tuple(form), tuple(keep), tuple(dissolve), tuple(solo), tuple(sizes))
+
+
+def _check_common(n_blocks: int, capacity: Mapping[int, int] | None) -> dict[int, int]:
+    if n_blocks < 1:
+        raise PlanError(f"n_blocks must be >= 1, got {n_blocks}")
+    cap = dict(capacity or {})
+    for v, c in cap.items():
+        if c < 0:
+            raise PlanError(f"capacity of node {v} must be >= 0 blocks, got {c}")
+    return cap
+
+
+def plan_pipelines(
+    holdings: Mapping[int, Iterable[int]],
+    n_blocks: int,
+    capacity: Mapping[int, int] | None = None,
+    current: Sequence[Pipeline] = (),
+    sizes: Sequence[int] | None = None,
+) -> PipelinePlan:
+    """Decide pipelines for nodes ``holdings`` (node -> blocks held). Pure and deterministic.
+
+    ``current`` are the pipelines already running (kept or dissolved by the rules in the module
+    doc); ``sizes`` overrides :func:`planned_sizes` over all nodes in ``holdings``.
+    """
+    cap = _check_common(n_blocks, capacity)
+    masks = _to_masks(holdings, n_blocks)
+    sz = tuple(sizes) if sizes is not None else planned_sizes(n_blocks, len(masks))
+    return _plan_masks(masks, n_blocks, cap, current, sz)
+
+
+class PipelinePlanner:
+    """Incremental planner: feed it chunk (or block) arrivals, read the running pipelines.
+
+    ``on_chunk`` returns the new :class:`PipelinePlan` when something changed, else None.
+    """
+
+    def __init__(
+        self,
+        nodes: Iterable[int],
+        n_blocks: int,
+        n_chunks: int | None = None,
+        capacity: Mapping[int, int] | None = None,
+        sizes: Sequence[int] | None = None,
+        holdings: Mapping[int, Iterable[int]] | None = None,
+    ) -> None:
+        self.n_blocks = n_blocks
+        self.n_chunks = n_chunks if n_chunks is not None else n_blocks
+        if self.n_chunks < n_blocks:
+            raise PlanError(f"n_chunks must be >= n_blocks={n_blocks}, got {self.n_chunks}")
+        self._cap = _check_common(n_blocks, capacity)
+        node_list = list(nodes)
+        self._masks = _to_masks({v: (holdings or {}).get(v, ()) for v in node_list}, n_blocks)
+        self.sizes = tuple(sizes) if sizes is not None else planned_sizes(n_blocks, len(node_list))
+        self._pipe_sizes = {s for s in self.sizes if s >= 2}
+        # chunks still missing per (node, block): a block completes when its count reaches 0
+        B, K = n_blocks, self.n_chunks
+        per_block = [0] * B
+        for c in range(K):
+            per_block[c * B // K] += 1
+        self._per_block = per_block
+        self._missing: dict[tuple[int, int], int] = {}
+        self._seen: set[tuple[int, int]] = set()
+        self.plan = _plan_masks(self._masks, B, self._cap, (), self.sizes)
+
+    @property
+    def active(self) -> tuple[Pipeline, ...]:
+        return self.plan.active
+
+    @property
+    def solo(self) -> tuple[int, ...]:
+        return self.plan.solo
+
+    def holdings(self) -> dict[int, set[int]]:
+        """node -> blocks held, as the planner sees it."""
+        return {v: {b for b in range(self.n_blocks) if (m >> b) & 1} for v, m in self._masks.items()}
+
+    def on_chunk(self, node: int, chunk: int) -> PipelinePlan | None:
+        """Record that ``node`` holds ``chunk``; re-plan if that completed a block and matters."""
+        if node not in self._masks:
+            raise PlanError(f"node {node} is not one of the planner's nodes")
+        if not 0 <= chunk < self.n_chunks:
+            raise PlanError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
+        if (node, chunk) in self._seen:
+            return None
+        self._seen.add((node, chunk))
+        b = chunk * self.n_blocks // self.n_chunks
+        key = (node, b)
+        left = self._missing.get(key, self._per_block[b]) - 1
+        self._missing[key] = left
+        if left > 0:
+            return None
+        return self.on_block(node, b)
+
+    def on_block(self, node: int, block: int) -> PipelinePlan | None:
+        """Record that ``node`` holds all of ``block``; returns the new plan if it changed."""
+        if node not in self._masks:
+            raise PlanError(f"node {node} is not one of the planner's nodes")
+        if not 0 <= block < self.n_blocks:
+            raise PlanError(f"block {block} outside 0..{self.n_blocks - 1}")
+        m = self._masks[node] | (1 << block)
+        if m == self._masks[node]:
+            return None
+        self._masks[node] = m
+        became_full = m == (1 << self.n_blocks) - 1
+        running = {p.size for p in self.plan.active}
+        if not became_full and self._pipe_sizes <= running:
+            return None  # every planned pipeline runs and no member can leave: nothing to do
+        new = _plan_masks(self._masks, self.n_blocks, self._cap, self.plan.active, self.sizes)
+        old_solo = self.plan.solo
+        self.plan = new
+        if new.changed or new.solo != old_solo:
+            return new
+        return None

@@ -1,0 +1,216 @@
+"""Schedule player: replay a multicast plan against link bandwidths and latencies.
+
+Link model (``Links``): every node has a full-duplex NIC with ``nic_send_bps`` and
+``nic_recv_bps`` bytes/s and a one-way ``latency_s``; intra-node (GPU to GPU) links have
+``intra_bps`` and ``intra_latency_s``. A network send of ``x`` bytes from node a to node b
+occupies a's send side and b's receive side for ``x / min(send_a, recv_b)`` seconds and lands
+``latency_s`` after it leaves. Per-node overrides model heterogeneous NICs.
+
+Modes (``PlayMode``):
+
+* ``round``: round-synchronous, as the reference runs: round t starts when every transfer of
+  round t-1 has landed, and lasts as long as its slowest transfer.
+* ``chunk``: chunk-level, no barrier. Each send keeps the plan's per-NIC (per-link) order and
+  starts as soon as the sender holds the chunk and both NIC sides (or the intra link) are free.
+
+Both modes replay the same sends; ``chunk`` can only be earlier (a test checks it). Times are
+seconds from the start of the multicast (sources hold everything at 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping, Sequence
+
+from lambdascale.pipe.multicast import MulticastPlan, PlanError, SendKind
+from lambdascale.pipe.pipelines import PipelinePlanner
+
+
+class PlayMode(str, Enum):
+    ROUND = "round"
+    CHUNK = "chunk"
+
+
+@dataclass(frozen=True)
+class Links:
+    """Bandwidths in bytes/s, latencies in seconds; overrides keyed by node id."""
+
+    nic_send_bps: float = 50e9
+    nic_recv_bps: float = 50e9
+    latency_s: float = 5e-6
+    intra_bps: float = 300e9
+    intra_latency_s: float = 2e-6
+    send_override: Mapping[int, float] = field(default_factory=dict)
+    recv_override: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("nic_send_bps", "nic_recv_bps", "intra_bps"):
+            v = getattr(self, name)
+            if not v > 0:
+                raise PlanError(f"Links.{name} must be > 0 bytes/s, got {v}")
+        for name in ("latency_s", "intra_latency_s"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise PlanError(f"Links.{name} must be >= 0 s, got {v}")
+        for name in ("send_override", "recv_override"):
+            for node, v in getattr(self, name).items():
+                if not v > 0:
+                    raise PlanError(f"Links.{name}[{node}] must be > 0 bytes/s, got {v}")
+
+    def send_bps(self, node: int) -> float:
+        return self.send_override.get(node, self.nic_send_bps)
+
+    def recv_bps(self, node: int) -> float:
+        return self.recv_override.get(node, self.nic_recv_bps)
+
+
+@dataclass(frozen=True)
+class PlayResult:
+    """Times (s) from the start. Keys are receiver endpoints (``chunk``) or nodes (``block``)."""
+
+    mode: PlayMode
+    #: endpoint -> arrival time of each chunk (index = chunk id)
+    chunk_arrival: Mapping[int, tuple[float, ...]]
+    #: receiver node -> time all its GPUs hold each block
+    block_arrival: Mapping[int, tuple[float, ...]]
+    #: receiver node -> time it holds the whole model
+    node_full: Mapping[int, float]
+    #: time every block first exists whole on some receiver node
+    all_blocks_time: float
+    #: time the first execution pipeline (or a solo node) can serve; inf without receivers
+    first_pipeline_time: float
+    #: time every receiver holds everything
+    completion_time: float
+    #: (time, instances) each time the number of serving instances among receivers changes
+    instances_timeline: tuple[tuple[float, int], ...]
+
+
+def _chunk_sizes(chunk_bytes: int | float | Sequence[float], n_chunks: int) -> list[float]:
+    if isinstance(chunk_bytes, (int, float)):
+        if not chunk_bytes > 0:
+            raise PlanError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        return [float(chunk_bytes)] * n_chunks
+    sizes = [float(x) for x in chunk_bytes]
+    if len(sizes) != n_chunks:
+        raise PlanError(f"chunk_bytes has {len(sizes)} entries, the plan has {n_chunks} chunks")
+    if any(not x > 0 for x in sizes):
+        raise PlanError("every chunk_bytes entry must be > 0")
+    return sizes
+
+
+def play(
+    plan: MulticastPlan,
+    chunk_bytes: int | float | Sequence[float],
+    links: Links | None = None,
+    mode: PlayMode | str = PlayMode.ROUND,
+) -> PlayResult:
+    """Replay ``plan``; ``chunk_bytes`` is one size for all chunks or one per chunk."""
+    links = links or Links()
+    try:
+        mode = PlayMode(mode)
+    except ValueError:
+        raise PlanError(f"unknown play mode {mode!r}; choose round or chunk") from None
+    size = _chunk_sizes(chunk_bytes, plan.n_chunks)
+    K = plan.n_chunks
+    G = plan.gpus_per_node
+    have: dict[int, list[float]] = {}
+    for s in plan.sources:
+        for e in plan.endpoints_of(s):
+            have[e] = [0.0] * K
+    for e in plan.receivers:
+        have[e] = [math.inf] * K
+
+    def cost(snd) -> tuple[float, float]:
+        """(occupancy of the link, landing delay after the start)."""
+        if snd.kind is SendKind.NETWORK:
+            bw = min(links.send_bps(snd.src // G), links.recv_bps(snd.dst // G))
+            busy = size[snd.chunk] / bw
+            return busy, busy + links.latency_s
+        busy = size[snd.chunk] / links.intra_bps
+        return busy, busy + links.intra_latency_s
+
+    if mode is PlayMode.ROUND:
+        t0 = 0.0
+        for rnd in plan.rounds:
+            end = t0
+            landed = []
+            for snd in rnd:
+                _, delay = cost(snd)
+                landed.append((snd.dst, snd.chunk, t0 + delay))
+                end = max(end, t0 + delay)
+            for e, c, t in landed:
+                if t < have[e][c]:
+                    have[e][c] = t
+            t0 = end
+    else:
+        out_free: dict[int, float] = {}
+        in_free: dict[int, float] = {}
+        link_free: dict[tuple[int, int], float] = {}
+        # Plan order is a valid topological order: a send depends only on earlier rounds.
+        for rnd in plan.rounds:
+            landed = []
+            for snd in rnd:
+                busy, delay = cost(snd)
+                ready = have[snd.src][snd.chunk]
+                if snd.kind is SendKind.NETWORK:
+                    a, b = snd.src // G, snd.dst // G
+                    start = max(ready, out_free.get(a, 0.0), in_free.get(b, 0.0))
+                    out_free[a] = start + busy
+                    in_free[b] = start + busy
+                else:
+                    key = (snd.src, snd.dst)
+                    start = max(ready, link_free.get(key, 0.0))
+                    link_free[key] = start + busy
+                landed.append((snd.dst, snd.chunk, start + delay))
+            for e, c, t in landed:
+                if t < have[e][c]:
+                    have[e][c] = t
+
+    B = plan.n_blocks
+    block_arrival: dict[int, tuple[float, ...]] = {}
+    for n in plan.receiver_nodes:
+        bt = [0.0] * B
+        for e in plan.endpoints_of(n):
+            row = have[e]
+            for c in range(K):
+                b = c * B // K
+                if row[c] > bt[b]:
+                    bt[b] = row[c]
+        block_arrival[n] = tuple(bt)
+    node_full = {n: max(bt) for n, bt in block_arrival.items()}
+    all_blocks = (
+        max(min(block_arrival[n][b] for n in plan.receiver_nodes) for b in range(B)) if plan.receiver_nodes else 0.0
+    )
+    first, timeline = _pipeline_timeline(plan.receiver_nodes, block_arrival, B)
+    return PlayResult(
+        mode=mode,
+        chunk_arrival={e: tuple(have[e]) for e in plan.receivers},
+        block_arrival=block_arrival,
+        node_full=node_full,
+        all_blocks_time=all_blocks,
+        first_pipeline_time=first,
+        completion_time=max(node_full.values(), default=0.0),
+        instances_timeline=timeline,
+    )
+
+
+def _pipeline_timeline(
+    nodes: Sequence[int], block_arrival: Mapping[int, Sequence[float]], n_blocks: int
+) -> tuple[float, tuple[tuple[float, int], ...]]:
+    """Feed block completions in time order to the incremental planner."""
+    planner = PipelinePlanner(nodes, n_blocks)
+    events = sorted((t, n, b) for n, bt in block_arrival.items() for b, t in enumerate(bt))
+    first = math.inf
+    timeline: list[tuple[float, int]] = []
+    last = planner.plan.instances
+    for t, n, b in events:
+        planner.on_block(n, b)
+        inst = planner.plan.instances
+        if inst != last:
+            timeline.append((t, inst))
+            last = inst
+        if inst > 0 and first == math.inf:
+            first = t
+    return first, tuple(timeline)

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lambdascale.clock import Clock, MonotonicClock
 from lambdascale.config import LambdaScaleConfig
+from lambdascale.errors import InvalidRequestError
 from lambdascale.serve.backend import (
     BackendUnavailableError,
     FinishReason,
@@ -247,6 +248,7 @@ def create_app(
         agen = backend.generate(req)
         stream = TextStream(codec, body.stop_list())
         timing = {"last": t0}
+        counted = {"n": 0}  # tokens generated (stop tokens included, as OpenAI counts them)
         released = False
 
         def finish(outcome: Outcome) -> None:
@@ -258,7 +260,7 @@ def create_app(
 
         def observe(ev: TokenEvent) -> None:
             now = state.clock.now()
-            if not stream.ids:
+            if counted["n"] == 0:
                 state.metrics.ttft.labels(model).observe(now - t0)
             else:
                 state.metrics.itl.labels(model).observe(now - timing["last"])
@@ -280,6 +282,10 @@ def create_app(
             await close_backend()
             raise ApiError(503, f"no capacity left for model '{model}': {e}", "server_error", "no_capacity",
                            headers={"Retry-After": str(config.serve.retry_after_s)}) from None
+        except InvalidRequestError as e:
+            finish(Outcome.BAD_REQUEST)
+            await close_backend()
+            raise ApiError(400, str(e), "invalid_request_error", "engine_rejected") from None
         except BaseException:
             finish(Outcome.CLIENT_GONE)
             await close_backend()
@@ -290,7 +296,10 @@ def create_app(
             ev = first
             while ev is not None:
                 observe(ev)
-                delta = stream.push(ev.token_id)
+                counted["n"] += 1
+                hidden = ev.finish_reason is FinishReason.STOP and (
+                    ev.token_id in codec.eos_token_ids or ev.token_id in sampling.stop_token_ids)
+                delta = "" if hidden else stream.push(ev.token_id)
                 if stream.stopped:
                     yield delta, FinishReason.STOP
                     return
@@ -305,8 +314,8 @@ def create_app(
             yield stream.flush(), FinishReason.LENGTH
 
         def usage() -> dict[str, int]:
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(stream.ids),
-                    "total_tokens": len(prompt_ids) + len(stream.ids)}
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": counted["n"],
+                    "total_tokens": len(prompt_ids) + counted["n"]}
 
         created = int(time.time())
         if not body.stream:
@@ -384,12 +393,15 @@ def create_app(
     async def guarded(endpoint: str, model: str | None, fn: Any) -> Response:
         """Count early failures (auth, lookup, limits) by outcome; successes are counted by ``run``."""
         try:
-            return await fn()
+            try:
+                return await fn()
+            except InvalidRequestError as e:  # e.g. the chat template rejected the messages
+                raise ApiError(400, str(e), "invalid_request_error") from None
         except ApiError as e:
             if e.outcome is None:
                 e.outcome = {400: Outcome.BAD_REQUEST, 404: Outcome.NOT_FOUND, 503: Outcome.UNAVAILABLE}.get(
                     e.status, Outcome.BAD_REQUEST)
-            if e.outcome is not Outcome.UNAVAILABLE or e.code != "no_capacity":
+            if e.code not in ("no_capacity", "engine_rejected"):  # already counted by run()
                 # Label only deployed names: user input must not create unbounded series.
                 label = model if model in state.specs else "_unknown"
                 state.metrics.requests.labels(endpoint, label, e.outcome.value).inc()

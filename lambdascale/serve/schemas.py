@@ -31,7 +31,7 @@ class _SamplingFields(_Strict):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=-1, ge=-1, le=1_000_000, description="-1 = off")
-    seed: int | None = Field(default=None, ge=-_MAX_SEED, le=_MAX_SEED)
+    seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -22,3 +22,10 @@ class EngineSettings(BaseModel):
     max_model_len: int | None = Field(
         default=None, ge=16, description="context limit in tokens; None = the model's own limit"
     )
+    max_num_batched_tokens: int = Field(
+        default=512, ge=1, le=1 << 20,
+        description="most tokens computed in one step (decodes plus prefill chunks); longer prompts are chunked",
+    )
+    threads: int | None = Field(
+        default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default"
+    )

@@ -1,0 +1,92 @@
+"""The scheduler: which sequences compute how many tokens in the next step.
+
+A pure function of the running and waiting sequences (as :class:`SeqView`) and the limits, so it
+is tested without a model. Policy (continuous batching, prefill and decode in one step):
+
+1. every running sequence is scheduled: decodes (one token left to compute) first, one token
+   each; running sequences still in a chunked prefill get the remaining token budget in order;
+2. waiting sequences are admitted first-come first-served while the batch has room
+   (``max_batch_size``) and the step's token budget (``max_num_batched_tokens``) is not spent;
+   a prompt longer than the budget left is split into chunks over several steps.
+
+A sequence samples a token in a step only when that step computes its last pending token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class SeqView:
+    """What the scheduler needs to know of a sequence."""
+
+    request_id: str
+    num_computed: int  # tokens already in the KV cache
+    num_tokens: int  # prompt + output tokens; the step that computes the last one samples
+
+    @property
+    def remaining(self) -> int:
+        return self.num_tokens - self.num_computed
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """Compute tokens ``[start, start + length)`` of a sequence; ``sample`` = emit a token after."""
+
+    request_id: str
+    start: int
+    length: int
+    sample: bool
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's plan. ``seqs`` lists decodes first (the model batches them)."""
+
+    seqs: tuple[ScheduledSeq, ...]
+    admitted: tuple[str, ...]  # waiting request ids that become running this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.length for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+def schedule(
+    running: Sequence[SeqView],
+    waiting: Sequence[SeqView],
+    max_batch_size: int,
+    max_num_batched_tokens: int,
+) -> SchedulerOutput:
+    """Plan the next step (see the module docstring for the policy)."""
+    if max_batch_size < 1 or max_num_batched_tokens < 1:
+        raise ValueError(f"limits must be positive: max_batch_size={max_batch_size}, "
+                         f"max_num_batched_tokens={max_num_batched_tokens}")
+    decodes = [s for s in running if s.remaining == 1]
+    prefilling = [s for s in running if s.remaining > 1]
+    out: list[ScheduledSeq] = [ScheduledSeq(s.request_id, s.num_computed, 1, True) for s in decodes]
+    budget = max_num_batched_tokens - len(decodes)
+    for s in prefilling:
+        if budget <= 0:
+            break
+        n = min(s.remaining, budget)
+        out.append(ScheduledSeq(s.request_id, s.num_computed, n, n == s.remaining))
+        budget -= n
+    admitted: list[str] = []
+    slots = max_batch_size - len(running)
+    for s in waiting:
+        if budget <= 0 or slots <= 0:
+            break
+        n = min(s.remaining, budget)
+        out.append(ScheduledSeq(s.request_id, s.num_computed, n, n == s.remaining))
+        admitted.append(s.request_id)
+        budget -= n
+        slots -= 1
+    # single-token steps first so the model can batch their attention
+    out.sort(key=lambda x: x.length != 1)
+    return SchedulerOutput(tuple(out), tuple(admitted))

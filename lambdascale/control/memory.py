@@ -7,8 +7,9 @@ background copy-backs that fit once those evictions are done. Per node, determin
    (any state), when the copy is partial (a load or copy is writing it), when the holding is
    ``pinned``, or when it is a complete GPU/host copy of a model that is loading somewhere (it may
    be a multicast source right now).
-2. Copies of models no longer deployed, or in a cache tier their spec no longer lists, are evicted
-   when not in use. A GPU copy with no instance on its node is evicted once idle past keep-alive.
+2. Copies of models no longer deployed, or in a tier their spec does not list in ``cache_tiers``,
+   are evicted when not in use. A GPU copy with no instance on its node is kept until idle past
+   keep-alive when the spec lists ``gpu``, else dropped at once.
 3. Copy-back (``memory_copy_back``): a node holding a complete GPU copy (a finished scale-out)
    copies the weights to each tier in ``spec.cache_tiers`` it lacks; a host copy also seeds a
    missing SSD copy. Hot models (latest request) go first; at most
@@ -98,7 +99,7 @@ def _plan_node(
         if is_in_use(h, on_node, loading):
             continue
         m = models.get(h.model)
-        if h.tier is Tier.GPU:
+        if h.tier is Tier.GPU and m is not None and Tier.GPU in m.spec.cache_tiers:
             if now - h.last_used >= _keep_alive(m, cfg):
                 evict(h, EvictReason.IDLE_GPU)
         elif m is None:

@@ -84,8 +84,10 @@ class InstanceState(str, Enum):
 class DeploymentSpec:
     """A model's scaling settings, as registered through the admin API.
 
-    ``cache_tiers`` lists where copies of the model are kept between scale events (the memory
-    manager copies weights back there after a scale-out and evicts them elsewhere).
+    ``cache_tiers`` lists where copies of the model are kept between scale events: host and SSD
+    copies are made (copied back after a scale-out) and kept LRU with keep-alive; ``gpu`` keeps a
+    GPU copy whose instance was removed until keep-alive expires (without it, such a copy is
+    dropped at once). Strings are accepted (``["host", "ssd"]``).
     ``scale_to_zero=False`` keeps at least one instance at all times.
     """
 
@@ -109,8 +111,14 @@ class DeploymentSpec:
         _require(1 <= self.target_concurrency <= 100_000, w, f"target_concurrency={self.target_concurrency} must be in [1, 100000]")
         _require(0 <= self.keep_alive_s <= 7 * 86400, w, f"keep_alive_s={self.keep_alive_s} must be in [0, 604800]")
         _require(1 <= self.gpus_per_instance <= 64, w, f"gpus_per_instance={self.gpus_per_instance} must be in [1, 64]")
-        for t in self.cache_tiers:
-            _require(t in CACHE_TIERS, w, f"cache_tiers may hold only host and ssd, got {t!r}")
+        # Accept strings and lists (admin API bodies, SQLite rows): store a tuple of Tier.
+        try:
+            tiers = tuple(Tier(t) for t in self.cache_tiers)
+        except ValueError as e:
+            raise SnapshotError(f"{w}: cache_tiers={list(self.cache_tiers)!r}: {e}") from None
+        object.__setattr__(self, "cache_tiers", tiers)
+        for t in tiers:
+            _require(t is not Tier.NONE, w, "cache_tiers cannot hold 'none'")
         _require(len(set(self.cache_tiers)) == len(self.cache_tiers), w, f"cache_tiers has duplicates: {self.cache_tiers}")
 
     @property

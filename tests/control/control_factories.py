@@ -79,14 +79,16 @@ def snap(nodes: tuple[NodeView, ...], models: tuple[ModelView, ...]) -> ClusterS
 # ---- hypothesis strategies -------------------------------------------------------------------
 
 specs = st.builds(
-    lambda lo, span, tc, ka, s2z: DeploymentSpec(
-        min_instances=lo, max_instances=max(lo + span, 0 if s2z else 1), target_concurrency=tc, keep_alive_s=ka, scale_to_zero=s2z
+    lambda lo, span, tc, ka, s2z, tiers: DeploymentSpec(
+        min_instances=lo, max_instances=max(lo + span, 0 if s2z else 1), target_concurrency=tc, keep_alive_s=ka,
+        scale_to_zero=s2z, cache_tiers=tuple(tiers),
     ),
     st.integers(0, 3),
     st.integers(0, 6),
     st.integers(1, 8),
     st.sampled_from([0.0, 5.0, 60.0]),
     st.booleans(),
+    st.lists(st.sampled_from([Tier.GPU, Tier.HOST, Tier.SSD]), unique=True, max_size=3),
 )
 
 tiers = st.sampled_from([Tier.GPU, Tier.HOST, Tier.SSD])

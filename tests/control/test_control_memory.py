@@ -62,8 +62,13 @@ def test_source_of_a_loading_model_is_in_use() -> None:
 def test_tier_not_cached_and_idle_gpu_evicted() -> None:
     hs = (hold("m", Tier.SSD, last_used=0.0), hold("m", Tier.GPU, last_used=0.0))
     s = snap((node(0, ssd_gb=50, ssd_free_gb=40, holdings=hs),), (model("m", spec=HOST_ONLY),))
-    reasons = {(e.tier, e.reason) for e in manage_memory(s, CFG, 100.0).evictions}
-    assert reasons == {(Tier.SSD, EvictReason.TIER_NOT_CACHED), (Tier.GPU, EvictReason.IDLE_GPU)}
+    reasons = {(e.tier, e.reason) for e in manage_memory(s, CFG, 1.0).evictions}
+    assert reasons == {(Tier.SSD, EvictReason.TIER_NOT_CACHED), (Tier.GPU, EvictReason.TIER_NOT_CACHED)}
+    # With gpu in cache_tiers an idle GPU copy stays warm until keep-alive expires.
+    warm = DeploymentSpec(cache_tiers=(Tier.GPU, Tier.SSD), keep_alive_s=10.0)
+    s = snap((node(0, ssd_gb=50, ssd_free_gb=40, holdings=hs),), (model("m", spec=warm),))
+    assert manage_memory(s, CFG, 9.0).evictions == ()
+    assert [(e.tier, e.reason) for e in manage_memory(s, CFG, 10.0).evictions] == [(Tier.GPU, EvictReason.IDLE_GPU)]
 
 
 def test_copy_back_budget_counts_in_progress_copies() -> None:

@@ -37,7 +37,8 @@ def test_tier_order() -> None:
     [
         (lambda: DeploymentSpec(min_instances=3, max_instances=2), "max_instances=2"),
         (lambda: DeploymentSpec(target_concurrency=0), "target_concurrency=0"),
-        (lambda: DeploymentSpec(cache_tiers=(Tier.GPU,)), "cache_tiers"),
+        (lambda: DeploymentSpec(cache_tiers=("host", "nvme")), "cache_tiers=['host', 'nvme']"),
+        (lambda: DeploymentSpec(cache_tiers=("host", "host")), "duplicates"),
         (lambda: DeploymentSpec(max_instances=0, scale_to_zero=False), "scale_to_zero"),
         (lambda: node(0, gpus=1, free=2), "NodeView(id=0): gpus_free=2"),
         (lambda: node(1, host_gb=1, host_free_gb=2), "host_bytes_free"),
@@ -57,6 +58,10 @@ def test_bad_input_names_the_field(build, needle) -> None:  # type: ignore[no-un
     with pytest.raises(SnapshotError, match=re.escape(needle)) as err:
         build()
     assert isinstance(err.value, LambdaScaleError)
+
+
+def test_spec_accepts_tier_strings() -> None:
+    assert DeploymentSpec(cache_tiers=["gpu", "ssd"]).cache_tiers == (Tier.GPU, Tier.SSD)  # type: ignore[arg-type]
 
 
 def test_lookups_and_fastest_tier() -> None:

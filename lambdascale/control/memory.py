@@ -47,15 +47,19 @@ from lambdascale.control.snapshot import (
 )
 
 
-def in_use_models(snapshot: ClusterSnapshot, node: NodeView) -> set[str]:
-    """Models with an instance stage on ``node`` (any state)."""
-    out: set[str] = set()
+def models_by_node(snapshot: ClusterSnapshot) -> dict[int, set[str]]:
+    """For every node, the models with an instance stage on it (any state); one pass over instances."""
+    out: dict[int, set[str]] = {n.id: set() for n in snapshot.nodes}
     for m in snapshot.models:
         for inst in m.instances:
-            if node.id in inst.nodes:
-                out.add(m.name)
-                break
+            for stage in inst.stages:
+                out.setdefault(stage.node, set()).add(m.name)
     return out
+
+
+def in_use_models(snapshot: ClusterSnapshot, node: NodeView) -> set[str]:
+    """Models with an instance stage on ``node`` (any state)."""
+    return models_by_node(snapshot).get(node.id, set())
 
 
 def _loading_models(snapshot: ClusterSnapshot) -> set[str]:
@@ -71,19 +75,25 @@ def is_in_use(holding: Holding, on_node: set[str], loading: set[str]) -> bool:
     return holding.model in loading and holding.tier in SOURCE_TIERS
 
 
+def _hotness(m: ModelView) -> tuple[float, str]:
+    """Sort key: most recent request first, then name."""
+    return (-(m.last_request_at if m.last_request_at is not None else float("-inf")), m.name)
+
+
 def _keep_alive(model: ModelView | None, cfg: ControlSettings) -> float:
     return model.spec.keep_alive_s if model is not None else cfg.memory_default_keep_alive_s
 
 
 def _plan_node(
-    snapshot: ClusterSnapshot,
     node: NodeView,
+    on_node: set[str],
     models: dict[str, ModelView],
+    by_hotness: list[ModelView],
     loading: set[str],
     cfg: ControlSettings,
     now: float,
 ) -> tuple[list[Eviction], list[CopyBack]]:
-    on_node = in_use_models(snapshot, node)
+    held = {(h.model, h.tier): h for h in node.holdings}
     evictions: list[Eviction] = []
     evicted: set[tuple[str, Tier]] = set()
     free = {t: node.bytes_free(t) for t in CACHE_TIERS}
@@ -112,20 +122,17 @@ def _plan_node(
         return evictions, copy_backs
 
     # Rule 3: wanted copy-backs, hottest model first.
-    def hotness(m: ModelView) -> tuple[float, str]:
-        return (-(m.last_request_at if m.last_request_at is not None else float("-inf")), m.name)
-
     for tier in CACHE_TIERS:
         in_progress = sum(1 for h in node.holdings if h.tier is tier and not h.complete)
         budget = cfg.memory_max_copy_backs_per_node - in_progress
-        for m in sorted(models.values(), key=hotness):
+        for m in by_hotness:
             if budget <= 0:
                 break
-            if tier not in m.spec.cache_tiers or node.holding(m.name, tier) is not None:
+            if tier not in m.spec.cache_tiers or (m.name, tier) in held:
                 continue
-            src = node.holding(m.name, Tier.GPU)
+            src = held.get((m.name, Tier.GPU))
             if src is None or not src.complete or (m.name, Tier.GPU) in evicted:
-                src = node.holding(m.name, Tier.HOST) if tier is Tier.SSD else None
+                src = held.get((m.name, Tier.HOST)) if tier is Tier.SSD else None
                 if src is None or not src.complete or (m.name, Tier.HOST) in evicted:
                     continue
             need = m.size_bytes
@@ -165,14 +172,16 @@ def _plan_node(
 def manage_memory(snapshot: ClusterSnapshot, cfg: ControlSettings, now: float) -> MemoryPlan:
     """Evictions and background copy-backs for every node (nodes in id order)."""
     models = {m.name: m for m in snapshot.models}
+    by_hotness = sorted(models.values(), key=_hotness)
     loading = _loading_models(snapshot)
+    on_nodes = models_by_node(snapshot)
     evictions: list[Eviction] = []
     copy_backs: list[CopyBack] = []
     for node in sorted(snapshot.nodes, key=lambda n: n.id):
-        e, c = _plan_node(snapshot, node, models, loading, cfg, now)
+        e, c = _plan_node(node, on_nodes.get(node.id, set()), models, by_hotness, loading, cfg, now)
         evictions.extend(e)
         copy_backs.extend(c)
     return MemoryPlan(evictions=tuple(evictions), copy_backs=tuple(copy_backs))
 
 
-__all__ = ["in_use_models", "is_in_use", "manage_memory"]
+__all__ = ["in_use_models", "is_in_use", "manage_memory", "models_by_node"]

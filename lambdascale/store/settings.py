@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,3 +17,17 @@ class StoreSettings(BaseModel):
     keep_alive_s: float = Field(default=60.0, ge=0, description="default keep-alive before an idle model may be evicted")
     n_blocks: int = Field(default=8, ge=1, le=1024, description="execution blocks a model is cut into on import")
     chunks_per_block: int = Field(default=2, ge=1, le=1024, description="transfer chunks per block")
+    strict_keep_alive: bool = Field(
+        default=False,
+        description="never evict a model inside its keep-alive (a load that needs the room fails instead)",
+    )
+    pinned: Literal["auto", "on", "off"] = Field(
+        default="auto", description="pin the host pool: auto = pinned when CUDA is present"
+    )
+    ssd_gbps: float | None = Field(
+        default=None, gt=0, le=1000, description="cap on SSD-tier read rate in GB/s (emulates a cluster's NVMe); None = no cap"
+    )
+    loader_queue_depth: int = Field(
+        default=4, ge=1, le=64, description="chunks read ahead of verification by the pipelined loader"
+    )
+    pool_align: int = Field(default=4096, ge=64, le=1 << 21, description="alignment of blocks in the host pool, bytes")

@@ -25,8 +25,8 @@ Algorithms (``Algo``):
   two form a *team* with a hypercube node: the two members alternate roles each round (one
   receives from outside and forwards inside, the other sends outside and receives inside), so
   the team behaves towards the hypercube like one node. With several sources, receivers are split
-  into one group per source and each source sends the blocks dealt to it first (round-robin deal,
-  rotated order), so groups receive complementary blocks first.
+  into one group per source and each source sends the blocks dealt to it first (round-robin deal
+  balanced by chunk count, rotated order), so groups receive complementary blocks first.
 * ``faasnet``: FaaSNet's binary tree, chunk-pipelined; each node forwards to its two children
   alternately (one send per round), lowest missing chunk first.
 * ``ring``: NCCL-style chunked ring (chain) broadcast.
@@ -239,16 +239,30 @@ def _split_groups(receivers: Sequence[int], n_groups: int) -> list[list[int]]:
     return out
 
 
+def deal_blocks(n_groups: int, n_blocks: int, n_chunks: int) -> list[list[int]]:
+    """Deal blocks into ``n_groups`` sets: each block, in order, goes to the set with the fewest
+    chunks so far (lowest index on ties). With equally sized blocks this is the round-robin deal
+    of the reference (set g = blocks b with b % n_groups == g); with uneven blocks it keeps the
+    sets' transfer times balanced."""
+    sets: list[list[int]] = [[] for _ in range(n_groups)]
+    weight = [0] * n_groups
+    for b in range(n_blocks):
+        g = min(range(n_groups), key=lambda i: (weight[i], i))
+        sets[g].append(b)
+        weight[g] += len(chunks_of_block(b, n_blocks, n_chunks))
+    return sets
+
+
 def source_order(group: int, n_groups: int, n_blocks: int, n_chunks: int) -> list[int]:
     """Chunk order of source ``group`` with block reordering.
 
-    Blocks are dealt round-robin into ``n_groups`` sets (set g = blocks b with b % n_groups == g);
-    source g sends set g first, then sets g+1, g+2, ... (mod n_groups); chunks of a block ascend.
+    Blocks are dealt into ``n_groups`` sets (:func:`deal_blocks`); source g sends set g first,
+    then sets g+1, g+2, ... (mod n_groups); chunks of a block ascend.
     """
+    sets = deal_blocks(n_groups, n_blocks, n_chunks)
     order: list[int] = []
     for j in range(n_groups):
-        s = (group + j) % n_groups
-        for b in range(s, n_blocks, n_groups):
+        for b in sets[(group + j) % n_groups]:
             order.extend(chunks_of_block(b, n_blocks, n_chunks))
     return order
 

@@ -171,7 +171,32 @@ def _assign(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], size:
     for b in range(n_blocks):
         if owner[b] == -1 and not _place_block(b, owner, load, holders, of_node, hi):
             return None
+    _fewer_hops(owner, masks)
     return tuple(owner)
+
+
+def _hops(owner: Sequence[int]) -> int:
+    return sum(1 for b in range(1, len(owner)) if owner[b] != owner[b - 1])
+
+
+def _fewer_hops(owner: list[int], masks: Mapping[int, int]) -> None:
+    """Swap pairs of blocks between nodes (both holding both, so loads stay) while that cuts the
+    number of network hops: a request crosses one link per stage boundary."""
+    B = len(owner)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(B):
+            for j in range(i + 1, B):
+                u, v = owner[i], owner[j]
+                if u == v or not (masks[u] >> j) & 1 or not (masks[v] >> i) & 1:
+                    continue
+                before = _hops(owner)
+                owner[i], owner[j] = v, u
+                if _hops(owner) < before:
+                    improved = True
+                else:
+                    owner[i], owner[j] = u, v
 
 
 def _place_block(b: int, owner: list[int], load: dict[int, int], holders, of_node, hi: int) -> bool:

@@ -1,0 +1,171 @@
+"""Pipeline planner: hand-checked cases, policy rules, incremental == pure, properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lambdascale.pipe import Pipeline, PipelinePlanner, PlanError, Stage, plan_multicast, plan_pipelines, planned_sizes
+from lambdascale.pipe.report import pipeline_ticks
+
+ALL8 = set(range(8))
+
+
+def test_planned_sizes_halve_from_the_block_count() -> None:
+    assert planned_sizes(8, 7) == (4, 2, 1)
+    assert planned_sizes(8, 8) == (8,)
+    assert planned_sizes(8, 15) == (8, 4, 2, 1)
+    assert planned_sizes(8, 3) == (2, 1)
+    assert planned_sizes(6, 5) == (3, 1)
+    assert planned_sizes(8, 0) == ()
+
+
+def test_hand_checked_seven_receivers() -> None:
+    # nodes 2..5 each hold a quarter, 0 and 1 a half, 6 everything: 6 serves alone, a 4-node
+    # pipeline on the quarter holders, a 2-node one on the half holders (richer nodes are kept
+    # for the smaller pipeline).
+    h = {0: {0, 1, 2, 3}, 1: {4, 5, 6, 7}, 2: {0, 1}, 3: {2, 3}, 4: {4, 5}, 5: {6, 7}, 6: ALL8}
+    p = plan_pipelines(h, 8)
+    assert p.planned == (4, 2, 1)
+    assert p.solo == (6,)
+    assert [q.assignment for q in p.form] == [(2, 2, 3, 3, 4, 4, 5, 5), (0, 0, 0, 0, 1, 1, 1, 1)]
+    assert p.form[0].stages == (Stage(0, 2, 2), Stage(2, 4, 3), Stage(4, 6, 4), Stage(6, 8, 5))
+    assert p.instances == 3
+
+
+def test_interleaved_blocks_form_a_pipeline_that_revisits_nodes() -> None:
+    # two sources dealt blocks round-robin: node 0 holds even blocks, node 1 odd ones
+    p = plan_pipelines({0: {0, 2}, 1: {1, 3}}, 4)
+    assert [q.assignment for q in p.form] == [(0, 1, 0, 1)]
+    assert p.form[0].size == 2 and p.form[0].loads() == {0: 2, 1: 2}
+
+
+def test_no_pipeline_when_a_block_is_missing_or_loads_cannot_balance() -> None:
+    assert plan_pipelines({0: {0, 1}, 1: {1, 2}}, 4).form == ()
+    # 2 nodes, 4 blocks: a balanced split needs 2 blocks each, node 1 holds only block 3
+    assert plan_pipelines({0: {0, 1, 2}, 1: {3}}, 4).form == ()
+
+
+def test_capacity_excludes_and_limits_nodes() -> None:
+    h = {0: {0, 1}, 1: {2, 3}, 2: {0, 1, 2, 3}}
+    assert plan_pipelines(h, 4, sizes=(2,)).form[0].assignment == (0, 0, 1, 1)
+    assert plan_pipelines(h, 4, sizes=(2,)).solo == (2,)
+    # node 2 lacks capacity for the whole model: it is no longer solo and may be a stage
+    p = plan_pipelines(h, 4, capacity={2: 2, 0: 0}, sizes=(2,))
+    assert p.solo == ()
+    assert p.form[0].assignment == (2, 2, 1, 1)
+    assert plan_pipelines(h, 4, capacity={0: 1, 2: 1}, sizes=(2,)).form == ()
+
+
+def test_dissolve_when_a_member_can_serve_alone_and_keep_otherwise() -> None:
+    h = {0: {0, 1}, 1: {2, 3}, 2: {0}, 3: {1, 2, 3}}
+    first = plan_pipelines(h, 4)  # planned_sizes(4, 4) == (4,): one block per node
+    assert first.form and first.form[0].size == 4
+    running = first.active
+    h2 = {**h, 2: {0, 1}}  # nothing relevant: keep
+    again = plan_pipelines(h2, 4, current=running)
+    assert again.keep == running and again.form == () and again.dissolve == ()
+    h3 = {**h2, 0: {0, 1, 2, 3}}  # node 0 holds everything: it leaves to serve alone
+    third = plan_pipelines(h3, 4, current=running)
+    assert third.dissolve == running and third.solo == (0,)
+
+
+def test_bad_inputs_name_the_node_and_block() -> None:
+    with pytest.raises(PlanError, match="node 3: block 9"):
+        plan_pipelines({3: {9}}, 8)
+    with pytest.raises(PlanError, match="capacity of node 1"):
+        plan_pipelines({1: {0}}, 8, capacity={1: -1})
+    planner = PipelinePlanner([0, 1], 2, 4)
+    with pytest.raises(PlanError, match="node 5"):
+        planner.on_chunk(5, 0)
+    with pytest.raises(PlanError, match="chunk 4"):
+        planner.on_chunk(0, 4)
+
+
+def test_incremental_planner_counts_chunks_into_blocks() -> None:
+    planner = PipelinePlanner([0, 1], 2, 4)  # blocks: {0, 1} and {2, 3}
+    assert planner.on_chunk(0, 0) is None
+    assert planner.on_chunk(0, 0) is None  # duplicate arrival is ignored
+    assert planner.holdings()[0] == set()
+    assert planner.on_chunk(1, 2) is None
+    assert planner.on_chunk(0, 1) is None
+    res = planner.on_chunk(1, 3)
+    assert res is not None and [p.assignment for p in res.form] == [(0, 1)]
+    planner.on_chunk(0, 2)
+    res = planner.on_chunk(0, 3)
+    assert res is not None and res.solo == (0,) and res.dissolve[0].assignment == (0, 1)
+
+
+# ---- properties --------------------------------------------------------------------------------
+
+def _check_valid(plan, holdings, n_blocks, capacity=None) -> None:
+    capacity = capacity or {}
+    seen: set[int] = set()
+    for p in plan.active:
+        assert len(p.assignment) == n_blocks  # covers every block, in order
+        for b, v in enumerate(p.assignment):
+            assert b in holdings[v]
+        loads = p.loads()
+        assert max(loads.values()) - min(loads.values()) <= 1
+        assert all(capacity.get(v, n_blocks) >= n for v, n in loads.items())
+        assert not seen & set(loads)  # disjoint pipelines
+        seen |= set(loads)
+        assert p.size >= 2
+    assert not seen & set(plan.solo)
+    for v in plan.solo:
+        assert holdings[v] == set(range(n_blocks))
+
+
+holdings_st = st.integers(1, 8).flatmap(
+    lambda b: st.tuples(
+        st.just(b),
+        st.dictionaries(st.integers(0, 40), st.sets(st.integers(0, b - 1)), min_size=1, max_size=24),
+        st.dictionaries(st.integers(0, 40), st.integers(0, 8), max_size=6),
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(holdings_st)
+def test_pipelines_are_valid_and_disjoint(case) -> None:
+    b, holdings, capacity = case
+    plan = plan_pipelines(holdings, b, capacity=capacity)
+    _check_valid(plan, holdings, b, capacity)
+    # the planner is deterministic and idempotent: fed its own answer, it changes nothing
+    again = plan_pipelines(holdings, b, capacity=capacity, current=plan.active)
+    assert again.form == () and again.dissolve == () and again.keep == plan.active
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 24), s=st.integers(1, 4), b=st.sampled_from([2, 4, 8]), mult=st.integers(1, 3),
+       algo=st.sampled_from(["binomial", "faasnet", "ring"]))
+def test_incremental_equals_pure_along_a_multicast(n: int, s: int, b: int, mult: int, algo: str) -> None:
+    s = min(s, n)
+    plan = plan_multicast(algo, n, s, b, b * mult)
+    planner = PipelinePlanner(plan.receiver_nodes, b, b * mult)
+    current: tuple[Pipeline, ...] = ()
+    for t, rnd in enumerate(plan.rounds, start=1):
+        for snd in rnd:
+            planner.on_chunk(snd.dst, snd.chunk)
+        holdings = plan.holdings_at(t)
+        assert planner.holdings() == holdings
+        _check_valid(planner.plan, holdings, b)
+        current = planner.plan.active
+    if plan.receiver_nodes:
+        assert planner.plan.solo == plan.receiver_nodes and current == ()
+    ticks = pipeline_ticks(plan)
+    for pt in ticks:
+        _check_valid(pt.plan, plan.holdings_at(pt.tick), b)
+
+
+def test_pure_function_reproduces_each_incremental_step() -> None:
+    plan = plan_multicast("binomial", 8, 2, 8, 16)
+    planner = PipelinePlanner(plan.receiver_nodes, 8)
+    masks: dict[int, set[int]] = {n: set() for n in plan.receiver_nodes}
+    for _, node, block in plan.block_events():
+        prev = planner.plan.active
+        planner.on_block(node, block)
+        masks[node].add(block)
+        pure = plan_pipelines(masks, 8, current=prev)
+        assert pure.active == planner.plan.active and pure.solo == planner.plan.solo

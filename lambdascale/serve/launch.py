@@ -1,0 +1,113 @@
+"""``lambdascale serve``: pick the backend, register the startup models, run the gateway until Ctrl-C.
+
+The backend today is the in-process engine (one full instance per model on this machine) or the
+fake backend; the multi-node backend over the runtime's node agents plugs in here as a third
+:class:`ServingBackend` without touching the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import TextIO
+
+from lambdascale.config import LambdaScaleConfig, dump_config
+from lambdascale.errors import LambdaScaleError
+from lambdascale.serve.backend import ServingBackend
+from lambdascale.serve.registry import ModelRegistry
+from lambdascale.serve.schemas import DeploySpec
+
+log = logging.getLogger("lambdascale.serve")
+
+DEMO_MODEL = "smollm2-135m"
+
+
+def build_backend(cfg: LambdaScaleConfig) -> ServingBackend:
+    """The backend named by ``serve.backend``."""
+    kind = cfg.serve.backend
+    if kind == "fake":
+        from lambdascale.serve.fake import FakeBackend
+
+        return FakeBackend(n_instances=1, slots_per_instance=cfg.engine.max_batch_size, token_delay_s=0.01)
+    from lambdascale.serve.engine_backend import EngineBackend
+
+    return EngineBackend(cfg)
+
+
+def startup_models(cfg: LambdaScaleConfig, registry: ModelRegistry, out: TextIO) -> list[str]:
+    """Register ``serve.model`` (or the demo model when nothing is registered); import the demo if missing."""
+    names = list(cfg.serve.model)
+    if not names and not registry.list():
+        names = [DEMO_MODEL]
+    if cfg.serve.backend != "fake":
+        from lambdascale.model.checkpoint import list_models
+
+        have = {m.name for m in list_models(cfg.paths.models_dir)} if cfg.paths.models_dir.is_dir() else set()
+        for n in names:
+            if n == DEMO_MODEL and n not in have:
+                from lambdascale.model.importers import import_model
+
+                print(f"importing the demo model {DEMO_MODEL} into {cfg.paths.models_dir} (once) ...", file=out, flush=True)
+                import_model(DEMO_MODEL, cfg.paths.models_dir)
+    for n in names:
+        if registry.get(n) is None:
+            registry.put(DeploySpec(name=n))
+    return [s.name for s in registry.list()]
+
+
+def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: TextIO | None = None,
+                  stop: threading.Event | None = None) -> int:
+    """Run until Ctrl-C / SIGTERM (or ``stop`` is set); returns the exit code."""
+    import sys
+
+    from lambdascale.serve.app import create_app
+    from lambdascale.serve.server import ServerThread
+
+    out = out or sys.stdout
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if explicit_cluster and (cfg.runtime.nodes > 1 or cfg.runtime.launcher != "local"):
+        log.warning("--nodes/--launcher/--address: the multi-node cluster backend is not wired into `serve` yet; "
+                    "serving one in-process instance per model")
+    registry = ModelRegistry(cfg.serve.registry_path)
+    try:
+        models = startup_models(cfg, registry, out)
+    except LambdaScaleError:
+        registry.close()
+        raise
+    run_dir = cfg.paths.runs_dir / "serve"
+    dump_config(cfg, run_dir / "config.yaml")  # keys are SecretStr: written masked
+    backend = build_backend(cfg)
+    app = create_app(cfg, backend, registry=registry)
+    server = ServerThread(app, cfg.serve.host, cfg.serve.port, log_level="info")
+    server.start(timeout_s=600)
+    url = server.url
+    key = cfg.serve.api_keys[0].get_secret_value() if cfg.serve.api_keys else "none"
+    model = models[0] if models else "MODEL"
+    print(f"lambdascale gateway serving {models} at {url}  (backend: {cfg.serve.backend}; Ctrl-C to stop)", file=out)
+    print("try:", file=out)
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+          + ("-H 'Authorization: Bearer KEY' " if cfg.serve.api_keys else "")
+          + f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", file=out)
+    print(f"  python -c \"import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='{'KEY' if key != 'none' else 'none'}'); "
+          f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"",
+          file=out, flush=True)
+    stop = stop or threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop.wait(0.5):
+            if not server._thread.is_alive():
+                log.error("gateway stopped unexpectedly")
+                return 1
+    finally:
+        print("shutting down ...", file=out, flush=True)
+        server.stop()
+        registry.close()
+    print("stopped cleanly", file=out, flush=True)
+    return 0

@@ -1,0 +1,74 @@
+"""Admin API and the SQLite registry (restarts lose no registration)."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from lambdascale.serve.registry import ModelRegistry, RegistryError
+
+from .conftest import MODEL
+
+
+def test_deploy_update_delete_and_restart_keeps_registrations(make_app, tmp_path) -> None:
+    app, backend = make_app()
+    with TestClient(app) as c:
+        r = c.post("/admin/models", json={"name": "llama-b", "min_instances": 1, "max_instances": 3,
+                                          "target_concurrency": 2, "keep_alive_s": 5, "tiers": ["gpu", "host"]})
+        assert r.status_code == 201, r.text
+        assert c.post("/admin/models", json={"name": "llama-b"}).status_code == 409
+        assert c.post("/admin/models", json={"name": "gone-soon"}).status_code == 201
+        r = c.patch("/admin/models/llama-b", json={"max_instances": 8, "keep_alive_s": 30.5})
+        assert r.status_code == 200 and r.json()["max_instances"] == 8 and r.json()["min_instances"] == 1
+        assert c.delete("/admin/models/gone-soon").status_code == 200
+        assert c.delete("/admin/models/gone-soon").status_code == 404
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [MODEL, "llama-b"]
+        r = c.post("/v1/completions", json={"model": "llama-b", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200
+    # A new gateway process over the same SQLite file: everything is still there, deploys re-done.
+    app2, backend2 = make_app()
+    with TestClient(app2) as c:
+        models = {m["name"]: m for m in c.get("/admin/models").json()["data"]}
+        assert set(models) == {MODEL, "llama-b"}
+        assert models["llama-b"] == {"name": "llama-b", "min_instances": 1, "max_instances": 8, "target_concurrency": 2,
+                                     "keep_alive_s": 30.5, "tiers": ["gpu", "host"]}
+        assert c.post("/v1/completions", json={"model": "llama-b", "prompt": "x", "max_tokens": 2}).status_code == 200
+        assert c.post("/v1/completions", json={"model": "gone-soon", "prompt": "x"}).status_code == 404
+
+
+def test_bad_admin_input_is_400_naming_the_field(client) -> None:
+    cases = [
+        ({"name": "a", "min_instances": 5, "max_instances": 2}, "min_instances"),
+        ({"name": "a", "max_instances": 0}, "max_instances"),
+        ({"name": "a", "keep_alive_s": -1}, "keep_alive_s"),
+        ({"name": "a", "tiers": ["nvme"]}, "tiers"),
+        ({"name": "a", "tiers": ["host", "host"]}, "duplicates"),
+        ({"name": "../etc"}, "name"),
+        ({"name": "a", "surprise": 1}, "surprise"),
+        ({"name": "a", "max_instances": "3"}, "max_instances"),
+    ]
+    for body, fragment in cases:
+        r = client.post("/admin/models", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert fragment in r.json()["error"]["message"], (body, r.json())
+    r = client.patch(f"/admin/models/{MODEL}", json={"min_instances": 100})
+    assert r.status_code == 400 and "exceeds max_instances" in r.json()["error"]["message"]
+    assert client.patch("/admin/models/nope", json={"min_instances": 1}).status_code == 404
+
+
+def test_registry_rejects_a_corrupt_file(tmp_path) -> None:
+    p = tmp_path / "reg.sqlite"
+    p.write_bytes(b"this is not a database" * 100)
+    try:
+        ModelRegistry(p)
+    except RegistryError as e:
+        assert str(p) in str(e)
+    else:
+        raise AssertionError("a corrupt registry must raise RegistryError")
+
+
+def test_status_shows_nodes_tiers_instances_queues(client) -> None:
+    st = client.get("/admin/status").json()
+    assert st["nodes"] == [{"node_id": "node-0", "alive": True, "tiers": {MODEL: ["host"]}}]
+    assert st["instances"][0]["model"] == MODEL and st["instances"][0]["state"] == "full"
+    assert st["queues"] == {MODEL: 0}
+    assert [d["name"] for d in st["deployments"]] == [MODEL]

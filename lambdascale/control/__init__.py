@@ -15,6 +15,7 @@ simulator both call them. One tick, as a simulator would run it::
 from lambdascale.control.autoscaler import autoscale, autoscale_model, model_load
 from lambdascale.control.controller import ActionError, Actuator, Controller, Decisions, TickResult
 from lambdascale.control.memory import manage_memory
+from lambdascale.control.observe import ArrivalWindow, Ewma
 from lambdascale.control.placement import place, place_all, place_model
 from lambdascale.control.router import route, route_many, route_model
 from lambdascale.control.settings import ControlSettings, MulticastAlgo, RouteMetric
@@ -47,7 +48,7 @@ from lambdascale.control.snapshot import (
 from lambdascale.control.timeline import ScaleTimeline
 
 __all__ = [
-    "CACHE_TIERS", "SOURCE_TIERS", "ActionError", "Actuator", "ClusterSnapshot", "ControlSettings",
+    "CACHE_TIERS", "SOURCE_TIERS", "ActionError", "Actuator", "ArrivalWindow", "Ewma", "ClusterSnapshot", "ControlSettings",
     "Controller", "CopyBack", "Decisions", "DeploymentSpec", "EvictReason", "Eviction", "Holding",
     "InstanceState", "InstanceView", "MemoryPlan", "ModelView", "MulticastAlgo", "NodeView",
     "RejectReason", "RouteDecision", "RouteKind", "RouteMetric", "ScaleDecision", "ScalePlan",

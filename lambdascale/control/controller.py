@@ -111,6 +111,7 @@ class Controller:
         self.clock = clock
         self._last_scale: dict[str, float] = {}
         self._next_event = 1
+        self._starved: set[str] = set()
         #: recent scale-out timelines, oldest first (bounded so a long-running gateway does not grow)
         self.timelines: deque[ScaleTimeline] = deque(maxlen=max_timelines)
 
@@ -153,8 +154,12 @@ class Controller:
                 ))
         for plan in d.plans:
             if not plan.targets:
-                log.warning("scale-out of %s: no node has free GPUs (%d unplaced)", plan.model, plan.unplaced)
+                # Warn once per model until a scale-out of it goes through again (no log flood at 2 Hz).
+                if plan.model not in self._starved:
+                    log.warning("scale-out of %s: no node has free GPUs (%d unplaced)", plan.model, plan.unplaced)
+                    self._starved.add(plan.model)
                 continue
+            self._starved.discard(plan.model)
             tl = ScaleTimeline(self._next_event, plan.model, d.now, tuple(t.node for t in plan.targets))
             self._next_event += 1
 

@@ -164,3 +164,15 @@ def test_timeline_rejects_times_before_the_decision_and_unknown_nodes() -> None:
     tl.mark_node_full(1, 6.0)
     tl.mark_node_full(1, 7.0)  # first write wins
     assert tl.node_full_at == {1: 6.0} and tl.all_full_at is None and not tl.complete
+
+
+def test_no_free_gpu_warns_once_and_calls_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = _cluster()
+    cluster.s = replace(cluster.s, nodes=tuple(replace(n, gpus_free=0) for n in cluster.s.nodes))
+    act = FakeActuator()
+    ctl = Controller(cluster.snapshot, act, ControlSettings(), ManualClock())
+    with caplog.at_level("WARNING", logger="lambdascale.control.controller"):
+        for _ in range(3):
+            res = ctl.step()
+    assert act.calls == [] and res.decisions.plans[0].unplaced == 3
+    assert sum("no node has free GPUs" in r.message for r in caplog.records) == 1

@@ -10,7 +10,8 @@ The count follows a hysteresis band. With target concurrency ``T`` per instance:
 - scale in only to a count that keeps utilization at or below ``scale_down_utilization`` (strictly
   below the scale-up threshold, so a steady load never bounces between two counts), only once
   ``scale_down_cooldown_s`` has passed since the model's last scale event, and at most
-  ``scale_max_remove_per_tick`` instances per pass;
+  ``scale_max_remove_per_tick`` instances per pass (default: straight to the target, since
+  scaling out again is fast and idle GPUs are the cost);
 - the last instance goes (scale-to-zero) only when no request arrived for ``keep_alive_s``;
 - ``min_instances`` / ``max_instances`` (and ``scale_to_zero=False``: at least one) always hold.
 

@@ -59,7 +59,11 @@ class ControlSettings(BaseModel):
         default=64, ge=1, le=4096, description="most instances one autoscaler pass adds to one model"
     )
     scale_max_remove_per_tick: int = Field(
-        default=1, ge=1, le=4096, description="most instances one autoscaler pass removes from one model"
+        default=64,
+        ge=1,
+        le=4096,
+        description="most instances one autoscaler pass removes from one model (scale-out is fast, so idle GPUs "
+        "are the cost to cut; the hysteresis band and cooldown already stop flapping)",
     )
 
     # ---- placement -------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_scale_in_respects_cooldown_tracked_by_the_controller() -> None:
     assert ctl.step().decisions.scale[0].is_noop and act.calls == []  # cooldown from the controller's own record
     clock.set(3.0)
     ctl.step()
-    assert act.calls == [("remove_instances", ("m", ("i1",)))]
+    assert act.calls == [("remove_instances", ("m", ("i1", "i2")))]  # load 1 fits one instance at <= 50%
 
 
 def test_failing_action_is_recorded_and_others_still_run() -> None:

@@ -11,6 +11,7 @@ produce a 5xx (a fuzz test checks).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -50,6 +51,7 @@ from lambdascale.serve.schemas import (
     error_body,
 )
 from lambdascale.serve.textstream import TextStream
+from lambdascale.serve.timeline_log import TimelineLogger, format_timeline
 
 log = logging.getLogger("lambdascale.serve")
 
@@ -135,6 +137,17 @@ def create_app(
     state = GatewayState(config=config, backend=backend, clock=clock or MonotonicClock(),
                          registry=reg, metrics=GatewayMetrics())
 
+    timeline_logger = TimelineLogger()
+
+    async def log_timelines() -> None:
+        """Every scale event becomes a timeline in the log (one line per milestone, once)."""
+        while True:
+            try:
+                timeline_logger.observe(backend.status().timeline)
+            except Exception:  # never let logging kill the gateway
+                log.exception("cannot read scale timelines from the backend")
+            await asyncio.sleep(config.serve.timeline_poll_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.start()
@@ -144,9 +157,11 @@ def create_app(
                 state.specs[spec.name] = spec
             except ModelNotServedError as e:
                 log.error("registered model %s cannot be served: %s", spec.name, e)
+        poller = asyncio.create_task(log_timelines())
         try:
             yield
         finally:
+            poller.cancel()
             await backend.close()
             if own_registry:
                 reg.close()
@@ -529,7 +544,8 @@ def create_app(
             "bytes_multicast": st.bytes_multicast,
             "scale_events": st.scale_events,
             "tier_hits": st.tier_hits,
-            "timeline": list(st.timeline),
+            "timeline": [format_timeline(t) for t in st.timeline],
+            "scale_timelines": [t.to_dict() for t in st.timeline],
         }
 
     return app

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
 
+from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.errors import LambdaScaleError
 from lambdascale.serve.schemas import DeploySpec
 
@@ -127,7 +128,7 @@ class BackendStatus:
     bytes_multicast: int = 0                                      # cumulative
     scale_events: dict[str, int] = field(default_factory=dict)   # "up"/"down" -> cumulative count
     tier_hits: dict[str, int] = field(default_factory=dict)      # tier name -> cumulative starts served from it
-    timeline: tuple[str, ...] = ()                                # recent scale-event lines, oldest first
+    timeline: tuple[ScaleTimeline, ...] = ()                      # recent scale-outs, oldest first
 
 
 class BackendUnavailableError(LambdaScaleError):

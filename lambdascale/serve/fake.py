@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.serve.schemas import DeploySpec
 from lambdascale.serve.backend import (
     BackendStatus,
@@ -106,6 +107,8 @@ class FakeBackend:
         self.aborted: list[str] = []
         self.abort_event = asyncio.Event()
         self.moves = 0
+        #: scale events to report (tests append ScaleTimeline objects and mark milestones)
+        self.timelines: list[ScaleTimeline] = []
         self.started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -274,4 +277,6 @@ class FakeBackend:
                 for i in self._instances if i.alive for m in models
             ),
             queues={m: self._queued.get(m, 0) for m in models},
+            scale_events={"up": len(self.timelines)} if self.timelines else {},
+            timeline=tuple(self.timelines),
         )

@@ -49,6 +49,9 @@ class ServeSettings(BaseModel):
     max_request_bytes: int = Field(
         default=1_000_000, ge=1024, le=1 << 30, description="largest request body accepted (413 beyond)"
     )
+    timeline_poll_s: float = Field(
+        default=0.5, gt=0, le=60, description="how often the gateway logs new scale-event milestones from the backend"
+    )
     status_refresh_s: float = Field(
         default=1.0, gt=0, le=60, description="refresh period of `lambdascale status --watch`"
     )

@@ -85,6 +85,8 @@ class PlayResult:
     completion_time: float
     #: (time, instances) each time the number of serving instances among receivers changes
     instances_timeline: tuple[tuple[float, int], ...]
+    #: (time, sizes of the active pipelines, solo nodes) each time the serving set changes
+    serving_timeline: tuple[tuple[float, tuple[int, ...], int], ...] = ()
 
 
 def _chunk_sizes(chunk_bytes: int | float | Sequence[float], n_chunks: int) -> list[float]:
@@ -183,7 +185,7 @@ def play(
     all_blocks = (
         max(min(block_arrival[n][b] for n in plan.receiver_nodes) for b in range(B)) if plan.receiver_nodes else 0.0
     )
-    first, timeline = _pipeline_timeline(plan.receiver_nodes, block_arrival, B)
+    first, timeline, serving = _pipeline_timeline(plan.receiver_nodes, block_arrival, B)
     return PlayResult(
         mode=mode,
         chunk_arrival={e: tuple(have[e]) for e in plan.receivers},
@@ -193,24 +195,34 @@ def play(
         first_pipeline_time=first,
         completion_time=max(node_full.values(), default=0.0),
         instances_timeline=timeline,
+        serving_timeline=serving,
     )
 
 
 def _pipeline_timeline(
     nodes: Sequence[int], block_arrival: Mapping[int, Sequence[float]], n_blocks: int
-) -> tuple[float, tuple[tuple[float, int], ...]]:
-    """Feed block completions in time order to the incremental planner."""
+) -> tuple[float, tuple[tuple[float, int], ...], tuple[tuple[float, tuple[int, ...], int], ...]]:
+    """Feed block completions in time order to the incremental planner; events at the same time
+    are all applied before the state at that time is recorded."""
     planner = PipelinePlanner(nodes, n_blocks)
     events = sorted((t, n, b) for n, bt in block_arrival.items() for b, t in enumerate(bt))
     first = math.inf
     timeline: list[tuple[float, int]] = []
+    serving: list[tuple[float, tuple[int, ...], int]] = []
     last = planner.plan.instances
-    for t, n, b in events:
+    last_serving: tuple[tuple[int, ...], int] = ((), 0)
+    for i, (t, n, b) in enumerate(events):
         planner.on_block(n, b)
+        if i + 1 < len(events) and events[i + 1][0] == t:
+            continue
         inst = planner.plan.instances
         if inst != last:
             timeline.append((t, inst))
             last = inst
+        now = (tuple(p.size for p in planner.plan.active), len(planner.plan.solo))
+        if now != last_serving:
+            serving.append((t, *now))
+            last_serving = now
         if inst > 0 and first == math.inf:
             first = t
-    return first, tuple(timeline)
+    return first, tuple(timeline), tuple(serving)

@@ -14,9 +14,11 @@ class SimSettings(BaseModel):
     cluster: str = Field(default="h800-ib400", description="cluster preset name or preset file")
     model: str = Field(default="llama2-13b", description="model shape name (llama2-7b/13b/70b, llama3-8b) or a model directory")
     nodes: int = Field(default=8, ge=1, le=4096, description="nodes in the cluster, sources included")
+    gpus_per_node: int | None = Field(default=None, ge=1, le=64,
+                                      description="GPUs per node; None = the preset's (raised to a model's GPUs per instance, e.g. 4 for a 70B)")
     systems: str = Field(default="lambdascale,serverlessllm,faasnet,nccl,keepalive",
                          description="comma-separated systems to simulate")
-    slo_ttft_s: float = Field(default=2.5, gt=0, le=3600, description="TTFT objective; SLO attainment = share of requests within it")
+    slo_ttft: float = Field(default=2.5, gt=0, le=3600, description="TTFT objective in seconds; SLO attainment = share of requests within it")
     n_blocks: int = Field(default=8, ge=1, le=1024, description="execution blocks per model")
     n_chunks: int = Field(default=16, ge=1, le=65536, description="transfer chunks per model (all blocks)")
     min_instances: int = Field(default=1, ge=0, le=4096, description="instances always kept (the warm source of scale-outs)")
@@ -30,6 +32,9 @@ class SimSettings(BaseModel):
                                         description="host-memory pool per node for this model's cached copies (other tenants use the rest); None = the preset's host memory")
     ssd_preloaded: bool = Field(default=True, description="every node starts with the model on its SSD")
     drain_s: float = Field(default=600.0, ge=0, le=86400, description="time allowed after the last arrival for requests to finish")
+    memory_interval_s: float = Field(default=2.0, gt=0, le=3600,
+                                     description="period of the memory manager (evictions, copy-backs) in the simulated controller")
     sample_interval_s: float = Field(default=1.0, gt=0, le=3600, description="period of the instances/rate time series")
-    duration_s: float | None = Field(default=None, gt=0, description="replay only the first S seconds of the trace")
+    duration: float | None = Field(default=None, gt=0, description="replay only the first this-many seconds of the trace")
+    lengths_from: str | None = Field(default=None, description="trace file whose token lengths requests-per-second series and synthetic workloads draw from")
     time_scale: float = Field(default=1.0, gt=0, le=1e4, description="speed up the trace's arrivals by this factor")

@@ -63,6 +63,7 @@ from lambdascale.sim.settings import SimSettings
 from lambdascale.sim.systems.base import System
 from lambdascale.sim.workload import Workload
 
+_ROUTABLE = (InstanceState.FULL, InstanceState.PIPELINED)
 GB = 1e9
 GIB = float(1 << 30)
 
@@ -113,9 +114,11 @@ class Inst:
     remove_when_full: bool = False
     busy_s: float = 0.0
 
+    view: InstanceView | None = None  # cached contract view; None after any change
+
     @property
     def outstanding(self) -> int:
-        return len(self.running) + len(self.pending)
+        return len(self.running) + len(self.pending) + len(self.seg_new)
 
     @property
     def nodes(self) -> tuple[int, ...]:
@@ -140,6 +143,8 @@ class NodeState:
     gpu_last_used: float = 0.0
     timeline: ScaleTimeline | None = None
     source_busy: int = 0  # multicasts using this node's copy right now
+    view: NodeView | None = None  # cached contract view and the state it was built from
+    view_key: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -203,7 +208,8 @@ class Simulation:
             target_concurrency=settings.target_concurrency, keep_alive_s=ka,
             cache_tiers=system.cache_tiers, scale_to_zero=settings.min_instances == 0,
             gpus_per_instance=model.tp)
-        self.gpus_per_node = max(cluster.gpus_per_node, model.tp)
+        # One instance of the model per node (the simulator's unit); extra GPUs on a node stay idle.
+        self.gpus_per_node = max(settings.gpus_per_node or cluster.gpus_per_node, model.tp)
         L = cluster.links
         tp = model.tp
         self.nic_Bps = L.nic_gbps / 8 * GB * tp  # an instance drives one NIC per GPU
@@ -247,6 +253,7 @@ class Simulation:
         self.series: list[tuple[float, int, int, int]] = []
         self._arrivals_in_sample = 0
         self._finished = False
+        self._next_memory = 0.0
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -279,11 +286,16 @@ class Simulation:
     # ---- snapshot ---------------------------------------------------------------------------
 
     def _inst_view(self, inst: Inst) -> InstanceView:
-        toks = sum(r.inp + r.out - r.generated for r in inst.pending) + sum(r.out - r.generated for r in inst.running)
-        return InstanceView(inst.id, self.model.name, inst.state,
-                            tuple(Stage(n, a, b) for n, a, b in inst.stages),
-                            capacity=inst.capacity, outstanding_requests=inst.outstanding,
-                            outstanding_tokens=toks)
+        """The instance's contract view, rebuilt only after it changed (``inst.view = None``)."""
+        if inst.view is None:
+            toks = (sum(r.inp + r.out - r.generated for r in inst.pending)
+                    + sum(r.inp + r.out - r.generated for r in inst.seg_new)
+                    + sum(r.out - r.generated for r in inst.running))
+            inst.view = InstanceView(inst.id, self.model.name, inst.state,
+                                     tuple(Stage(n, a, b) for n, a, b in inst.stages),
+                                     capacity=inst.capacity, outstanding_requests=inst.outstanding,
+                                     outstanding_tokens=toks)
+        return inst.view
 
     def _model_view(self) -> ModelView:
         now = self.loop.now()
@@ -320,17 +332,27 @@ class Simulation:
             out.append(Holding(m, Tier.SSD, nb, 0.0, blocks=None if node.ssd else frozenset()))
         return tuple(out)
 
+    def _node_key(self, n: NodeState) -> tuple[Any, ...]:
+        st = None if n.inst is None else n.inst.state
+        return (st, len(n.chunks), n.host, n.host_partial, n.ssd, n.ssd_partial, n.source_busy > 0,
+                n.gpus_free, n.host_last_used, n.gpu_last_used)
+
     def snapshot(self) -> ClusterSnapshot:
         nodes = []
         for n in self.nodes:
+            key = self._node_key(n)
+            if n.view is not None and n.view_key == key:
+                nodes.append(n.view)
+                continue
             hs = self._holdings(n)
             host_used = sum(h.nbytes for h in hs if h.tier is Tier.HOST)
             ssd_used = sum(h.nbytes for h in hs if h.tier is Tier.SSD)
             nodes.append(NodeView(
-                id=n.id, gpus_total=n.gpus_total, gpus_free=n.gpus_free,
+                id=n.id, gpus_total=n.gpus_total, gpus_free=0 if n.inst is not None else n.gpus_free,
                 host_bytes_total=self.host_bytes_total, host_bytes_free=max(0, self.host_bytes_total - host_used),
                 ssd_bytes_total=self.ssd_bytes_total, ssd_bytes_free=max(0, self.ssd_bytes_total - ssd_used),
                 holdings=hs))
+            n.view, n.view_key = nodes[-1], key
         return ClusterSnapshot(nodes=tuple(nodes), models=(self._model_view(),))
 
     # ---- requests ---------------------------------------------------------------------------
@@ -348,6 +370,10 @@ class Simulation:
         """Route held requests in arrival order until the router holds one."""
         if not self.held:
             return
+        # The router only sends to routable instances with a free slot; when there is none its
+        # answer is HOLD, so skip building the view (a pure shortcut, same decision).
+        if not any(i.state in _ROUTABLE and i.outstanding < i.capacity for i in self.insts.values()):
+            return
         view = self._model_view()
         while self.held:
             d = route_model(view, self.cfg, self.loop.now())
@@ -355,6 +381,8 @@ class Simulation:
                 r = self.held.popleft()
                 inst = self.insts[d.instance_id]  # type: ignore[index]
                 self._admit(inst, r)
+                if not self.held:
+                    break
                 view = self._model_view()
             elif d.kind is RouteKind.HOLD:
                 # The router counts the request being routed as one more held; ours is already in
@@ -367,6 +395,7 @@ class Simulation:
 
     def _admit(self, inst: Inst, r: Req) -> None:
         inst.pending.append(r)
+        inst.view = None
         if inst.event is None:
             self._start_step(inst)
         else:
@@ -440,7 +469,10 @@ class Simulation:
         freed = len(still) < len(inst.running)
         inst.running = still
         for n in inst.nodes:
-            self.nodes[n].gpu_last_used = now
+            node = self.nodes[n]
+            if now - node.gpu_last_used >= 1.0:  # LRU key at 1 s resolution keeps node views cached
+                node.gpu_last_used = now
+        inst.view = None
         self._start_step(inst)
         if freed:
             self._pump()
@@ -467,11 +499,13 @@ class Simulation:
                 self._remove(iid)
         if d.add or d.remove:
             self.last_scale_at = now
-        mem = manage_memory(self.snapshot() if (d.add or d.remove) else snap, self.cfg, now)
-        for e in mem.evictions:
-            self._evict(e.node, e.tier)
-        for c in mem.copy_backs:
-            self._copy_back(c)
+        if now >= self._next_memory:
+            self._next_memory = now + self.s.memory_interval_s
+            mem = manage_memory(self.snapshot() if (d.add or d.remove) else snap, self.cfg, now)
+            for e in mem.evictions:
+                self._evict(e.node, e.tier)
+            for c in mem.copy_backs:
+                self._copy_back(c)
         self._pump()
         if not (self.arrived == len(self.reqs) and self.done == len(self.reqs)):
             self.loop.after(self.cfg.autoscale_interval_s, Priority.CONTROL, self._tick)
@@ -486,6 +520,7 @@ class Simulation:
             inst.remove_when_full = True  # its node may be relaying a multicast; drop it once full
             return
         inst.state = InstanceState.DRAINING
+        inst.view = None
         # Queued-but-not-started requests go back to the router.
         while inst.pending:
             self.held.appendleft(inst.pending.pop())
@@ -563,7 +598,8 @@ class Simulation:
 
         def done(_: Flow) -> None:
             node.chunks = set(range(self.model.n_chunks))
-            if tier is Tier.SSD and Tier.HOST in self.spec.cache_tiers and self.cfg.memory_copy_back:
+            if (tier is Tier.SSD and Tier.HOST in self.spec.cache_tiers and self.cfg.memory_copy_back
+                    and self.host_bytes_total >= self.model.nbytes):
                 # The loader stages SSD reads in pinned host memory: the copy stays cached there
                 # if the pool has room (the memory manager evicts it otherwise).
                 node.host, node.host_last_used = True, self.loop.now()
@@ -642,6 +678,7 @@ class Simulation:
         if inst is None or inst.state is not InstanceState.LOADING:
             return
         inst.state = InstanceState.FULL
+        inst.view = None
         node.gpu_last_used = now
         tl = node.timeline
         if tl is not None:
@@ -677,7 +714,8 @@ class Simulation:
             self._alloc_gpu(node)
             node.chunks = set(range(self.model.n_chunks))
             node.inst = self._new_inst(InstanceState.FULL, ((i, 0, self.model.n_blocks),))
-            node.host = self.cfg.memory_copy_back and Tier.HOST in self.spec.cache_tiers
+            node.host = (self.cfg.memory_copy_back and Tier.HOST in self.spec.cache_tiers
+                         and self.host_bytes_total >= self.model.nbytes)
         for r in self.reqs:
             self.loop.schedule(r.arrival, Priority.ARRIVAL, self._arrive, r)
         self.loop.schedule(0.0, Priority.CONTROL, self._tick)

@@ -1,0 +1,104 @@
+"""``lambdascale simulate`` (trace replay across systems) and ``lambdascale simulate scaling``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lambdascale.config import add_config_args, config_from_args
+
+_RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duration", "time_scale", "seed",
+               "slo_ttft", "lengths_from", "min_instances", "target_concurrency", "keep_alive_s",
+               "host_pool_gib", "max_batch", "n_blocks", "n_chunks"]
+_SCALING_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "n_blocks", "n_chunks"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate", help="trace-driven cluster simulation of λScale against its baselines",
+        description="Replay a trace (or a synthetic workload) on a simulated cluster, once per system, "
+                    "and print TTFT/TPOT percentiles, SLO attainment, GPU-seconds and scale events.")
+    p.add_argument("--trace", help="trace file (normalized CSV, raw Azure CSV, Mooncake JSONL, requests-per-second "
+                                   "series) or synthetic:NAME[,key=value...] (poisson, gamma, onoff, daily)")
+    p.add_argument("--config", help="config file (YAML/JSON) whose sim.* and control.* sections apply")
+    add_config_args(p, "sim", _RUN_FIELDS)
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("--plots", type=Path, help="write PNG plots (TTFT CDF, instances vs rate, a scale-out) here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_cmd_simulate)
+    sub = p.add_subparsers(dest="sim_command", metavar="MODE")
+    s = sub.add_parser("scaling", help="simulate one scale-out alone and time it per system")
+    s.add_argument("--config", help="config file (YAML/JSON)")
+    add_config_args(s, "sim", _SCALING_FIELDS)
+    s.add_argument("--sources", type=int, default=1, help="nodes that already hold the model (default: 1)")
+    s.add_argument("--tier", choices=["gpu", "host", "ssd"], default="gpu", help="where the sources hold it (default: gpu)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=_cmd_scaling)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from lambdascale.errors import LambdaScaleError
+    from lambdascale.sim.report import plot, summarize, table
+    from lambdascale.sim.run import simulate, workload_for
+
+    if not args.trace:
+        raise LambdaScaleError("simulate needs --trace PATH|synthetic:NAME (or the 'scaling' mode)")
+    cfg = config_from_args(args)
+    s = cfg.sim
+    w = workload_for(s, args.trace)
+    if len(w) == 0:
+        raise LambdaScaleError(f"workload {args.trace} has no requests in the selected window")
+    bar = None
+    progress = None
+    if not (args.json or args.no_progress):
+        from tqdm import tqdm
+
+        bar = tqdm(total=round(w.duration_s), unit="sim-s", file=sys.stderr, leave=False)
+
+        def progress(name: str, t: float, horizon: float) -> None:
+            bar.set_description(name)
+            bar.n = min(bar.total, round(t))
+            bar.refresh()
+
+    t0 = time.perf_counter()
+    results = simulate(s, w, cfg.control, progress=progress)
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    rows = [summarize(r, s.slo_ttft) for r in results]
+    header = {"trace": args.trace, "requests": len(w), "duration_s": w.duration_s, "cluster": s.cluster,
+              "model": s.model, "nodes": s.nodes, "seed": s.seed, "slo_ttft_s": s.slo_ttft, "wall_s": wall}
+    paths = plot(results, args.plots, s.slo_ttft, f"({s.model}, {s.nodes} nodes)") if args.plots else []
+    if args.json:
+        print(json.dumps({**header, "systems": rows, "config": json.loads(cfg.model_dump_json()),
+                          "plots": [str(p) for p in paths]}, indent=1, default=str))
+        return 0
+    print(f"{args.trace}: {len(w)} requests over {w.duration_s:.0f} s; {s.model} on {s.nodes} x {s.cluster}; "
+          f"seed {s.seed}; simulated in {wall:.1f} s")
+    print(table(rows, s.slo_ttft))
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _cmd_scaling(args: argparse.Namespace) -> int:
+    from lambdascale.control.snapshot import Tier
+    from lambdascale.errors import LambdaScaleError
+    from lambdascale.sim.run import scaling_table
+
+    cfg = config_from_args(args)
+    s = cfg.sim
+    if not 1 <= args.sources < s.nodes:
+        raise LambdaScaleError(f"--sources must be in [1, --nodes - 1] = [1, {s.nodes - 1}], got {args.sources}")
+    rows = scaling_table(s, [m.strip() for m in s.model.split(",")], s.nodes, args.sources, Tier(args.tier), cfg.control)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=1))
+        return 0
+    print(f"one scale-out on {s.cluster}: {args.sources} source(s) holding it in {args.tier} -> {s.nodes} nodes serving")
+    print(f"{'model':<12}{'system':<15}{'first serves':>13}{'all serve alone':>17}  how")
+    for r in rows:
+        print(f"{r.model:<12}{r.system:<15}{r.first_serve_s:>12.3f}s{r.all_full_s:>16.3f}s  {r.how}")
+    return 0

@@ -1,0 +1,64 @@
+"""Top-level API: build the pieces from a :class:`SimSettings` and run several systems on one workload.
+
+Example::
+
+    from lambdascale.sim.run import simulate
+    results = simulate(SimSettings(nodes=16, model="llama2-13b"), "path/to/trace.csv")
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lambdascale.control.settings import ControlSettings
+from lambdascale.control.snapshot import Tier
+from lambdascale.sim.cluster import ClusterSpec, SimModel, load_cluster, resolve_model
+from lambdascale.sim.costmodel import CostModel, load_calibration
+from lambdascale.sim.scaling import ScalingResult, simulate_scaling
+from lambdascale.sim.settings import SimSettings
+from lambdascale.sim.simulator import SimResult, Simulation
+from lambdascale.sim.systems import get_systems
+from lambdascale.sim.traces import load_workload
+from lambdascale.sim.workload import Workload
+
+
+def setup(settings: SimSettings) -> tuple[ClusterSpec, SimModel, CostModel]:
+    """Cluster preset, model and calibrated cost model for these settings."""
+    cluster = load_cluster(settings.cluster)
+    model = resolve_model(settings.model, settings.n_blocks, settings.n_chunks, cluster.gpu.memory_gib)
+    cal = load_calibration(cluster.gpu.calibration)
+    cost = CostModel.build(cal, model.name, model.arch, prefill_scale=cluster.gpu.prefill_scale,
+                           decode_scale=cluster.gpu.decode_scale, tp=model.tp, tp_overhead=cluster.gpu.tp_overhead)
+    return cluster, model, cost
+
+
+def workload_for(settings: SimSettings, trace: str) -> Workload:
+    """The trace (or generator) cut to ``duration`` after ``time_scale``."""
+    w = load_workload(trace, settings.seed, settings.lengths_from)
+    return w.window(settings.duration, settings.time_scale)
+
+
+def simulate(settings: SimSettings, trace: str | Workload, control: ControlSettings | None = None,
+             progress: Callable[[str, float, float], None] | None = None) -> list[SimResult]:
+    """Run every system of ``settings.systems`` on the same workload; results in that order."""
+    control = control or ControlSettings()
+    cluster, model, cost = setup(settings)
+    w = trace if isinstance(trace, Workload) else workload_for(settings, trace)
+    out = []
+    horizon = w.duration_s
+    for system in get_systems(settings.systems):
+        cb = (lambda t, name=system.name: progress(name, t, horizon)) if progress else None
+        out.append(Simulation(w, cluster, model, system, settings, control, cost, progress=cb).run())
+    return out
+
+
+def scaling_table(settings: SimSettings, models: list[str], nodes: int, sources: int, tier: Tier,
+                  control: ControlSettings | None = None) -> list[ScalingResult]:
+    """One scale-out per (model, system)."""
+    control = control or ControlSettings()
+    rows = []
+    for name in models:
+        cluster, model, cost = setup(settings.model_copy(update={"model": name}))
+        for system in get_systems(settings.systems):
+            rows.append(simulate_scaling(cluster, model, system, settings, control, cost, nodes, sources, tier))
+    return rows

@@ -14,9 +14,12 @@ background copy-backs that fit once those evictions are done. Per node, determin
    copies the weights to each tier in ``spec.cache_tiers`` it lacks; a host copy also seeds a
    missing SSD copy. Hot models (latest request) go first; at most
    ``memory_max_copy_backs_per_node`` per node and tier are in progress (partial holdings count).
-4. Room is made LRU: victims in that tier are copies not in use whose keep-alive has expired,
-   least recently used first. If even all of them would not free enough room, nothing is evicted
-   for that copy-back and it is skipped. Capacity is therefore never over-committed.
+4. Room is made LRU: victims in that tier are copies not in use whose keep-alive has expired and
+   whose model is colder (older last request) than the one being copied, coldest model first,
+   then least recently used copy. If even all of them would not free enough room, nothing is
+   evicted for that copy-back and it is skipped. Capacity is therefore never over-committed, and
+   repeated passes converge: each pass only adds copies or trades colder copies for a hotter
+   one, so a tier's contents rise in a finite order and cannot cycle.
 
 Example::
 
@@ -78,6 +81,22 @@ def is_in_use(holding: Holding, on_node: set[str], loading: set[str]) -> bool:
 def _hotness(m: ModelView) -> tuple[float, str]:
     """Sort key: most recent request first, then name."""
     return (-(m.last_request_at if m.last_request_at is not None else float("-inf")), m.name)
+
+
+def _colder(victim: ModelView | None, model: ModelView) -> bool:
+    """True when ``victim``'s last request is strictly older than ``model``'s (None = never).
+
+    Making room only for a hotter model means a copy-back can never evict a copy that would in
+    turn evict it back: repeated passes reach a fixed point instead of thrashing.
+    """
+    return victim is None or _recency(victim) < _recency(model)
+
+
+def _recency(model: ModelView | None) -> float:
+    """The model's last request time; -inf for never or undeployed."""
+    if model is None or model.last_request_at is None:
+        return float("-inf")
+    return model.last_request_at
 
 
 def _keep_alive(model: ModelView | None, cfg: ControlSettings) -> float:
@@ -149,8 +168,9 @@ def _plan_node(
                         and h.model != m.name
                         and not is_in_use(h, on_node, loading)
                         and now - h.last_used >= _keep_alive(models.get(h.model), cfg)
+                        and _colder(models.get(h.model), m)
                     ),
-                    key=lambda h: (h.last_used, h.model),
+                    key=lambda h: (_recency(models.get(h.model)), h.last_used, h.model),
                 )
                 chosen: list[Holding] = []
                 room = free[tier]

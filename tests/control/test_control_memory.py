@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +37,9 @@ def test_copy_back_evicts_lru_expired_only() -> None:
         hold("older", Tier.HOST, 6, last_used=0.5),
         hold("fresh", Tier.HOST, 6, last_used=95.0),
     )
-    models = (model("m", (inst("a"),), spec=HOST_ONLY),) + tuple(model(n, spec=HOST_ONLY, size_gb=6) for n in ("old", "older", "fresh"))
+    models = (model("m", (inst("a"),), spec=HOST_ONLY, last_request_at=99.0),) + tuple(
+        model(n, spec=HOST_ONLY, size_gb=6, last_request_at=50.0) for n in ("old", "older", "fresh")
+    )
     s = snap((node(0, host_gb=20, host_free_gb=2, holdings=hs),), models)
     plan = manage_memory(s, CFG, 100.0)
     assert [(e.model, e.reason) for e in plan.evictions] == [("older", EvictReason.MAKE_ROOM), ("old", EvictReason.MAKE_ROOM)]
@@ -43,6 +47,10 @@ def test_copy_back_evicts_lru_expired_only() -> None:
     # Within keep-alive nothing may go, so the copy-back is skipped rather than over-committing.
     plan = manage_memory(s, CFG, 5.0)
     assert plan.is_noop
+    # A hotter model's copy is never a victim for a colder one's copy-back.
+    hot = tuple(replace(x, last_request_at=120.0) if x.name == "older" else x for x in models)
+    plan = manage_memory(snap(s.nodes, hot), CFG, 100.0)
+    assert plan.copy_backs == () and plan.evictions == ()  # "old" alone frees too little: nothing evicted
 
 
 def test_never_evicts_in_use_even_if_undeployed() -> None:
@@ -120,3 +128,42 @@ def test_memory_properties(s, now, budget) -> None:  # type: ignore[no-untyped-d
                 m = s.model(e.model)
                 ka = m.spec.keep_alive_s if m else cfg.memory_default_keep_alive_s
                 assert now - nd.holding(e.model, e.tier).last_used >= ka  # type: ignore[union-attr]
+
+
+def _apply(s, plan, now):  # type: ignore[no-untyped-def]
+    """Apply a memory plan to a snapshot as a store would: evictions free room, copies land complete."""
+    from lambdascale.control import ClusterSnapshot, Holding
+
+    nodes = []
+    for nd in s.nodes:
+        gone = {(e.model, e.tier) for e in plan.evictions if e.node == nd.id}
+        hs = [h for h in nd.holdings if (h.model, h.tier) not in gone]
+        hs += [Holding(c.model, c.to_tier, c.nbytes, last_used=now) for c in plan.copy_backs if c.node == nd.id]
+        def used(t):  # type: ignore[no-untyped-def]
+            return sum(h.nbytes for h in hs if h.tier is t)
+        nodes.append(replace(nd, holdings=tuple(hs), host_bytes_free=nd.host_bytes_total - used(Tier.HOST),
+                             ssd_bytes_free=nd.ssd_bytes_total - used(Tier.SSD)))
+    return ClusterSnapshot(tuple(nodes), s.models)
+
+
+@settings(max_examples=150, deadline=None)
+@given(clusters(n_models=3), st.floats(0, 300))
+def test_memory_passes_converge_without_thrashing(s, now) -> None:  # type: ignore[no-untyped-def]
+    """Applying plans at a fixed time reaches a no-op; every LRU eviction makes room for a hotter model."""
+    cfg = ControlSettings(memory_max_copy_backs_per_node=1)
+
+    def recency(name: str) -> float:
+        m = s.model(name)
+        return float("-inf") if m is None or m.last_request_at is None else m.last_request_at
+
+    for _ in range(200):
+        plan = manage_memory(s, cfg, now)
+        if plan.is_noop:
+            break
+        for e in plan.evictions:
+            if e.reason is EvictReason.MAKE_ROOM:
+                gains = [c for c in plan.copy_backs if (c.node, c.to_tier) == (e.node, e.tier)]
+                assert gains and all(recency(c.model) > recency(e.model) for c in gains)
+        s = _apply(s, plan, now)
+    else:
+        raise AssertionError("memory manager did not converge in 200 passes")

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from lambdascale.cli import main
+import pytest
+
+from lambdascale.errors import LambdaScaleError
+from lambdascale.pipe import cli as pipe_cli
+
+
+def main(argv: list[str]) -> int:
+    """Parse with only the ``plan`` subcommand registered (the top-level dispatcher imports every
+    package's CLI; it turns a LambdaScaleError into exit code 2 plus the message)."""
+    parser = argparse.ArgumentParser(prog="lambdascale")
+    pipe_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 def test_plan_multicast_json_has_the_documented_fields(capsys) -> None:
@@ -45,9 +58,20 @@ def test_plan_pipelines_json_ticks_are_consistent(capsys) -> None:
         assert t["instances"] == len(t["active"]) + len(t["solo"])
 
 
-def test_plan_bad_input_is_a_clean_error(capsys) -> None:
-    assert main(["plan", "multicast", "--nodes", "4", "--blocks", "9", "--chunks", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "pipe.chunks (4) must be >= pipe.blocks (9)" in err
-    assert main(["plan", "multicast", "--nodes", "4", "--sources", "9"]) == 2
-    assert "sources must be in [1, n_nodes=4]" in capsys.readouterr().err
+def test_plan_bad_input_is_a_user_error() -> None:
+    with pytest.raises(LambdaScaleError, match=r"pipe\.chunks \(4\) must be >= pipe\.blocks \(9\)"):
+        main(["plan", "multicast", "--nodes", "4", "--blocks", "9", "--chunks", "4"])
+    with pytest.raises(LambdaScaleError, match=r"sources must be in \[1, n_nodes=4\]"):
+        main(["plan", "multicast", "--nodes", "4", "--sources", "9"])
+    with pytest.raises(LambdaScaleError, match="--chunk-mib must be > 0"):
+        main(["plan", "pipelines", "--nodes", "4", "--chunk-mib", "0"])
+
+
+def test_documented_example_matches_the_output(capsys) -> None:
+    # docs/plan-json.md shows this exact document; keep the two in step
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "plan-json.md").read_text()
+    example = json.loads(text.split("```json", 1)[1].split("```", 1)[0])
+    main(["plan", "multicast", "--nodes", "4", "--blocks", "2", "--chunks", "2", "--json"])
+    assert json.loads(capsys.readouterr().out) == example

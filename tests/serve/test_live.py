@@ -163,3 +163,19 @@ def test_dead_node_moves_requests_then_503_when_no_capacity_left(fresh) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
     server.call(lambda: backend.revive_instance(other))
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=3).choices[0].text
+
+
+def test_bench_replay_against_the_live_gateway(fresh, tmp_path) -> None:
+    from lambdascale.serve.bench import TraceRequest, replay, write_plots
+
+    server, _ = fresh
+    workload = [TraceRequest(arrival_s=i * 0.02, input_tokens=5 + i, output_tokens=4) for i in range(12)]
+    result = asyncio.run(replay(server.url, MODEL, workload, poll_s=0.05))
+    s = result.summary()
+    assert s["ok"] == 12 and s["by_status"] == {"200": 12}
+    assert all(r.output_tokens == 4 and len(r.itl_s) == 3 for r in result.requests)
+    assert 0 < s["ttft_p50_ms"] < 5000
+    assert result.samples and result.samples[0].nodes_busy == INSTANCES
+    paths = write_plots(result, tmp_path / "plots")
+    assert [p.name for p in paths] == ["request_rate.png", "instances.png", "ttft.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

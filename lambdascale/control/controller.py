@@ -31,6 +31,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
 from lambdascale.clock import Clock
@@ -42,6 +43,10 @@ from lambdascale.control.snapshot import ClusterSnapshot, MemoryPlan, ScaleDecis
 from lambdascale.control.timeline import ScaleTimeline
 
 log = logging.getLogger(__name__)
+
+
+def _nothing() -> None:
+    """No follow-up after a successful action."""
 
 
 class Actuator(Protocol):
@@ -143,14 +148,14 @@ class Controller:
         """(action, model, call, on_success) in execution order."""
         acts: list[tuple[str, str | None, Callable[[], object], Callable[[], None]]] = []
         if not d.memory.is_noop:
-            acts.append(("apply_memory", None, lambda: self._actuator.apply_memory(d.memory), lambda: None))
+            acts.append(("apply_memory", None, partial(self._actuator.apply_memory, d.memory), _nothing))
         for s in d.scale:
             if s.remove:
                 acts.append((
                     "remove_instances",
                     s.model,
-                    lambda s=s: self._actuator.remove_instances(s.model, s.remove),
-                    lambda s=s: self._last_scale.__setitem__(s.model, d.now),
+                    partial(self._actuator.remove_instances, s.model, s.remove),
+                    partial(self._last_scale.__setitem__, s.model, d.now),
                 ))
         for plan in d.plans:
             if not plan.targets:
@@ -167,7 +172,7 @@ class Controller:
                 self._last_scale[plan.model] = d.now
                 self.timelines.append(tl)
 
-            acts.append(("scale_out", plan.model, lambda plan=plan, tl=tl: self._actuator.scale_out(plan, tl), ok))
+            acts.append(("scale_out", plan.model, partial(self._actuator.scale_out, plan, tl), ok))
         return acts
 
     def _failed(self, action: str, model: str | None, e: BaseException) -> ActionError:

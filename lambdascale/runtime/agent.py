@@ -126,6 +126,7 @@ class NodeAgent:
             gbps_to_bytes_per_s(transfer.ssd_gbps) if transfer.ssd_gbps else None, transfer.bucket_burst_bytes
         )
         self._send_tasks: dict[str, list[tuple[int, asyncio.Task]]] = {}
+        self._cancelled_epoch: dict[str, int] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -178,7 +179,13 @@ class NodeAgent:
     async def _run_sends(self, model: str, sends: list[tuple[int, int]], epoch: int) -> None:
         st = self._model(model)
         for chunk, dst in sends:
+            # The flag, not only Task.cancel(): on Python 3.11 asyncio.wait_for can swallow a
+            # cancellation that races with completion, and the list would run on.
+            if epoch <= self._cancelled_epoch.get(model, -1):
+                return
             await st.event(chunk).wait()
+            if epoch <= self._cancelled_epoch.get(model, -1):
+                return
             ch = st.manifest.chunk(chunk)
             b = chunk_block(chunk, st.manifest.n_blocks, st.manifest.n_chunks)
             try:
@@ -223,12 +230,16 @@ class NodeAgent:
             return {}
         if isinstance(msg, CancelSends):
             keep = []
+            stopping = []
+            self._cancelled_epoch[msg.model] = max(msg.epoch, self._cancelled_epoch.get(msg.model, -1))
             for ep, t in self._send_tasks.get(msg.model, []):
                 if ep <= msg.epoch:
                     t.cancel()
-                    await asyncio.gather(t, return_exceptions=True)
+                    stopping.append(t)
                 elif not t.done():
                     keep.append((ep, t))
+            if stopping:
+                await asyncio.wait(stopping, timeout=self.transfer_settings.stall_timeout_s)
             self._send_tasks[msg.model] = keep
             st = self.models.get(msg.model)
             return {"held": sorted(st.held) if st else []}
@@ -237,6 +248,11 @@ class NodeAgent:
                 "node": self.node,
                 "pid": os.getpid(),
                 "models": {n: sorted(s.held) for n, s in self.models.items()},
+                # xxh64 of every block buffer: lets a test compare a node's bytes with the files
+                "block_digests": {
+                    n: [xxhash.xxh64(self.transport.buffer(buffer_name(n, b.index))).hexdigest() for b in s.manifest.blocks]
+                    for n, s in self.models.items()
+                },
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
             }

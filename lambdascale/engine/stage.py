@@ -18,7 +18,7 @@ import torch
 
 from lambdascale.errors import InvalidRequestError
 from lambdascale.engine.kv_cache import KVCache
-from lambdascale.model.arch import ModelArch, plan_blocks
+from lambdascale.model.arch import ModelArch
 from lambdascale.model.llama import AttentionMetadata, StageModel
 
 SeqId = Hashable
@@ -168,11 +168,11 @@ def stage_from_checkpoint(
     n_blocks = ckpt.manifest.n_blocks
     if blocks.start < 0 or blocks.stop > n_blocks or blocks.step != 1:
         raise ValueError(f"blocks {blocks} are not a contiguous range of the model's {n_blocks} blocks")
-    plan = plan_blocks(arch.num_hidden_layers, n_blocks)
+    entries = ckpt.manifest.blocks
     tensors: dict[str, torch.Tensor] = {}
     for b in blocks:
         tensors.update(ckpt.block_tensors(b, device=device, dtype=dtype))
-    layers = (plan[blocks.start][0], plan[blocks.stop - 1][1])
+    layers = (int(entries[blocks.start].layers[0]), int(entries[blocks.stop - 1].layers[1]))
     model = StageModel.from_tensors(
         arch, tensors, layers=layers, first=blocks.start == 0, last=blocks.stop == n_blocks,
         device=device, dtype=dtype, source=str(getattr(ckpt, "dir", ckpt)),

@@ -27,9 +27,13 @@ class SimSettings(BaseModel):
     keepalive_baseline_keep_alive_s: float = Field(default=300.0, ge=0, le=86400,
                                                    description="keep-alive of the keep-alive-only baseline (its one mechanism)")
     max_batch: int = Field(default=32, ge=1, le=4096, description="most sequences one instance runs in a batch")
+    max_prefill_tokens: int = Field(default=8192, ge=1, le=10_000_000,
+                                    description="most prompt tokens one step prefills (a longer prompt still runs alone)")
     kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory left after weights usable for KV cache")
     host_pool_gib: float | None = Field(default=None, ge=0, le=1e6,
                                         description="host-memory pool per node for this model's cached copies (other tenants use the rest); None = the preset's host memory")
+    host_cache_nodes: int | None = Field(default=None, ge=0, le=4096,
+                                         description="nodes (lowest ids) whose host pool may cache this model; the others' pools are taken by other tenants. None = all")
     ssd_preloaded: bool = Field(default=True, description="every node starts with the model on its SSD")
     drain_s: float = Field(default=600.0, ge=0, le=86400, description="time allowed after the last arrival for requests to finish")
     memory_interval_s: float = Field(default=2.0, gt=0, le=3600,

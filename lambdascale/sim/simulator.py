@@ -223,7 +223,10 @@ class Simulation:
             self.net.add_link(("ssd", n), L.ssd_GBps * GB)
             self.net.add_link(("ssdw", n), L.ssd_GBps * GB)
         host_pool = cluster.host_memory_gib if settings.host_pool_gib is None else settings.host_pool_gib
-        self.host_bytes_total = int(host_pool * GIB)
+        # Per-node pool for this model's host copies; nodes past ``host_cache_nodes`` have their
+        # pools full of other tenants' models (multi-tenant pressure), so they cache nothing.
+        hc = settings.nodes if settings.host_cache_nodes is None else settings.host_cache_nodes
+        self.host_total = [int(host_pool * GIB) if n < hc else 0 for n in range(settings.nodes)]
         self.ssd_bytes_total = int(max(4 * 2**40, 2 * model.nbytes))
         self.nodes = [NodeState(n, self.gpus_per_node, self.gpus_per_node, ssd=settings.ssd_preloaded)
                       for n in range(settings.nodes)]
@@ -349,7 +352,7 @@ class Simulation:
             ssd_used = sum(h.nbytes for h in hs if h.tier is Tier.SSD)
             nodes.append(NodeView(
                 id=n.id, gpus_total=n.gpus_total, gpus_free=0 if n.inst is not None else n.gpus_free,
-                host_bytes_total=self.host_bytes_total, host_bytes_free=max(0, self.host_bytes_total - host_used),
+                host_bytes_total=self.host_total[n.id], host_bytes_free=max(0, self.host_total[n.id] - host_used),
                 ssd_bytes_total=self.ssd_bytes_total, ssd_bytes_free=max(0, self.ssd_bytes_total - ssd_used),
                 holdings=hs))
             n.view, n.view_key = nodes[-1], key
@@ -414,6 +417,8 @@ class Simulation:
             r = inst.pending[0]
             if inst.kv_used + r.kv_tokens > inst.kv_capacity and (inst.running or new):
                 break
+            if new and tokens + r.inp + (r.generated if r.resume else 0) > self.s.max_prefill_tokens:
+                break  # step token budget (like vLLM's max_num_batched_tokens); the rest waits a step
             inst.pending.popleft()
             inst.kv_used += r.kv_tokens
             tokens += r.inp + (r.generated if r.resume else 0)
@@ -599,7 +604,7 @@ class Simulation:
         def done(_: Flow) -> None:
             node.chunks = set(range(self.model.n_chunks))
             if (tier is Tier.SSD and Tier.HOST in self.spec.cache_tiers and self.cfg.memory_copy_back
-                    and self.host_bytes_total >= self.model.nbytes):
+                    and self.host_total[node.id] >= self.model.nbytes):
                 # The loader stages SSD reads in pinned host memory: the copy stays cached there
                 # if the pool has room (the memory manager evicts it otherwise).
                 node.host, node.host_last_used = True, self.loop.now()
@@ -715,7 +720,7 @@ class Simulation:
             node.chunks = set(range(self.model.n_chunks))
             node.inst = self._new_inst(InstanceState.FULL, ((i, 0, self.model.n_blocks),))
             node.host = (self.cfg.memory_copy_back and Tier.HOST in self.spec.cache_tiers
-                         and self.host_bytes_total >= self.model.nbytes)
+                         and self.host_total[i] >= self.model.nbytes)
         for r in self.reqs:
             self.loop.schedule(r.arrival, Priority.ARRIVAL, self._arrive, r)
         self.loop.schedule(0.0, Priority.CONTROL, self._tick)

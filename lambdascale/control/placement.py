@@ -13,6 +13,8 @@ Pure function of (snapshot, decision, config, now). Rules:
   host, then node id), at most ``placement_max_sources`` and at most one per network target;
   several sources give a multi-source plan. Targets that load locally from host count as
   sources too: host memory can feed the NIC while it feeds the local GPU.
+- ``placement_peer_fetch=False`` (baselines without multicast) plans no sources at all: targets
+  load from their own copy, SSD included, or from the model store.
 - ``execute_while_load`` is set when configured and at least two network targets receive blocks
   (a pipeline needs several receivers that together hold every block).
 
@@ -96,7 +98,7 @@ def place_model(
         Source(node=nid, tier=tier_of[nid])
         for nid in sorted(by_id, key=lambda i: (tier_of[i].rank, i))
         if tier_of[nid] in SOURCE_TIERS
-    ]
+    ] if cfg.placement_peer_fetch else []
     targets: list[Target] = []
     for t in picked:
         if t.local_tier is Tier.SSD and cfg.placement_network_over_ssd and holders:

@@ -76,6 +76,11 @@ class ControlSettings(BaseModel):
     placement_execute_while_load: bool = Field(
         default=True, description="let receivers serve as execution pipelines while the multicast runs"
     )
+    placement_peer_fetch: bool = Field(
+        default=True,
+        description="targets without a local copy fetch from GPU/host holders over the network; off: they load "
+        "from their SSD or the model store only (ServerlessLLM-style baselines)",
+    )
     placement_network_over_ssd: bool = Field(
         default=True,
         description="a target whose only local copy is on SSD fetches over the network when a GPU/host holder exists",

@@ -73,6 +73,14 @@ def test_ssd_target_uses_network_when_a_memory_holder_exists() -> None:
     assert plan.targets[0].local_tier is Tier.SSD and plan.sources == ()
 
 
+def test_peer_fetch_off_plans_no_sources() -> None:
+    nodes = (node(0, free=0, holdings=(hold("m", Tier.GPU),)), node(1, ssd_gb=50, holdings=(hold("m", Tier.SSD),)), node(2))
+    s = snap(nodes, (model("m"),))
+    plan = place_model(s, s.models[0], 2, ControlSettings(placement_peer_fetch=False), 0.0)
+    assert plan.sources == () and not plan.execute_while_load
+    assert [(t.node, t.local_tier) for t in plan.targets] == [(1, Tier.SSD), (2, Tier.NONE)]
+
+
 def test_no_holder_means_store_load_and_empty_multicast() -> None:
     s = snap((node(0), node(1)), (model("m"),))
     plan = place_model(s, s.models[0], 2, CFG, 0.0)
@@ -100,9 +108,9 @@ def test_spreads_over_nodes_before_stacking() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(clusters(), st.integers(1, 8), st.booleans())
-def test_placement_properties(s, n, net_over_ssd) -> None:  # type: ignore[no-untyped-def]
-    cfg = ControlSettings(placement_network_over_ssd=net_over_ssd)
+@given(clusters(), st.integers(1, 8), st.booleans(), st.booleans())
+def test_placement_properties(s, n, net_over_ssd, peer) -> None:  # type: ignore[no-untyped-def]
+    cfg = ControlSettings(placement_network_over_ssd=net_over_ssd, placement_peer_fetch=peer)
     m = s.models[0]
     plan = place_model(s, m, n, cfg, 0.0)
     need = m.spec.gpus_per_instance
@@ -125,6 +133,7 @@ def test_placement_properties(s, n, net_over_ssd) -> None:  # type: ignore[no-un
     assert all(x.tier in (Tier.GPU, Tier.HOST) and tier[x.node] is x.tier for x in plan.sources)
     assert len(plan.sources) <= max(len(plan.network_targets), 0)
     assert not set(plan.network_targets) & {x.node for x in plan.sources}
+    assert peer or plan.sources == ()
     for t in plan.targets:
         if t.local_tier is not Tier.NONE:
             assert t.local_tier is tier[t.node]

@@ -12,9 +12,12 @@ Policy (pure function of holdings, capacity and the pipelines already running):
    solo-capable (its requests move to full instances with their token state, see DESIGN.md), or
    when a member no longer holds its stage's blocks or lost the capacity for them.
 3. For every planned size >= 2 not currently running, largest first, build it from free nodes
-   (not solo-capable, not in a kept pipeline): stage loads differ by at most one block, stages
-   cover blocks ``0..B-1`` in order, each stage on a distinct node holding all its blocks. Nodes
+   (not solo-capable, not in a kept pipeline): node loads differ by at most one block, the
+   stages cover blocks ``0..B-1`` in order, and each runs on a node holding its blocks. Nodes
    holding fewer blocks are preferred, so richer nodes stay free for smaller pipelines.
+   Contiguous stages (size - 1 hops) are preferred; when none exist (several sources deal
+   blocks round-robin, so early holdings interleave), blocks are assigned freely and a node may
+   run several non-adjacent stages of one pipeline.
 
 ``capacity[node]`` is the node's free capacity in blocks: the most blocks it can execute (KV-cache
 memory for their layers); 0 takes the node out. Nodes missing from ``capacity`` are unlimited.
@@ -27,6 +30,7 @@ answer (the node became solo-capable, or a planned size is not running). Its dec
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -263,16 +267,71 @@ def _choose_nodes(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[
     return chosen if len(chosen) == size else None
 
 
+def _contiguous(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> Pipeline | None:
+    """A pipeline of ``size`` contiguous balanced stages (fewest hops: size - 1), if one exists.
+
+    Tries every balanced split (which stages get the extra block) and matches stages to distinct
+    nodes holding their ranges (Kuhn's augmenting paths, candidates in ``pool`` order)."""
+    lo, extra = divmod(n_blocks, size)
+    for big in itertools.combinations(range(size), extra):
+        bigs = set(big)
+        ranges: list[tuple[int, int]] = []
+        start = 0
+        for i in range(size):
+            n = lo + (1 if i in bigs else 0)
+            ranges.append((start, start + n))
+            start += n
+        cands: list[list[int]] = []
+        for a, b in ranges:
+            m = ((1 << (b - a)) - 1) << a
+            c = [v for v in pool if masks[v] & m == m]
+            if not c:
+                break
+            cands.append(c)
+        else:
+            nodes = _match_stages(cands)
+            if nodes is not None:
+                return Pipeline(tuple(v for (a, b), v in zip(ranges, nodes) for _ in range(a, b)))
+    return None
+
+
+def _match_stages(cands: Sequence[Sequence[int]]) -> list[int] | None:
+    """A distinct node per stage, ``cands[i]`` in preference order (Kuhn), or None."""
+    owner: dict[int, int] = {}
+    assign = [-1] * len(cands)
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for v in cands[i]:
+            if v in seen:
+                continue
+            seen.add(v)
+            j = owner.get(v)
+            if j is None or augment(j, seen):
+                owner[v] = i
+                assign[i] = v
+                return True
+        return False
+
+    for i in range(len(cands)):
+        if not augment(i, set()):
+            return None
+    return assign
+
+
 def _build(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, int], cap: Mapping[int, int]) -> Pipeline | None:
     """One pipeline of ``size`` distinct nodes from ``free`` (poorest first), or None.
 
-    Node choice is a heuristic (greedy cover, then the same from the richest nodes); the
-    assignment on a chosen node set is exact.
+    Contiguous balanced stages are tried first (fewest hops). Otherwise blocks are assigned
+    freely: node choice is a heuristic (greedy cover, then the same from the richest nodes); the
+    assignment on a chosen node set is exact, then block swaps cut hops.
     """
     lo, hi = n_blocks // size, -(-n_blocks // size)
     pool = [v for v in free if cap.get(v, n_blocks) >= hi and masks[v].bit_count() >= max(lo, 1)]
     if len(pool) < size:
         return None
+    contiguous = _contiguous(size, n_blocks, pool, masks)
+    if contiguous is not None:
+        return contiguous
     for order in (pool, sorted(pool, key=lambda v: (-masks[v].bit_count(), v))):
         nodes = _choose_nodes(size, n_blocks, order, masks)
         if nodes is None:

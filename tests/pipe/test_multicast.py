@@ -192,3 +192,27 @@ def test_more_sources_make_whole_blocks_no_later(r: int, s: int, b: int, extra: 
     few = plan_multicast("binomial", r + s, s, b, k)
     more = plan_multicast("binomial", r + s + 1, s + 1, b, k)
     assert more.all_blocks_round <= few.all_blocks_round
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(1, 40), s=st.integers(1, 5), b=st.integers(1, 8), extra=st.integers(0, 20))
+def test_multi_source_groups_each_stay_within_one_round_of_their_bound(r: int, s: int, b: int, extra: int) -> None:
+    # receivers are split into min(S, R) groups of ceil(R / S) or fewer; each group is a binomial
+    # pipeline of its source plus its receivers, so the plan ends within one round of that bound
+    k = b + extra
+    p = plan_multicast("binomial", r + s, s, b, k)
+    groups = min(s, r)
+    largest = -(-r // groups) + 1  # receivers of the largest group plus its source
+    assert p.completion_round <= lower_bound_rounds(largest, k) + 1
+    # block reordering: each sending source's order is a permutation of all chunks
+    for order in p.source_orders.values():
+        assert sorted(order) == list(range(k))
+
+
+def test_uneven_blocks_are_dealt_by_chunk_count() -> None:
+    from lambdascale.pipe.multicast import deal_blocks
+
+    # 6 blocks over 9 chunks: blocks 0, 2, 4 hold 2 chunks, blocks 1, 3, 5 one chunk
+    assert [len(chunks_of_block(b, 6, 9)) for b in range(6)] == [2, 1, 2, 1, 2, 1]
+    assert deal_blocks(4, 6, 9) == [[0], [1, 4], [2], [3, 5]]  # 2, 3, 2, 2 chunks
+    assert deal_blocks(2, 8, 16) == [[0, 2, 4, 6], [1, 3, 5, 7]]  # equal blocks: round-robin

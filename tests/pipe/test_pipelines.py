@@ -169,3 +169,22 @@ def test_pure_function_reproduces_each_incremental_step() -> None:
         masks[node].add(block)
         pure = plan_pipelines(masks, 8, current=prev)
         assert pure.active == planner.plan.active and pure.solo == planner.plan.solo
+
+
+def test_assignment_prefers_fewer_hops() -> None:
+    # every node holds every block but 1 (so no one is solo); the planner may place any block
+    # anywhere and should return contiguous stages: 2 hops for a 3-node, 6-block pipeline
+    h = {0: {0, 1, 2, 3, 4}, 1: {0, 1, 2, 3, 5}, 2: {1, 2, 3, 4, 5}}
+    p = plan_pipelines(h, 6, sizes=(3,))
+    (pipe,) = p.form
+    assert len(pipe.stages) == 3 and all(st.n_blocks == 2 for st in pipe.stages)
+
+
+def test_reference_two_sources_first_pipeline_at_tick_nine() -> None:
+    from lambdascale.pipe.report import first_pipeline_tick, first_serving_tick
+
+    plan = plan_multicast("binomial", 8, 2, 8, 16)
+    assert first_pipeline_tick(plan) == 9 == plan.all_blocks_round
+    one = plan_multicast("binomial", 8, 1, 8, 16)
+    assert first_pipeline_tick(one) is None  # every block is first whole at completion
+    assert first_serving_tick(one) == 18

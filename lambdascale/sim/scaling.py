@@ -18,6 +18,7 @@ from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import InstanceState, Tier
 from lambdascale.sim.cluster import ClusterSpec, SimModel
 from lambdascale.sim.costmodel import CostModel
+from lambdascale.sim.events import Priority
 from lambdascale.sim.settings import SimSettings
 from lambdascale.sim.simulator import Simulation
 from lambdascale.sim.systems.base import System
@@ -41,11 +42,21 @@ class ScalingResult:
 def simulate_scaling(cluster: ClusterSpec, model: SimModel, system: System, settings: SimSettings,
                      control: ControlSettings, cost: CostModel, nodes: int, sources: int,
                      tier: Tier) -> ScalingResult:
+    """Time one scale-out of an idle cluster (no requests)."""
+    return scale_once(cluster, model, system, settings, control, cost, nodes, sources, tier)[0]
+
+
+def scale_once(cluster: ClusterSpec, model: SimModel, system: System, settings: SimSettings,
+               control: ControlSettings, cost: CostModel, nodes: int, sources: int, tier: Tier,
+               workload: Workload | None = None) -> tuple[ScalingResult, Simulation]:
+    """One scale-out; requests of ``workload`` (if any) arrive meanwhile and are routed to whatever
+    serves (pipelines, then full instances). No autoscaler runs: the scale-out is the only one."""
     if not 1 <= sources < nodes:
         raise ValueError(f"sources must be in [1, nodes-1], got sources={sources} nodes={nodes}")
-    empty = Workload("none", np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+    w = workload if workload is not None else Workload(
+        "none", np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
     s = settings.model_copy(update={"nodes": nodes, "min_instances": 0})
-    sim = Simulation(empty, cluster, model, system, s, control, cost)
+    sim = Simulation(w, cluster, model, system, s, control, cost)
     for i in range(sources):
         node = sim.nodes[i]
         if tier is Tier.GPU:
@@ -60,6 +71,8 @@ def simulate_scaling(cluster: ClusterSpec, model: SimModel, system: System, sett
     add = nodes - (sources if tier is Tier.GPU else 0)
     plan = place_model(snap, mv, add, sim.cfg, 0.0)
     rec = sim._execute(plan)
+    for r in sim.reqs:
+        sim.loop.schedule(r.arrival, Priority.ARRIVAL, sim._arrive, r)
     sim.loop.run()
     tl = rec.timeline
     first = (tl.first_pipeline_at if tl.first_pipeline_at is not None else float("nan")) - tl.decided_at
@@ -67,4 +80,4 @@ def simulate_scaling(cluster: ClusterSpec, model: SimModel, system: System, sett
     how = f"{rec.algo} from {rec.n_sources} src" if rec.n_network else "local " + "/".join(f"{k}:{v}" for k, v in sorted(rec.tiers.items()))
     if rec.n_network and rec.tiers.get("none", 0) < rec.n_targets:
         how += " + local " + "/".join(f"{k}:{v}" for k, v in sorted(rec.tiers.items()) if k != "none")
-    return ScalingResult(system.name, model.name, nodes, sources, tier.value, first, full, how)
+    return ScalingResult(system.name, model.name, nodes, sources, tier.value, first, full, how), sim

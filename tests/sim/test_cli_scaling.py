@@ -1,0 +1,109 @@
+"""``simulate`` and ``simulate scaling`` end to end, λPipe pipelines during a scale-out, and errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lambdascale.control.settings import ControlSettings
+from lambdascale.control.snapshot import Tier
+from lambdascale.errors import LambdaScaleError
+from lambdascale.sim import cli
+from lambdascale.sim.run import setup
+from lambdascale.sim.scaling import simulate_scaling
+from lambdascale.sim.settings import SimSettings
+from lambdascale.sim.systems import SYSTEMS, SystemKind
+
+
+def _main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lambdascale")
+    sub = p.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    args = p.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def test_execute_while_load_serves_before_any_node_is_full() -> None:
+    s = SimSettings(model="llama2-13b", nodes=8)
+    cluster, model, cost = setup(s)
+    res = {k: simulate_scaling(cluster, model, SYSTEMS[k], s, ControlSettings(), cost, 8, 4, Tier.GPU)
+           for k in (SystemKind.LAMBDASCALE, SystemKind.FAASNET, SystemKind.SERVERLESSLLM)}
+    chunk_s = model.chunk_bytes / (cluster.links.nic_gbps / 8 * 1e9) + cluster.links.nic_latency_us * 1e-6
+    lam = res[SystemKind.LAMBDASCALE]
+    # 4 sources, 4 receivers, 16 chunks / 8 blocks: every block exists whole somewhere after 4 ticks
+    # (DESIGN.md), so the first 4-stage pipeline serves after 4 chunk times.
+    assert lam.first_serve_s == pytest.approx(4 * chunk_s, rel=1e-6)
+    assert lam.first_serve_s < lam.all_full_s
+    assert res[SystemKind.FAASNET].first_serve_s > lam.all_full_s  # serve-when-full, one source
+    # ServerlessLLM reads 26 GB from each node's NVMe.
+    assert res[SystemKind.SERVERLESSLLM].all_full_s == pytest.approx(model.nbytes / (cluster.links.ssd_GBps * 1e9), rel=1e-6)
+
+
+def test_scaling_cli_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["simulate", "scaling", "--model", "llama2-7b", "--nodes", "4", "--sources", "1",
+                  "--systems", "lambdascale,nccl"]) == 0
+    out = capsys.readouterr().out
+    assert "llama2-7b" in out and "lambdascale" in out and "nccl" in out
+    assert _main(["simulate", "scaling", "--model", "7b", "--nodes", "4", "--sources", "2", "--tier", "host", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["system"] for r in rows} == {"lambdascale", "serverlessllm", "faasnet", "nccl", "keepalive"}
+    assert all(r["all_full_s"] >= r["first_serve_s"] > 0 for r in rows)
+
+
+def test_simulate_cli_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.csv"
+    rng = np.random.default_rng(0)
+    arr = np.sort(rng.uniform(0, 30, 120))
+    trace.write_text("arrival_s,input_tokens,output_tokens\n" + "".join(f"{a:.4f},512,16\n" for a in arr))
+    rc = _main(["simulate", "--trace", str(trace), "--model", "llama2-7b", "--nodes", "4", "--json",
+                "--systems", "lambdascale,serverlessllm", "--plots", str(tmp_path / "img"), "--target-concurrency", "2"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["requests"] == 120 and [r["system"] for r in doc["systems"]] == ["lambdascale", "serverlessllm"]
+    for row in doc["systems"]:
+        assert row["unfinished"] == 0 and 0 < row["ttft_p50_s"] <= row["ttft_p99_s"]
+        assert row["gpu_seconds"] > 0
+    assert doc["config"]["sim"]["target_concurrency"] == 2
+    for name in ("ttft_cdf.png", "instances.png"):
+        assert (tmp_path / "img" / name).stat().st_size > 1000
+    # The table form.
+    assert _main(["simulate", "--trace", "synthetic:poisson,rate=2,duration_s=20", "--model", "7b",
+                  "--nodes", "2", "--systems", "keepalive", "--no-progress"]) == 0
+    assert "keepalive" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(LambdaScaleError, match="trace file not found"):
+        _main(["simulate", "--trace", str(tmp_path / "nope.csv"), "--no-progress"])
+    with pytest.raises(LambdaScaleError, match="unknown cluster preset 'tpu'"):
+        _main(["simulate", "--trace", "synthetic:poisson,duration_s=5", "--cluster", "tpu", "--no-progress"])
+    with pytest.raises(LambdaScaleError, match="--sources must be in"):
+        _main(["simulate", "scaling", "--nodes", "4", "--sources", "4"])
+    with pytest.raises(LambdaScaleError, match="unknown model 'gpt5'"):
+        _main(["simulate", "scaling", "--model", "gpt5", "--nodes", "4"])
+
+
+def test_requests_on_pipelines_move_to_full_instances_without_losing_tokens() -> None:
+    from lambdascale.sim.scaling import scale_once
+    from lambdascale.sim.workload import Workload
+
+    s = SimSettings(model="llama2-13b", nodes=8)
+    cluster, model, cost = setup(s)
+    # Sources hold the model in host memory: they load it locally (~0.48 s) while multicasting to
+    # the 4 other nodes, whose pipelines serve from ~0.13 s. Requests arrive at 0.2 s with long
+    # outputs, so they start on pipelines and are still running when the pipelines dissolve.
+    n = 6
+    w = Workload("w", np.full(n, 0.2), np.full(n, 256), np.full(n, 400))
+    res, sim = scale_once(cluster, model, SYSTEMS[SystemKind.LAMBDASCALE], s, ControlSettings(), cost,
+                          8, 4, Tier.HOST, workload=w)
+    assert res.first_serve_s < 0.2 < res.all_full_s
+    first_full = min(sim.scale_events[0].timeline.node_full_at.values())
+    ttft = np.array([r.first_token - r.arrival for r in sim.reqs])
+    assert np.all(0.2 + ttft < first_full)                # first tokens came from pipelines
+    assert sim.migrations == n                             # every request moved once the pipelines dissolved
+    assert all(r.generated == r.out and r.finish > first_full for r in sim.reqs)
+    assert sim.scale_events[0].timeline.dissolved_at is not None

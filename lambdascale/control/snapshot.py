@@ -62,6 +62,27 @@ class Tier(str, Enum):
         """True when a start from this tier is faster than one from ``other``."""
         return self.rank < other.rank
 
+    # Order by speed, not alphabetically (a str enum would otherwise sort "none" before "ssd").
+    def __lt__(self, other: object) -> bool:
+        if isinstance(other, Tier):
+            return self.rank < other.rank
+        return NotImplemented
+
+    def __le__(self, other: object) -> bool:
+        if isinstance(other, Tier):
+            return self.rank <= other.rank
+        return NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        if isinstance(other, Tier):
+            return self.rank > other.rank
+        return NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        if isinstance(other, Tier):
+            return self.rank >= other.rank
+        return NotImplemented
+
 
 _TIER_RANK = {Tier.GPU: 0, Tier.HOST: 1, Tier.SSD: 2, Tier.NONE: 3}
 

@@ -30,6 +30,8 @@ from lambdascale.errors import LambdaScaleError
 def test_tier_order() -> None:
     assert [t.rank for t in (Tier.GPU, Tier.HOST, Tier.SSD, Tier.NONE)] == [0, 1, 2, 3]
     assert Tier.GPU.faster_than(Tier.HOST) and not Tier.SSD.faster_than(Tier.HOST)
+    assert sorted([Tier.NONE, Tier.SSD, Tier.GPU, Tier.HOST]) == [Tier.GPU, Tier.HOST, Tier.SSD, Tier.NONE]
+    assert Tier.GPU < Tier.NONE and max(Tier.HOST, Tier.SSD) is Tier.SSD and Tier("host") == "host"
 
 
 @pytest.mark.parametrize(

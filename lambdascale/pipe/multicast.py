@@ -146,14 +146,23 @@ class MulticastPlan:
                     row[snd.chunk] = t
         return arr
 
+    def _row(self, endpoint: int) -> list[int]:
+        row = self._arrivals.get(endpoint)
+        if row is None:
+            raise PlanError(f"endpoint {endpoint} is neither a source nor a receiver of this plan")
+        return row
+
     def arrival_round(self, endpoint: int, chunk: int) -> int | None:
         """Tick at which ``endpoint`` first holds ``chunk`` (0 for sources, None if never)."""
-        t = self._arrivals[endpoint][chunk]
+        row = self._row(endpoint)
+        if not 0 <= chunk < self.n_chunks:
+            raise PlanError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
+        t = row[chunk]
         return None if t < 0 else t
 
     def arrival_order(self, endpoint: int) -> tuple[int, ...]:
         """Chunks in the order ``endpoint`` receives them (ties by chunk id)."""
-        row = self._arrivals[endpoint]
+        row = self._row(endpoint)
         return tuple(sorted((c for c in range(self.n_chunks) if row[c] > 0), key=lambda c: (row[c], c)))
 
     @cached_property

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
 
-from lambdascale.pipe.multicast import MulticastPlan, PlanError, SendKind
+from lambdascale.pipe.multicast import MulticastPlan, PlanError, Send, SendKind
 from lambdascale.pipe.pipelines import PipelinePlanner
 
 
@@ -124,7 +124,7 @@ def play(
     for e in plan.receivers:
         have[e] = [math.inf] * K
 
-    def cost(snd) -> tuple[float, float]:
+    def cost(snd: Send) -> tuple[float, float]:
         """(occupancy of the link, landing delay after the start)."""
         if snd.kind is SendKind.NETWORK:
             bw = min(links.send_bps(snd.src // G), links.recv_bps(snd.dst // G))

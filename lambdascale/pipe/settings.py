@@ -5,7 +5,6 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lambdascale.pipe.multicast import Algo
-from lambdascale.pipe.player import PlayMode
 
 
 class PipeSettings(BaseModel):
@@ -20,7 +19,6 @@ class PipeSettings(BaseModel):
     nic_gbps: float = Field(default=400.0, gt=0, le=1e5, description="player: NIC bandwidth per node and direction, Gbit/s")
     latency_us: float = Field(default=5.0, ge=0, le=1e6, description="player: one-way network latency, microseconds")
     intra_gbps: float = Field(default=2400.0, gt=0, le=1e6, description="player: intra-node GPU-to-GPU link bandwidth, Gbit/s")
-    play_mode: PlayMode = Field(default=PlayMode.CHUNK, description="player mode: round (synchronous, as the reference) or chunk (forward on arrival)")
 
     @model_validator(mode="after")
     def _chunks_cover_blocks(self) -> "PipeSettings":

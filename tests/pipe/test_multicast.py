@@ -216,3 +216,11 @@ def test_uneven_blocks_are_dealt_by_chunk_count() -> None:
     assert [len(chunks_of_block(b, 6, 9)) for b in range(6)] == [2, 1, 2, 1, 2, 1]
     assert deal_blocks(4, 6, 9) == [[0], [1, 4], [2], [3, 5]]  # 2, 3, 2, 2 chunks
     assert deal_blocks(2, 8, 16) == [[0, 2, 4, 6], [1, 3, 5, 7]]  # equal blocks: round-robin
+
+
+def test_arrival_queries_name_a_bad_endpoint_or_chunk() -> None:
+    p = plan_multicast("binomial", 4, 1, 1, 2)
+    with pytest.raises(PlanError, match="endpoint 9"):
+        p.arrival_round(9, 0)
+    with pytest.raises(PlanError, match="chunk 5"):
+        p.arrival_round(1, 5)

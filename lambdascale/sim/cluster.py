@@ -9,7 +9,8 @@ Links, per node (each direction is a separate link; bandwidths in GB/s = 1e9 byt
 
 * ``nic_out``/``nic_in``: ``nic_gbps`` Gbit/s per GPU (one NIC per GPU), times the GPUs an
   instance uses (a 70B instance on 4 GPUs drives 4 NICs);
-* ``pcie``: host memory -> GPU, ``pcie_GBps`` per GPU, times GPUs per instance;
+* ``pcie``: host memory -> the GPUs of one instance, ``pcie_GBps`` in total (host memory and the
+  root complex limit it, not the GPU count: the λScale testbed loads a 4-GPU 70B at ~54 GB/s);
 * ``ssd``: SSD -> host memory, ``ssd_GBps`` per node;
 * ``nvlink``: GPU <-> GPU inside a node.
 """
@@ -48,7 +49,7 @@ class LinkSpec(BaseModel):
 
     nic_gbps: float = Field(gt=0, le=100_000, description="network per GPU, Gbit/s, each direction")
     nic_latency_us: float = Field(default=5.0, ge=0, le=1e6, description="per-transfer network latency")
-    pcie_GBps: float = Field(gt=0, le=10_000, description="pinned host -> GPU per GPU, GB/s")
+    pcie_GBps: float = Field(gt=0, le=10_000, description="pinned host -> the GPUs of one instance, GB/s in total")
     nvlink_GBps: float = Field(gt=0, le=100_000, description="GPU <-> GPU inside a node, GB/s")
     ssd_GBps: float = Field(gt=0, le=10_000, description="SSD -> host per node, GB/s")
 

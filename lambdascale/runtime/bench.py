@@ -1,0 +1,164 @@
+"""``lambdascale bench scale``: scale-out on real agent processes over 127.0.0.1.
+
+What it measures today (the data-plane part of issue 6):
+
+1. **Capped multicast vs its bound.** Sources load the model from their SSD tier (``--ssd-gbps``
+   cap), then multicast it to every other node over links capped at ``--link-gbps``. The bound
+   for one binomial group of n nodes (source included) and k chunks is
+   ``(k - 1 + ceil(log2 n)) / k x model_bytes / link_rate``; with S sources each group has its
+   own bound and the slowest group counts.
+2. **Uncapped efficiency.** In the same run, on a second, uncapped cluster: point-to-point
+   throughput (one source, one receiver, the same executor) against each receiver's throughput
+   in a full multicast (model bytes / time until that receiver held everything). Goal >= 70%.
+
+The per-system TTFT table (lambdascale / faasnet / nccl / local under a request burst) needs the
+engine's stage API wired into agents; it is not measured yet and the output says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lambdascale.errors import LambdaScaleError
+from lambdascale.model.manifest import Manifest
+from lambdascale.pipe.multicast import Algo
+from lambdascale.runtime.launcher import LocalCluster
+from lambdascale.runtime.messages import DropModel, HoldModel
+from lambdascale.runtime.multicast import prepare_receivers, run_multicast
+from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.ratelimit import gbps_to_bytes_per_s
+from lambdascale.transfer.settings import TransferSettings
+
+
+@dataclass
+class ScaleBenchResult:
+    """Everything ``bench scale`` reports (the ``--json`` document)."""
+
+    model: str
+    model_bytes: int
+    n_chunks: int
+    n_blocks: int
+    nodes: int
+    sources: int
+    transport: str
+    link_gbps: float | None
+    ssd_gbps: float | None
+    source_load_s: float
+    multicast_s: float
+    bound_s: float | None
+    vs_bound: float | None
+    p2p_gbps: float
+    multicast_receiver_gbps: list[float] = field(default_factory=list)
+    efficiency: float = 0.0
+    systems: str = "not measured yet: per-system TTFT under a burst needs execute-while-load in agents"
+
+
+def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
+    """Lower bound of a (multi-source) binomial multicast: the slowest group's (k-1+ceil(log2 n_g))/k."""
+    receivers = n_nodes - n_sources
+    groups = max(1, min(n_sources, receivers))
+    largest = math.ceil(receivers / groups) + 1  # group members plus its source
+    return (k - 1 + math.ceil(math.log2(largest))) / k * model_bytes / link_bps
+
+
+def resolve_model(spec: str, models_dir: Path, layers: int | None, blocks: int, chunks_per_block: int) -> Path:
+    """A model directory for ``spec``: an existing model name, or ``synthetic:SHAPE`` imported once."""
+    from lambdascale.model.checkpoint import find_model
+    from lambdascale.model.importers import import_model
+
+    if spec.startswith("synthetic:"):
+        return import_model(spec, models_dir, layers=layers, n_blocks=blocks, chunks_per_block=chunks_per_block).dir
+    return find_model(models_dir, spec).dir
+
+
+async def _one_multicast(lc: LocalCluster, model_dir: Path, manifest: Manifest, sources: list[int],
+                         receivers: list[int], algo: Algo) -> tuple[float, Any]:
+    t0 = asyncio.get_running_loop().time()
+    for s in sources:
+        await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+    load_s = asyncio.get_running_loop().time() - t0
+    await prepare_receivers(lc.cluster, manifest, receivers)
+    res = await run_multicast(lc.cluster, manifest, sources, receivers, algo)
+    return load_s, res
+
+
+async def run_scale_bench(
+    model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
+    algo: Algo = Algo.BINOMIAL,
+) -> ScaleBenchResult:
+    from lambdascale.model.manifest import read_manifest
+
+    if not 1 <= sources < nodes:
+        raise LambdaScaleError(f"--sources must be in [1, nodes-1] = [1, {nodes - 1}], got {sources}")
+    manifest = read_manifest(model_dir)
+    src = list(range(sources))
+    rcv = list(range(sources, nodes))
+    # 1. capped run
+    async with LocalCluster(nodes, transfer, runtime) as lc:
+        load_s, res = await _one_multicast(lc, model_dir, manifest, src, rcv, algo)
+    bound = None
+    if transfer.link_gbps:
+        bound = multicast_bound_s(nodes, sources, manifest.n_chunks, manifest.total_bytes,
+                                  gbps_to_bytes_per_s(transfer.link_gbps))
+    # 2. uncapped: point-to-point, then a full multicast, on one cluster
+    free = transfer.model_copy(update={"link_gbps": None, "ssd_gbps": None})
+    async with LocalCluster(nodes, free, runtime) as lc:
+        _, p2p = await _one_multicast(lc, model_dir, manifest, [0], [1], Algo.DIRECT)
+        await lc.cluster.request(1, DropModel(req=0, model=manifest.name))
+        await prepare_receivers(lc.cluster, manifest, list(range(1, nodes)))
+        mc = await run_multicast(lc.cluster, manifest, [0], list(range(1, nodes)), algo)
+    gbps = lambda s: manifest.total_bytes * 8 / s / 1e9  # noqa: E731
+    p2p_gbps = gbps(p2p.completion_s)
+    per_rcv = [gbps(t) for _, t in sorted(mc.node_full_s.items())]
+    return ScaleBenchResult(
+        model=manifest.name, model_bytes=manifest.total_bytes, n_chunks=manifest.n_chunks, n_blocks=manifest.n_blocks,
+        nodes=nodes, sources=sources, transport=transfer.backend, link_gbps=transfer.link_gbps,
+        ssd_gbps=transfer.ssd_gbps, source_load_s=load_s, multicast_s=res.completion_s, bound_s=bound,
+        vs_bound=(res.completion_s / bound) if bound else None, p2p_gbps=p2p_gbps,
+        multicast_receiver_gbps=per_rcv, efficiency=statistics.mean(per_rcv) / p2p_gbps,
+    )
+
+
+def format_table(r: ScaleBenchResult) -> str:
+    rows = [
+        ("model", f"{r.model} ({r.model_bytes / 2**20:.1f} MiB, {r.n_blocks} blocks, {r.n_chunks} chunks)"),
+        ("cluster", f"{r.nodes} agents, {r.sources} source(s), transport {r.transport}"),
+        ("caps", f"link {r.link_gbps or 'none'} Gbit/s, ssd {r.ssd_gbps or 'none'} Gbit/s"),
+        ("source load from SSD tier", f"{r.source_load_s * 1e3:.1f} ms"),
+        ("multicast completion (capped)", f"{r.multicast_s * 1e3:.1f} ms"),
+        ("bound (k-1+ceil(log2 n))/k x size/link", f"{r.bound_s * 1e3:.1f} ms" if r.bound_s else "n/a (no link cap)"),
+        ("completion / bound (goal <= 1.25)", f"{r.vs_bound:.2f}" if r.vs_bound else "n/a"),
+        ("uncapped point-to-point", f"{r.p2p_gbps:.2f} Gbit/s"),
+        ("uncapped multicast per receiver", ", ".join(f"{g:.2f}" for g in r.multicast_receiver_gbps) + " Gbit/s"),
+        ("multicast / p2p (goal >= 0.70)", f"{r.efficiency:.2f}"),
+        ("per-system TTFT table", r.systems),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def cmd_bench_scale(args: Any) -> int:
+    from lambdascale.config import config_from_args
+
+    cfg = config_from_args(args)
+    transfer = cfg.transfer.model_copy(update={
+        "bucket_burst_bytes": min(cfg.transfer.bucket_burst_bytes, 64 << 10),
+        "io_slice_bytes": min(cfg.transfer.io_slice_bytes, 64 << 10) if cfg.transfer.link_gbps else cfg.transfer.io_slice_bytes,
+    })
+    models_dir = cfg.paths.models_dir
+    if args.model.startswith("synthetic:") and args.scratch:
+        models_dir = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
+    model_dir = resolve_model(args.model, models_dir, args.layers, cfg.store.n_blocks, cfg.store.chunks_per_block)
+    result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, cfg.runtime, Algo(args.algo)))
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(format_table(result))
+    return 0

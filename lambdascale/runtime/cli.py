@@ -1,0 +1,31 @@
+"""Runtime commands: ``lambdascale bench scale``. (Agents start as ``python -m lambdascale.runtime.agent``.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register_bench(bench_subparsers: Any) -> None:
+    from lambdascale.config import add_config_args
+
+    p = bench_subparsers.add_parser("scale", help="scale a model out across local node agents and time it")
+    p.add_argument("--nodes", type=int, default=4, help="node agents, sources included (default: 4)")
+    p.add_argument("--sources", type=int, default=1, help="agents that hold the model at the start (default: 1)")
+    p.add_argument("--model", default="synthetic:tiny-llama", help="model name in the models dir, or synthetic:SHAPE")
+    p.add_argument("--layers", type=int, default=None, help="layers of a synthetic model (default: the shape's)")
+    p.add_argument("--algo", default="binomial", choices=["binomial", "faasnet", "ring", "direct"])
+    p.add_argument("--scratch", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="import synthetic models into a temporary directory (default: on)")
+    p.add_argument("--config", default=None, help="config file (YAML/JSON)")
+    p.add_argument("--models-dir", default=None, help="models directory")
+    p.add_argument("--transport", dest="cfg__transfer__backend", choices=["tcp", "nixl"], default=None,
+                   help="data-plane transport (default: config transfer.backend)")
+    add_config_args(p, "transfer", ["link_gbps", "ssd_gbps"])
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_scale)
+
+
+def _cmd_scale(args: Any) -> int:
+    from lambdascale.runtime.bench import cmd_bench_scale
+
+    return cmd_bench_scale(args)

@@ -1,0 +1,37 @@
+"""``lambdascale bench scale``: the bound formula and a small end-to-end run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lambdascale.cli import main
+from lambdascale.runtime.bench import multicast_bound_s
+
+
+def test_bound_formula_single_and_multi_source() -> None:
+    # 1 source + 7 receivers, 16 chunks: (16 - 1 + 3) / 16 x size / rate
+    assert multicast_bound_s(8, 1, 16, 1000, 100.0) == pytest.approx(18 / 16 * 10)
+    # 2 sources, 6 receivers: groups of 3 receivers + source = 4 nodes -> ceil(log2 4) = 2
+    assert multicast_bound_s(8, 2, 16, 1000, 100.0) == pytest.approx(17 / 16 * 10)
+    # uneven split: 5 receivers over 2 sources -> the group of 3 (+ source) decides
+    assert multicast_bound_s(7, 2, 16, 1000, 100.0) == pytest.approx((15 + math.ceil(math.log2(4))) / 16 * 10)
+
+
+def test_bench_scale_cli_json(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
+    rc = main(["bench", "scale", "--nodes", "3", "--link-gbps", "0.1", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["nodes"] == 3 and out["transport"] == "tcp" and out["n_chunks"] == 16
+    # the link cap is honoured: no faster than ~the bound (a 64 KiB bucket allows a little head start)
+    assert out["vs_bound"] > 0.7
+    assert len(out["multicast_receiver_gbps"]) == 2 and out["p2p_gbps"] > 0 and out["efficiency"] > 0
+
+
+def test_bench_scale_rejects_bad_sources(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
+    assert main(["bench", "scale", "--nodes", "3", "--sources", "3"]) == 2
+    assert "--sources must be in [1, nodes-1] = [1, 2], got 3" in capsys.readouterr().err

@@ -29,8 +29,10 @@ Example (a simulator or the gateway building a snapshot)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from lambdascale.control.settings import MulticastAlgo
 from lambdascale.errors import LambdaScaleError
@@ -141,6 +143,22 @@ class DeploymentSpec:
         for t in tiers:
             _require(t is not Tier.NONE, w, "cache_tiers cannot hold 'none'")
         _require(len(set(self.cache_tiers)) == len(self.cache_tiers), w, f"cache_tiers has duplicates: {self.cache_tiers}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "DeploymentSpec":
+        """Build from a registration dict (admin API body, SQLite row); ``tiers`` is accepted for
+        ``cache_tiers`` and ``name`` is ignored. An unknown key raises :class:`SnapshotError` naming it."""
+        fields = {"min_instances", "max_instances", "target_concurrency", "keep_alive_s", "cache_tiers",
+                  "scale_to_zero", "gpus_per_instance"}
+        kw: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "name":
+                continue
+            k = "cache_tiers" if key == "tiers" else key
+            if k not in fields:
+                raise SnapshotError(f"DeploymentSpec: unknown field {key!r} (known: {sorted(fields | {'tiers'})})")
+            kw[k] = tuple(value) if k == "cache_tiers" else value
+        return cls(**kw)
 
     @property
     def floor(self) -> int:

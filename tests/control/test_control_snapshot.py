@@ -66,6 +66,17 @@ def test_spec_accepts_tier_strings() -> None:
     assert DeploymentSpec(cache_tiers=["gpu", "ssd"]).cache_tiers == (Tier.GPU, Tier.SSD)  # type: ignore[arg-type]
 
 
+def test_spec_from_registration_mapping() -> None:
+    row = {"name": "m", "min_instances": 1, "max_instances": 3, "target_concurrency": 2, "keep_alive_s": 5.0,
+           "tiers": ["gpu", "host"]}
+    spec = DeploymentSpec.from_mapping(row)
+    assert (spec.min_instances, spec.max_instances, spec.cache_tiers) == (1, 3, (Tier.GPU, Tier.HOST))
+    with pytest.raises(SnapshotError, match="unknown field 'replicas'"):
+        DeploymentSpec.from_mapping({"replicas": 2})
+    with pytest.raises(SnapshotError, match="min_instances=5"):
+        DeploymentSpec.from_mapping({"min_instances": 5, "max_instances": 2})
+
+
 def test_lookups_and_fastest_tier() -> None:
     n = node(0, holdings=(hold("m", Tier.SSD), hold("m", Tier.HOST), hold("p", Tier.GPU, blocks=frozenset({1}))))
     s = ClusterSnapshot(nodes=(n,), models=(model("m"),))

@@ -99,3 +99,17 @@ def test_router_properties(shape, queue, bound) -> None:  # type: ignore[no-unty
         assert d.kind is RouteKind.HOLD
     else:
         assert d.kind is RouteKind.REJECT and d.reject_reason is RejectReason.HOLD_QUEUE_FULL
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 4)), max_size=5), st.integers(0, 8), st.integers(0, 8),
+       st.integers(0, 30))
+def test_route_many_never_overfills_slots_or_the_hold_queue(shape, queue, bound, n) -> None:  # type: ignore[no-untyped-def]
+    insts = tuple(inst(f"i{k}", nodes=(k,), capacity=c, busy=min(b, c)) for k, (c, b) in enumerate(shape))
+    m = model(instances=insts, queue_len=queue)
+    ds = route_many(m, n, ControlSettings(router_max_held=bound), 0.0)
+    for i in insts:
+        assert i.outstanding_requests + sum(d.instance_id == i.id for d in ds) <= i.capacity
+    free_slots = sum(i.capacity - i.outstanding_requests for i in insts)
+    assert sum(d.kind is RouteKind.INSTANCE for d in ds) == min(n, free_slots)  # no slot left idle
+    assert sum(d.kind is RouteKind.HOLD for d in ds) == min(max(0, bound - queue), n - min(n, free_slots))

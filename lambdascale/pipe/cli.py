@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any, TextIO
 
-_PIPE_FLAGS = ["algo", "blocks", "chunks", "gpus_per_node", "nic_gbps", "latency_us", "intra_gbps"]
+_PIPE_FLAGS = ["algo", "blocks", "chunks", "gpus_per_node", "nics_per_node", "nic_gbps", "latency_us", "intra_gbps"]
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +41,7 @@ def _build(args: argparse.Namespace):
         cfg = config_from_args(args).pipe
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    plan = plan_multicast(cfg.algo, args.nodes, args.sources, cfg.blocks, cfg.chunks, cfg.gpus_per_node)
+    plan = plan_multicast(cfg.algo, args.nodes, args.sources, cfg.blocks, cfg.chunks, cfg.gpus_per_node, cfg.nics_per_node)
     return cfg, plan
 
 
@@ -95,7 +95,7 @@ def _fmt_pipe(p: dict[str, Any]) -> str:
 def _print_text(doc: dict[str, Any], out: TextIO) -> None:
     w = out.write
     w(f"{doc['kind']}: algo={doc['algo']} nodes={doc['nodes']} sources={doc['sources']} "
-      f"blocks={doc['blocks']} chunks={doc['chunks']} gpus/node={doc['gpus_per_node']}\n")
+      f"blocks={doc['blocks']} chunks={doc['chunks']} gpus/node={doc['gpus_per_node']} nics/node={doc['nics_per_node']}\n")
     if doc["kind"] == "multicast":
         for t, rnd in enumerate(doc.get("rounds", []), start=1):
             sends = " ".join(f"{s}->{d}:{c}" + ("" if k == "network" else "(i)") for s, d, c, k in rnd)

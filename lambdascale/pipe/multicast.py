@@ -14,9 +14,12 @@ Rules every plan obeys (``validate_plan`` checks them, the property tests call i
 * every receiver ends with every chunk.
 
 Endpoint ids. With ``gpus_per_node = G`` the plan's endpoints are GPUs: GPU ``g`` of node ``n`` is
-endpoint ``n * G + g``; with ``G = 1`` endpoint ids equal node ids. GPU 0 of a node owns the NIC:
-every network send leaves from and lands on GPU 0, which fans each chunk out to the node's other
-GPUs over intra-node links in the following round. A chunk thus crosses the network once per node.
+endpoint ``n * G + g``; with ``G = 1`` endpoint ids equal node ids. By default GPU 0 of a node owns
+its only NIC: every network send leaves from and lands on GPU 0, which fans each chunk out to the
+node's other GPUs over intra-node links in the following round. A chunk thus crosses the network
+once per node. With ``nics_per_node = L`` (one NIC per GPU on GPUs 0..L-1, as on InfiniBand GPU
+servers) the chunk order is striped over L lanes: lane j is a full schedule of its chunks over NIC j
+of every node, and the GPU that received a chunk fans it out.
 
 Algorithms (``Algo``):
 
@@ -105,6 +108,8 @@ class MulticastPlan:
     receiver_nodes: tuple[int, ...]
     #: Per source node actually used, the chunk order it emits (block reordering); informative.
     source_orders: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    #: NICs per node; NIC j sits on GPU j (1 <= nics_per_node <= gpus_per_node)
+    nics_per_node: int = 1
 
     # ---- identities -------------------------------------------------------------------------
 
@@ -425,25 +430,32 @@ def plan_multicast(
     n_blocks: int,
     n_chunks: int,
     gpus_per_node: int = 1,
+    nics_per_node: int = 1,
 ) -> MulticastPlan:
     """Plan a multicast of ``n_chunks`` chunks (``n_blocks`` blocks) from ``sources`` to every other
     node of ``0..n_nodes-1``.
 
     ``sources`` is a sequence of node ids or an int S meaning nodes ``0..S-1``. Only
     ``min(len(sources), receivers)`` sources send (lowest ids first); receivers are split into one
-    contiguous group per sending source. Pure and deterministic.
+    contiguous group per sending source. With ``nics_per_node = L > 1`` (NIC j on GPU j) the
+    source order is striped over L lanes, each an independent schedule over NIC j of every node.
+    Pure and deterministic.
     """
     try:
         algo = Algo(algo)
     except ValueError:
         raise PlanError(f"unknown algo {algo!r}; choose one of {[a.value for a in Algo]}") from None
     src = _check_inputs(n_nodes, sources, n_blocks, n_chunks, gpus_per_node)
+    if not 1 <= nics_per_node <= gpus_per_node:
+        raise PlanError(f"nics_per_node must be in [1, gpus_per_node={gpus_per_node}], got {nics_per_node}")
     src_set = set(src)
     receivers = [v for v in range(n_nodes) if v not in src_set]
     n_groups = min(len(src), len(receivers))
     groups = _split_groups(receivers, n_groups) if n_groups else []
     sched = _GROUP_SCHEDULERS[algo]
-    node_rounds: list[list[tuple[int, int, int]]] = []
+    L = nics_per_node
+    # (src node, dst node, chunk, lane); lane j runs over NIC j of every node
+    node_rounds: list[list[tuple[int, int, int, int]]] = []
     orders: dict[int, tuple[int, ...]] = {}
     for g, members in enumerate(groups):
         nodes = [src[g], *members]
@@ -452,29 +464,38 @@ def plan_multicast(
         else:
             order = list(range(n_chunks))
         orders[src[g]] = tuple(order)
-        for t, rnd in enumerate(sched(len(nodes), n_chunks)):
-            while len(node_rounds) <= t:
-                node_rounds.append([])
-            node_rounds[t].extend((nodes[s], nodes[r], order[p]) for s, r, p in rnd)
+        for lane in range(L):
+            sub = order[lane::L]  # lanes stripe the order, so every lane walks the blocks alike
+            if not sub:
+                continue
+            for t, rnd in enumerate(sched(len(nodes), len(sub))):
+                while len(node_rounds) <= t:
+                    node_rounds.append([])
+                node_rounds[t].extend((nodes[a], nodes[b], sub[p], lane) for a, b, p in rnd)
     G = gpus_per_node
     if G == 1:
-        rounds = tuple(tuple(Send(s, r, c) for s, r, c in rnd) for rnd in node_rounds)
+        rounds = tuple(tuple(Send(a, b, c) for a, b, c, _ in rnd) for rnd in node_rounds)
     else:
         rounds = _expand_topology(node_rounds, G)
     return MulticastPlan(
         algo=algo, n_nodes=n_nodes, gpus_per_node=G, sources=src, n_blocks=n_blocks,
         n_chunks=n_chunks, rounds=rounds, receiver_nodes=tuple(receivers), source_orders=orders,
+        nics_per_node=L,
     )
 
 
-def _expand_topology(node_rounds: list[list[tuple[int, int, int]]], G: int) -> tuple[tuple[Send, ...], ...]:
-    """Network sends between GPU 0s, then fan-out from GPU 0 to GPUs 1..G-1 the round after."""
+def _expand_topology(node_rounds: list[list[tuple[int, int, int, int]]], G: int) -> tuple[tuple[Send, ...], ...]:
+    """Network sends between the lane's NIC GPUs, then fan-out from the receiving GPU to the
+    node's other GPUs the round after (one chunk per lane per round, so each intra link carries
+    at most one chunk per round)."""
     out: list[list[Send]] = [[] for _ in range(len(node_rounds) + 1)]
     for t, rnd in enumerate(node_rounds):
-        for s, r, c in rnd:
-            out[t].append(Send(s * G, r * G, c, SendKind.NETWORK))
-            for h in range(1, G):
-                out[t + 1].append(Send(r * G, r * G + h, c, SendKind.INTRA))
+        for a, b, c, lane in rnd:
+            dst = b * G + lane
+            out[t].append(Send(a * G + lane, dst, c, SendKind.NETWORK))
+            for h in range(G):
+                if h != lane:
+                    out[t + 1].append(Send(dst, b * G + h, c, SendKind.INTRA))
     while out and not out[-1]:
         out.pop()
     return tuple(tuple(r) for r in out)
@@ -502,6 +523,7 @@ def validate_plan(plan: MulticastPlan) -> None:
     for e in plan.receivers:
         holds[e] = 0
     node_of = plan.node_of
+    G = plan.gpus_per_node
     for t, rnd in enumerate(plan.rounds, start=1):
         nic_out: set[int] = set()
         nic_in: set[int] = set()
@@ -518,12 +540,16 @@ def validate_plan(plan: MulticastPlan) -> None:
                 a, b = node_of(snd.src), node_of(snd.dst)
                 if a == b:
                     raise PlanViolation(f"round {t}: network send inside node {a}")
-                if a in nic_out:
-                    raise PlanViolation(f"round {t}: NIC of node {a} sends twice")
-                if b in nic_in:
-                    raise PlanViolation(f"round {t}: NIC of node {b} receives twice")
-                nic_out.add(a)
-                nic_in.add(b)
+                for e in (snd.src, snd.dst):
+                    if e % G >= plan.nics_per_node:
+                        raise PlanViolation(f"round {t}: endpoint {e} has no NIC")
+                # each NIC sits on one GPU, so the NIC is named by its endpoint
+                if snd.src in nic_out:
+                    raise PlanViolation(f"round {t}: NIC of node {a} (endpoint {snd.src}) sends twice")
+                if snd.dst in nic_in:
+                    raise PlanViolation(f"round {t}: NIC of node {b} (endpoint {snd.dst}) receives twice")
+                nic_out.add(snd.src)
+                nic_in.add(snd.dst)
             else:
                 if node_of(snd.src) != node_of(snd.dst) or snd.src == snd.dst:
                     raise PlanViolation(f"round {t}: intra send {snd} crosses nodes")

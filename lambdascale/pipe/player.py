@@ -1,7 +1,7 @@
 """Schedule player: replay a multicast plan against link bandwidths and latencies.
 
-Link model (``Links``): every node has a full-duplex NIC with ``nic_send_bps`` and
-``nic_recv_bps`` bytes/s and a one-way ``latency_s``; intra-node (GPU to GPU) links have
+Link model (``Links``): every NIC (one per node, or one per GPU with ``nics_per_node``) is
+full duplex with ``nic_send_bps`` and ``nic_recv_bps`` bytes/s and a one-way ``latency_s``; intra-node (GPU to GPU) links have
 ``intra_bps`` and ``intra_latency_s``. A network send of ``x`` bytes from node a to node b
 occupies a's send side and b's receive side for ``x / min(send_a, recv_b)`` seconds and lands
 ``latency_s`` after it leaves. Per-node overrides model heterogeneous NICs.
@@ -157,7 +157,8 @@ def play(
                 busy, delay = cost(snd)
                 ready = have[snd.src][snd.chunk]
                 if snd.kind is SendKind.NETWORK:
-                    a, b = snd.src // G, snd.dst // G
+                    # a NIC sits on one GPU: key its send and receive sides by endpoint
+                    a, b = snd.src, snd.dst
                     start = max(ready, out_free.get(a, 0.0), in_free.get(b, 0.0))
                     out_free[a] = start + busy
                     in_free[b] = start + busy

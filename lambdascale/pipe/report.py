@@ -82,6 +82,7 @@ def _header(plan: MulticastPlan) -> dict[str, Any]:
         "blocks": plan.n_blocks,
         "chunks": plan.n_chunks,
         "gpus_per_node": plan.gpus_per_node,
+        "nics_per_node": plan.nics_per_node,
     }
 
 

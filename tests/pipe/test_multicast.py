@@ -110,6 +110,22 @@ def test_topology_fans_out_inside_the_node() -> None:
     validate_plan(p)
 
 
+def test_one_nic_per_gpu_stripes_chunks_over_lanes() -> None:
+    # 2 nodes x 2 GPUs, a NIC on each GPU: lane 0 carries chunks 0, 2 between GPUs 0 and 2,
+    # lane 1 chunks 1, 3 between GPUs 1 and 3; each receiving GPU fans out to its neighbour.
+    p = plan_multicast("binomial", 2, 1, 2, 4, gpus_per_node=2, nics_per_node=2)
+    assert [set(r) for r in p.rounds] == [
+        {Send(0, 2, 0, N), Send(1, 3, 1, N)},
+        {Send(0, 2, 2, N), Send(1, 3, 3, N), Send(2, 3, 0, I), Send(3, 2, 1, I)},
+        {Send(2, 3, 2, I), Send(3, 2, 3, I)},
+    ]
+    validate_plan(p)
+    one = plan_multicast("binomial", 2, 1, 2, 4, gpus_per_node=2)
+    assert one.completion_round == 5 and p.completion_round == 3
+    with pytest.raises(PlanError, match="nics_per_node"):
+        plan_multicast("binomial", 2, 1, 2, 4, gpus_per_node=2, nics_per_node=3)
+
+
 def test_validator_catches_each_rule() -> None:
     good = plan_multicast("binomial", 4, 1, 1, 2)
 
@@ -124,6 +140,10 @@ def test_validator_catches_each_rule() -> None:
         validate_plan(with_rounds(((Send(0, 1, 0),), (Send(0, 2, 1), Send(1, 2, 0))) + good.rounds))
     with pytest.raises(PlanViolation, match="ends without"):
         validate_plan(with_rounds(good.rounds[:-1]))
+    topo = plan_multicast("binomial", 2, 1, 1, 1, gpus_per_node=2)
+    bad = MulticastPlan(topo.algo, 2, 2, (0,), 1, 1, ((Send(1, 3, 0, N),), (Send(3, 2, 0, I),)), (1,))
+    with pytest.raises(PlanViolation, match="endpoint 1 has no NIC"):
+        validate_plan(bad)
 
 
 def test_bad_inputs_name_the_argument() -> None:
@@ -156,14 +176,15 @@ def shapes(draw, max_nodes: int = 40):
     b = draw(st.integers(1, 8))
     k = draw(st.integers(b, 24))
     g = draw(st.sampled_from([1, 1, 1, 2, 4]))
-    return n, s, b, k, g
+    nics = draw(st.integers(1, g))
+    return n, s, b, k, g, nics
 
 
 @settings(max_examples=120, deadline=None)
 @given(algo=st.sampled_from(list(Algo)), shape=shapes())
 def test_every_plan_obeys_the_rules(algo: Algo, shape) -> None:
-    n, s, b, k, g = shape
-    p = plan_multicast(algo, n, s, b, k, gpus_per_node=g)
+    n, s, b, k, g, nics = shape
+    p = plan_multicast(algo, n, s, b, k, gpus_per_node=g, nics_per_node=nics)
     validate_plan(p)  # holds-before-send, per-NIC/per-link rule, every receiver complete
     assert len(p.receivers) == (n - s) * g
     for e in p.receivers:

@@ -59,6 +59,16 @@ def test_intra_node_fan_out_uses_intra_bandwidth() -> None:
     assert r.node_full == {1: 11.0}
 
 
+def test_nic_per_gpu_doubles_network_throughput() -> None:
+    # 2 lanes of 2 chunks each on 100 B/s NICs: both NICs work in parallel, so chunk 3 lands at
+    # 2 s on GPU 3 (vs 4 s for one NIC) and reaches GPU 2 over the intra link 0.1 s later.
+    links = Links(nic_send_bps=100, nic_recv_bps=100, latency_s=0, intra_bps=1000, intra_latency_s=0)
+    two = play(plan_multicast("binomial", 2, 1, 2, 4, gpus_per_node=2, nics_per_node=2), 100, links, "chunk")
+    one = play(plan_multicast("binomial", 2, 1, 2, 4, gpus_per_node=2), 100, links, "chunk")
+    assert two.chunk_arrival[3][3] == 2.0 and two.chunk_arrival[2][3] == 2.1
+    assert two.completion_time == 2.1 and one.completion_time == 4.1
+
+
 def test_bad_player_inputs_name_the_field() -> None:
     p = plan_multicast("binomial", 2, 1, 1, 2)
     with pytest.raises(PlanError, match="chunk_bytes has 3 entries"):

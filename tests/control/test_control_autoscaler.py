@@ -104,7 +104,7 @@ def test_hysteresis_band_validated_with_field_names() -> None:
         load_config(overrides={"control.scale_down_utilization": 1.0, "control.scale_up_utilization": 1.0})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(clusters(), st.floats(0, 200))
 def test_bounds_always_honoured(snap, now) -> None:  # type: ignore[no-untyped-def]
     for d in autoscale(snap, CFG, now):

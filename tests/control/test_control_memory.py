@@ -97,7 +97,7 @@ def test_hot_model_copied_back_first() -> None:
     assert [c.model for c in manage_memory(s, CFG, 10.0).copy_backs] == ["b"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(clusters(n_models=3), st.floats(0, 300), st.integers(1, 3))
 def test_memory_properties(s, now, budget) -> None:  # type: ignore[no-untyped-def]
     cfg = ControlSettings(memory_max_copy_backs_per_node=budget)
@@ -146,7 +146,7 @@ def _apply(s, plan, now):  # type: ignore[no-untyped-def]
     return ClusterSnapshot(tuple(nodes), s.models)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(clusters(n_models=3), st.floats(0, 300))
 def test_memory_passes_converge_without_thrashing(s, now) -> None:  # type: ignore[no-untyped-def]
     """Applying plans at a fixed time reaches a no-op; every LRU eviction makes room for a hotter model."""

@@ -107,7 +107,7 @@ def test_spreads_over_nodes_before_stacking() -> None:
     assert [t.node for t in place(s, ScaleDecision("m", 0, 2, add=2), CFG, 0.0).targets] == [0, 1]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(clusters(), st.integers(1, 8), st.booleans(), st.booleans())
 def test_placement_properties(s, n, net_over_ssd, peer) -> None:  # type: ignore[no-untyped-def]
     cfg = ControlSettings(placement_network_over_ssd=net_over_ssd, placement_peer_fetch=peer)

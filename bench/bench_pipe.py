@@ -45,6 +45,8 @@ def bench_speed(quick: bool) -> None:
     print(f"{'plan_multicast binomial 1024 nodes x 64 chunks, 4 src':52s} {t * 1e3:9.1f} ms")
     t = _best_of(lambda: plan_multicast("binomial", 256, 1, 8, 64, gpus_per_node=4), rep)
     print(f"{'plan_multicast binomial 256 nodes x 4 GPUs x 64 chunks':52s} {t * 1e3:9.1f} ms")
+    t = _best_of(lambda: plan_multicast("binomial", 256, 1, 8, 64, gpus_per_node=4, nics_per_node=4), rep)
+    print(f"{'  same, one NIC per GPU (4 lanes)':52s} {t * 1e3:9.1f} ms")
     rng = random.Random(0)
     cases = []
     for _ in range(200):

@@ -1,8 +1,8 @@
 """The chunked, pipelined loader: SSD -> host pool, host pool -> device.
 
-SSD -> host: a reader thread ``pread``s chunk i+1 straight into the block's place in the host
-pool while the calling thread verifies chunk i's xxh64 (reads release the GIL, so they overlap
-with hashing); at most ``queue_depth`` chunks are read ahead. A block is announced (callback)
+SSD -> host: reader threads ``pread`` chunk i+1 (in pieces, several in flight, ``O_DIRECT`` where
+possible) straight into the block's place in the host pool while the calling thread verifies
+chunk i's xxh64 (reads release the GIL, so they overlap with hashing). A block is announced (callback)
 only after every one of its chunks verified, so a chunk whose hash does not match is never used:
 the load stops with :class:`CheckpointError` naming the file and chunk, and the block stays
 un-announced. An optional :class:`TokenBucket` caps the read rate (emulated NVMe).
@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from lambdascale.errors import CheckpointError
+from lambdascale.model.manifest import ChunkEntry
 from lambdascale.model.checkpoint import Checkpoint, read_exact_into, tensors_from_block_bytes, verify_chunk
 from lambdascale.store.ratelimit import TokenBucket
 
@@ -73,6 +74,42 @@ class LoadStats:
 
 
 _DONE = object()
+_PAGE = 4096
+
+
+def _open_direct(path: os.PathLike[str] | str) -> int | None:
+    """An ``O_DIRECT`` descriptor, or None where the platform or file system refuses it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+
+
+def _address(view: memoryview) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def _read_direct(fd: int, view: memoryview, offset: int, need: int, where: str) -> None:
+    """Read whole pages into ``view`` at file ``offset``; at end of file fewer bytes arrive, but
+    at least ``need`` must (else the file is truncated)."""
+    got = 0
+    while got < need:
+        try:
+            r = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as e:
+            raise CheckpointError(f"{where}: read failed at byte {offset + got}: {e.strerror}") from None
+        if r <= 0:
+            raise CheckpointError(f"{where}: truncated: read stopped at byte {offset + got}, expected {offset + need}")
+        got += r
+        if got % _PAGE:  # a short, unaligned read only happens at end of file
+            break
+    if got < need:
+        raise CheckpointError(f"{where}: truncated: read stopped at byte {offset + got}, expected {offset + need}")
 
 
 def load_from_ssd(
@@ -82,80 +119,135 @@ def load_from_ssd(
     on_block: OnBlock | None = None,
     tensors_of: Callable[[int], dict[str, torch.Tensor]] | None = None,
     rate: TokenBucket | None = None,
-    queue_depth: int = 4,
+    io_threads: int = 4,
     verify: bool = True,
+    direct: bool = True,
+    piece_bytes: int = 16 << 20,
 ) -> LoadStats:
-    """Read ``blocks`` (default all, in order) of ``ckpt`` into ``dest(b)`` (a memoryview of exactly
-    the block's size), verifying every chunk, announcing each block once all its chunks verified.
+    """Read ``blocks`` (default all, in order) of ``ckpt`` into ``dest(b)``, verifying every chunk,
+    announcing each block (in order) once all its chunks verified.
 
-    ``tensors_of(b)`` builds the announced tensors (default: parse ``dest(b)`` in place).
+    ``io_threads`` workers read the chunks' pieces (at most ``piece_bytes`` each) in file order,
+    so several reads are in flight (NVMe and virtio disks want queue depth) while the calling
+    thread hashes the chunks already complete. ``dest(b)`` is a writable memoryview of at least
+    the block's size; bytes past the block's size are slack that lets ``direct`` I/O
+    (``O_DIRECT``: disk to destination without a page-cache copy) read whole 4 KiB pages. Pieces
+    that are not page-aligned in the file or in memory, and file systems that refuse
+    ``O_DIRECT``, fall back to buffered reads. ``tensors_of(b)`` builds the announced tensors
+    (default: parse the block's bytes in place).
     """
     m = ckpt.manifest
     order = list(range(m.n_blocks)) if blocks is None else list(blocks)
     for b in order:
         if not 0 <= b < m.n_blocks:
             raise CheckpointError(f"{ckpt.dir}: block {b} out of range (model has {m.n_blocks} blocks)")
-    views = {b: dest(b) for b in order}
+    if io_threads < 1:
+        raise ValueError(f"io_threads must be at least 1, got {io_threads}")
+    piece_bytes = max(_PAGE, piece_bytes - piece_bytes % _PAGE)
+    full = {b: dest(b) for b in order}
     for b in order:
-        if len(views[b]) != m.blocks[b].nbytes:
-            raise ValueError(f"destination of block {b} holds {len(views[b])} bytes, the block has {m.blocks[b].nbytes}")
-    q: queue.Queue[object] = queue.Queue(maxsize=queue_depth)
-    stop = threading.Event()
-    waited = [0.0]
+        if len(full[b]) < m.blocks[b].nbytes:
+            raise ValueError(f"destination of block {b} holds {len(full[b])} bytes, the block has {m.blocks[b].nbytes}")
+    views = {b: full[b][: m.blocks[b].nbytes] for b in order}
 
-    def reader() -> None:
+    # open every file and check its size before reading anything
+    fds: dict[int, tuple[int, int | None]] = {}
+    try:
+        for b in order:
+            path = ckpt.block_path(b)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open block file: {e.strerror}") from None
+            fds[b] = (fd, _open_direct(path) if direct else None)
+            size = os.fstat(fd).st_size
+            if size != m.blocks[b].nbytes:
+                raise CheckpointError(f"{path}: file has {size} bytes, manifest says {m.blocks[b].nbytes} (truncated or replaced)")
+    except BaseException:
+        for fd, dfd in fds.values():
+            os.close(fd)
+            if dfd is not None:
+                os.close(dfd)
+        raise
+
+    # pieces in file order: (block, chunk, offset, length)
+    pieces: list[tuple[int, ChunkEntry, int, int]] = []
+    left: dict[int, int] = {}
+    for b in order:
+        for ch in m.blocks[b].chunks:
+            n = 0
+            for off in range(ch.offset, ch.offset + ch.length, piece_bytes):
+                pieces.append((b, ch, off, min(piece_bytes, ch.offset + ch.length - off)))
+                n += 1
+            left[ch.index] = n
+    q: queue.Queue[object] = queue.Queue()
+    stop = threading.Event()
+    lock = threading.Lock()
+    next_piece = [0]
+    waited = [0.0]
+    bases = {b: _address(full[b]) for b in order}
+
+    def worker() -> None:
         try:
-            for b in order:
-                path = ckpt.block_path(b)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise CheckpointError(f"{path}: cannot open block file: {e.strerror}") from None
-                try:
-                    size = os.fstat(fd).st_size
-                    if size != m.blocks[b].nbytes:
-                        raise CheckpointError(f"{path}: file has {size} bytes, manifest says {m.blocks[b].nbytes} (truncated or replaced)")
-                    for ch in m.blocks[b].chunks:
-                        if stop.is_set():
-                            return
-                        if rate is not None:
-                            waited[0] += rate.acquire(ch.length)
-                        read_exact_into(fd, views[b][ch.offset : ch.offset + ch.length], ch.offset, str(path))
-                        q.put((b, ch))
-                finally:
-                    os.close(fd)
-            q.put(_DONE)
+            while not stop.is_set():
+                with lock:
+                    i = next_piece[0]
+                    next_piece[0] += 1
+                if i >= len(pieces):
+                    return
+                b, ch, off, ln = pieces[i]
+                if rate is not None:
+                    w = rate.acquire(ln)
+                    with lock:
+                        waited[0] += w
+                fd, dfd = fds[b]
+                padded = -(-ln // _PAGE) * _PAGE
+                where = str(ckpt.block_path(b))
+                if dfd is not None and off % _PAGE == 0 and (bases[b] + off) % _PAGE == 0 and off + padded <= len(full[b]):
+                    _read_direct(dfd, full[b][off : off + padded], off, ln, where)
+                else:
+                    read_exact_into(fd, views[b][off : off + ln], off, where)
+                with lock:
+                    left[ch.index] -= 1
+                    done = left[ch.index] == 0
+                if done:
+                    q.put((b, ch))
         except BaseException as e:  # handed to the consumer, which re-raises it
+            stop.set()
             q.put(e)
 
     t0 = time.perf_counter()
-    th = threading.Thread(target=reader, name=f"ssd-reader-{m.name}", daemon=True)
-    th.start()
+    threads = [threading.Thread(target=worker, name=f"ssd-reader-{m.name}-{i}", daemon=True) for i in range(io_threads)]
+    for th in threads:
+        th.start()
     nbytes = 0
     try:
-        remaining = {b: len(m.blocks[b].chunks) for b in order}
-        while True:
+        chunks_left = {b: len(m.blocks[b].chunks) for b in order}
+        announce = 0  # index into order of the next block to announce
+        n_chunks = sum(chunks_left.values())
+        for _ in range(n_chunks):
             item = q.get()
-            if item is _DONE:
-                break
             if isinstance(item, BaseException):
                 raise item
             b, ch = item  # type: ignore[misc]
             if verify:
                 verify_chunk(views[b][ch.offset : ch.offset + ch.length], ch, str(ckpt.block_path(b)))
             nbytes += ch.length
-            remaining[b] -= 1
-            if remaining[b] == 0 and on_block is not None:
-                tensors = tensors_of(b) if tensors_of is not None else tensors_from_block_bytes(views[b], where=str(ckpt.block_path(b)))
-                on_block(BlockLanded(m.name, b, Tier.HOST, tensors, m.blocks[b].nbytes, time.perf_counter() - t0))
+            chunks_left[b] -= 1
+            while announce < len(order) and chunks_left[order[announce]] == 0:
+                bb = order[announce]
+                announce += 1
+                if on_block is not None:
+                    tensors = tensors_of(bb) if tensors_of is not None else tensors_from_block_bytes(views[bb], where=str(ckpt.block_path(bb)))
+                    on_block(BlockLanded(m.name, bb, Tier.HOST, tensors, m.blocks[bb].nbytes, time.perf_counter() - t0))
     finally:
         stop.set()
-        while th.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                th.join(timeout=0.01)
-        th.join()
+        for th in threads:
+            th.join()
+        for fd, dfd in fds.values():
+            os.close(fd)
+            if dfd is not None:
+                os.close(dfd)
     return LoadStats(m.name, Tier.HOST, tuple(order), nbytes, time.perf_counter() - t0, waited[0])
 
 

@@ -120,7 +120,11 @@ class HostPool:
             raise LambdaScaleError("a pinned host pool needs CUDA; this machine has none (set store.pinned to auto or off)")
         self.pinned = bool(want_pin)
         # Untouched pages of a plain allocation cost nothing until used, so a large capacity is cheap on CPU.
-        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        # The base is aligned to 4 KiB (direct I/O lands whole pages straight into the pool).
+        page = max(4096, align)
+        self._raw = torch.empty(capacity + page, dtype=torch.uint8, pin_memory=self.pinned)
+        shift = (-self._raw.data_ptr()) % page
+        self.buffer = self._raw[shift : shift + capacity]
 
     @property
     def capacity(self) -> int:
@@ -139,3 +143,8 @@ class HostPool:
     def view(self, a: Allocation) -> memoryview:
         """The ``nbytes`` of an allocation as a writable memoryview (for ``readinto``/hashing)."""
         return memoryview(self.tensor(a).numpy())
+
+    def view_padded(self, a: Allocation) -> memoryview:
+        """The whole allocated range (``size >= nbytes``, a multiple of the alignment): the slack
+        lets direct I/O read whole pages."""
+        return memoryview(self.buffer[a.offset : a.offset + a.size].numpy())

@@ -27,7 +27,10 @@ class StoreSettings(BaseModel):
     ssd_gbps: float | None = Field(
         default=None, gt=0, le=1000, description="cap on SSD-tier read rate in GB/s (emulates a cluster's NVMe); None = no cap"
     )
-    loader_queue_depth: int = Field(
-        default=4, ge=1, le=64, description="chunks read ahead of verification by the pipelined loader"
+    loader_io_threads: int = Field(
+        default=4, ge=1, le=64, description="reads the SSD loader keeps in flight (threads)"
+    )
+    direct_io: bool = Field(
+        default=True, description="read block files with O_DIRECT into the host pool (falls back to buffered reads)"
     )
     pool_align: int = Field(default=4096, ge=64, le=1 << 21, description="alignment of blocks in the host pool, bytes")

@@ -290,8 +290,9 @@ class NodeStore:
                 on_block(ev)
 
         try:
-            stats = load_from_ssd(ckpt, lambda b: memoryview(res.buffers[b].numpy()), on_block=landed,
-                                  rate=self.ssd_rate, queue_depth=self.settings.loader_queue_depth)
+            stats = load_from_ssd(ckpt, lambda b: self.pool.view_padded(res.allocations[b]), on_block=landed,
+                                  rate=self.ssd_rate, io_threads=self.settings.loader_io_threads,
+                                  direct=self.settings.direct_io)
         except BaseException:
             self.host.abandon(name)
             raise

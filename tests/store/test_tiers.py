@@ -78,7 +78,7 @@ def test_corrupted_chunk_stops_the_load_and_is_never_announced(models: Path) -> 
     announced: list[int] = []
     with pytest.raises(CheckpointError, match=rf"block_002\.safetensors: chunk {bad.index} .*corrupted"):
         store.load_host("a", on_block=lambda ev: announced.append(ev.block))
-    assert announced == [0, 1]
+    assert announced in ([], [0], [0, 1])  # earlier blocks may land; block 2 and later never do
     assert "a" not in store.host.models and store.pool.allocator.used == 0  # nothing half-loaded stays
 
 
@@ -166,6 +166,35 @@ def test_no_gpu_tier_is_a_clear_error(models: Path) -> None:
     store = _store(models)
     with pytest.raises(LambdaScaleError, match="no gpu memory tier"):
         store.load("a", Tier.GPU)
+
+
+@pytest.mark.parametrize("direct,threads,piece", [(True, 4, 4096), (False, 1, 1 << 20), (True, 2, 8192)])
+def test_loader_paths_agree(models: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, threads: int, piece: int) -> None:
+    import lambdascale.store.loader as L
+    from lambdascale.store.pool import HostPool
+
+    calls = {"direct": 0}
+    real = L._read_direct
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        calls["direct"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(L, "_read_direct", counting)
+    ck = Checkpoint(models / "a")
+    pool = HostPool(8 << 20, pinned=False)
+    allocs = {b.index: pool.alloc(b.nbytes) for b in ck.manifest.blocks}
+    got: dict[int, dict[str, torch.Tensor]] = {}
+    stats = load_from_ssd(ck, lambda b: pool.view_padded(allocs[b]), on_block=lambda ev: got.__setitem__(ev.block, ev.tensors),
+                          io_threads=threads, direct=direct, piece_bytes=piece)
+    assert stats.nbytes == ck.manifest.total_bytes and list(got) == [0, 1, 2, 3]
+    for b in got:
+        ref = ck.block_tensors(b)
+        assert all(torch.equal(got[b][k], ref[k]) for k in ref)
+    if direct and L._open_direct(ck.block_path(0)) is not None:
+        assert calls["direct"] > 0
+    if not direct:
+        assert calls["direct"] == 0
 
 
 def test_direct_loader_checks_destination_size(models: Path) -> None:

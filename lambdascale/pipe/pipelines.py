@@ -395,6 +395,13 @@ def _plan_masks(
     return PipelinePlan(tuple(form), tuple(keep), tuple(dissolve), tuple(solo), tuple(sizes))
 
 
+def _check_sizes(sizes: Sequence[int], n_blocks: int) -> tuple[int, ...]:
+    bad = [s for s in sizes if not 1 <= s <= n_blocks]
+    if bad:
+        raise PlanError(f"pipeline sizes {bad} outside 1..n_blocks={n_blocks}")
+    return tuple(sorted(set(sizes), reverse=True))
+
+
 def _check_common(n_blocks: int, capacity: Mapping[int, int] | None) -> dict[int, int]:
     if n_blocks < 1:
         raise PlanError(f"n_blocks must be >= 1, got {n_blocks}")
@@ -415,11 +422,12 @@ def plan_pipelines(
     """Decide pipelines for nodes ``holdings`` (node -> blocks held). Pure and deterministic.
 
     ``current`` are the pipelines already running (kept or dissolved by the rules in the module
-    doc); ``sizes`` overrides :func:`planned_sizes` over all nodes in ``holdings``.
+    doc); ``sizes`` overrides :func:`planned_sizes` over all nodes in ``holdings`` (each in
+    ``1..n_blocks``; tried largest first).
     """
     cap = _check_common(n_blocks, capacity)
     masks = _to_masks(holdings, n_blocks)
-    sz = tuple(sizes) if sizes is not None else planned_sizes(n_blocks, len(masks))
+    sz = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(masks))
     return _plan_masks(masks, n_blocks, cap, current, sz)
 
 
@@ -445,7 +453,7 @@ class PipelinePlanner:
         self._cap = _check_common(n_blocks, capacity)
         node_list = list(nodes)
         self._masks = _to_masks({v: (holdings or {}).get(v, ()) for v in node_list}, n_blocks)
-        self.sizes = tuple(sizes) if sizes is not None else planned_sizes(n_blocks, len(node_list))
+        self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
         self._pipe_sizes = {s for s in self.sizes if s >= 2}
         # chunks still missing per (node, block): a block completes when its count reaches 0
         B, K = n_blocks, self.n_chunks

@@ -76,6 +76,8 @@ def test_bad_inputs_name_the_node_and_block() -> None:
         plan_pipelines({3: {9}}, 8)
     with pytest.raises(PlanError, match="capacity of node 1"):
         plan_pipelines({1: {0}}, 8, capacity={1: -1})
+    with pytest.raises(PlanError, match=r"sizes \[9\] outside 1\.\.n_blocks=8"):
+        plan_pipelines({1: {0}}, 8, sizes=(4, 9))
     planner = PipelinePlanner([0, 1], 2, 4)
     with pytest.raises(PlanError, match="node 5"):
         planner.on_chunk(5, 0)

@@ -716,13 +716,16 @@ class Simulation:
             self.loop.after(self.s.sample_interval_s, Priority.REPORT, self._sample)
 
     def _start(self) -> None:
+        """Initial state: ``floor`` warm instances on the first nodes; the model was served before,
+        so systems that cache it in host memory hold a copy wherever the pool has room."""
+        caches_host = self.cfg.memory_copy_back and Tier.HOST in self.spec.cache_tiers
+        for node in self.nodes:
+            node.host = caches_host and self.host_total[node.id] >= self.model.nbytes
         for i in range(self.spec.floor):
             node = self.nodes[i]
             self._alloc_gpu(node)
             node.chunks = set(range(self.model.n_chunks))
             node.inst = self._new_inst(InstanceState.FULL, ((i, 0, self.model.n_blocks),))
-            node.host = (self.cfg.memory_copy_back and Tier.HOST in self.spec.cache_tiers
-                         and self.host_total[i] >= self.model.nbytes)
         for r in self.reqs:
             self.loop.schedule(r.arrival, Priority.ARRIVAL, self._arrive, r)
         self.loop.schedule(0.0, Priority.CONTROL, self._tick)

@@ -11,7 +11,8 @@ Policy (pure function of holdings, capacity and the pipelines already running):
    joins a pipeline. A running pipeline is *dissolved* when one of its members becomes
    solo-capable (its requests move to full instances with their token state, see DESIGN.md), or
    when a member no longer holds its stage's blocks or lost the capacity for them.
-3. For every planned size >= 2 not currently running, largest first, build it from free nodes
+3. For every planned size >= 2 with fewer pipelines running than planned, largest first, build
+   pipelines from free nodes
    (not solo-capable, not in a kept pipeline): node loads differ by at most one block, the
    stages cover blocks ``0..B-1`` in order, and each runs on a node holding its blocks. Nodes
    holding fewer blocks are preferred, so richer nodes stay free for smaller pipelines.
@@ -31,6 +32,7 @@ answer (the node became solo-capable, or a planned size is not running). Its dec
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -124,17 +126,20 @@ class PipelinePlan:
 def planned_sizes(n_blocks: int, n_nodes: int) -> tuple[int, ...]:
     """Pipeline sizes by halving from the block count, taken while they fit ``n_nodes`` nodes.
 
-    Sizes are ``B, B//2, B//4, ..., 1``; each is taken (once) if the total stays <= n_nodes.
+    One pass walks ``B, B//2, B//4, ..., 1`` and takes each size that still fits (8 blocks, 7
+    nodes: 4, 2, 1). Passes repeat until every node is planned, so large clusters run several
+    pipelines of a size (8 blocks, 20 nodes: 8, 4, 4, 2, 1, 1). Largest first.
     """
     out: list[int] = []
     used = 0
-    s = n_blocks
-    while s >= 1:
-        if used + s <= n_nodes:
-            out.append(s)
-            used += s
-        s //= 2
-    return tuple(out)
+    while used < n_nodes:
+        s = n_blocks
+        while s >= 1:
+            if used + s <= n_nodes:
+                out.append(s)
+                used += s
+            s //= 2
+    return tuple(sorted(out, reverse=True))
 
 
 def _assign(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], size: int) -> tuple[int, ...] | None:
@@ -379,27 +384,33 @@ def _plan_masks(
             used.update(p.nodes)
         else:
             dissolve.append(p)
-    running = {p.size for p in keep}
+    want = _pipe_counts(sizes)
+    have = Counter(p.size for p in keep)
     free = [v for v in masks if v not in solo_set and v not in used and cap.get(v, n_blocks) >= 1]
     free.sort(key=lambda v: (masks[v].bit_count(), v))
     form: list[Pipeline] = []
-    for s in sizes:
-        if s < 2 or s in running:
-            continue
-        p = _build(s, n_blocks, free, masks, cap)
-        if p is not None:
+    for s in sorted(want, reverse=True):
+        while have[s] < want[s]:
+            p = _build(s, n_blocks, free, masks, cap)
+            if p is None:
+                break  # fewer free nodes will not do better for this size
             form.append(p)
-            running.add(s)
+            have[s] += 1
             taken = set(p.nodes)
             free = [v for v in free if v not in taken]
     return PipelinePlan(tuple(form), tuple(keep), tuple(dissolve), tuple(solo), tuple(sizes))
+
+
+def _pipe_counts(sizes: Sequence[int]) -> Counter[int]:
+    """How many pipelines of each size >= 2 the plan wants (size 1 = solo nodes)."""
+    return Counter(s for s in sizes if s >= 2)
 
 
 def _check_sizes(sizes: Sequence[int], n_blocks: int) -> tuple[int, ...]:
     bad = [s for s in sizes if not 1 <= s <= n_blocks]
     if bad:
         raise PlanError(f"pipeline sizes {bad} outside 1..n_blocks={n_blocks}")
-    return tuple(sorted(set(sizes), reverse=True))
+    return tuple(sorted(sizes, reverse=True))
 
 
 def _check_common(n_blocks: int, capacity: Mapping[int, int] | None) -> dict[int, int]:
@@ -454,7 +465,7 @@ class PipelinePlanner:
         node_list = list(nodes)
         self._masks = _to_masks({v: (holdings or {}).get(v, ()) for v in node_list}, n_blocks)
         self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
-        self._pipe_sizes = {s for s in self.sizes if s >= 2}
+        self._want = _pipe_counts(self.sizes)
         # chunks still missing per (node, block): a block completes when its count reaches 0
         B, K = n_blocks, self.n_chunks
         per_block = [0] * B
@@ -505,8 +516,8 @@ class PipelinePlanner:
             return None
         self._masks[node] = m
         became_full = m == (1 << self.n_blocks) - 1
-        running = {p.size for p in self.plan.active}
-        if not became_full and self._pipe_sizes <= running:
+        have = Counter(p.size for p in self.plan.active)
+        if not became_full and all(have[s] >= n for s, n in self._want.items()):
             return None  # every planned pipeline runs and no member can leave: nothing to do
         new = _plan_masks(self._masks, self.n_blocks, self._cap, self.plan.active, self.sizes)
         old_solo = self.plan.solo

@@ -17,8 +17,17 @@ def test_planned_sizes_halve_from_the_block_count() -> None:
     assert planned_sizes(8, 8) == (8,)
     assert planned_sizes(8, 15) == (8, 4, 2, 1)
     assert planned_sizes(8, 3) == (2, 1)
-    assert planned_sizes(6, 5) == (3, 1)
+    assert planned_sizes(6, 5) == (3, 1, 1)
+    assert planned_sizes(8, 20) == (8, 4, 4, 2, 1, 1)  # a second pass once the first is placed
     assert planned_sizes(8, 0) == ()
+
+
+def test_large_clusters_run_several_pipelines_of_a_size() -> None:
+    # 8 nodes each holding one quarter (two per quarter): two 4-node pipelines at once
+    h = {v: {2 * (v % 4), 2 * (v % 4) + 1} for v in range(8)}
+    p = plan_pipelines(h, 8, sizes=(4, 4))
+    assert sorted(q.assignment for q in p.form) == [(0, 0, 1, 1, 2, 2, 3, 3), (4, 4, 5, 5, 6, 6, 7, 7)]
+    assert plan_pipelines(h, 8, sizes=(4,)).instances == 1
 
 
 def test_hand_checked_seven_receivers() -> None:

@@ -118,6 +118,27 @@ class KVCache:
         self._free.extend(range(self.slot_cap, slots))
         self.slot_cap, self.token_cap = slots, tokens
 
+    def export(self, seq_id: SeqId) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of one sequence's cached K/V per layer, each [n_kv, length, head_dim]."""
+        slot, n = self._slot_of[seq_id], self._len[seq_id]
+        return [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self._k, self._v)]
+
+    def load(self, seq_id: SeqId, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Install K/V exported elsewhere (same layers) for a sequence new to this cache."""
+        if len(kv) != self.n_layers:
+            raise ValueError(f"got K/V for {len(kv)} layers, this cache holds {self.n_layers}")
+        n = kv[0][0].shape[1]
+        want = (self.n_kv_heads, n, self.head_dim)
+        for i, (k, v) in enumerate(kv):
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise ValueError(f"layer {i}: K/V shapes {tuple(k.shape)}/{tuple(v.shape)}, expected {want}")
+        self.reserve_tokens(n)
+        slot = self.allocate(seq_id)
+        for (kb, vb), (k, v) in zip(zip(self._k, self._v), kv):
+            kb[slot, :, :n] = k.to(kb.dtype)
+            vb[slot, :, :n] = v.to(vb.dtype)
+        self._len[seq_id] = n
+
     def buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k, v) buffers, to hand to ``StageModel.forward``."""
         return list(zip(self._k, self._v))

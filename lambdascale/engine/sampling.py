@@ -13,11 +13,12 @@ is the same on every device and every torch version.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from lambdascale.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # torch is imported where sampling happens, so the CLI parser stays light
+    import torch
 
 _MASK64 = (1 << 64) - 1
 
@@ -84,6 +85,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seed: int, index:
     Order: temperature, top-k, top-p (on the tempered distribution), then inverse-CDF with
     :func:`uniform`. Greedy ties break to the lowest token id (as ``argmax`` does).
     """
+    import torch
     if params.greedy:
         return int(torch.argmax(logits))
     x = logits.to(torch.float64) / params.temperature  # [V]
@@ -107,6 +109,7 @@ def sample_batch(
     logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], indices: Sequence[int]
 ) -> list[int]:
     """Sample one token per row of ``logits`` [B, vocab]; greedy rows share one argmax."""
+    import torch
     if logits.shape[0] != len(params):
         raise ValueError(f"{logits.shape[0]} logit rows for {len(params)} requests")
     greedy_ids = torch.argmax(logits, dim=-1).tolist() if any(p.greedy for p in params) else []

@@ -80,6 +80,14 @@ class Stage:
         """Free a sequence's KV slot (finished, aborted or moved away)."""
         return self.kv.free(seq_id)
 
+    def export_kv(self, seq_id: SeqId) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This stage's K/V of one sequence, per layer [n_kv, length, head_dim] (to move it)."""
+        return self.kv.export(seq_id)
+
+    def import_kv(self, seq_id: SeqId, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Adopt a sequence's K/V exported by a stage over the same layers; it continues from there."""
+        self.kv.load(seq_id, kv)
+
     def forward(self, batch: StageBatch, x: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Run the batch: token ids [N] (first stage) or hidden [N, hidden] in; hidden or logits out.
 

@@ -180,3 +180,23 @@ def test_bfloat16_runs_close_to_float32() -> None:
     out = bf.forward(StageBatch((SeqSlice("a", 0, 19),)), ids, True)
     assert out.dtype == torch.float32
     assert _rel_err(out, f32) < 0.1
+
+
+def test_kv_moves_between_stages() -> None:
+    """A pipeline stage's K/V handed to a full-model stage continues the sequence identically."""
+    arch, _model, sd = hf_model("tiny-llama")
+    prompt = [4, 8, 15, 16, 23, 42]
+    a = split_stages(arch, sd, [(0, 4), (4, 8)], max_len=64, max_seqs=2)
+    x: torch.Tensor = torch.tensor(prompt)
+    for st in a:
+        x = st.forward(StageBatch((SeqSlice("m", 0, 6),)), x)
+    dest = full_stage(arch, sd, max_len=64, max_seqs=2)
+    dest.import_kv("m", a[0].export_kv("m") + a[1].export_kv("m"))
+    assert dest.cached_len("m") == 6
+    got = dest.forward(StageBatch((SeqSlice("m", 6, 1),)), torch.tensor([9]))
+    ref = full_stage(arch, sd, max_len=64, max_seqs=1)
+    ref.forward(StageBatch((SeqSlice("m", 0, 6),)), torch.tensor(prompt))
+    want = ref.forward(StageBatch((SeqSlice("m", 6, 1),)), torch.tensor([9]))
+    assert _rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match="expected"):
+        dest.import_kv("n", [(t[0][:1], t[1]) for t in a[0].export_kv("m") + a[1].export_kv("m")])

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import importlib
 import json
 import os
 import signal
 import sys
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,9 @@ from lambdascale.runtime.messages import (
     ChunkHeld,
     ControlError,
     CorruptNext,
+    DissolveStage,
     DropModel,
+    FormStage,
     GetStatus,
     Heartbeat,
     HoldModel,
@@ -47,6 +51,7 @@ from lambdascale.runtime.messages import (
     SendFailed,
     SetPeers,
     Shutdown,
+    StageStep,
     read_msg,
     write_msg,
 )
@@ -127,6 +132,8 @@ class NodeAgent:
         )
         self._send_tasks: dict[str, list[tuple[int, asyncio.Task]]] = {}
         self._cancelled_epoch: dict[str, int] = {}
+        self.stages: dict[str, Any] = {}  # pipeline id -> StageHost (torch imported lazily)
+        self._hidden: dict[str, asyncio.Future[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -193,7 +200,18 @@ class NodeAgent:
             except TransferError as e:
                 await self._report(SendFailed(node=self.node, model=model, chunk=chunk, dst=dst, epoch=epoch, error=str(e)))
 
+    def _hidden_future(self, tag: str) -> asyncio.Future[None]:
+        fut = self._hidden.get(tag)
+        if fut is None:
+            fut = self._hidden[tag] = asyncio.get_running_loop().create_future()
+        return fut
+
     async def _on_arrival(self, arr: Arrival) -> None:
+        if arr.tag.startswith("h|"):  # hidden states for a pipeline stage (see stage_host)
+            fut = self._hidden_future(arr.tag)
+            if not fut.done():
+                fut.set_result(None)
+            return
         model, chunk = parse_tag(arr.tag)
         st = self.models.get(model)
         if st is None:
@@ -265,6 +283,38 @@ class NodeAgent:
         if isinstance(msg, CorruptNext):
             self.transport.corrupt_tags.add(chunk_tag(msg.model, msg.chunk))
             return {}
+        if isinstance(msg, FormStage):
+            # torch loads in a worker thread: the loop must keep heartbeating meanwhile
+            mod = await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
+            StageHost = mod.StageHost
+            if msg.pipeline in self.stages:
+                raise LambdaScaleError(f"node {self.node} already hosts a stage of pipeline {msg.pipeline!r}")
+            self.stages[msg.pipeline] = await asyncio.to_thread(StageHost, self, self._model(msg.model), msg)
+            return {"peer": self.transport.info().model_dump(mode="json")}
+        if isinstance(msg, StageStep):
+            from lambdascale.runtime.stage_host import hidden_tag
+
+            host = self.stages.get(msg.pipeline)
+            if host is None:
+                raise LambdaScaleError(f"node {self.node} hosts no stage of pipeline {msg.pipeline!r}")
+            tag = hidden_tag(msg.pipeline, msg.step)
+            ready = None if host.stage.first or not msg.seqs else self._hidden_future(tag)
+            try:
+                if ready is not None:
+                    await asyncio.wait_for(asyncio.shield(ready), self.transfer_settings.stall_timeout_s)
+                return await host.step(msg, ready)
+            except asyncio.TimeoutError:
+                raise LambdaScaleError(
+                    f"node {self.node}: no hidden states for pipeline {msg.pipeline!r} step {msg.step} "
+                    f"within {self.transfer_settings.stall_timeout_s}s"
+                ) from None
+            finally:
+                self._hidden.pop(tag, None)
+        if isinstance(msg, DissolveStage):
+            host = self.stages.pop(msg.pipeline, None)
+            if host is not None:
+                host.close()
+            return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, Shutdown):
             self._stop.set()
             return {}
@@ -274,7 +324,7 @@ class NodeAgent:
         try:
             data = await self._handle(msg)
             reply = Reply(req=msg.req, data=data)
-        except (LambdaScaleError, OSError, ValueError) as e:
+        except (LambdaScaleError, OSError, ValueError, RuntimeError) as e:
             reply = Reply(req=msg.req, ok=False, error=f"node {self.node}: {e}")
         await self._report(reply)
 

@@ -99,6 +99,56 @@ class CorruptNext(_Msg):
     chunk: int
 
 
+class FormStage(_Msg):
+    """Build stage ``index`` of pipeline ``pipeline`` from held blocks ``[blocks[0], blocks[1])``.
+
+    Hidden states go to ``next_node`` (None for the last stage) over the transport, in buffers
+    named ``pipe/<pipeline>/h<i>`` (boundary i: out of stage i-1, into stage i), each holding up
+    to ``max_step_tokens`` rows of ``hidden_size`` values of ``dtype``.
+    """
+
+    type: Literal["form_stage"] = "form_stage"
+    req: int
+    model: str
+    pipeline: str
+    index: int = Field(ge=0)
+    blocks: tuple[int, int]
+    next_node: int | None
+    max_len: int = Field(gt=0)
+    max_seqs: int = Field(gt=0)
+    max_step_tokens: int = Field(gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class StageStep(_Msg):
+    """One step of a pipeline, sent to every stage at once.
+
+    ``seqs``: (seq id, start position, number of new tokens), single-token sequences first.
+    Stage 0 gets the new ``token_ids`` (flat, in ``seqs`` order); the others receive hidden
+    states ``[N, hidden]`` from their predecessor over the transport, tagged with ``step``. The
+    last stage samples one token per sequence from ``sample`` = (SamplingParams as a dict,
+    seed, token index) and replies ``{"tokens": [...]}``. ``release`` frees KV of finished or
+    moved sequences first.
+    """
+
+    type: Literal["stage_step"] = "stage_step"
+    req: int
+    pipeline: str
+    step: int = Field(ge=0)
+    seqs: list[tuple[str, int, int]]
+    token_ids: list[int] | None = None
+    sample: list[tuple[dict[str, Any], int, int]] | None = None
+    release: list[str] = Field(default_factory=list)
+
+
+class DissolveStage(_Msg):
+    """Drop this agent's stage of ``pipeline`` (its KV cache and hidden-state buffers)."""
+
+    type: Literal["dissolve_stage"] = "dissolve_stage"
+    req: int
+    pipeline: str
+
+
 class Shutdown(_Msg):
     type: Literal["shutdown"] = "shutdown"
     req: int
@@ -160,6 +210,7 @@ class Reply(_Msg):
 Message = Annotated[
     Union[
         SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown,
+        FormStage, StageStep, DissolveStage,
         Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
     ],
     Field(discriminator="type"),

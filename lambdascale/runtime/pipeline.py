@@ -1,0 +1,201 @@
+"""Controller side of execute-while-load: execution pipelines across agents, and dissolution.
+
+:class:`RemotePipeline` forms stages on agents (stage i on a node that holds blocks
+``[b_i, b_{i+1})``) and runs one step at a time: the step's schedule goes to every stage at once,
+token ids enter stage 0, hidden states flow stage to stage over the transport, and the last
+stage returns one sampled token per sequence. A full instance is a pipeline of one stage.
+
+:class:`PipelineServer` does continuous batching of requests on one pipeline from their token
+state (prompt ids, output ids, sampling params, seed). Because sampling is a pure function of
+(logits, params, seed, token index), :meth:`PipelineServer.take` lets requests leave a
+dissolving pipeline between steps and :meth:`PipelineServer.add` resume them on a full instance
+(the new instance recomputes the KV cache by prefilling prompt + outputs): the client's stream
+is exactly an uninterrupted run's, no token lost or repeated.
+
+Limits of this first version: one step in flight per pipeline (no micro-batch overlap between
+stages), stop on token ids and ``max_tokens`` only (stop strings need the tokenizer, which lives
+in the gateway), hidden states recomputed rather than KV shipped on dissolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sequence import TokenState
+from lambdascale.errors import InvalidRequestError
+from lambdascale.model.manifest import Manifest
+from lambdascale.runtime.cluster import Cluster
+from lambdascale.runtime.messages import DissolveStage, FormStage, StageStep
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """Stage of a pipeline: ``node`` runs blocks ``[blocks[0], blocks[1])``."""
+
+    node: int
+    blocks: tuple[int, int]
+
+
+def check_placements(placements: Sequence[StagePlacement], n_blocks: int) -> None:
+    """Stages must tile ``[0, n_blocks)`` in order, on distinct nodes."""
+    if not placements:
+        raise ValueError("a pipeline needs at least one stage")
+    pos = 0
+    for p in placements:
+        if p.blocks[0] != pos or p.blocks[1] <= p.blocks[0]:
+            raise ValueError(f"stage on node {p.node} holds blocks {list(p.blocks)}, expected to start at block {pos}")
+        pos = p.blocks[1]
+    if pos != n_blocks:
+        raise ValueError(f"stages cover blocks [0, {pos}), the model has {n_blocks}")
+    nodes = [p.node for p in placements]
+    if len(set(nodes)) != len(nodes):
+        raise ValueError(f"a node may host one stage of a pipeline; got nodes {nodes}")
+
+
+class RemotePipeline:
+    """Stages on agents, driven one step at a time."""
+
+    _ids = itertools.count()
+
+    def __init__(self, cluster: Cluster, manifest: Manifest, placements: Sequence[StagePlacement],
+                 max_len: int = 512, max_seqs: int = 16, max_step_tokens: int = 512, name: str | None = None) -> None:
+        check_placements(placements, manifest.n_blocks)
+        self.cluster = cluster
+        self.manifest = manifest
+        self.placements = list(placements)
+        self.max_len = max_len
+        self.max_seqs = max_seqs
+        self.max_step_tokens = max_step_tokens
+        self.name = name or f"p{next(self._ids)}"
+        self._step = 0
+
+    @property
+    def nodes(self) -> list[int]:
+        return [p.node for p in self.placements]
+
+    async def form(self) -> None:
+        ps = self.placements
+        await asyncio.gather(*(
+            self.cluster.request(p.node, FormStage(
+                req=0, model=self.manifest.name, pipeline=self.name, index=i, blocks=p.blocks,
+                next_node=ps[i + 1].node if i + 1 < len(ps) else None, max_len=self.max_len,
+                max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens,
+            ))
+            for i, p in enumerate(ps)
+        ))
+        if len(ps) > 1:
+            await self.cluster.broadcast_peers()  # one-sided backends need the new buffers' keys
+
+    async def step(self, seqs: list[tuple[str, int, int]], token_ids: list[int],
+                   sample: list[tuple[SamplingParams, int, int]], release: list[str] = ()) -> list[int]:
+        """Run one step; returns one sampled token per sequence (in ``seqs`` order)."""
+        step = self._step
+        self._step += 1
+        sample_d = [(asdict(p), seed, idx) for p, seed, idx in sample]
+        last = len(self.placements) - 1
+        replies = await asyncio.gather(*(
+            self.cluster.request(p.node, StageStep(
+                req=0, pipeline=self.name, step=step, seqs=seqs,
+                token_ids=token_ids if i == 0 else None,
+                sample=sample_d if i == last else None, release=list(release),
+            ))
+            for i, p in enumerate(self.placements)
+        ))
+        return list(replies[-1].get("tokens", []))
+
+    async def dissolve(self) -> None:
+        async def one(n: int) -> None:
+            try:
+                await self.cluster.request(n, DissolveStage(req=0, pipeline=self.name))
+            except Exception:  # noqa: BLE001 - a lost node has nothing left to free
+                pass
+        await asyncio.gather(*(one(n) for n in self.nodes))
+
+
+@dataclass
+class _Req:
+    rid: str
+    prompt: list[int]
+    out: list[int]
+    params: SamplingParams
+    seed: int
+    computed: int = 0  # tokens whose KV is cached on this pipeline
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt + self.out
+
+
+@dataclass
+class PipelineServer:
+    """Continuous batching of token-state requests on one :class:`RemotePipeline`."""
+
+    pipe: RemotePipeline
+    eos_token_ids: frozenset[int] = frozenset()
+    on_token: Callable[[str, int], None] | None = None
+    reqs: dict[str, _Req] = field(default_factory=dict)
+    finished: dict[str, list[int]] = field(default_factory=dict)
+    _release: list[str] = field(default_factory=list)
+
+    def add(self, rid: str, state: TokenState) -> None:
+        if rid in self.reqs:
+            raise InvalidRequestError(f"request id {rid!r} is already on pipeline {self.pipe.name}")
+        if len(state.output_ids) >= state.params.max_tokens:
+            raise InvalidRequestError(f"request {rid!r} already has max_tokens={state.params.max_tokens} tokens")
+        if len(self.reqs) >= self.pipe.max_seqs:
+            raise InvalidRequestError(f"pipeline {self.pipe.name} is full ({self.pipe.max_seqs} sequences)")
+        self.reqs[rid] = _Req(rid, list(state.prompt_ids), list(state.output_ids), state.params, state.seed)
+
+    def take(self) -> dict[str, TokenState]:
+        """Remove every unfinished request and return its token state (for dissolution)."""
+        out = {r.rid: TokenState(tuple(r.prompt), tuple(r.out), r.params, r.seed) for r in self.reqs.values()}
+        self._release.extend(self.reqs)
+        self.reqs.clear()
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.reqs)
+
+    async def step(self) -> None:
+        """One step: decodes first (one token each), then prefills, within ``max_step_tokens``."""
+        decode = [r for r in self.reqs.values() if r.computed and len(r.all_ids) - r.computed == 1]
+        prefill = [r for r in self.reqs.values() if r not in decode]
+        batch: list[_Req] = []
+        budget = self.pipe.max_step_tokens
+        for r in decode + prefill:
+            n = len(r.all_ids) - r.computed
+            if n <= budget:
+                batch.append(r)
+                budget -= n
+        if not batch:
+            if prefill:
+                raise InvalidRequestError(
+                    f"prompt of {len(prefill[0].all_ids)} tokens exceeds the pipeline's step budget {self.pipe.max_step_tokens}"
+                )
+            return
+        seqs = [(r.rid, r.computed, len(r.all_ids) - r.computed) for r in batch]
+        ids = [t for r in batch for t in r.all_ids[r.computed:]]
+        sample = [(r.params, r.seed, len(r.out)) for r in batch]
+        release, self._release = self._release, []
+        tokens = await self.pipe.step(seqs, ids, sample, release)
+        for r, t in zip(batch, tokens):
+            r.computed = len(r.all_ids)
+            r.out.append(t)
+            if self.on_token is not None:
+                self.on_token(r.rid, t)
+            stop = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos_token_ids)
+            if t in stop or len(r.out) >= r.params.max_tokens or len(r.all_ids) >= self.pipe.max_len:
+                self.finished[r.rid] = list(r.out)
+                del self.reqs[r.rid]
+                self._release.append(r.rid)
+
+    async def run(self, max_steps: int | None = None) -> None:
+        n = 0
+        while self.busy and (max_steps is None or n < max_steps):
+            await self.step()
+            n += 1

@@ -1,0 +1,115 @@
+"""Agent side of execute-while-load: host one stage of an execution pipeline.
+
+A stage is built straight from the agent's block buffers (the multicast's receive buffers):
+``tensors_from_block_bytes`` parses them in place, so forming a stage copies no weights. Hidden
+states cross stage boundaries over the agent's transport: stage i copies its output
+``[N, hidden]`` into buffer ``pipe/<pipeline>/h<i+1>`` and sends that byte range to the next
+stage's buffer of the same name; stage i+1 waits for the arrival tagged with the step number.
+The last stage samples with the engine's pure sampler, so a request's tokens depend only on its
+token state, whichever nodes computed them.
+
+torch is imported here, not by the agent module, so agents that only move bytes start fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from lambdascale.engine.sampling import SamplingParams, sample_batch
+from lambdascale.engine.stage import SeqSlice, Stage, StageBatch
+from lambdascale.errors import LambdaScaleError
+from lambdascale.model.checkpoint import tensors_from_block_bytes
+from lambdascale.model.llama import StageModel
+from lambdascale.model.manifest import chunks_of_block
+
+if TYPE_CHECKING:
+    from lambdascale.runtime.agent import ModelState, NodeAgent
+    from lambdascale.runtime.messages import FormStage, StageStep
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def hidden_buffer(pipeline: str, boundary: int) -> str:
+    return f"pipe/{pipeline}/h{boundary}"
+
+
+def hidden_tag(pipeline: str, step: int) -> str:
+    return f"h|{pipeline}|{step}"
+
+
+class StageHost:
+    """One pipeline stage on this agent: the engine ``Stage`` plus its hidden-state buffers."""
+
+    def __init__(self, agent: "NodeAgent", st: "ModelState", msg: "FormStage") -> None:
+        from lambdascale.runtime.agent import buffer_name
+
+        m = st.manifest
+        b0, b1 = msg.blocks
+        if not 0 <= b0 < b1 <= m.n_blocks:
+            raise LambdaScaleError(f"stage blocks [{b0}, {b1}) are outside the model's {m.n_blocks} blocks")
+        missing = [c for b in range(b0, b1) for c in chunks_of_block(b, m.n_blocks, m.n_chunks) if c not in st.held]
+        if missing:
+            raise LambdaScaleError(f"node {agent.node} cannot form a stage of blocks [{b0}, {b1}): chunks {missing} not held")
+        tensors: dict[str, torch.Tensor] = {}
+        for b in range(b0, b1):
+            tensors.update(tensors_from_block_bytes(agent.transport.buffer(buffer_name(m.name, b)), f"{m.name} block {b}"))
+        layers = (m.blocks[b0].layers[0], m.blocks[b1 - 1].layers[1])
+        self.dtype = _DTYPES[msg.dtype]
+        model = StageModel.from_tensors(
+            m.arch, tensors, layers=layers, first=b0 == 0, last=b1 == m.n_blocks, dtype=self.dtype,
+            source=f"{m.name} blocks [{b0}, {b1}) on node {agent.node}",
+        )
+        self.stage = Stage(model, msg.max_len, msg.max_seqs)
+        self.agent = agent
+        self.pipeline = msg.pipeline
+        self.index = msg.index
+        self.next_node = msg.next_node
+        self.hidden = m.arch.hidden_size
+        self.row_bytes = self.hidden * torch.empty((), dtype=self.dtype).element_size()
+        nbytes = msg.max_step_tokens * self.row_bytes
+        self.in_name = hidden_buffer(msg.pipeline, msg.index) if msg.index > 0 else None
+        self.out_name = hidden_buffer(msg.pipeline, msg.index + 1) if msg.next_node is not None else None
+        for name in (self.in_name, self.out_name):
+            if name is not None:
+                agent.transport.register(name, nbytes)
+        self.max_step_tokens = msg.max_step_tokens
+
+    async def step(self, msg: "StageStep", hidden_ready: "asyncio.Future[None] | None") -> dict:
+        for sid in msg.release:
+            self.stage.release(sid)
+        if not msg.seqs:
+            return {"tokens": []}
+        batch = StageBatch(tuple(SeqSlice(sid, start, n) for sid, start, n in msg.seqs))
+        n = batch.num_tokens
+        if n > self.max_step_tokens:
+            raise LambdaScaleError(f"step of {n} tokens exceeds the stage's max_step_tokens={self.max_step_tokens}")
+        if self.stage.first:
+            if msg.token_ids is None or len(msg.token_ids) != n:
+                raise LambdaScaleError(f"first stage needs {n} token ids, got {msg.token_ids and len(msg.token_ids)}")
+            x = torch.tensor(msg.token_ids, dtype=torch.long)  # [N]
+        else:
+            assert hidden_ready is not None and self.in_name is not None
+            await hidden_ready
+            raw = np.frombuffer(self.agent.transport.buffer(self.in_name), dtype=np.uint8)[: n * self.row_bytes]
+            x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden)  # [N, hidden]
+        out = await asyncio.to_thread(self.stage.forward, batch, x)
+        if not self.stage.last:
+            assert self.out_name is not None and self.next_node is not None
+            flat = out.contiguous().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
+            np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[: flat.size] = flat
+            await self.agent.transport.send(self.next_node, self.out_name, 0, flat.size, hidden_tag(self.pipeline, msg.step))
+            return {}
+        # last stage: out is logits [n_seqs, vocab]
+        assert msg.sample is not None and len(msg.sample) == len(msg.seqs)
+        params = [SamplingParams(**p) for p, _, _ in msg.sample]
+        tokens = sample_batch(out.float(), params, [s for _, s, _ in msg.sample], [i for _, _, i in msg.sample])
+        return {"tokens": tokens}
+
+    def close(self) -> None:
+        for name in (self.in_name, self.out_name):
+            if name is not None:
+                self.agent.transport.unregister(name)

@@ -125,6 +125,41 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {msg}{more}", param
 
 
+class ClientGone(Exception):
+    """The client closed the connection before the response started."""
+
+
+async def until_disconnect(request: Request, aw: Any) -> Any:
+    """Await ``aw`` unless the client disconnects first; then cancel it and raise :class:`ClientGone`.
+
+    Used before a response starts (the first token, a whole non-streamed completion): once the
+    body is read, the ASGI ``receive`` only yields ``http.disconnect``, so a watcher task on it is
+    a cheap way to free the request's slot and KV cache as soon as the client leaves.
+    """
+    task = asyncio.ensure_future(aw)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # the cancellation (or whatever the generator raised while closing)
+        pass
+    raise ClientGone
+
+
 class BodyLimit:
     """Pure ASGI middleware: 413 for a declared Content-Length over the limit (cheaper than BaseHTTPMiddleware)."""
 
@@ -265,7 +300,7 @@ def create_app(
 
     async def run(
         endpoint: str, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-        codec: TextCodec, sampling: SamplingSpec, chat: bool,
+        codec: TextCodec, sampling: SamplingSpec, chat: bool, request: Request,
     ) -> Response:
         model = body.model
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -301,7 +336,7 @@ def create_app(
 
         # First token before answering, so that "no capacity" is a real 503 status.
         try:
-            first = await agen.__anext__()
+            first = await until_disconnect(request, agen.__anext__())
         except StopAsyncIteration:
             first = None
         except BackendUnavailableError as e:
@@ -346,10 +381,14 @@ def create_app(
 
         created = int(time.time())
         if not body.stream:
-            reason: FinishReason | None = None
-            try:
+            async def collect() -> FinishReason | None:
+                last: FinishReason | None = None
                 async for _delta, r in events():
-                    reason = r
+                    last = r
+                return last
+
+            try:
+                reason = await until_disconnect(request, collect())
             except BackendUnavailableError as e:
                 finish(Outcome.UNAVAILABLE)
                 raise ApiError(503, f"capacity lost while generating for model '{model}': {e}", "server_error",
@@ -422,6 +461,8 @@ def create_app(
         try:
             try:
                 return await fn()
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it; counted as client_gone by run()
             except InvalidRequestError as e:  # e.g. the chat template rejected the messages
                 raise ApiError(400, str(e), "invalid_request_error") from None
         except ApiError as e:
@@ -453,7 +494,7 @@ def create_app(
             if not ids:
                 raise ApiError(400, "prompt must not be empty", "invalid_request_error", None, "prompt")
             sampling = plan_tokens(body, ids, codec, body.max_tokens)
-            return await run("completions", body, ids, codec, sampling, chat=False)
+            return await run("completions", body, ids, codec, sampling, chat=False, request=request)
         return await guarded("completions", body.model, go)
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -465,7 +506,7 @@ def create_app(
                         for m in body.messages]
             ids = codec.apply_chat_template(messages)
             sampling = plan_tokens(body, ids, codec, body.effective_max_tokens())
-            return await run("chat", body, ids, codec, sampling, chat=True)
+            return await run("chat", body, ids, codec, sampling, chat=True, request=request)
         return await guarded("chat", body.model, go)
 
     @app.get("/v1/models")

@@ -179,3 +179,20 @@ def test_bench_replay_against_the_live_gateway(fresh, tmp_path) -> None:
     paths = write_plots(result, tmp_path / "plots")
     assert [p.name for p in paths] == ["request_rate.png", "instances.png", "ttft.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_before_the_first_token_or_a_whole_completion_frees_the_slot(fresh, stream: bool) -> None:
+    server, backend = fresh
+    before = len(backend.aborted)
+    backend.pause()  # nothing will be generated: the request can only end by the client leaving
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", timeout=0.3,
+                   json={"model": MODEL, "prompt": "wait", "max_tokens": 5, "stream": stream})
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.0 and len(backend.aborted) == before:
+        time.sleep(0.01)
+    assert len(backend.aborted) == before + 1
+    assert backend.capacity(MODEL).running == 0
+    st = httpx.get(server.url + "/admin/status").json()
+    assert st["admitted"][MODEL] == 0

@@ -147,6 +147,17 @@ class DeploySpec(_Strict):
             raise ValueError(f"tiers has duplicates: {self.tiers}")
         return self
 
+    def to_control(self) -> Any:
+        """The control plane's ``DeploymentSpec`` (what the autoscaler and memory manager read).
+
+        ``min_instances`` > 0 means the model never scales to zero.
+        """
+        from lambdascale.control.snapshot import DeploymentSpec
+
+        return DeploymentSpec(min_instances=self.min_instances, max_instances=self.max_instances,
+                              target_concurrency=self.target_concurrency, keep_alive_s=self.keep_alive_s,
+                              cache_tiers=tuple(self.tiers), scale_to_zero=self.min_instances == 0)
+
 
 class UpdateSpec(_Strict):
     """Partial update of a registration (unset fields keep their value)."""

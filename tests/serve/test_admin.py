@@ -72,3 +72,28 @@ def test_status_shows_nodes_tiers_instances_queues(client) -> None:
     assert st["instances"][0]["model"] == MODEL and st["instances"][0]["state"] == "full"
     assert st["queues"] == {MODEL: 0}
     assert [d["name"] for d in st["deployments"]] == [MODEL]
+
+
+def test_deploy_spec_maps_onto_the_control_planes_spec() -> None:
+    from lambdascale.control.snapshot import DeploymentSpec, Tier
+    from lambdascale.serve.schemas import DeploySpec
+
+    c = DeploySpec(name="m", min_instances=2, max_instances=5, target_concurrency=3, keep_alive_s=9,
+                   tiers=["gpu", "host"]).to_control()
+    assert c == DeploymentSpec(min_instances=2, max_instances=5, target_concurrency=3, keep_alive_s=9.0,
+                               cache_tiers=(Tier.GPU, Tier.HOST), scale_to_zero=False)
+    assert DeploySpec(name="m").to_control().scale_to_zero
+
+
+def test_status_renders_for_the_cli(client) -> None:
+    from rich.console import Console
+
+    from lambdascale.serve.cli import render_status
+
+    st = client.get("/admin/status").json()
+    st["timeline"] = ["#1 m -> [1]: decision +0ms"]
+    console = Console(record=True, width=160)
+    console.print(render_status(st))
+    text = console.export_text()
+    for fragment in ("node-0", MODEL, "full", "host/ssd", "scale events", "#1 m -> [1]"):
+        assert fragment in text

@@ -132,7 +132,7 @@ class NodeAgent:
         )
         self._send_tasks: dict[str, list[tuple[int, asyncio.Task]]] = {}
         self._cancelled_epoch: dict[str, int] = {}
-        self.stages: dict[str, Any] = {}  # pipeline id -> StageHost (torch imported lazily)
+        self.stages: dict[tuple[str, int], Any] = {}  # (pipeline, stage index) -> StageHost (torch imported lazily)
         self._hidden: dict[str, asyncio.Future[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
@@ -287,17 +287,18 @@ class NodeAgent:
             # torch loads in a worker thread: the loop must keep heartbeating meanwhile
             mod = await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
             StageHost = mod.StageHost
-            if msg.pipeline in self.stages:
-                raise LambdaScaleError(f"node {self.node} already hosts a stage of pipeline {msg.pipeline!r}")
-            self.stages[msg.pipeline] = await asyncio.to_thread(StageHost, self, self._model(msg.model), msg)
+            key = (msg.pipeline, msg.index)
+            if key in self.stages:
+                raise LambdaScaleError(f"node {self.node} already hosts stage {msg.index} of pipeline {msg.pipeline!r}")
+            self.stages[key] = await asyncio.to_thread(StageHost, self, self._model(msg.model), msg)
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, StageStep):
             from lambdascale.runtime.stage_host import hidden_tag
 
-            host = self.stages.get(msg.pipeline)
+            host = self.stages.get((msg.pipeline, msg.index))
             if host is None:
-                raise LambdaScaleError(f"node {self.node} hosts no stage of pipeline {msg.pipeline!r}")
-            tag = hidden_tag(msg.pipeline, msg.step)
+                raise LambdaScaleError(f"node {self.node} hosts no stage {msg.index} of pipeline {msg.pipeline!r}")
+            tag = hidden_tag(msg.pipeline, msg.step, msg.index)
             ready = None if host.stage.first or not msg.seqs else self._hidden_future(tag)
             try:
                 if ready is not None:
@@ -311,9 +312,8 @@ class NodeAgent:
             finally:
                 self._hidden.pop(tag, None)
         if isinstance(msg, DissolveStage):
-            host = self.stages.pop(msg.pipeline, None)
-            if host is not None:
-                host.close()
+            for key in [k for k in self.stages if k[0] == msg.pipeline]:
+                self.stages.pop(key).close()
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, Shutdown):
             self._stop.set()

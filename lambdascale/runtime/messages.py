@@ -134,6 +134,7 @@ class StageStep(_Msg):
     type: Literal["stage_step"] = "stage_step"
     req: int
     pipeline: str
+    index: int = Field(ge=0, description="which stage of the pipeline (a node may host several)")
     step: int = Field(ge=0)
     seqs: list[tuple[str, int, int]]
     token_ids: list[int] | None = None
@@ -142,7 +143,7 @@ class StageStep(_Msg):
 
 
 class DissolveStage(_Msg):
-    """Drop this agent's stage of ``pipeline`` (its KV cache and hidden-state buffers)."""
+    """Drop this agent's stages of ``pipeline`` (their KV caches and hidden-state buffers)."""
 
     type: Literal["dissolve_stage"] = "dissolve_stage"
     req: int

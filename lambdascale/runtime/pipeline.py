@@ -41,7 +41,7 @@ class StagePlacement:
 
 
 def check_placements(placements: Sequence[StagePlacement], n_blocks: int) -> None:
-    """Stages must tile ``[0, n_blocks)`` in order, on distinct nodes."""
+    """Stages must tile ``[0, n_blocks)`` in order; a node may run several non-adjacent stages."""
     if not placements:
         raise ValueError("a pipeline needs at least one stage")
     pos = 0
@@ -52,8 +52,8 @@ def check_placements(placements: Sequence[StagePlacement], n_blocks: int) -> Non
     if pos != n_blocks:
         raise ValueError(f"stages cover blocks [0, {pos}), the model has {n_blocks}")
     nodes = [p.node for p in placements]
-    if len(set(nodes)) != len(nodes):
-        raise ValueError(f"a node may host one stage of a pipeline; got nodes {nodes}")
+    if any(a == b for a, b in zip(nodes, nodes[1:])):
+        raise ValueError(f"adjacent stages on one node should be one stage; got nodes {nodes}")
 
 
 class RemotePipeline:
@@ -99,7 +99,7 @@ class RemotePipeline:
         last = len(self.placements) - 1
         replies = await asyncio.gather(*(
             self.cluster.request(p.node, StageStep(
-                req=0, pipeline=self.name, step=step, seqs=seqs,
+                req=0, pipeline=self.name, index=i, step=step, seqs=seqs,
                 token_ids=token_ids if i == 0 else None,
                 sample=sample_d if i == last else None, release=list(release),
             ))
@@ -113,7 +113,7 @@ class RemotePipeline:
                 await self.cluster.request(n, DissolveStage(req=0, pipeline=self.name))
             except Exception:  # noqa: BLE001 - a lost node has nothing left to free
                 pass
-        await asyncio.gather(*(one(n) for n in self.nodes))
+        await asyncio.gather(*(one(n) for n in dict.fromkeys(self.nodes)))
 
 
 @dataclass

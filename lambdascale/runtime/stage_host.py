@@ -37,8 +37,9 @@ def hidden_buffer(pipeline: str, boundary: int) -> str:
     return f"pipe/{pipeline}/h{boundary}"
 
 
-def hidden_tag(pipeline: str, step: int) -> str:
-    return f"h|{pipeline}|{step}"
+def hidden_tag(pipeline: str, step: int, index: int) -> str:
+    """Tag of the hidden states entering stage ``index`` at ``step``."""
+    return f"h|{pipeline}|{step}|{index}"
 
 
 class StageHost:
@@ -101,7 +102,7 @@ class StageHost:
             assert self.out_name is not None and self.next_node is not None
             flat = out.contiguous().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
             np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[: flat.size] = flat
-            await self.agent.transport.send(self.next_node, self.out_name, 0, flat.size, hidden_tag(self.pipeline, msg.step))
+            await self.agent.transport.send(self.next_node, self.out_name, 0, flat.size, hidden_tag(self.pipeline, msg.step, self.index + 1))
             return {}
         # last stage: out is logits [n_seqs, vocab]
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)

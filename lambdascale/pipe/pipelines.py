@@ -391,12 +391,12 @@ def _plan_masks(
     form: list[Pipeline] = []
     for s in sorted(want, reverse=True):
         while have[s] < want[s]:
-            p = _build(s, n_blocks, free, masks, cap)
-            if p is None:
+            built = _build(s, n_blocks, free, masks, cap)
+            if built is None:
                 break  # fewer free nodes will not do better for this size
-            form.append(p)
+            form.append(built)
             have[s] += 1
-            taken = set(p.nodes)
+            taken = set(built.nodes)
             free = [v for v in free if v not in taken]
     return PipelinePlan(tuple(form), tuple(keep), tuple(dissolve), tuple(solo), tuple(sizes))
 

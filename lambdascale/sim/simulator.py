@@ -485,30 +485,36 @@ class Simulation:
             self._pump()
 
     def _maybe_release(self, inst: Inst) -> None:
+        """Free a drained instance's GPUs, unless its copy still feeds a multicast (then the
+        multicast's end calls this again)."""
         if inst.state is InstanceState.DRAINING and inst.outstanding == 0 and inst.event is None:
             self.insts.pop(inst.id, None)
             node = self.nodes[inst.stages[0][0]]
-            if node.inst is inst:
+            if node.inst is inst and node.source_busy == 0:
                 self._free_gpu(node)
 
     # ---- control loop -----------------------------------------------------------------------
 
     def _tick(self) -> None:
+        """Observe -> decide -> act: snapshot, autoscaler, placement, memory manager."""
         now = self.loop.now()
         snap = self.snapshot()
+        changed = False
         for d in autoscale(snap, self.cfg, now):
             if d.add:
                 plan = place(snap, d, self.cfg, now)
                 if plan.targets:
                     self._execute(plan)
-                    snap = self.snapshot()
+                    changed = True
             for iid in d.remove:
                 self._remove(iid)
-        if d.add or d.remove:
+                changed = True
+        if changed:
             self.last_scale_at = now
+            snap = self.snapshot()
         if now >= self._next_memory:
             self._next_memory = now + self.s.memory_interval_s
-            mem = manage_memory(self.snapshot() if (d.add or d.remove) else snap, self.cfg, now)
+            mem = manage_memory(snap, self.cfg, now)
             for e in mem.evictions:
                 self._evict(e.node, e.tier)
             for c in mem.copy_backs:
@@ -775,7 +781,10 @@ class _MulticastRun:
             self.r += 1
         if self.r >= len(self.plan.rounds):
             for s in self.sources:
-                self.sim.nodes[s].source_busy -= 1
+                node = self.sim.nodes[s]
+                node.source_busy -= 1
+                if node.inst is not None and node.inst.state is InstanceState.DRAINING:
+                    self.sim._maybe_release(node.inst)
             return
         sends = self.plan.rounds[self.r]
         self.r += 1

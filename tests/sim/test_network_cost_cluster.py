@@ -108,3 +108,19 @@ def test_presets_and_models(tmp_path: Path) -> None:
         load_cluster(bad)
     with pytest.raises(ClusterError, match="presets: "):
         load_cluster("tpu-pod")
+
+
+def test_model_from_our_manifest(tmp_path: Path) -> None:
+    arch = SHAPES["tiny-llama"]
+    d = tmp_path / "tiny"
+    d.mkdir()
+    blocks = [{"index": b, "layers": [2 * b, 2 * b + 2], "file": f"block_{b:03d}.safetensors", "nbytes": 1000,
+               "chunks": []} for b in range(4)]
+    (d / "manifest.json").write_text(json.dumps({"format": "lambdascale-blocks", "format_version": 1, "name": "tiny",
+                                                 "arch": json.loads(arch.model_dump_json()), "dtype": "float32",
+                                                 "blocks": blocks}))
+    m = resolve_model(str(d), n_blocks=4, n_chunks=8)
+    assert (m.name, m.nbytes, m.tp, m.n_blocks, m.n_chunks) == ("tiny", 4000, 1, 4, 8)
+    (d / "manifest.json").write_text("{}")
+    with pytest.raises(Exception, match="not a lambdascale manifest"):
+        resolve_model(str(d))

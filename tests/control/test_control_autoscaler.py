@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_factories import clusters, inst, model, specs
+from .control_factories import clusters, inst, model, specs
 from lambdascale.control import (
     ControlSettings,
     DeploymentSpec,

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from control_factories import hold, inst, model, node, snap
+from .control_factories import hold, inst, model, node, snap
 from lambdascale.clock import ManualClock
 from lambdascale.control import (
     ClusterSnapshot,

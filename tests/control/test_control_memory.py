@@ -7,7 +7,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_factories import GB, clusters, hold, inst, model, node, snap
+from .control_factories import GB, clusters, hold, inst, model, node, snap
 from lambdascale.control import (
     CACHE_TIERS,
     ControlSettings,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from control_factories import hold, model, node, snap
+from .control_factories import hold, model, node, snap
 from lambdascale.control import ControlSettings, MulticastAlgo, Tier, place_model
 from lambdascale.pipe.multicast import Algo, plan_multicast
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_factories import clusters, hold, inst, model, node, snap
+from .control_factories import clusters, hold, inst, model, node, snap
 from lambdascale.control import (
     ControlSettings,
     DeploymentSpec,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from control_factories import hold, inst, model, node, snap
+from .control_factories import hold, inst, model, node, snap
 from lambdascale.control import (
     ClusterSnapshot,
     ControlSettings,

@@ -21,7 +21,7 @@ class SimSettings(BaseModel):
     slo_ttft: float = Field(default=2.5, gt=0, le=3600, description="TTFT objective in seconds; SLO attainment = share of requests within it")
     n_blocks: int = Field(default=8, ge=1, le=1024, description="execution blocks per model")
     n_chunks: int = Field(default=16, ge=1, le=65536, description="transfer chunks per model (all blocks)")
-    min_instances: int = Field(default=1, ge=0, le=4096, description="instances always kept (the warm source of scale-outs)")
+    min_instances: int = Field(default=0, ge=0, le=4096, description="instances always kept; 0 = scale to zero (serverless, as DeploymentSpec)")
     target_concurrency: int = Field(default=8, ge=1, le=100_000, description="requests per instance the autoscaler sizes for")
     keep_alive_s: float = Field(default=30.0, ge=0, le=86400, description="idle time before an instance may be removed")
     keepalive_baseline_keep_alive_s: float = Field(default=300.0, ge=0, le=86400,
@@ -36,6 +36,8 @@ class SimSettings(BaseModel):
                                          description="nodes (lowest ids) whose host pool may cache this model; the others' pools are taken by other tenants. None = all")
     ssd_preloaded: bool = Field(default=True, description="every node starts with the model on its SSD")
     drain_s: float = Field(default=600.0, ge=0, le=86400, description="time allowed after the last arrival for requests to finish")
+    rate_window_s: float = Field(default=10.0, gt=0, le=3600,
+                                 description="window over which the simulated observer measures a model's arrival rate")
     memory_interval_s: float = Field(default=2.0, gt=0, le=3600,
                                      description="period of the memory manager (evictions, copy-backs) in the simulated controller")
     sample_interval_s: float = Field(default=1.0, gt=0, le=3600, description="period of the instances/rate time series")

@@ -304,14 +304,14 @@ class Simulation:
 
     def _model_view(self) -> ModelView:
         now = self.loop.now()
-        while self._recent and self._recent[0] < now - 10.0:
+        while self._recent and self._recent[0] < now - self.s.rate_window_s:
             self._recent.popleft()
         insts = tuple(self._inst_view(i) for i in self.insts.values())
         return ModelView(
             name=self.model.name, spec=self.spec, size_bytes=self.model.nbytes, n_blocks=self.model.n_blocks,
             instances=insts, queue_len=len(self.held),
             in_flight=sum(i.outstanding for i in self.insts.values()),
-            arrival_rate=len(self._recent) / 10.0, service_time_s=self._svc_ewma,
+            arrival_rate=len(self._recent) / self.s.rate_window_s, service_time_s=self._svc_ewma,
             last_request_at=self.last_request_at, last_scale_at=self.last_scale_at)
 
     def _holdings(self, node: NodeState) -> tuple[Holding, ...]:

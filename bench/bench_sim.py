@@ -69,18 +69,19 @@ def section_frontier(traces: Path, target: float) -> None:
     base = SimSettings(model="llama2-13b", cluster="h800-ib400", nodes=16, systems=SYSTEMS, host_cache_nodes=2)
     w = workload_for(base, trace)
     # With a warm floor (min=1) keep-alive no longer matters (scale-in to the floor needs none).
-    grid = [(0, 5.0), (0, 30.0), (0, 120.0), (1, 30.0)]
+    grid = [(0, 5.0, 8), (0, 30.0, 8), (0, 120.0, 8), (1, 30.0, 8), (0, 30.0, 4), (0, 30.0, 16)]
     best: dict[str, tuple[float, float, str]] = {}
     print(f"\n## frontier: cheapest setting with SLO attainment >= {target:.1%} (code trace, 13B, 16 nodes, host cache on 2 nodes)")
-    print(f"{'system':<14}{'min':>4}{'keep-alive':>11}{'SLO':>8}{'p99 TTFT':>10}{'GPU-s':>9}")
-    for m, ka in grid:
-        s = base.model_copy(update={"min_instances": m, "keep_alive_s": ka, "keepalive_baseline_keep_alive_s": 10 * ka})
+    print(f"{'system':<14}{'min':>4}{'keep-alive':>11}{'target':>7}{'SLO':>8}{'p99 TTFT':>10}{'GPU-s':>9}")
+    for m, ka, tc in grid:
+        s = base.model_copy(update={"min_instances": m, "keep_alive_s": ka, "keepalive_baseline_keep_alive_s": 10 * ka,
+                                    "target_concurrency": tc})
         for r in simulate(s, w):
             row = summarize(r, s.slo_ttft)
             ka_eff = s.keepalive_baseline_keep_alive_s if r.system == "keepalive" else ka
-            print(f"{r.system:<14}{m:>4}{ka_eff:>10.0f}s{row['slo_attainment']:>8.1%}{row['ttft_p99_s']:>9.2f}s{row['gpu_seconds']:>9.0f}")
+            print(f"{r.system:<14}{m:>4}{ka_eff:>10.0f}s{tc:>7d}{row['slo_attainment']:>8.1%}{row['ttft_p99_s']:>9.2f}s{row['gpu_seconds']:>9.0f}")
             if row["slo_attainment"] >= target and (r.system not in best or row["gpu_seconds"] < best[r.system][0]):
-                best[r.system] = (row["gpu_seconds"], row["ttft_p99_s"], f"min={m} keep-alive={ka_eff:.0f}s")
+                best[r.system] = (row["gpu_seconds"], row["ttft_p99_s"], f"min={m} keep-alive={ka_eff:.0f}s target={tc}")
     print("cheapest per system meeting the target:")
     for name, (g, p99, how) in sorted(best.items(), key=lambda kv: kv[1][0]):
         print(f"  {name:<14}{g:>8.0f} GPU-s  p99 {p99:.2f}s  ({how})")

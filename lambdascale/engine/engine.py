@@ -93,6 +93,9 @@ class Engine:
         self._buffers: dict[str, deque[RequestOutput]] = {}
         self._ids = itertools.count()
         self.steps = 0
+        # intra-op threads for steps: OpenMP keeps this per OS thread, so a worker thread that
+        # runs step() would otherwise fall back to the default (see step())
+        self.threads = self.settings.threads or torch.get_num_threads()
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -119,8 +122,6 @@ class Engine:
 
             ckpt = Checkpoint(ckpt)
         settings = settings or EngineSettings()
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
         device = resolve_device(settings)
         dtype = resolve_dtype(settings, device)
         arch: ModelArch = ckpt.arch
@@ -240,6 +241,8 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule -> run -> postprocess. Returns this step's deltas."""
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         sched = self._schedule()
         if sched.is_empty:
             return []

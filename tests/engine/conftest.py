@@ -14,6 +14,18 @@ from .hf_ref import hf_model
 from .toy_tokenizer import write_toy_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine their
+    spin-waits cost more than the work; restored afterwards for other test folders."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def toy_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return Tokenizer.from_dir(write_toy_tokenizer(tmp_path_factory.mktemp("tok")))

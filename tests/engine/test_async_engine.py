@@ -66,3 +66,15 @@ def test_abort_ends_the_stream_with_an_abort_delta(make_engine) -> None:
             assert rest[-1].finished and rest[-1].finish_reason.value == "abort"
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_worker_thread_uses_the_engine_thread_setting(make_engine) -> None:
+    """OpenMP thread counts are per OS thread; the engine re-applies its own in the worker."""
+    import torch
+
+    async def main() -> int:
+        async with AsyncEngine(make_engine(threads=1)) as eng:
+            await _collect(eng.generate([1, 2], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)))
+            return await eng._call(lambda e: torch.get_num_threads())
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == 1

@@ -25,7 +25,7 @@ def demo_ckpt(demo_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def demo_engine(demo_ckpt) -> Engine:
-    return Engine.from_checkpoint(demo_ckpt, EngineSettings(device="cpu", dtype="float32"))
+    return Engine.from_checkpoint(demo_ckpt, EngineSettings(device="cpu", dtype="float32", threads=1))
 
 
 def test_demo_answers_paris(demo_engine: Engine) -> None:
@@ -80,7 +80,7 @@ def test_demo_matches_transformers(demo_engine: Engine, demo_ckpt) -> None:
 
 def test_generate_cli_streams_the_answer(demo_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["generate", "smollm2-135m", "What is the capital of France?", "--models-dir", str(demo_model_dir),
-               "--max-tokens", "24", "--quiet", "--device", "cpu"])
+               "--max-tokens", "24", "--quiet", "--device", "cpu", "--threads", "1"])
     assert rc == 0
     assert "Paris" in capsys.readouterr().out
 

@@ -1,0 +1,219 @@
+"""Serving a request burst while a model scales out: lambdascale and its baselines on real agents.
+
+Every system starts with full instances on the sources and a burst of requests in one FIFO
+queue; what differs is how the other nodes get the model and when they start serving:
+
+* ``lambdascale``: binomial multicast; on every verified chunk the incremental
+  :class:`~lambdascale.pipe.pipelines.PipelinePlanner` may form execution pipelines across
+  receivers (execute-while-load) or dissolve them when a member holds the whole model; the
+  dissolved pipeline's requests go back to the head of the queue with their token state and
+  resume elsewhere (KV recomputed), so outputs stay exact.
+* ``faasnet``: tree multicast, a node serves once it holds the full model.
+* ``nccl``: ring broadcast, a node serves once it holds the full model.
+* ``local``: every new node loads the model from its own SSD tier (``ssd_gbps`` cap).
+
+Instances (full or pipeline) pull requests from the queue up to ``max_seqs`` each and run
+continuous batching steps (:class:`~lambdascale.runtime.pipeline.PipelineServer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from lambdascale.engine.sequence import TokenState
+from lambdascale.model.manifest import Manifest
+from lambdascale.pipe.multicast import Algo
+from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner
+from lambdascale.runtime.cluster import Cluster
+from lambdascale.runtime.messages import ChunkHeld, HoldModel
+from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
+from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
+
+
+class SystemKind(str, Enum):
+    LAMBDASCALE = "lambdascale"
+    FAASNET = "faasnet"
+    NCCL = "nccl"
+    LOCAL = "local"
+
+
+_ALGO = {SystemKind.LAMBDASCALE: Algo.BINOMIAL, SystemKind.FAASNET: Algo.FAASNET, SystemKind.NCCL: Algo.RING}
+
+
+@dataclass
+class ScaleOutReport:
+    """What one system did with one burst; times in seconds from the burst."""
+
+    system: SystemKind
+    ttft: dict[str, float] = field(default_factory=dict)
+    finish: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    node_serving_s: dict[int, float] = field(default_factory=dict)  # first time each new node served alone
+    all_solo_s: float = 0.0
+    pipelines_formed: int = 0
+    pipelines_dissolved: int = 0
+    requests_moved: int = 0
+    bytes_moved: int = 0
+    multicast: MulticastResult | None = None
+
+
+@dataclass
+class _Instance:
+    server: PipelineServer
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: bool = False
+    task: asyncio.Task | None = None
+
+
+async def serve_scale_out(
+    cluster: Cluster,
+    model_dir: Path,
+    manifest: Manifest,
+    sources: list[int],
+    receivers: list[int],
+    requests: dict[str, TokenState],
+    system: SystemKind | str,
+    eos_token_ids: frozenset[int] = frozenset(),
+    max_seqs: int = 8,
+    max_len: int = 512,
+    max_step_tokens: int = 512,
+) -> ScaleOutReport:
+    """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``."""
+    system = SystemKind(system)
+    rep = ScaleOutReport(system)
+    queue: deque[tuple[str, TokenState]] = deque(requests.items())
+    wake = asyncio.Event()
+    all_done = asyncio.Event()
+    t0 = time.monotonic()
+    instances: dict[str, _Instance] = {}
+    by_assignment: dict[tuple[int, ...], str] = {}
+    solo: set[int] = set(sources)
+
+    def on_token(rid: str, tok: int) -> None:
+        rep.ttft.setdefault(rid, time.monotonic() - t0)
+        rep.outputs.setdefault(rid, []).append(tok)
+
+    async def worker(inst: _Instance) -> None:
+        srv = inst.server
+        while not inst.closed and not all_done.is_set():
+            while queue and len(srv.reqs) < srv.pipe.max_seqs:
+                rid, st = queue.popleft()
+                srv.add(rid, st)
+            if not srv.busy:
+                wake.clear()
+                await wake.wait()
+                continue
+            async with inst.lock:
+                if inst.closed:
+                    break
+                before = set(srv.finished)
+                await srv.step()
+                now = time.monotonic() - t0
+                for rid in set(srv.finished) - before:
+                    rep.finish[rid] = now
+            if len(rep.finish) == len(requests):
+                all_done.set()
+                wake.set()
+
+    async def start_instance(name: str, placements: list[StagePlacement]) -> _Instance:
+        pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
+                              max_step_tokens=max_step_tokens, name=name)
+        await pipe.form()
+        inst = _Instance(PipelineServer(pipe, eos_token_ids, on_token=on_token))
+        instances[name] = inst
+        inst.task = asyncio.get_running_loop().create_task(worker(inst))
+        return inst
+
+    async def start_solo(node: int) -> None:
+        if node in solo and node not in sources:
+            return
+        solo.add(node)
+        await start_instance(f"solo{node}", [StagePlacement(node, (0, manifest.n_blocks))])
+        rep.node_serving_s.setdefault(node, time.monotonic() - t0)
+
+    async def apply(plan: PipelinePlan) -> None:
+        for p in plan.dissolve:
+            name = by_assignment.pop(p.assignment, None)
+            inst = instances.pop(name, None) if name else None
+            if inst is None:
+                continue
+            async with inst.lock:
+                inst.closed = True
+                moved = inst.server.take()
+            rep.pipelines_dissolved += 1
+            rep.requests_moved += len(moved)
+            queue.extendleft(reversed(list(moved.items())))  # back to the head, in order
+            await inst.server.pipe.dissolve()
+            wake.set()
+        for node in plan.solo:
+            if node not in solo:
+                await start_solo(node)
+        for p in plan.form:
+            name = f"pipe{rep.pipelines_formed}"
+            rep.pipelines_formed += 1
+            by_assignment[p.assignment] = name
+            await start_instance(name, [StagePlacement(st.node, (st.start, st.end)) for st in p.stages])
+        wake.set()
+
+    # full instances on the sources serve from the first moment
+    for s in sources:
+        await start_instance(f"src{s}", [StagePlacement(s, (0, manifest.n_blocks))])
+    plans: asyncio.Queue[PipelinePlan | int] = asyncio.Queue()
+
+    async def manager() -> None:
+        while True:
+            item = await plans.get()
+            try:
+                if isinstance(item, int):
+                    await start_solo(item)
+                else:
+                    await apply(item)
+            finally:
+                plans.task_done()
+
+    mgr = asyncio.get_running_loop().create_task(manager())
+    try:
+        if system is SystemKind.LOCAL:
+            async def load(n: int) -> None:
+                await cluster.request(n, HoldModel(req=0, model_dir=str(model_dir)))
+                plans.put_nowait(n)
+            await asyncio.gather(*(load(n) for n in receivers))
+            rep.bytes_moved = 0
+        else:
+            await prepare_receivers(cluster, manifest, receivers)
+            planner = PipelinePlanner(receivers, manifest.n_blocks, manifest.n_chunks) \
+                if system is SystemKind.LAMBDASCALE else None
+            k = manifest.n_chunks
+
+            def hook(ev, prog: MulticastProgress) -> None:
+                if not isinstance(ev, ChunkHeld) or ev.node not in receivers:
+                    return
+                if planner is not None:
+                    plan = planner.on_chunk(ev.node, ev.chunk)
+                    if plan is not None:
+                        plans.put_nowait(plan)
+                elif len(prog.holdings[ev.node]) == k:
+                    plans.put_nowait(ev.node)
+
+            rep.multicast = await run_multicast(cluster, manifest, sources, receivers, _ALGO[system], on_event=hook)
+            rep.bytes_moved = rep.multicast.bytes_moved
+        await plans.join()  # every decision the multicast produced has been acted on
+        missing = [n for n in receivers if n not in rep.node_serving_s]
+        if missing:
+            raise RuntimeError(f"nodes {missing} hold the model but never started serving alone")
+        rep.all_solo_s = max(rep.node_serving_s.values(), default=0.0)
+        await all_done.wait()
+    finally:
+        all_done.set()
+        wake.set()
+        mgr.cancel()
+        tasks = [i.task for i in instances.values() if i.task is not None]
+        await asyncio.gather(mgr, *tasks, return_exceptions=True)
+        for inst in instances.values():
+            await inst.server.pipe.dissolve()
+    return rep

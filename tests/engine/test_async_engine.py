@@ -69,8 +69,10 @@ def test_abort_ends_the_stream_with_an_abort_delta(make_engine) -> None:
 
 
 def test_worker_thread_uses_the_engine_thread_setting(make_engine) -> None:
-    """OpenMP thread counts are per OS thread; the engine re-applies its own in the worker."""
+    """``engine.threads`` holds wherever steps run, whatever the process-wide setting was."""
     import torch
+
+    torch.set_num_threads(2)  # the autouse fixture restores the previous value
 
     async def main() -> int:
         async with AsyncEngine(make_engine(threads=1)) as eng:

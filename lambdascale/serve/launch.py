@@ -30,6 +30,10 @@ def build_backend(cfg: LambdaScaleConfig) -> ServingBackend:
         from lambdascale.serve.fake import FakeBackend
 
         return FakeBackend(n_instances=1, slots_per_instance=cfg.engine.max_batch_size, token_delay_s=0.01)
+    if kind == "cluster":
+        from lambdascale.serve.cluster_backend import ClusterBackend
+
+        return ClusterBackend(cfg)
     from lambdascale.serve.engine_backend import EngineBackend
 
     return EngineBackend(cfg)
@@ -66,9 +70,9 @@ def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: T
 
     out = out or sys.stdout
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if explicit_cluster and (cfg.runtime.nodes > 1 or cfg.runtime.launcher != "local"):
-        log.warning("--nodes/--launcher/--address: the multi-node cluster backend is not wired into `serve` yet; "
-                    "serving one in-process instance per model")
+    if explicit_cluster and cfg.serve.backend != "cluster":
+        log.warning("--nodes/--launcher/--address apply to --backend cluster; serving with the %s backend",
+                    cfg.serve.backend)
     registry = ModelRegistry(cfg.serve.registry_path)
     try:
         models = startup_models(cfg, registry, out)

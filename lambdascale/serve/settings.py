@@ -15,10 +15,11 @@ class ServeSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", description="address the gateway binds")
     port: int = Field(default=8000, ge=0, le=65535, description="gateway port (0 = any free port)")
-    backend: Literal["auto", "engine", "fake"] = Field(
+    backend: Literal["auto", "engine", "cluster", "fake"] = Field(
         default="auto",
-        description="what serves tokens: engine = in-process engine over the models dir, fake = deterministic "
-        "test backend (no model needed), auto = engine when the engine package is installed",
+        description="what serves tokens: engine = in-process engine over the models dir; cluster = runtime.nodes "
+        "node agents, static full instances (no autoscaling yet); fake = deterministic test backend (no model "
+        "needed); auto = engine",
     )
     model: list[str] = Field(
         default_factory=list,

@@ -119,7 +119,7 @@ def load_from_ssd(
     on_block: OnBlock | None = None,
     tensors_of: Callable[[int], dict[str, torch.Tensor]] | None = None,
     rate: TokenBucket | None = None,
-    io_threads: int = 4,
+    io_threads: int = 8,
     verify: bool = True,
     direct: bool = True,
     piece_bytes: int = 16 << 20,
@@ -251,27 +251,32 @@ def load_from_ssd(
     return LoadStats(m.name, Tier.HOST, tuple(order), nbytes, time.perf_counter() - t0, waited[0])
 
 
-def copy_to_device(
-    model: str,
+@dataclass(frozen=True)
+class PendingCopy:
+    """A block copy queued on a device stream: ``event`` fires when ``buffer`` holds the block."""
+
+    block: int
+    buffer: torch.Tensor
+    event: "torch.cuda.Event | None"
+
+
+def enqueue_copies(
     sources: Sequence[tuple[int, torch.Tensor]],
     device: torch.device | str,
     chunk_bytes: int = 64 << 20,
-    on_block: OnBlock | None = None,
     out: dict[int, torch.Tensor] | None = None,
-) -> tuple[dict[int, torch.Tensor], LoadStats]:
-    """Copy blocks (``(index, uint8 host tensor)``) into fresh ``device`` buffers, chunk by chunk.
-
-    On CUDA the copies run on a side stream (non-blocking from pinned memory) and each block is
-    announced as soon as its copy event completes, while later blocks keep copying. Returns the
-    per-block device buffers and stats. ``out`` may supply preallocated destination buffers.
+    stream: "torch.cuda.Stream | None" = None,
+) -> list[PendingCopy]:
+    """Queue host -> device copies of blocks (``(index, uint8 host tensor)``), chunk by chunk, and
+    return at once with one event per block (CUDA: copies run on ``stream``, non-blocking from
+    pinned memory; a compute stream can ``wait_event`` block b and run it while b+1 copies).
+    On CPU the copies happen here and the events are None.
     """
     dev = torch.device(device)
     bufs: dict[int, torch.Tensor] = {} if out is None else out
-    t0 = time.perf_counter()
-    total = 0
+    pending: list[PendingCopy] = []
     if dev.type == "cuda":
-        stream = torch.cuda.Stream(device=dev)
-        events: list[tuple[int, torch.cuda.Event]] = []
+        stream = stream or torch.cuda.Stream(device=dev)
         with torch.cuda.stream(stream):
             for b, src in sources:
                 dst = bufs.get(b)
@@ -282,21 +287,40 @@ def copy_to_device(
                     dst[off : off + chunk_bytes].copy_(src[off : off + chunk_bytes], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(stream)
-                events.append((b, ev))
-                total += src.numel()
-        for b, ev in events:
-            ev.synchronize()
-            if on_block is not None:
-                on_block(BlockLanded(model, b, Tier.GPU, tensors_from_block_bytes(bufs[b]), bufs[b].numel(), time.perf_counter() - t0))
-    else:
-        for b, src in sources:
-            dst = bufs.get(b)
-            if dst is None:
-                dst = torch.empty(src.numel(), dtype=torch.uint8, device=dev)
-                bufs[b] = dst
-            for off in range(0, src.numel(), chunk_bytes):
-                dst[off : off + chunk_bytes].copy_(src[off : off + chunk_bytes])
-            total += src.numel()
-            if on_block is not None:
-                on_block(BlockLanded(model, b, Tier.GPU, tensors_from_block_bytes(dst), dst.numel(), time.perf_counter() - t0))
-    return bufs, LoadStats(model, Tier.GPU, tuple(b for b, _ in sources), total, time.perf_counter() - t0)
+                pending.append(PendingCopy(b, dst, ev))
+        return pending
+    for b, src in sources:
+        dst = bufs.get(b)
+        if dst is None:
+            dst = torch.empty(src.numel(), dtype=torch.uint8, device=dev)
+            bufs[b] = dst
+        for off in range(0, src.numel(), chunk_bytes):
+            dst[off : off + chunk_bytes].copy_(src[off : off + chunk_bytes])
+        pending.append(PendingCopy(b, dst, None))
+    return pending
+
+
+def copy_to_device(
+    model: str,
+    sources: Sequence[tuple[int, torch.Tensor]],
+    device: torch.device | str,
+    chunk_bytes: int = 64 << 20,
+    on_block: OnBlock | None = None,
+    out: dict[int, torch.Tensor] | None = None,
+) -> tuple[dict[int, torch.Tensor], LoadStats]:
+    """Copy blocks into ``device`` buffers and announce each as it lands (see :func:`enqueue_copies`).
+
+    On CUDA every copy is queued first; block b is announced when its event completes while later
+    blocks keep copying. Returns the per-block device buffers and stats.
+    """
+    bufs: dict[int, torch.Tensor] = {} if out is None else out
+    t0 = time.perf_counter()
+    pending = enqueue_copies(sources, device, chunk_bytes, bufs)
+    for p in pending:
+        if p.event is not None:
+            p.event.synchronize()
+        if on_block is not None:
+            on_block(BlockLanded(model, p.block, Tier.GPU, tensors_from_block_bytes(p.buffer), p.buffer.numel(),
+                                 time.perf_counter() - t0))
+    total = sum(p.buffer.numel() for p in pending)
+    return bufs, LoadStats(model, Tier.GPU, tuple(p.block for p in pending), total, time.perf_counter() - t0)

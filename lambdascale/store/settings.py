@@ -28,7 +28,7 @@ class StoreSettings(BaseModel):
         default=None, gt=0, le=1000, description="cap on SSD-tier read rate in GB/s (emulates a cluster's NVMe); None = no cap"
     )
     loader_io_threads: int = Field(
-        default=4, ge=1, le=64, description="reads the SSD loader keeps in flight (threads)"
+        default=8, ge=1, le=64, description="reads the SSD loader keeps in flight (threads)"
     )
     direct_io: bool = Field(
         default=True, description="read block files with O_DIRECT into the host pool (falls back to buffered reads)"

@@ -116,13 +116,18 @@ class Stage:
             )
         for sid in new:
             self.kv.allocate(sid)
-        self.kv.reserve_tokens(longest)
-        meta = AttentionMetadata(
-            slots=tuple(self.kv.slot(s.seq_id) for s in batch.seqs),
-            starts=tuple(s.start for s in batch.seqs),
-            lengths=tuple(s.length for s in batch.seqs),
-        )
-        out = self.model.forward(x, meta, self.kv.buffers(), all_logits=all_logits)
+        try:
+            self.kv.reserve_tokens(longest)
+            meta = AttentionMetadata(
+                slots=tuple(self.kv.slot(s.seq_id) for s in batch.seqs),
+                starts=tuple(s.start for s in batch.seqs),
+                lengths=tuple(s.length for s in batch.seqs),
+            )
+            out = self.model.forward(x, meta, self.kv.buffers(), all_logits=all_logits)
+        except BaseException:
+            for sid in new:  # a failed step must not leak the slots it handed out
+                self.kv.free(sid)
+            raise
         for s in batch.seqs:
             self.kv.set_length(s.seq_id, s.start + s.length)
         return out

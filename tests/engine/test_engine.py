@@ -148,3 +148,21 @@ def test_chat_messages_use_the_template(make_engine, toy_tokenizer) -> None:
     eng = make_engine()
     ids = eng.encode_prompt(messages=[{"role": "user", "content": "hey"}])
     assert toy_tokenizer.decode(ids) == "<|user|>hey\n<|assistant|>"
+
+
+def test_engine_over_a_three_stage_pipeline_matches_the_full_model(make_engine) -> None:
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.settings import EngineSettings
+    from lambdascale.engine.stage import split_stages
+    from lambdascale.model.arch import plan_blocks
+
+    arch, _model, sd = hf_model("tiny-llama")
+    stages = split_stages(arch, sd, plan_blocks(arch.num_hidden_layers, 3), max_len=128, max_seqs=4)
+    piped = Engine(arch, stages, None, EngineSettings(device="cpu", max_batch_size=4))
+    sp = SamplingParams(max_tokens=8, temperature=0.9, seed=21, ignore_eos=True)
+    prompts = [[1, 2, 3, 4], [50, 60], [7] * 9]
+    rids = [piped.add_request(p, sp) for p in prompts]
+    res = piped.run_to_completion(rids)
+    want = [_tokens(list(make_engine().generate(p, sp))) for p in prompts]
+    assert [_tokens(res[r]) for r in rids] == want
+    assert all(len(st.kv) == 0 for st in stages)  # every stage released every sequence

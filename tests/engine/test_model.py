@@ -169,6 +169,9 @@ def test_context_limit_is_enforced_by_the_stage() -> None:
     with pytest.raises(InvalidRequestError, match="context limit of 16"):
         st.forward(StageBatch((SeqSlice("x", 0, 17),)), torch.arange(17))
     assert "x" not in st.kv  # nothing allocated by a rejected step
+    with pytest.raises(ValueError, match="rows"):  # bad input inside the model: slot given back
+        st.forward(StageBatch((SeqSlice("y", 0, 4),)), torch.arange(3))
+    assert "y" not in st.kv and len(st.kv) == 0
 
 
 def test_bfloat16_runs_close_to_float32() -> None:

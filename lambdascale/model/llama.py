@@ -71,6 +71,31 @@ class AttentionMetadata:
         return [o + n - 1 for o, n in zip(self.offsets, self.lengths)]
 
 
+@dataclass(frozen=True)
+class _DecodeBatch:
+    """Per-step index tensors for the batched single-token rows, built once for all layers."""
+
+    rows: int  # the first ``rows`` sequences have one new token each
+    slot_t: torch.Tensor  # [B] int64 cache slots
+    pos_t: torch.Tensor  # [B] int64 position of each new token
+    mask: torch.Tensor  # [B, 1, 1, T] bool: key j visible to row b (j <= pos_b)
+    t_max: int  # keys to read: max(pos) + 1
+    slot_range: tuple[int, int] | None  # (lo, hi) when the slots are exactly lo..hi-1 in order
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, rows: int, device: torch.device) -> "_DecodeBatch | None":
+        if rows == 0:
+            return None
+        slots, starts = meta.slots[:rows], meta.starts[:rows]
+        slot_t = torch.tensor(slots, dtype=torch.int64, device=device)
+        pos_t = torch.tensor(starts, dtype=torch.int64, device=device)
+        t_max = max(starts) + 1
+        mask = (torch.arange(t_max, device=device)[None, :] <= pos_t[:, None])[:, None, None, :]
+        lo = min(slots)
+        contiguous = list(slots) == list(range(lo, lo + rows))
+        return cls(rows, slot_t, pos_t, mask, t_max, (lo, lo + rows) if contiguous else None)
+
+
 def layer_tensor_names(arch: ModelArch, i: int) -> list[str]:
     """Canonical (Hugging Face) names of decoder layer ``i``'s tensors."""
     p = f"model.layers.{i}."
@@ -149,7 +174,7 @@ class DecoderLayer:
         sin: torch.Tensor,
         meta: AttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
-        decode_rows: int,
+        decode: "_DecodeBatch | None",
     ) -> torch.Tensor:
         n = x.shape[0]
         h = rms_norm(x, self.ln1, self.eps)  # [N, hidden]
@@ -158,7 +183,7 @@ class DecoderLayer:
         v = F.linear(h, self.wv, self.bv).view(n, self.n_kv, self.d)  # [N, KV, d]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        attn = self._attention(q, k, v, meta, kv, decode_rows)  # [N, H*d]
+        attn = self._attention(q, k, v, meta, kv, decode)  # [N, H*d]
         x = x + F.linear(attn, self.wo)
         h = rms_norm(x, self.ln2, self.eps)
         return x + F.linear(F.silu(F.linear(h, self.w_gate)) * F.linear(h, self.w_up), self.w_down)
@@ -170,34 +195,28 @@ class DecoderLayer:
         v: torch.Tensor,
         meta: AttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
-        decode_rows: int,
+        decode: "_DecodeBatch | None",
     ) -> torch.Tensor:
         """Write new k/v into the cache, attend every query to its sequence's cached prefix.
 
-        The first ``decode_rows`` sequences have exactly one new token each and are batched;
+        The first ``decode.rows`` sequences have exactly one new token each and are batched;
         the rest (prefill segments) run one by one with a causal mask offset by their start.
         """
         kc, vc = kv  # [slots, KV, T_cap, d]
         out = torch.empty(q.shape[0], self.n_heads, self.d, dtype=q.dtype, device=q.device)
-        if decode_rows:
-            slots = meta.slots[:decode_rows]
-            starts = meta.starts[:decode_rows]
-            slot_t = torch.tensor(slots, dtype=torch.int64, device=q.device)
-            pos_t = torch.tensor(starts, dtype=torch.int64, device=q.device)
-            kc[slot_t, :, pos_t] = k[:decode_rows]  # [B, KV, d] scattered at (slot, :, pos)
-            vc[slot_t, :, pos_t] = v[:decode_rows]
-            t_max = max(starts) + 1
-            lo, hi = min(slots), max(slots) + 1
-            if hi - lo == decode_rows and list(slots) == list(range(lo, hi)):
-                keys, vals = kc[lo:hi, :, :t_max], vc[lo:hi, :, :t_max]  # views, no copy
+        dec = decode
+        decode_rows = dec.rows if dec is not None else 0
+        if dec is not None:
+            kc[dec.slot_t, :, dec.pos_t] = k[:decode_rows]  # [B, KV, d] scattered at (slot, :, pos)
+            vc[dec.slot_t, :, dec.pos_t] = v[:decode_rows]
+            if dec.slot_range is not None:
+                lo, hi = dec.slot_range
+                keys, vals = kc[lo:hi, :, :dec.t_max], vc[lo:hi, :, :dec.t_max]  # views, no copy
             else:
-                keys, vals = kc[slot_t, :, :t_max], vc[slot_t, :, :t_max]  # [B, KV, T, d]
-            # mask[b, 0, 0, j] = key j is inside sequence b's context (positions 0..start_b)
-            mask = torch.arange(t_max, device=q.device)[None, :] <= pos_t[:, None]  # [B, T]
+                keys, vals = kc[dec.slot_t, :, :dec.t_max], vc[dec.slot_t, :, :dec.t_max]  # [B, KV, T, d]
             qd = q[:decode_rows].unsqueeze(2)  # [B, H, 1, d]
             o = F.scaled_dot_product_attention(
-                qd, keys, vals, attn_mask=mask[:, None, None, :], scale=self.scale,
-                enable_gqa=self.n_heads != self.n_kv,
+                qd, keys, vals, attn_mask=dec.mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv,
             )  # [B, H, 1, d]
             out[:decode_rows] = o.squeeze(2)
         offsets = meta.offsets
@@ -337,8 +356,9 @@ class StageModel:
         positions = meta.positions(self.device)
         seq_len = max(s + n for s, n in zip(meta.starts, meta.lengths))
         cos, sin = self.rope.cos_sin(positions, h.dtype, seq_len)  # [N, d] each
+        dec = _DecodeBatch.build(meta, decode_rows, self.device)
         for layer, buf in zip(self.layers, kv):
-            h = layer(h, cos, sin, meta, buf, decode_rows)
+            h = layer(h, cos, sin, meta, buf, dec)
         if not self.last:
             return h
         if not all_logits:

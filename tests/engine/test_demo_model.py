@@ -90,3 +90,24 @@ def test_generate_cli_unknown_model_lists_what_exists(demo_model_dir: Path, caps
     assert rc == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err and "smollm2-135m" in err
+
+
+def test_generate_cli_imports_the_demo_model_on_first_use(
+    demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty models directory: ``generate smollm2-135m`` calls the importer for it, once."""
+    import lambdascale.model.importers as importers
+
+    calls: list[tuple[str, Path]] = []
+
+    def fake_import(spec: str, models_dir: Path, **kw):  # the real import is tested by the store's tests
+        calls.append((spec, Path(models_dir)))
+        return find_model(demo_model_dir, "smollm2-135m")
+
+    monkeypatch.setattr(importers, "import_model", fake_import)
+    empty = tmp_path / "models"
+    rc = main(["generate", "smollm2-135m", "What is the capital of France?", "--models-dir", str(empty),
+               "--max-tokens", "12", "--threads", "1", "--device", "cpu"])
+    assert rc == 0 and calls == [("smollm2-135m", empty)]
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and "importing smollm2-135m" in captured.err

@@ -52,6 +52,7 @@ from lambdascale.runtime.messages import (
     SetPeers,
     Shutdown,
     StageStep,
+    Warmup,
     read_msg,
     write_msg,
 )
@@ -315,6 +316,9 @@ class NodeAgent:
             for key in [k for k in self.stages if k[0] == msg.pipeline]:
                 self.stages.pop(key).close()
             return {"peer": self.transport.info().model_dump(mode="json")}
+        if isinstance(msg, Warmup):
+            await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
+            return {}
         if isinstance(msg, Shutdown):
             self._stop.set()
             return {}

@@ -11,8 +11,14 @@ What it measures today (the data-plane part of issue 6):
    throughput (one source, one receiver, the same executor) against each receiver's throughput
    in a full multicast (model bytes / time until that receiver held everything). Goal >= 70%.
 
-The per-system TTFT table (lambdascale / faasnet / nccl / local under a request burst) needs the
-engine's stage API wired into agents; it is not measured yet and the output says so.
+3. **Systems under a burst.** For each of lambdascale (multicast + execute-while-load), faasnet
+   (tree multicast, serve when full), nccl (ring, serve when full) and local (every node loads
+   from its own SSD tier), on a fresh capped cluster: a burst of ``--burst`` requests fired as the
+   scale-out starts; TTFT p50/p99, when the last request got its first token, when every node
+   serves alone, bytes moved, and whether every output equals a single-node run (same seeds).
+
+Not built: ``--emulate-device`` (agents compute for real on the shared CPU cores, so more nodes
+add no compute capacity here; TTFT figures mostly reflect the data plane and CPU contention).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from lambdascale.errors import LambdaScaleError
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.messages import DropModel, HoldModel
+from lambdascale.runtime.messages import DropModel, HoldModel, Warmup
 from lambdascale.runtime.multicast import prepare_receivers, run_multicast
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.ratelimit import gbps_to_bytes_per_s
@@ -57,7 +63,7 @@ class ScaleBenchResult:
     p2p_gbps: float
     multicast_receiver_gbps: list[float] = field(default_factory=list)
     efficiency: float = 0.0
-    systems: str = "not measured yet: per-system TTFT under a burst needs execute-while-load in agents"
+    systems: list[dict[str, Any]] = field(default_factory=list)
 
 
 def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
@@ -138,10 +144,80 @@ def format_table(r: ScaleBenchResult) -> str:
         ("uncapped point-to-point", f"{r.p2p_gbps:.2f} Gbit/s"),
         ("uncapped multicast per receiver", ", ".join(f"{g:.2f}" for g in r.multicast_receiver_gbps) + " Gbit/s"),
         ("multicast / p2p (goal >= 0.70)", f"{r.efficiency:.2f}"),
-        ("per-system TTFT table", r.systems),
     ]
     w = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+    out = "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+    if r.systems:
+        hdr = f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} " \
+              f"{'MiB moved':>9} {'pipes':>5} {'exact':>5}"
+        lines = [hdr]
+        for x in r.systems:
+            lines.append(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
+                         f"{x['last_first_token_s'] * 1e3:>15.1f} {x['all_solo_s'] * 1e3:>11.1f} "
+                         f"{x['bytes_moved'] / 2**20:>9.1f} {x['pipelines_formed']:>5} {str(x['exact']):>5}")
+        out += "\n\nburst served during scale-out (emulate-device: off)\n" + "\n".join(lines)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return 0.0
+    i = min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))
+    return xs[i]
+
+
+def make_burst(n: int, vocab: int, max_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """``n`` requests with seeded random prompts of 16-32 tokens, alternating greedy and sampled."""
+    import random
+
+    from lambdascale.engine.sampling import SamplingParams
+    from lambdascale.engine.sequence import TokenState
+
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        prompt = tuple(rng.randrange(3, vocab) for _ in range(rng.randint(16, 32)))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if i % 2 else 0.8, top_p=0.95, ignore_eos=True)
+        out[f"r{i}"] = TokenState(prompt, (), params, seed * 1000 + i)
+    return out
+
+
+def reference_outputs(model_dir: Path, burst: dict[str, Any]) -> dict[str, list[int]]:
+    """Each request alone on an in-process single-node engine (the exactness reference)."""
+    from lambdascale.engine.engine import Engine
+
+    eng = Engine.from_checkpoint(model_dir)
+    return {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
+
+
+async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
+                      burst: dict[str, Any], reference: dict[str, list[int]], systems: list[str],
+                      max_seqs: int = 8) -> list[dict[str, Any]]:
+    from lambdascale.model.manifest import read_manifest
+    from lambdascale.runtime.scaleout import serve_scale_out
+
+    manifest = read_manifest(model_dir)
+    eos = manifest.arch.eos_token_id
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    rows = []
+    for system in systems:
+        async with LocalCluster(nodes, transfer, runtime) as lc:
+            # engines imported before the burst: a real node has its runtime up before it scales
+            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(nodes)))
+            for s in range(sources):
+                await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+            rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
+                                        burst, system, eos_ids, max_seqs=max_seqs)
+        ttft = list(rep.ttft.values())
+        rows.append({
+            "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+            "last_first_token_s": max(ttft, default=0.0), "all_solo_s": rep.all_solo_s,
+            "bytes_moved": rep.bytes_moved, "pipelines_formed": rep.pipelines_formed,
+            "pipelines_dissolved": rep.pipelines_dissolved, "requests_moved": rep.requests_moved,
+            "exact": rep.outputs == reference,
+        })
+    return rows
 
 
 def cmd_bench_scale(args: Any) -> int:
@@ -157,6 +233,14 @@ def cmd_bench_scale(args: Any) -> int:
         models_dir = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
     model_dir = resolve_model(args.model, models_dir, args.layers, cfg.store.n_blocks, cfg.store.chunks_per_block)
     result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, cfg.runtime, Algo(args.algo)))
+    if args.burst > 0:
+        from lambdascale.model.manifest import read_manifest
+
+        vocab = read_manifest(model_dir).arch.vocab_size
+        burst = make_burst(args.burst, vocab, args.max_tokens)
+        ref = reference_outputs(model_dir, burst)
+        result.systems = asyncio.run(run_systems(
+            model_dir, args.nodes, args.sources, transfer, cfg.runtime, burst, ref, args.systems.split(",")))
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:

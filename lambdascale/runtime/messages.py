@@ -150,6 +150,13 @@ class DissolveStage(_Msg):
     pipeline: str
 
 
+class Warmup(_Msg):
+    """Import the engine (torch) now, so forming a stage later costs no import time."""
+
+    type: Literal["warmup"] = "warmup"
+    req: int
+
+
 class Shutdown(_Msg):
     type: Literal["shutdown"] = "shutdown"
     req: int
@@ -211,7 +218,7 @@ class Reply(_Msg):
 Message = Annotated[
     Union[
         SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown,
-        FormStage, StageStep, DissolveStage,
+        FormStage, StageStep, DissolveStage, Warmup,
         Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
     ],
     Field(discriminator="type"),

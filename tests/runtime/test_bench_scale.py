@@ -22,7 +22,7 @@ def test_bound_formula_single_and_multi_source() -> None:
 
 def test_bench_scale_cli_json(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
-    rc = main(["bench", "scale", "--nodes", "3", "--link-gbps", "0.1", "--json"])
+    rc = main(["bench", "scale", "--nodes", "3", "--link-gbps", "0.1", "--burst", "0", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["nodes"] == 3 and out["transport"] == "tcp" and out["n_chunks"] == 16

@@ -125,6 +125,12 @@ def main() -> int:
         load_from_ssd(ck, lambda b: pool.view_padded(allocs[b]), on_block=lambda ev: out.__setitem__(ev.block, ev.tensors))
         return out
 
+    def ours_disk_buffered() -> dict[int, dict[str, torch.Tensor]]:
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        load_from_ssd(ck, lambda b: pool.view_padded(allocs[b]), direct=False,
+                      on_block=lambda ev: out.__setitem__(ev.block, ev.tensors))
+        return out
+
     def st_disk() -> list[dict[str, torch.Tensor]]:
         return [st_load_file(str(f)) for f in files]
 
@@ -138,8 +144,8 @@ def main() -> int:
     rows: list[tuple[str, str, float]] = []
     drop_desc = evict(files + pt_files, args.drop)
     cold = lambda: evict(files + pt_files, args.drop)  # noqa: E731
-    for label, fn in [("ours (pipelined, verified)", ours_disk), ("safetensors.load_file", st_disk),
-                      ("torch.load", pt_disk), ("torch.load(mmap=True)", pt_disk_mmap)]:
+    for label, fn in [("ours (pipelined, verified)", ours_disk), ("ours, buffered reads", ours_disk_buffered),
+                      ("safetensors.load_file", st_disk), ("torch.load", pt_disk), ("torch.load(mmap=True)", pt_disk_mmap)]:
         dt, _ = timed(fn, max(1, args.repeat - 1), before=cold)
         rows.append(("disk, cold", label, dt))
     for label, fn in [("ours (pipelined, verified)", ours_disk), ("safetensors.load_file", st_disk),

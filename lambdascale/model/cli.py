@@ -40,6 +40,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
         progress=not args.quiet,
+        settings=cfg.store,
     )
     m = ck.manifest
     print(f"{m.name}: {_fmt_bytes(m.total_bytes)}, {m.n_blocks} blocks, {m.n_chunks} chunks, {m.dtype.value} -> {ck.dir}")

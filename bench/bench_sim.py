@@ -69,7 +69,9 @@ def section_frontier(traces: Path, target: float) -> None:
     base = SimSettings(model="llama2-13b", cluster="h800-ib400", nodes=16, systems=SYSTEMS, host_cache_nodes=2)
     w = workload_for(base, trace)
     # With a warm floor (min=1) keep-alive no longer matters (scale-in to the floor needs none).
-    grid = [(0, ka, tc) for ka in (5.0, 30.0) for tc in (4, 8, 12, 16, 24)] + [(0, 120.0, 8), (1, 30.0, 8), (1, 30.0, 16)]
+    # The same grid for every system: scale to zero (keep-alive 5 or 30 s) or one warm instance,
+    # times the autoscaler's target concurrency.
+    grid = [(m, ka, tc) for m, ka in ((0, 5.0), (0, 30.0), (1, 30.0)) for tc in (4, 8, 12, 16, 24, 32)]
     best: dict[str, tuple[float, float, str]] = {}
     print(f"\n## frontier: cheapest setting with SLO attainment >= {target:.1%} (code trace, 13B, 16 nodes, host cache on 2 nodes)")
     print(f"{'system':<14}{'min':>4}{'keep-alive':>11}{'target':>7}{'SLO':>8}{'p99 TTFT':>10}{'GPU-s':>9}")

@@ -270,7 +270,7 @@ def enqueue_copies(
     """Queue host -> device copies of blocks (``(index, uint8 host tensor)``), chunk by chunk, and
     return at once with one event per block (CUDA: copies run on ``stream``, non-blocking from
     pinned memory; a compute stream can ``wait_event`` block b and run it while b+1 copies).
-    On CPU the copies happen here and the events are None.
+    On CPU each block is copied here in one piece and the events are None.
     """
     dev = torch.device(device)
     bufs: dict[int, torch.Tensor] = {} if out is None else out
@@ -294,8 +294,9 @@ def enqueue_copies(
         if dst is None:
             dst = torch.empty(src.numel(), dtype=torch.uint8, device=dev)
             bufs[b] = dst
-        for off in range(0, src.numel(), chunk_bytes):
-            dst[off : off + chunk_bytes].copy_(src[off : off + chunk_bytes])
+        # one copy per block: on CPU the copy is synchronous anyway, and small copies lose
+        # torch's parallel memcpy (measured: 64 MB pieces ~0.6x the speed of one copy)
+        dst.copy_(src)
         pending.append(PendingCopy(b, dst, None))
     return pending
 

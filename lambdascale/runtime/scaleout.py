@@ -14,6 +14,10 @@ queue; what differs is how the other nodes get the model and when they start ser
 
 Instances (full or pipeline) pull requests from the queue up to ``max_seqs`` each and run
 continuous batching steps (:class:`~lambdascale.runtime.pipeline.PipelineServer`).
+
+Faults: an instance whose member dies mid-step hands its requests' token states back to the
+head of the queue (no token of the failed step was delivered, so nothing is lost or repeated);
+the multicast re-plans around the dead node (:mod:`lambdascale.runtime.multicast`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner
-from lambdascale.runtime.cluster import Cluster
+from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLostError
 from lambdascale.runtime.messages import ChunkHeld, HoldModel
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
@@ -58,12 +63,14 @@ class ScaleOutReport:
     pipelines_formed: int = 0
     pipelines_dissolved: int = 0
     requests_moved: int = 0
+    instances_failed: int = 0
     bytes_moved: int = 0
     multicast: MulticastResult | None = None
 
 
 @dataclass
 class _Instance:
+    name: str
     server: PipelineServer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
@@ -82,6 +89,7 @@ async def serve_scale_out(
     max_seqs: int = 8,
     max_len: int = 512,
     max_step_tokens: int = 512,
+    on_pipeline_formed: Callable[[str, list[int]], None] | None = None,
 ) -> ScaleOutReport:
     """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``."""
     system = SystemKind(system)
@@ -108,14 +116,31 @@ async def serve_scale_out(
                 wake.clear()
                 await wake.wait()
                 continue
+            failed = False
             async with inst.lock:
                 if inst.closed:
                     break
                 before = set(srv.finished)
-                await srv.step()
+                try:
+                    await srv.step()
+                except (NodeLostError, AgentRequestError):
+                    # A member died mid-step: no token of this step was delivered, so the token
+                    # states are exact; the requests resume on another instance.
+                    inst.closed = failed = True
+                    moved = srv.take()
+                    rep.instances_failed += 1
+                    rep.requests_moved += len(moved)
+                    queue.extendleft(reversed(list(moved.items())))
+                    instances.pop(inst.name, None)
+                    for key in [k for k, v in by_assignment.items() if v == inst.name]:
+                        del by_assignment[key]
                 now = time.monotonic() - t0
                 for rid in set(srv.finished) - before:
                     rep.finish[rid] = now
+            if failed:
+                wake.set()
+                await srv.pipe.dissolve()  # best effort on the survivors
+                return
             if len(rep.finish) == len(requests):
                 all_done.set()
                 wake.set()
@@ -124,7 +149,7 @@ async def serve_scale_out(
         pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
                               max_step_tokens=max_step_tokens, name=name)
         await pipe.form()
-        inst = _Instance(PipelineServer(pipe, eos_token_ids, on_token=on_token))
+        inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=on_token))
         instances[name] = inst
         inst.task = asyncio.get_running_loop().create_task(worker(inst))
         return inst
@@ -133,7 +158,10 @@ async def serve_scale_out(
         if node in solo and node not in sources:
             return
         solo.add(node)
-        await start_instance(f"solo{node}", [StagePlacement(node, (0, manifest.n_blocks))])
+        try:
+            await start_instance(f"solo{node}", [StagePlacement(node, (0, manifest.n_blocks))])
+        except (NodeLostError, AgentRequestError):
+            return  # died right after it got the model
         rep.node_serving_s.setdefault(node, time.monotonic() - t0)
 
     async def apply(plan: PipelinePlan) -> None:
@@ -154,10 +182,18 @@ async def serve_scale_out(
             if node not in solo:
                 await start_solo(node)
         for p in plan.form:
+            if any(n not in cluster.alive() for n in p.nodes):
+                continue  # the planner does not know yet that a member died
             name = f"pipe{rep.pipelines_formed}"
+            placements = [StagePlacement(st.node, (st.start, st.end)) for st in p.stages]
+            try:
+                await start_instance(name, placements)
+            except (NodeLostError, AgentRequestError):
+                continue  # a member died while forming; its requests never started here
             rep.pipelines_formed += 1
             by_assignment[p.assignment] = name
-            await start_instance(name, [StagePlacement(st.node, (st.start, st.end)) for st in p.stages])
+            if on_pipeline_formed is not None:
+                on_pipeline_formed(name, [pl.node for pl in placements])
         wake.set()
 
     # full instances on the sources serve from the first moment
@@ -203,7 +239,7 @@ async def serve_scale_out(
             rep.multicast = await run_multicast(cluster, manifest, sources, receivers, _ALGO[system], on_event=hook)
             rep.bytes_moved = rep.multicast.bytes_moved
         await plans.join()  # every decision the multicast produced has been acted on
-        missing = [n for n in receivers if n not in rep.node_serving_s]
+        missing = [n for n in receivers if n not in rep.node_serving_s and n in cluster.alive()]
         if missing:
             raise RuntimeError(f"nodes {missing} hold the model but never started serving alone")
         rep.all_solo_s = max(rep.node_serving_s.values(), default=0.0)

@@ -3,6 +3,7 @@ and every output equals a single-node run."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from lambdascale.engine.sampling import SamplingParams
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import read_manifest
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.messages import HoldModel
+from lambdascale.runtime.messages import HoldModel, Warmup
 from lambdascale.runtime.scaleout import SystemKind, serve_scale_out
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.settings import TransferSettings
@@ -43,6 +44,7 @@ def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, syst
     async def main():
         async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0)) as lc:
             manifest = read_manifest(tiny_model)
+            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(5)))  # torch imported up front
             for s in (0, 1):
                 await lc.cluster.request(s, HoldModel(req=0, model_dir=str(tiny_model)))
             return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, system, max_seqs=2)
@@ -55,3 +57,30 @@ def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, syst
         assert rep.pipelines_dissolved == rep.pipelines_formed  # every pipeline ends when nodes are full
     else:
         assert rep.pipelines_formed == 0
+
+
+def test_node_killed_inside_a_pipeline_requests_complete_elsewhere(tiny_model: Path, burst_reference) -> None:
+    link = TransferSettings(link_gbps=0.02, bucket_burst_bytes=32 << 10, io_slice_bytes=16 << 10)
+    killed: list[int] = []
+
+    async def main():
+        async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0)) as lc:
+            manifest = read_manifest(tiny_model)
+            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(5)))  # torch imported up front
+            for s in (0, 1):
+                await lc.cluster.request(s, HoldModel(req=0, model_dir=str(tiny_model)))
+
+            def formed(name: str, nodes: list[int]) -> None:
+                if not killed:
+                    killed.append(nodes[-1])
+                    lc.launcher.kill(nodes[-1])  # the last stage: the pipeline's next step fails
+
+            return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, "lambdascale",
+                                         max_seqs=2, on_pipeline_formed=formed)
+
+    rep = run_async(main(), timeout=180)
+    assert len(killed) == 1 and rep.multicast is not None and rep.multicast.lost == tuple(killed)
+    assert rep.instances_failed == 1 and rep.requests_moved >= 1
+    assert rep.outputs == burst_reference  # every request completed, exactly
+    survivors = {2, 3, 4} - set(killed)
+    assert survivors <= set(rep.node_serving_s)

@@ -1,26 +1,34 @@
-"""A :class:`ServingBackend` over the runtime's node agents (first version: static full instances).
+"""A :class:`ServingBackend` over the runtime's node agents, scaled by the control plane.
 
-``start`` launches ``runtime.nodes`` agents (``LocalCluster``: local processes, or Ray). ``deploy``
-loads the model into the host tier of ``max(1, min_instances)`` nodes (never more than are alive)
-and forms one single-stage :class:`RemotePipeline` per node, each driven by a
-:class:`PipelineServer` (continuous batching on the agent) and a worker task here. Requests wait in
-one FIFO per model; a worker admits from it up to its pipeline's ``max_seqs``.
+``start`` launches ``runtime.nodes`` agents (``LocalCluster``: local processes, or Ray) and runs
+the control engineer's :class:`~lambdascale.control.controller.Controller` (observe -> decide ->
+act every ``control.autoscale_interval_s``) with this backend as its actuator and
+:meth:`ClusterBackend.snapshot` as its observation. ``scale_out`` loads the model into a target
+node's host tier (skipped when it is still there from an earlier instance: a host-tier hit) and
+forms a single-stage :class:`RemotePipeline` driven by a :class:`PipelineServer` (continuous
+batching on the agent) and a worker task here; ``remove_instances`` drains. Every scale-out is a
+``ScaleTimeline`` (decision, node full, first pipeline), logged by the gateway. Requests wait in
+one FIFO per model; a request for a model with no instance is held there while one starts (scale
+from zero) unless no node can host one (503). Without autoscaling, ``deploy`` starts
+``max(1, min_instances)`` instances itself.
 
 The backend owns every request's token state (prompt, tokens streamed so far, params, seed). When
 an agent dies, its instance is dropped and its requests go back to the head of the queue with
 that state; another instance prefills prompt + outputs and continues at the same token index, so
-the client's stream is exactly an uninterrupted run's. When no instance of the model is left,
-every waiting request ends with :class:`BackendUnavailableError` (the gateway's 503).
+the client's stream is exactly an uninterrupted run's. When no instance is left and none can
+start, every waiting request ends with :class:`BackendUnavailableError` (the gateway's 503).
 
-Not here yet (the runtime's scale-out work, ``runtime/scaleout.py``, and the control loop plug in
-at :meth:`ClusterBackend.deploy` / the worker): autoscaling, multicast scale-out and λPipe
-pipelines across receivers. ``PipelineServer`` has no per-request abort, so :func:`_drop` removes a
-request from it through the same fields ``take`` uses (an adapter to replace when it gains one).
+Not here yet: block multicast and λPipe pipelines across receivers during a scale-out (the
+runtime's ``runtime/scaleout.py`` has them for benchmarks; targets here load from the checkpoint
+or their own host copy), evictions and copy-backs (agents have no messages for them). One
+instance per node (one GPU slot). ``PipelineServer`` has no per-request abort, so :func:`_drop`
+removes a request through the same fields ``take`` uses (an adapter to replace when it gains one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 from collections import deque
@@ -29,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lambdascale.clock import MonotonicClock
 from lambdascale.config import LambdaScaleConfig
 from lambdascale.errors import InvalidRequestError, LambdaScaleError
 from lambdascale.serve.backend import (
@@ -47,6 +56,8 @@ from lambdascale.serve.backend import (
 from lambdascale.serve.schemas import DeploySpec
 
 log = logging.getLogger("lambdascale.serve.cluster")
+
+_SERIAL = itertools.count()
 
 
 class TokenizerCodec:
@@ -91,10 +102,13 @@ class _Request:
 class _Instance:
     model: str
     node: int
-    pipe: Any               # RemotePipeline
-    server: Any             # PipelineServer
+    pipe: Any               # RemotePipeline (None while loading)
+    server: Any             # PipelineServer (None while loading)
     task: asyncio.Task[None] | None = None
     alive: bool = True
+    loading: bool = False
+    draining: bool = False
+    id: str = ""
 
 
 @dataclass
@@ -108,6 +122,12 @@ class _Model:
     queue: deque[str] = field(default_factory=deque)
     instances: list[_Instance] = field(default_factory=list)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    last_request_at: float | None = None
+
+    @property
+    def serving(self) -> list[_Instance]:
+        """Instances that take requests (loaded, not draining)."""
+        return [i for i in self.instances if not i.loading and not i.draining]
 
 
 def _drop(server: Any, rid: str) -> None:
@@ -120,7 +140,7 @@ class ClusterBackend:
     """Serving on node agents; see the module docstring."""
 
     def __init__(self, config: LambdaScaleConfig, models_dir: str | Path | None = None,
-                 n_nodes: int | None = None) -> None:
+                 n_nodes: int | None = None, autoscale: bool = True) -> None:
         self.config = config
         self.models_dir = Path(models_dir) if models_dir is not None else config.paths.models_dir
         self.n_nodes = n_nodes or config.runtime.nodes
@@ -129,6 +149,14 @@ class ClusterBackend:
         self._reqs: dict[str, _Request] = {}
         self._held: dict[int, set[str]] = {}
         self.moves = 0
+        self.autoscale = autoscale
+        self._controller: Any = None
+        self._ctl_task: asyncio.Task[None] | None = None
+        self._ctl_stop: asyncio.Event | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._clock = MonotonicClock()
+        self.scale_events: dict[str, int] = {}
+        self.tier_hits: dict[str, int] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +165,12 @@ class ClusterBackend:
         self._lc = LocalCluster(self.n_nodes, self.config.transfer, self.config.runtime)
         await self._lc.__aenter__()
         log.info("cluster of %d node agents up", self.n_nodes)
+        if self.autoscale:
+            from lambdascale.control.controller import Controller
+
+            self._controller = Controller(self.snapshot, self, self.config.control, self._clock)
+            self._ctl_stop = asyncio.Event()
+            self._ctl_task = asyncio.get_running_loop().create_task(self._controller.run(self._ctl_stop))
 
     @property
     def cluster(self) -> Any:
@@ -147,6 +181,14 @@ class ClusterBackend:
         self._lc.launcher.kill(node)
 
     async def close(self) -> None:
+        if self._ctl_task is not None and self._ctl_stop is not None:
+            self._ctl_stop.set()
+            self._ctl_task.cancel()
+            await asyncio.gather(self._ctl_task, return_exceptions=True)
+            self._ctl_task = None
+        for t in list(self._bg):
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
         for name in list(self._models):
             await self.undeploy(name)
         if self._lc is not None:
@@ -174,28 +216,130 @@ class ClusterBackend:
         codec = TokenizerCodec(tok, frozenset(eos), max_len, arch.vocab_size)
         m = _Model(spec.name, spec, Path(ckpt.dir), ckpt.manifest, codec, frozenset(eos))
         self._models[spec.name] = m
-        want = max(1, spec.min_instances)
-        free = sorted(self.cluster.alive(), key=lambda n: len(self._held.get(n, ())))
-        for node in free[:want]:
+        if self.autoscale:
+            # The controller starts the floor (min_instances); wait for it so the gateway is ready on return.
+            deadline = self._clock.now() + self.config.runtime.request_timeout_s
+            while len(m.serving) < spec.min_instances:
+                if self._clock.now() > deadline or not self.cluster.alive():
+                    raise BackendUnavailableError(
+                        f"model {spec.name!r}: {len(m.serving)} of min_instances={spec.min_instances} instances "
+                        f"started within runtime.request_timeout_s")
+                await asyncio.sleep(0.05)
+            return
+        for node in self.cluster.alive()[:max(1, spec.min_instances)]:
             await self._start_instance(m, node)
-        if not m.instances:
-            del self._models[spec.name]
-            raise BackendUnavailableError(f"no live node could load model {spec.name!r}")
 
-    async def _start_instance(self, m: _Model, node: int) -> None:
+    async def _start_instance(self, m: _Model, node: int, inst: _Instance | None = None,
+                              timeline: Any = None) -> None:
+        """Load ``m`` into ``node``'s host tier (from its SSD tier: the checkpoint), form a full instance, serve."""
         from lambdascale.runtime.messages import HoldModel
         from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
 
-        await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
-        self._held.setdefault(node, set()).add(m.name)
-        pipe = RemotePipeline(self.cluster, m.manifest, [StagePlacement(node, (0, m.manifest.n_blocks))],
-                              max_len=m.codec.context_length, max_seqs=self.config.engine.max_batch_size,
-                              max_step_tokens=self.config.engine.max_num_batched_tokens, name=f"{m.name}@{node}")
-        await pipe.form()
-        inst = _Instance(m.name, node, pipe, PipelineServer(pipe, m.eos, on_token=self._on_token))
+        if inst is None:
+            inst = _Instance(m.name, node, None, None, loading=True, id=f"{m.name}@{node}")
+            m.instances.append(inst)
+        try:
+            if m.name not in self._held.get(node, set()):
+                await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
+                self._held.setdefault(node, set()).add(m.name)
+            if timeline is not None:
+                timeline.mark_node_full(node, self._clock.now())
+            pipe = RemotePipeline(self.cluster, m.manifest, [StagePlacement(node, (0, m.manifest.n_blocks))],
+                                  max_len=m.codec.context_length, max_seqs=self.config.engine.max_batch_size,
+                                  max_step_tokens=self.config.engine.max_num_batched_tokens,
+                                  name=f"{m.name}@{node}.{next(_SERIAL)}")
+            await pipe.form()
+        except BaseException:
+            if inst in m.instances:
+                m.instances.remove(inst)
+            raise
+        if timeline is not None:
+            timeline.mark_first_pipeline(self._clock.now())
+        inst.pipe, inst.server = pipe, PipelineServer(pipe, m.eos, on_token=self._on_token)
+        inst.loading = False
         inst.task = asyncio.get_running_loop().create_task(self._worker(m, inst))
-        m.instances.append(inst)
+        m.wakeup.set()
         log.info("instance of %s serving on node %d", m.name, node)
+
+    # ---- the controller's actuator (called by control.Controller; returns quickly) ------------
+    def scale_out(self, plan: Any, timeline: Any) -> None:
+        """Start every target of ``plan``; each loads from its local copy or the checkpoint (no multicast yet)."""
+        m = self._models.get(plan.model)
+        if m is None:
+            return
+        self.scale_events["up"] = self.scale_events.get("up", 0) + 1
+        for t in plan.targets:
+            tier = t.local_tier.value if t.local_tier.value != "none" else "store"
+            self.tier_hits[tier] = self.tier_hits.get(tier, 0) + 1
+            inst = _Instance(m.name, t.node, None, None, loading=True, id=f"{m.name}@{t.node}")
+            m.instances.append(inst)
+            task = asyncio.get_running_loop().create_task(self._start_logged(m, t.node, inst, timeline))
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+    async def _start_logged(self, m: _Model, node: int, inst: _Instance, timeline: Any) -> None:
+        try:
+            await self._start_instance(m, node, inst, timeline)
+        except Exception as e:  # the next controller pass sees the missing instance and retries
+            log.error("starting %s on node %d failed: %s", m.name, node, e)
+
+    def remove_instances(self, model: str, instance_ids: tuple[str, ...]) -> None:
+        """Drain: stop admitting; the worker dissolves the pipeline once its requests finished."""
+        m = self._models.get(model)
+        if m is None:
+            return
+        self.scale_events["down"] = self.scale_events.get("down", 0) + 1
+        for inst in m.instances:
+            if inst.id in instance_ids:
+                inst.draining = True
+        m.wakeup.set()
+
+    def apply_memory(self, plan: Any) -> None:
+        """Evictions and copy-backs: agents keep a loaded model in host memory; nothing to do yet."""
+        if not plan.is_noop:
+            log.debug("memory plan not applied (agents have no evict/copy-back messages yet): %s", plan)
+
+    def snapshot(self) -> Any:
+        """The control plane's view of this cluster (one GPU slot per node, host-tier holdings)."""
+        from lambdascale.control.snapshot import (
+            ClusterSnapshot,
+            Holding,
+            InstanceState as CState,
+            InstanceView,
+            ModelView,
+            NodeView,
+            Stage,
+            Tier as CTier,
+        )
+
+        alive = set(self.cluster.alive())
+        busy = {i.node for m in self._models.values() for i in m.instances}
+        host_total = 1 << 50
+        nodes = []
+        for n in sorted(alive):
+            held = [self._models[name] for name in sorted(self._held.get(n, ())) if name in self._models]
+            used = sum(mm.manifest.total_bytes for mm in held)
+            nodes.append(NodeView(
+                id=n, gpus_total=1, gpus_free=0 if n in busy else 1,
+                host_bytes_total=host_total, host_bytes_free=host_total - used,
+                holdings=tuple(Holding(mm.name, CTier.HOST, mm.manifest.total_bytes,
+                                       last_used=mm.last_request_at or 0.0) for mm in held)))
+        models = []
+        for m in self._models.values():
+            insts = []
+            for i in m.instances:
+                if i.node not in alive or i.draining:
+                    continue
+                n_run = len(i.server.reqs) if i.server is not None else 0
+                insts.append(InstanceView(
+                    id=i.id, model=m.name, state=CState.LOADING if i.loading else CState.FULL,
+                    stages=(Stage(i.node, 0, m.manifest.n_blocks),),
+                    capacity=self.config.engine.max_batch_size, outstanding_requests=n_run))
+            models.append(ModelView(
+                name=m.name, spec=m.spec.to_control(), size_bytes=m.manifest.total_bytes,
+                n_blocks=m.manifest.n_blocks, instances=tuple(insts), queue_len=len(m.queue),
+                in_flight=sum(v.outstanding_requests for v in insts), last_request_at=m.last_request_at))
+        return ClusterSnapshot(nodes=tuple(nodes), models=tuple(models))
 
     async def undeploy(self, name: str) -> None:
         m = self._models.pop(name, None)
@@ -206,6 +350,8 @@ class ClusterBackend:
             if inst.task is not None:
                 inst.task.cancel()
                 await asyncio.gather(inst.task, return_exceptions=True)
+            if inst.pipe is None:
+                continue
             try:
                 await inst.pipe.dissolve()
             except Exception:  # the node may be gone already
@@ -238,7 +384,17 @@ class ClusterBackend:
     async def _worker(self, m: _Model, inst: _Instance) -> None:
         srv = inst.server
         while inst.alive:
-            while m.queue and len(srv.reqs) < inst.pipe.max_seqs:
+            if inst.draining and not srv.busy:
+                inst.alive = False
+                if inst in m.instances:
+                    m.instances.remove(inst)
+                try:
+                    await inst.pipe.dissolve()
+                except Exception:  # the node may be gone; nothing left to free
+                    pass
+                log.info("instance of %s on node %d removed (scale-in)", m.name, inst.node)
+                return
+            while m.queue and not inst.draining and len(srv.reqs) < inst.pipe.max_seqs:
                 rid = m.queue.popleft()
                 r = self._reqs.get(rid)
                 if r is not None and not r.done:
@@ -270,7 +426,7 @@ class ClusterBackend:
         self._held.get(inst.node, set()).discard(m.name)
         moved = list(inst.server.take())
         log.warning("instance of %s on node %d lost (%s); %d request(s) to move", m.name, inst.node, err, len(moved))
-        if m.instances:
+        if m.instances or self._can_start(m):
             self.moves += len(moved)
             m.queue.extendleft(reversed(moved))
             m.wakeup.set()
@@ -282,14 +438,23 @@ class ClusterBackend:
                 r.events.put_nowait(fail)
         m.queue.clear()
 
+    def _can_start(self, m: _Model) -> bool:
+        """Whether the controller may still start an instance of ``m`` (a live node without one)."""
+        if not self.autoscale or self._lc is None:
+            return False
+        used = {i.node for mm in self._models.values() for i in mm.instances}
+        return any(n not in used for n in self.cluster.alive())
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         from lambdascale.engine.sampling import SamplingParams
 
         m = self._models.get(request.model)
         if m is None:
             raise ModelNotServedError(f"model {request.model!r} is not deployed on the cluster")
-        if not m.instances:
-            raise BackendUnavailableError(f"no instance of model {request.model!r} is left")
+        alive = set(self.cluster.alive())
+        if not any(i.node in alive for i in m.instances) and not self._can_start(m):
+            raise BackendUnavailableError(f"no instance of model {request.model!r} is left and none can start")
+        m.last_request_at = self._clock.now()  # held in the queue while an instance starts (scale from zero)
         sp = request.sampling
         params = SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
                                 top_k=max(sp.top_k, 0), seed=sp.seed, stop_token_ids=sp.stop_token_ids,
@@ -320,7 +485,8 @@ class ClusterBackend:
             if request_id in m.queue:
                 m.queue.remove(request_id)
             for inst in m.instances:
-                _drop(inst.server, request_id)
+                if inst.server is not None:
+                    _drop(inst.server, request_id)
         self._reqs.pop(request_id, None)
 
     # ---- observation ------------------------------------------------------------------------
@@ -328,15 +494,19 @@ class ClusterBackend:
         m = self._models.get(model)
         if m is None:
             return ModelCapacity(0, 0, 0)
-        return ModelCapacity(slots=sum(i.pipe.max_seqs for i in m.instances),
-                             running=sum(len(i.server.reqs) for i in m.instances), queued=len(m.queue))
+        return ModelCapacity(slots=sum(i.pipe.max_seqs for i in m.serving),
+                             running=sum(len(i.server.reqs) for i in m.serving), queued=len(m.queue))
 
     def status(self) -> BackendStatus:
         alive = set(self.cluster.alive()) if self._lc is not None else set()
         return BackendStatus(
             nodes=tuple(NodeInfo(str(n), n in alive, {mm: (Tier.HOST,) for mm in sorted(self._held.get(n, ()))})
                         for n in range(self.n_nodes)),
-            instances=tuple(InstanceInfo(i.pipe.name, m.name, InstanceState.FULL, (str(i.node),), len(i.server.reqs))
+            instances=tuple(InstanceInfo(i.id, m.name, InstanceState.LOADING if i.loading else InstanceState.FULL,
+                                         (str(i.node),), len(i.server.reqs) if i.server is not None else 0)
                             for m in self._models.values() for i in m.instances if i.node in alive),
             queues={m.name: len(m.queue) for m in self._models.values()},
+            scale_events=dict(self.scale_events),
+            tier_hits=dict(self.tier_hits),
+            timeline=tuple(self._controller.timelines)[-50:] if self._controller is not None else (),
         )

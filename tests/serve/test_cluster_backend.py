@@ -4,6 +4,7 @@ a node dying mid-stream moves the request with its token state, and 503 once no 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,18 +27,22 @@ def tiny(tmp_path_factory) -> tuple[Path, str]:
 
     d = tmp_path_factory.mktemp("models")
     ck = import_model("synthetic:tiny-llama", d, n_blocks=4, chunks_per_block=1)
+    import_model("synthetic:tiny-qwen2", d, n_blocks=2, chunks_per_block=1)
     return d, ck.dir.name
 
 
 @pytest.fixture(scope="module")
 def cluster_server(tiny) -> Iterator[tuple[ServerThread, ClusterBackend, str]]:
     models_dir, name = tiny
-    cfg = load_config(None, {"runtime.nodes": 2, "runtime.heartbeat_s": 0.2, "engine.max_batch_size": 4,
-                             "engine.max_model_len": 256})
+    # Generous start-up limits: three agent processes importing torch on a loaded 2-core machine.
+    cfg = load_config(None, {"runtime.nodes": 3, "runtime.heartbeat_s": 0.5, "runtime.register_timeout_s": 240,
+                             "engine.max_batch_size": 4,
+                             "engine.max_model_len": 256, "control.autoscale_interval_s": 0.1,
+                             "serve.timeline_poll_s": 0.05})
     backend = ClusterBackend(cfg, models_dir)
     reg = ModelRegistry(":memory:")
     reg.put(DeploySpec(name=name, min_instances=2, max_instances=2))
-    server = ServerThread(create_app(cfg, backend, registry=reg)).start(timeout_s=120)
+    server = ServerThread(create_app(cfg, backend, registry=reg)).start(timeout_s=300)
     try:
         yield server, backend, name
     finally:
@@ -56,6 +61,31 @@ def reference_tokens(models_dir: Path, name: str, n: int) -> list[int]:
     return toks
 
 
+def test_scale_from_zero_holds_the_request_and_logs_the_timeline(cluster_server, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lambdascale.serve.scale")
+    server, backend, _ = cluster_server
+    admin = httpx.post(server.url + "/admin/models", json={"name": "synthetic-tiny-qwen2", "min_instances": 0, "max_instances": 1,
+                                                           "keep_alive_s": 600}, timeout=60)
+    assert admin.status_code == 201, admin.text
+    assert not [i for i in httpx.get(server.url + "/admin/status").json()["instances"] if i["model"] == "synthetic-tiny-qwen2"]
+    # No instance yet: the request is held while the controller starts one, then served (not failed).
+    r = httpx.post(server.url + "/v1/completions", timeout=120,
+                   json={"model": "synthetic-tiny-qwen2", "prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5
+    st = httpx.get(server.url + "/admin/status").json()
+    assert [i["nodes"] for i in st["instances"] if i["model"] == "synthetic-tiny-qwen2"] == [["2"]]
+    assert st["scale_events"]["up"] >= 1 and st["tier_hits"]
+    line = next(t for t in st["timeline"] if "synthetic-tiny-qwen2" in t)
+    assert "decision +0ms" in line and "node 2 full" in line and "first pipeline" in line
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any("first pipeline" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    assert any("synthetic-tiny-qwen2" in r.getMessage() and "first pipeline" in r.getMessage() for r in caplog.records)
+
+
 def test_cluster_serves_exact_tokens_and_survives_a_node_death(cluster_server, tiny) -> None:
     server, backend, name = cluster_server
     models_dir, _ = tiny
@@ -64,8 +94,9 @@ def test_cluster_serves_exact_tokens_and_survives_a_node_death(cluster_server, t
     codec = backend.codec(name)
     want = codec.decode(want_ids)
     st = httpx.get(server.url + "/admin/status").json()
-    assert sorted(i["nodes"][0] for i in st["instances"]) == ["0", "1"]
-    assert all(node["tiers"] == {name: ["host"]} for node in st["nodes"])
+    mine = [i for i in st["instances"] if i["model"] == name]
+    assert sorted(i["nodes"][0] for i in mine) == ["0", "1"]
+    assert all(node["tiers"].get(name) == ["host"] for node in st["nodes"] if node["node_id"] in ("0", "1"))
 
     body = {"model": name, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
@@ -80,7 +111,8 @@ def test_cluster_serves_exact_tokens_and_survives_a_node_death(cluster_server, t
                 if line.startswith("data: "):
                     pieces.append(json.loads(line[6:])["choices"][0]["text"])
                     break
-            busy = [i for i in httpx.get(server.url + "/admin/status").json()["instances"] if i["running"]]
+            busy = [i for i in httpx.get(server.url + "/admin/status").json()["instances"]
+                    if i["running"] and i["model"] == name]
             if busy:  # still running (not already finished): kill its node
                 backend.kill_node(int(busy[0]["nodes"][0]))
             for line in lines:
@@ -93,7 +125,7 @@ def test_cluster_serves_exact_tokens_and_survives_a_node_death(cluster_server, t
     assert backend.moves >= 1
 
     # Kill the last node: new requests get a clear 503, the gateway keeps answering.
-    survivor = [i for i in httpx.get(server.url + "/admin/status").json()["instances"]]
+    survivor = [i for i in httpx.get(server.url + "/admin/status").json()["instances"] if i["model"] == name]
     for inst in survivor:
         backend.kill_node(int(inst["nodes"][0]))
     r = None

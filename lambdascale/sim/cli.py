@@ -12,7 +12,8 @@ from lambdascale.config import add_config_args, config_from_args
 
 _RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duration", "time_scale", "seed",
                "slo_ttft", "lengths_from", "min_instances", "target_concurrency", "keep_alive_s",
-               "host_pool_gib", "max_batch", "n_blocks", "n_chunks"]
+               "host_pool_gib", "host_cache_nodes", "keepalive_baseline_keep_alive_s", "max_batch",
+               "max_prefill_tokens", "n_blocks", "n_chunks"]
 _SCALING_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "n_blocks", "n_chunks"]
 
 

@@ -214,6 +214,8 @@ class NodeStore:
             self.gpu = MemoryTier(Tier.GPU, RangeAllocator(int(s.gpu_capacity_gb * GB), s.pool_align), s.keep_alive_s,
                                   s.strict_keep_alive, device_storage)
         self.ssd_rate = TokenBucket.from_gbps(s.ssd_gbps, clock=MonotonicClock()) if s.ssd_gbps else None
+        self._locks_lock = threading.Lock()
+        self._load_locks: dict[tuple[Tier, str], threading.Lock] = {}
 
     # ---- queries ---------------------------------------------------------------------------
     def checkpoint(self, name: str) -> Checkpoint:
@@ -270,8 +272,21 @@ class NodeStore:
         raise LambdaScaleError(f"this node has no {tier.value} memory tier")
 
     # ---- loads --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _one_load(self, tier: Tier, name: str) -> Iterator[None]:
+        """Serialize loads of one model into one tier: a second caller waits for the first and then
+        finds the model resident (or, if the first failed, tries again itself)."""
+        with self._locks_lock:
+            lock = self._load_locks.setdefault((tier, name), threading.Lock())
+        with lock:
+            yield
+
     def load_host(self, name: str, on_block: OnBlock | None = None, keep_alive_s: float | None = None) -> LoadStats:
         """Bring ``name`` into the host pool from SSD (no-op, announcing every block, if already there)."""
+        with self._one_load(Tier.HOST, name):
+            return self._load_host(name, on_block, keep_alive_s)
+
+    def _load_host(self, name: str, on_block: OnBlock | None, keep_alive_s: float | None) -> LoadStats:
         now = self.clock.now()
         with self.host.lock:
             res = self.host.models.get(name)
@@ -301,6 +316,10 @@ class NodeStore:
 
     def load_gpu(self, name: str, on_block: OnBlock | None = None, keep_alive_s: float | None = None) -> LoadStats:
         """Bring ``name`` into the device tier (through the host pool, loading it from SSD first if needed)."""
+        with self._one_load(Tier.GPU, name):
+            return self._load_gpu(name, on_block, keep_alive_s)
+
+    def _load_gpu(self, name: str, on_block: OnBlock | None, keep_alive_s: float | None) -> LoadStats:
         gpu = self._tier(Tier.GPU)
         now = self.clock.now()
         with gpu.lock:

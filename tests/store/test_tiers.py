@@ -257,3 +257,24 @@ def test_tier_random_ops_never_overcommit_or_evict_leased(ops, strict: bool) -> 
         assert sum(e.nbytes for e in tier.entries()) == tier.allocator.used
         assert all(m in tier.models for m, n in leases.items() if n > 0)
         leases = {m: n for m, n in leases.items() if m in tier.models}
+
+
+def test_concurrent_loads_of_one_model_share_the_work(models: Path) -> None:
+    import threading
+
+    store = _store(models)
+    results = []
+    seen: list[list[int]] = [[], [], []]
+
+    def go(i: int) -> None:
+        results.append(store.load_host("a", on_block=lambda ev: seen[i].append(ev.block)).nbytes)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = Checkpoint(models / "a").manifest.total_bytes
+    assert sorted(results) == [0, 0, total]        # read from SSD once
+    assert all(s == [0, 1, 2, 3] for s in seen)     # every caller saw every block
+    assert store.host.cache.get("a").leases == 0 and store.pool.allocator.used > 0

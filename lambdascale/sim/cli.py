@@ -17,7 +17,7 @@ _RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duratio
 _SCALING_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "n_blocks", "n_chunks"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "simulate", help="trace-driven cluster simulation of λScale against its baselines",
         description="Replay a trace (or a synthetic workload) on a simulated cluster, once per system, "
@@ -74,6 +74,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
               "model": s.model, "nodes": s.nodes, "seed": s.seed, "slo_ttft_s": s.slo_ttft, "wall_s": wall}
     paths = plot(results, args.plots, s.slo_ttft, f"({s.model}, {s.nodes} nodes)") if args.plots else []
     if args.json:
+        for row, r in zip(rows, results):
+            row["scale_event_list"] = [{**e.timeline.to_dict(), "algo": e.algo, "sources": e.n_sources,
+                                        "network_targets": e.n_network, "local_tiers": e.tiers}
+                                       for e in r.scale_events]
         print(json.dumps({**header, "systems": rows, "config": json.loads(cfg.model_dump_json()),
                           "plots": [str(p) for p in paths]}, indent=1, default=str))
         return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from typing import Any
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -72,7 +73,7 @@ class Calibration(BaseModel):
     models: dict[str, ModelTiming] = Field(min_length=1)
 
 
-def _from_raw_h200(raw: dict, source: str) -> dict:
+def _from_raw_h200(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Convert the shared measurement file's layout into our calibration format."""
     cb = raw["copy_bandwidth"]
     models = {}
@@ -152,7 +153,9 @@ class CostModel:
         tp_f = (1.0 + tp_overhead) / tp if tp > 1 else 1.0
         pre = {k: v * 1e-3 * ratio * prefill_scale * tp_f for k, v in t.prefill_ms_per_layer.items()}
         dec = {k: v * 1e-3 * ratio * decode_scale * tp_f for k, v in t.decode_ms_per_layer.items()}
-        srt = lambda d: (tuple(float(k) for k in sorted(d)), tuple(d[k] for k in sorted(d)))  # noqa: E731
+        def srt(d: dict[int, float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+            return tuple(float(k) for k in sorted(d)), tuple(d[k] for k in sorted(d))
+
         return cls(srt(pre), srt(dec), arch.num_hidden_layers)
 
     @classmethod

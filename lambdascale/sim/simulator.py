@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -795,7 +795,7 @@ class _MulticastRun:
                                tag=(b, snd.chunk), latency_s=self.sim.nic_latency)
 
     def _landed(self, f: Flow) -> None:
-        node, chunk = f.tag  # type: ignore[misc]
+        node, chunk = cast(tuple[int, int], f.tag)
         self.sim._on_chunk(node, chunk, self.tl, self.planner)
         self.outstanding -= 1
         if self.outstanding == 0:

@@ -67,6 +67,9 @@ def test_simulate_cli_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixtu
     for row in doc["systems"]:
         assert row["unfinished"] == 0 and 0 < row["ttft_p50_s"] <= row["ttft_p99_s"]
         assert row["gpu_seconds"] > 0
+        assert len(row["scale_event_list"]) == row["scale_events"] > 0
+        ev = row["scale_event_list"][0]
+        assert ev["all_full_s"] >= ev["first_pipeline_s"] >= 0 and ev["targets"]
     assert doc["config"]["sim"]["target_concurrency"] == 2
     for name in ("ttft_cdf.png", "instances.png"):
         assert (tmp_path / "img" / name).stat().st_size > 1000

@@ -182,8 +182,11 @@ class ClusterBackend:
 
     async def close(self) -> None:
         if self._ctl_task is not None and self._ctl_stop is not None:
+            # Let the loop see stop and return by itself (cancelling it mid-wait would orphan its timers).
             self._ctl_stop.set()
-            self._ctl_task.cancel()
+            done, _ = await asyncio.wait({self._ctl_task}, timeout=5)
+            if not done:
+                self._ctl_task.cancel()
             await asyncio.gather(self._ctl_task, return_exceptions=True)
             self._ctl_task = None
         for t in list(self._bg):
@@ -216,6 +219,15 @@ class ClusterBackend:
         codec = TokenizerCodec(tok, frozenset(eos), max_len, arch.vocab_size)
         m = _Model(spec.name, spec, Path(ckpt.dir), ckpt.manifest, codec, frozenset(eos))
         self._models[spec.name] = m
+        if self.autoscale and "host" in spec.tiers and not any(m.name in h for h in self._held.values()):
+            # Warm one node's host tier now, so the first scale-out (from zero) is a local host-tier load.
+            from lambdascale.runtime.messages import HoldModel
+
+            alive = self.cluster.alive()
+            if alive:
+                node = min(alive, key=lambda n: (len(self._held.get(n, ())), n))
+                await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
+                self._held.setdefault(node, set()).add(m.name)
         if self.autoscale:
             # The controller starts the floor (min_instances); wait for it so the gateway is ready on return.
             deadline = self._clock.now() + self.config.runtime.request_timeout_s

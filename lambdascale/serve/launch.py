@@ -1,8 +1,8 @@
 """``lambdascale serve``: pick the backend, register the startup models, run the gateway until Ctrl-C.
 
-The backend today is the in-process engine (one full instance per model on this machine) or the
-fake backend; the multi-node backend over the runtime's node agents plugs in here as a third
-:class:`ServingBackend` without touching the gateway.
+Backends: ``cluster`` (default: ``runtime.nodes`` node agents, the controller scaling each model,
+the demo model held in one node's host tier), ``engine`` (one in-process engine per model) and
+``fake`` (no model).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def build_backend(cfg: LambdaScaleConfig) -> ServingBackend:
         from lambdascale.serve.fake import FakeBackend
 
         return FakeBackend(n_instances=1, slots_per_instance=cfg.engine.max_batch_size, token_delay_s=0.01)
-    if kind == "cluster":
+    if kind in ("cluster", "auto"):
         from lambdascale.serve.cluster_backend import ClusterBackend
 
         return ClusterBackend(cfg)

@@ -17,9 +17,8 @@ class ServeSettings(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535, description="gateway port (0 = any free port)")
     backend: Literal["auto", "engine", "cluster", "fake"] = Field(
         default="auto",
-        description="what serves tokens: engine = in-process engine over the models dir; cluster = runtime.nodes "
-        "node agents, static full instances (no autoscaling yet); fake = deterministic test backend (no model "
-        "needed); auto = engine",
+        description="what serves tokens: cluster = runtime.nodes node agents scaled by the controller; engine = "
+        "one in-process engine per model; fake = deterministic test backend (no model needed); auto = cluster",
     )
     model: list[str] = Field(
         default_factory=list,

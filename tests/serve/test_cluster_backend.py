@@ -35,7 +35,7 @@ def tiny(tmp_path_factory) -> tuple[Path, str]:
 def cluster_server(tiny) -> Iterator[tuple[ServerThread, ClusterBackend, str]]:
     models_dir, name = tiny
     # Generous start-up limits: three agent processes importing torch on a loaded 2-core machine.
-    cfg = load_config(None, {"runtime.nodes": 3, "runtime.heartbeat_s": 0.5, "runtime.register_timeout_s": 240,
+    cfg = load_config(None, {"runtime.nodes": 3, "runtime.register_timeout_s": 240,
                              "engine.max_batch_size": 4,
                              "engine.max_model_len": 256, "control.autoscale_interval_s": 0.1,
                              "serve.timeline_poll_s": 0.05})
@@ -69,7 +69,9 @@ def test_scale_from_zero_holds_the_request_and_logs_the_timeline(cluster_server,
     admin = httpx.post(server.url + "/admin/models", json={"name": "synthetic-tiny-qwen2", "min_instances": 0, "max_instances": 1,
                                                            "keep_alive_s": 600}, timeout=60)
     assert admin.status_code == 201, admin.text
-    assert not [i for i in httpx.get(server.url + "/admin/status").json()["instances"] if i["model"] == "synthetic-tiny-qwen2"]
+    st0 = httpx.get(server.url + "/admin/status").json()
+    assert not [i for i in st0["instances"] if i["model"] == "synthetic-tiny-qwen2"]
+    assert st0["nodes"][2]["tiers"] == {"synthetic-tiny-qwen2": ["host"]}  # deploy warmed one node's host tier
     # No instance yet: the request is held while the controller starts one, then served (not failed).
     r = httpx.post(server.url + "/v1/completions", timeout=120,
                    json={"model": "synthetic-tiny-qwen2", "prompt": [1, 2, 3], "max_tokens": 5, "ignore_eos": True})
@@ -77,7 +79,8 @@ def test_scale_from_zero_holds_the_request_and_logs_the_timeline(cluster_server,
     assert r.json()["usage"]["completion_tokens"] == 5
     st = httpx.get(server.url + "/admin/status").json()
     assert [i["nodes"] for i in st["instances"] if i["model"] == "synthetic-tiny-qwen2"] == [["2"]]
-    assert st["scale_events"]["up"] >= 1 and st["tier_hits"]
+    assert st["scale_events"]["up"] >= 1
+    assert st["tier_hits"].get("host", 0) == st0["tier_hits"].get("host", 0) + 1  # loaded from that host copy
     line = next(t for t in st["timeline"] if "synthetic-tiny-qwen2" in t)
     assert "decision +0ms" in line and "node 2 full" in line and "first pipeline" in line
     deadline = time.monotonic() + 5

@@ -5,8 +5,9 @@ link, a node's NVLink switch, a node's SSD). A flow crosses a path of links; its
 max-min fair share (progressive filling): repeatedly find the link whose remaining capacity split
 over its unfrozen flows is smallest, give those flows that share, freeze them, subtract. Rates
 change only when a flow starts or ends, so between such events every flow progresses linearly and
-the next completion is exact: ``remaining / rate``. A fixed per-flow latency (``latency_s``) is
-added before the bytes start to move.
+the next completion is exact: ``remaining / rate``. A flow occupies its links while its bytes
+move; it *lands* a fixed latency (``latency_s``) after its last byte left (as ``pipe.play``
+models a send: the link is busy ``bytes / bandwidth``, the chunk arrives ``latency`` later).
 
 With one flow per link (uncontended), a flow of ``b`` bytes over links of capacities ``c_i`` takes
 ``latency + b / min(c_i)``: the same figure a round-based player computes, which a test checks.
@@ -25,12 +26,15 @@ LinkId = Hashable
 
 @dataclass(eq=False)
 class Flow:
-    """One transfer in flight. ``done`` is called with the flow when its last byte lands."""
+    """One transfer in flight. ``sent`` (optional) is called when its last byte has left (its
+    links are free again), ``done`` when it lands, ``latency`` later."""
 
     path: tuple[LinkId, ...]
     nbytes: float
     done: Callable[["Flow"], None]
     tag: object = None
+    latency: float = 0.0
+    sent: Callable[["Flow"], None] | None = None
     remaining: float = 0.0
     rate: float = 0.0
     started: float = 0.0
@@ -55,26 +59,29 @@ class Network:
         self.capacity[link] = float(bytes_per_s)
 
     def start(self, path: tuple[LinkId, ...], nbytes: float, done: Callable[[Flow], None],
-              tag: object = None, latency_s: float | None = None) -> Flow:
-        """Start a flow now; its bytes move after ``latency_s`` (default: the network's), and
-        ``done(flow)`` fires when the last byte lands."""
+              tag: object = None, latency_s: float | None = None,
+              sent: Callable[[Flow], None] | None = None) -> Flow:
+        """Start a flow now; ``sent(flow)`` fires when its last byte left, ``done(flow)`` when it
+        lands ``latency_s`` (default: the network's) later."""
         for link in path:
             if link not in self.capacity:
                 raise KeyError(f"unknown link {link!r}")
-        f = Flow(tuple(path), float(nbytes), done, tag, remaining=float(nbytes))
         lat = self.latency_s if latency_s is None else latency_s
-        if lat > 0:
-            self.loop.after(lat, Priority.TRANSFER, self._activate, f)
-        else:
-            self._activate(f)
+        f = Flow(tuple(path), float(nbytes), done, tag, latency=lat, sent=sent, remaining=float(nbytes))
+        self._activate(f)
         return f
+
+    def _land(self, f: Flow) -> None:
+        if f.sent is not None:
+            f.sent(f)
+        self.loop.after(f.latency, Priority.TRANSFER, f.done, f)
 
     def _activate(self, f: Flow) -> None:
         self._advance()
         f.started = self.loop.now()
         if f.remaining <= 0 or not f.path:
-            # Nothing to move (zero bytes or a local hand-off): lands at once, after same-time work.
-            self.loop.after(0.0, Priority.TRANSFER, f.done, f)
+            # Nothing to move (zero bytes or a local hand-off): lands after its latency.
+            self.loop.after(0.0, Priority.TRANSFER, self._land, f)
             return
         f.active = True
         self.flows.append(f)
@@ -145,4 +152,4 @@ class Network:
             f.active = False
         self._reshare()
         for f in finished:
-            f.done(f)
+            self._land(f)

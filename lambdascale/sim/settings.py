@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,6 +21,8 @@ class SimSettings(BaseModel):
     systems: str = Field(default="lambdascale,serverlessllm,faasnet,nccl,keepalive",
                          description="comma-separated systems to simulate")
     slo_ttft: float = Field(default=2.5, gt=0, le=3600, description="TTFT objective in seconds; SLO attainment = share of requests within it")
+    multicast_mode: Literal["round", "chunk"] = Field(
+        default="round", description="multicast execution: round-synchronous (the reference) or chunk-level without barriers")
     n_blocks: int = Field(default=8, ge=1, le=1024, description="execution blocks per model")
     n_chunks: int = Field(default=16, ge=1, le=65536, description="transfer chunks per model (all blocks)")
     min_instances: int = Field(default=0, ge=0, le=4096, description="instances always kept; 0 = scale to zero (serverless, as DeploymentSpec)")

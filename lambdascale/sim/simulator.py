@@ -632,8 +632,11 @@ class Simulation:
         if self.system.execute_while_load and plan.execute_while_load:
             planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks)
             self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
-        run = _MulticastRun(self, mc, order, tl, planner, [s.node for s in plan.sources])
-        run.start_round()
+        srcs = [s.node for s in plan.sources]
+        if self.s.multicast_mode == "chunk":
+            _ChunkMulticastRun(self, mc, order, tl, planner, srcs).start()
+        else:
+            _MulticastRun(self, mc, order, tl, planner, srcs).start_round()
 
     def _on_chunk(self, node_id: int, chunk: int, tl: ScaleTimeline, planner: PipelinePlanner | None) -> None:
         node = self.nodes[node_id]
@@ -780,11 +783,7 @@ class _MulticastRun:
         while self.r < len(self.plan.rounds) and not self.plan.rounds[self.r]:
             self.r += 1
         if self.r >= len(self.plan.rounds):
-            for s in self.sources:
-                node = self.sim.nodes[s]
-                node.source_busy -= 1
-                if node.inst is not None and node.inst.state is InstanceState.DRAINING:
-                    self.sim._maybe_release(node.inst)
+            self._release_sources()
             return
         sends = self.plan.rounds[self.r]
         self.r += 1
@@ -800,3 +799,77 @@ class _MulticastRun:
         self.outstanding -= 1
         if self.outstanding == 0:
             self.start_round()
+
+    def _release_sources(self) -> None:
+        for s in self.sources:
+            node = self.sim.nodes[s]
+            node.source_busy -= 1
+            if node.inst is not None and node.inst.state is InstanceState.DRAINING:
+                self.sim._maybe_release(node.inst)
+
+
+class _ChunkMulticastRun(_MulticastRun):
+    """Chunk-level play, no round barrier (``pipe.play(mode="chunk")``): each NIC sends and
+    receives in the plan's order, and a send starts once its sender holds the chunk and both NIC
+    sides finished their previous transfer. Sends are flows, so they share links with anything
+    else moving at the time."""
+
+    def start(self) -> None:
+        sends = [snd for rnd in self.plan.rounds for snd in rnd]
+        self.sends = sends
+        self.left = len(sends)
+        if not sends:
+            self._release_sources()
+            return
+        last_out: dict[int, int] = {}
+        last_in: dict[int, int] = {}
+        self.waits = [0] * len(sends)
+        self.after_out: dict[int, int] = {}  # send -> next send on the same sender NIC
+        self.after_in: dict[int, int] = {}   # send -> next send on the same receiver NIC
+        self.want: dict[tuple[int, int], list[int]] = {}  # (endpoint, chunk) -> sends waiting for it
+        src_set = set(self.plan.sources)
+        self.have: set[tuple[int, int]] = set()
+        for i, snd in enumerate(sends):
+            if snd.src in last_out:
+                self.after_out[last_out[snd.src]] = i
+                self.waits[i] += 1
+            if snd.dst in last_in:
+                self.after_in[last_in[snd.dst]] = i
+                self.waits[i] += 1
+            last_out[snd.src] = i
+            last_in[snd.dst] = i
+            if snd.src not in src_set:
+                self.waits[i] += 1
+                self.want.setdefault((snd.src, snd.chunk), []).append(i)
+        for i in range(len(sends)):
+            if self.waits[i] == 0:
+                self._go(i)
+
+    def _ready(self, i: int) -> None:
+        self.waits[i] -= 1
+        if self.waits[i] == 0:
+            self._go(i)
+
+    def _go(self, i: int) -> None:
+        snd = self.sends[i]
+        a, b = self.order[snd.src], self.order[snd.dst]
+        self.sim.net.start((("out", a), ("in", b)), self.chunk_bytes, self._chunk_landed,
+                           tag=i, latency_s=self.sim.nic_latency, sent=self._sent)
+
+    def _sent(self, f: Flow) -> None:
+        i = cast(int, f.tag)
+        for nxt in (self.after_out.get(i), self.after_in.get(i)):
+            if nxt is not None:
+                self._ready(nxt)
+
+    def _chunk_landed(self, f: Flow) -> None:
+        snd = self.sends[cast(int, f.tag)]
+        key = (snd.dst, snd.chunk)
+        if key not in self.have:
+            self.have.add(key)
+            self.sim._on_chunk(self.order[snd.dst], snd.chunk, self.tl, self.planner)
+            for j in self.want.pop(key, ()):
+                self._ready(j)
+        self.left -= 1
+        if self.left == 0:
+            self._release_sources()

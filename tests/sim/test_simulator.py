@@ -82,11 +82,12 @@ def test_same_inputs_same_results_and_simulations_do_not_interfere() -> None:
     assert rb.system == "faasnet"
 
 
-@pytest.mark.parametrize("algo,n,sources", [("binomial", 8, 1), ("binomial", 8, 3), ("faasnet", 7, 1),
-                                            ("ring", 6, 1), ("direct", 5, 1)])
-def test_uncontended_multicast_matches_player(algo: str, n: int, sources: int) -> None:
+@pytest.mark.parametrize("mode", ["round", "chunk"])
+@pytest.mark.parametrize("algo,n,sources", [("binomial", 8, 1), ("binomial", 8, 3), ("binomial", 11, 2),
+                                            ("faasnet", 7, 1), ("ring", 6, 1), ("direct", 5, 1)])
+def test_uncontended_multicast_matches_player(algo: str, n: int, sources: int, mode: str) -> None:
     sim = _sim(Workload("none", np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)),
-               nodes=n, min_instances=sources)
+               nodes=n, min_instances=sources, multicast_mode=mode)
     sim._start()
     plan = ScalePlan(model=sim.model.name, targets=tuple(Target(v, Tier.NONE) for v in range(sources, n)),
                      sources=tuple(Source(v, Tier.GPU) for v in range(sources)), algo=MulticastAlgo(algo))
@@ -94,7 +95,7 @@ def test_uncontended_multicast_matches_player(algo: str, n: int, sources: int) -
     sim.loop.run()
     mc = plan_multicast(algo, n, sources, sim.model.n_blocks, sim.model.n_chunks)
     links = Links(nic_send_bps=sim.nic_Bps, nic_recv_bps=sim.nic_Bps, latency_s=sim.nic_latency)
-    ref = play(mc, sim.model.chunk_bytes, links, mode="round")
+    ref = play(mc, sim.model.chunk_bytes, links, mode=mode)
     for v in range(sources, n):
         assert rec.timeline.node_full_at[v] == pytest.approx(ref.node_full[v], rel=1e-9, abs=1e-12)
     assert rec.timeline.all_full_at == pytest.approx(ref.completion_time, rel=1e-9)

@@ -17,8 +17,9 @@ What it measures today (the data-plane part of issue 6):
    scale-out starts; TTFT p50/p99, when the last request got its first token, when every node
    serves alone, bytes moved, and whether every output equals a single-node run (same seeds).
 
-Not built: ``--emulate-device`` (agents compute for real on the shared CPU cores, so more nodes
-add no compute capacity here; TTFT figures mostly reflect the data plane and CPU contention).
+``--emulate-device CALIBRATION:MODEL[:SCALE]`` makes every stage step last at least the calibrated
+GPU time (:mod:`lambdascale.runtime.emulation`); without it agents compute on the shared CPU cores
+and more nodes add no compute capacity.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class ScaleBenchResult:
     #: so this, not the per-receiver ratio, shows whether the multicast path itself is efficient
     aggregate_efficiency: float = 0.0
     systems: list[dict[str, Any]] = field(default_factory=list)
+    emulate_device: str | None = None
 
 
 def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
@@ -160,7 +162,7 @@ def format_table(r: ScaleBenchResult) -> str:
             lines.append(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
                          f"{x['last_first_token_s'] * 1e3:>15.1f} {x['all_solo_s'] * 1e3:>11.1f} "
                          f"{x['bytes_moved'] / 2**20:>9.1f} {x['pipelines_formed']:>5} {str(x['exact']):>5}")
-        out += "\n\nburst served during scale-out (emulate-device: off)\n" + "\n".join(lines)
+        out += f"\n\nburst served during scale-out (emulate-device: {r.emulate_device or 'off'})\n" + "\n".join(lines)
     return out
 
 
@@ -213,7 +215,8 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             for s in range(sources):
                 await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
-                                        burst, system, eos_ids, max_seqs=max_seqs)
+                                        burst, system, eos_ids, max_seqs=max_seqs,
+                                        emulate_device=runtime.emulate_device)
         ttft = list(rep.ttft.values())
         rows.append({
             "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
@@ -233,6 +236,10 @@ def cmd_bench_scale(args: Any) -> int:
         "bucket_burst_bytes": min(cfg.transfer.bucket_burst_bytes, 64 << 10),
         "io_slice_bytes": min(cfg.transfer.io_slice_bytes, 64 << 10) if cfg.transfer.link_gbps else cfg.transfer.io_slice_bytes,
     })
+    if cfg.runtime.emulate_device:  # a bad profile is a clear error now, not an agent failure mid-run
+        from lambdascale.runtime.emulation import StepTimer, parse_profile
+
+        StepTimer.build(parse_profile(cfg.runtime.emulate_device), 1, 1)
     models_dir = cfg.paths.models_dir
     if args.model.startswith("synthetic:") and args.scratch:
         models_dir = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
@@ -244,6 +251,10 @@ def cmd_bench_scale(args: Any) -> int:
         vocab = read_manifest(model_dir).arch.vocab_size
         burst = make_burst(args.burst, vocab, args.max_tokens)
         ref = reference_outputs(model_dir, burst)
+        if cfg.runtime.emulate_device:
+            from lambdascale.runtime.emulation import parse_profile
+
+            result.emulate_device = parse_profile(cfg.runtime.emulate_device).spec
         result.systems = asyncio.run(run_systems(
             model_dir, args.nodes, args.sources, transfer, cfg.runtime, burst, ref, args.systems.split(",")))
     if args.json:

@@ -118,6 +118,7 @@ class FormStage(_Msg):
     max_seqs: int = Field(gt=0)
     max_step_tokens: int = Field(gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    emulate_device: str | None = Field(default=None, description="CALIBRATION:MODEL[:SCALE] (runtime.emulation)")
 
 
 class StageStep(_Msg):

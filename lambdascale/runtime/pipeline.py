@@ -62,7 +62,8 @@ class RemotePipeline:
     _ids = itertools.count()
 
     def __init__(self, cluster: Cluster, manifest: Manifest, placements: Sequence[StagePlacement],
-                 max_len: int = 512, max_seqs: int = 16, max_step_tokens: int = 512, name: str | None = None) -> None:
+                 max_len: int = 512, max_seqs: int = 16, max_step_tokens: int = 512, name: str | None = None,
+                 emulate_device: str | None = None) -> None:
         check_placements(placements, manifest.n_blocks)
         self.cluster = cluster
         self.manifest = manifest
@@ -71,6 +72,7 @@ class RemotePipeline:
         self.max_seqs = max_seqs
         self.max_step_tokens = max_step_tokens
         self.name = name or f"p{next(self._ids)}"
+        self.emulate_device = emulate_device
         self._step = 0
 
     @property
@@ -83,7 +85,7 @@ class RemotePipeline:
             self.cluster.request(p.node, FormStage(
                 req=0, model=self.manifest.name, pipeline=self.name, index=i, blocks=p.blocks,
                 next_node=ps[i + 1].node if i + 1 < len(ps) else None, max_len=self.max_len,
-                max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens,
+                max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens, emulate_device=self.emulate_device,
             ))
             for i, p in enumerate(ps)
         ))

@@ -90,6 +90,7 @@ async def serve_scale_out(
     max_len: int = 512,
     max_step_tokens: int = 512,
     on_pipeline_formed: Callable[[str, list[int]], None] | None = None,
+    emulate_device: str | None = None,
 ) -> ScaleOutReport:
     """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``."""
     system = SystemKind(system)
@@ -147,7 +148,7 @@ async def serve_scale_out(
 
     async def start_instance(name: str, placements: list[StagePlacement]) -> _Instance:
         pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
-                              max_step_tokens=max_step_tokens, name=name)
+                              max_step_tokens=max_step_tokens, name=name, emulate_device=emulate_device)
         await pipe.form()
         inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=on_token))
         instances[name] = inst

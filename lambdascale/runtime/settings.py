@@ -31,3 +31,8 @@ class RuntimeSettings(BaseModel):
     ray_resource: str = Field(
         default="lambdascale_node", min_length=1, description="custom Ray resource that marks a node able to host one agent"
     )
+    emulate_device: str | None = Field(
+        default=None,
+        description="CALIBRATION:MODEL[:SCALE]: engine steps on agents last at least the calibrated GPU time "
+        "(e.g. h200:llama2-7b:1); None = real CPU time only",
+    )

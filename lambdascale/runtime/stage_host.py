@@ -78,6 +78,11 @@ class StageHost:
             if name is not None:
                 agent.transport.register(name, nbytes)
         self.max_step_tokens = msg.max_step_tokens
+        self.timer = None
+        if msg.emulate_device:
+            from lambdascale.runtime.emulation import StepTimer, parse_profile
+
+            self.timer = StepTimer.build(parse_profile(msg.emulate_device), layers[1] - layers[0], m.arch.num_hidden_layers)
 
     async def step(self, msg: "StageStep", hidden_ready: "asyncio.Future[None] | None") -> dict:
         for sid in msg.release:
@@ -97,7 +102,14 @@ class StageHost:
             await hidden_ready
             raw = np.frombuffer(self.agent.transport.buffer(self.in_name), dtype=np.uint8)[: n * self.row_bytes]
             x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden)  # [N, hidden]
+        t0 = asyncio.get_running_loop().time()
         out = await asyncio.to_thread(self.stage.forward, batch, x)
+        if self.timer is not None:  # emulated accelerator: the step lasts at least its GPU time
+            floor = self.timer.floor_s(sum(s.length for s in batch.seqs if s.length > 1),
+                                       sum(1 for s in batch.seqs if s.length == 1))
+            rest = floor - (asyncio.get_running_loop().time() - t0)
+            if rest > 0:
+                await asyncio.sleep(rest)
         if not self.stage.last:
             assert self.out_name is not None and self.next_node is not None
             flat = out.contiguous().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from lambdascale.config import add_config_args, config_from_args
+from lambdascale.config import ConfigError, LambdaScaleConfig, add_config_args, config_from_args
+from lambdascale.errors import LambdaScaleError
 
 _RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duration", "time_scale", "seed",
                "slo_ttft", "lengths_from", "min_instances", "target_concurrency", "keep_alive_s",
@@ -40,14 +41,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.set_defaults(func=_cmd_scaling)
 
 
+def _config(args: argparse.Namespace) -> LambdaScaleConfig:
+    """The config tree; a bad file or value becomes a user error (printed without traceback)."""
+    try:
+        return config_from_args(args)
+    except ConfigError as e:
+        raise LambdaScaleError(str(e)) from None
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from lambdascale.errors import LambdaScaleError
     from lambdascale.sim.report import plot, summarize, table
     from lambdascale.sim.run import simulate, workload_for
 
     if not args.trace:
         raise LambdaScaleError("simulate needs --trace PATH|synthetic:NAME (or the 'scaling' mode)")
-    cfg = config_from_args(args)
+    cfg = _config(args)
     s = cfg.sim
     w = workload_for(s, args.trace)
     if len(w) == 0:
@@ -91,10 +99,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def _cmd_scaling(args: argparse.Namespace) -> int:
     from lambdascale.control.snapshot import Tier
-    from lambdascale.errors import LambdaScaleError
     from lambdascale.sim.run import scaling_table
 
-    cfg = config_from_args(args)
+    cfg = _config(args)
     s = cfg.sim
     if not 1 <= args.sources < s.nodes:
         raise LambdaScaleError(f"--sources must be in [1, --nodes - 1] = [1, {s.nodes - 1}], got {args.sources}")

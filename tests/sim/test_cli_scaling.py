@@ -110,3 +110,17 @@ def test_requests_on_pipelines_move_to_full_instances_without_losing_tokens() ->
     assert sim.migrations == n                             # every request moved once the pipelines dissolved
     assert all(r.generated == r.out and r.finish > first_full for r in sim.reqs)
     assert sim.scale_events[0].timeline.dissolved_at is not None
+
+
+def test_config_file_sets_sim_and_control_sections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sim:\n  nodes: 3\n  model: llama2-7b\n  systems: nccl\ncontrol:\n  autoscale_interval_s: 1.0\n")
+    assert _main(["simulate", "--config", str(cfg), "--trace", "synthetic:poisson,rate=1,duration_s=10", "--json",
+                  "--seed", "4"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["nodes"] == 3 and doc["seed"] == 4 and doc["config"]["control"]["autoscale_interval_s"] == 1.0
+    assert [r["system"] for r in doc["systems"]] == ["nccl"]
+    bad = tmp_path / "b.yaml"
+    bad.write_text("sim:\n  nodes: 0\n")
+    with pytest.raises(LambdaScaleError, match="sim.nodes"):
+        _main(["simulate", "--config", str(bad), "--trace", "synthetic:poisson,duration_s=5"])

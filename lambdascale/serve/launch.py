@@ -70,7 +70,7 @@ def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: T
 
     out = out or sys.stdout
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if explicit_cluster and cfg.serve.backend != "cluster":
+    if explicit_cluster and cfg.serve.backend not in ("cluster", "auto"):
         log.warning("--nodes/--launcher/--address apply to --backend cluster; serving with the %s backend",
                     cfg.serve.backend)
     registry = ModelRegistry(cfg.serve.registry_path)

@@ -236,6 +236,12 @@ def cmd_bench_scale(args: Any) -> int:
         "bucket_burst_bytes": min(cfg.transfer.bucket_burst_bytes, 64 << 10),
         "io_slice_bytes": min(cfg.transfer.io_slice_bytes, 64 << 10) if cfg.transfer.link_gbps else cfg.transfer.io_slice_bytes,
     })
+    from lambdascale.runtime.scaleout import SystemKind
+
+    known = [k.value for k in SystemKind]
+    bad = [x for x in args.systems.split(",") if x not in known]
+    if bad:
+        raise LambdaScaleError(f"--systems: unknown {bad}; choose from {known}")
     if cfg.runtime.emulate_device:  # a bad profile is a clear error now, not an agent failure mid-run
         from lambdascale.runtime.emulation import StepTimer, parse_profile
 

@@ -35,3 +35,10 @@ def test_bench_scale_rejects_bad_sources(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
     assert main(["bench", "scale", "--nodes", "3", "--sources", "3"]) == 2
     assert "--sources must be in [1, nodes-1] = [1, 2], got 3" in capsys.readouterr().err
+
+
+def test_bench_scale_rejects_unknown_system_and_bad_profile(capsys) -> None:
+    assert main(["bench", "scale", "--systems", "lambdascale,vllm"]) == 2
+    assert "--systems: unknown ['vllm']" in capsys.readouterr().err
+    assert main(["bench", "scale", "--emulate-device", "h200"]) == 2
+    assert "expected CALIBRATION:MODEL[:SCALE]" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def _header_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.detach().contiguous().cpu()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return t.view(torch.uint8).reshape(-1).numpy().data
 
 
 def _parse_header(mv: memoryview, where: str) -> tuple[dict[str, Any], int]:

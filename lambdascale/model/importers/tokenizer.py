@@ -39,7 +39,10 @@ def byte_level_bpe_files(
     SmolLM2's own tokenizer and llama.cpp's ``smollm`` pre-tokenizer do.
     """
     vocab = {t: i for i, t in enumerate(tokens)}
-    merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+    merge_pairs: list[tuple[str, str]] = []
+    for m in merges:
+        a, _, b = m.partition(" ")
+        merge_pairs.append((a, b))
     bpe = models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False)
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -384,6 +384,31 @@ def _check_writable(models_dir: Path) -> None:
         raise CheckpointError(f"models directory {models_dir} is not writable (set --models-dir or LAMBDASCALE_MODELS)")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(models_dir: Path, name: str) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>-*`` directories left by imports whose process died (a crash
+    mid-import); temporaries of a live process are left alone. Returns what was removed."""
+    removed = []
+    for p in models_dir.glob(f".{name}.tmp-*"):
+        try:
+            pid = int(p.name[len(f".{name}.tmp-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def write_checkpoint(
     models_dir: str | Path,
     name: str,
@@ -413,6 +438,7 @@ def write_checkpoint(
     if final.exists() and not force:
         raise CheckpointError(f"{final} already exists (use --force to replace it)")
     ranges = plan_blocks(arch.num_hidden_layers, n_blocks)
+    remove_stale_temporaries(models_dir, name)
     tmp = models_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()

@@ -252,3 +252,19 @@ def test_bfloat16_round_trip(tmp_path: Path) -> None:
     assert all(v.dtype == torch.bfloat16 for v in t.values())
     ref = load_file(str(ck.block_path(1)))
     assert all(torch.equal(t[k], ref[k]) for k in ref)
+
+
+def test_stale_temporaries_of_dead_imports_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    stale = tmp_path / f".synthetic-tiny-llama.tmp-{dead_pid}-deadbeef"
+    live = tmp_path / f".synthetic-tiny-llama.tmp-{os.getpid()}-cafef00d"
+    stale.mkdir()
+    live.mkdir()
+    (stale / "block_000.safetensors").write_bytes(b"partial")
+    import_model("synthetic:tiny-llama", tmp_path, n_blocks=2)
+    assert not stale.exists() and live.exists()
+    assert [m.name for m in list_models(tmp_path)] == ["synthetic-tiny-llama"]

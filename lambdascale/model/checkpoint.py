@@ -104,6 +104,18 @@ def block_tensor_shapes(arch: ModelArch, layers: tuple[int, int], first: bool, l
     return out
 
 
+def model_tensor_bytes(arch: ModelArch, n_blocks: int, itemsize: int) -> int:
+    """Tensor bytes of a whole checkpoint (headers excluded; a tied LM head counted as its copy)."""
+    total = 0
+    for b, layers in enumerate(plan_blocks(arch.num_hidden_layers, n_blocks)):
+        for shape in block_tensor_shapes(arch, layers, b == 0, b == n_blocks - 1).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * itemsize
+    return total
+
+
 # ---- safetensors bytes -------------------------------------------------------------------
 
 def _header_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -426,7 +438,8 @@ def write_checkpoint(
 
     ``block_source(b, layers)`` is called once per block, so only one block's tensors are in
     memory at a time. Every tensor is checked against the names and shapes the arch implies and
-    cast to ``dtype``. ``progress(nbytes)`` is called after each block file is written.
+    cast to ``dtype``. ``progress(tensor_bytes)`` is called after each block file is written
+    (tensor bytes, header excluded, so the total is known up front: :func:`model_tensor_bytes`).
     """
     models_dir = Path(models_dir)
     dtype = DType(dtype)
@@ -460,11 +473,12 @@ def write_checkpoint(
                     raise CheckpointError(f"{name}: tensor {tname} has shape {tuple(t.shape)}, the arch says {shape}")
                 ordered[tname] = t.to(tdtype)
             fname = block_file_name(b)
+            data_bytes = sum(t.numel() * t.element_size() for t in ordered.values())
             nbytes, chunks = write_block_file(tmp / fname, ordered, chunks_per_block, b * chunks_per_block)
             del ordered, got
             blocks.append(BlockEntry(index=b, layers=layers, file=fname, nbytes=nbytes, chunks=chunks))
             if progress is not None:
-                progress(nbytes)
+                progress(data_bytes)
         tok_names: list[str] = []
         if tokenizer_files:
             (tmp / TOKENIZER_DIR).mkdir()

@@ -268,3 +268,13 @@ def test_stale_temporaries_of_dead_imports_are_removed(tmp_path: Path) -> None:
     import_model("synthetic:tiny-llama", tmp_path, n_blocks=2)
     assert not stale.exists() and live.exists()
     assert [m.name for m in list_models(tmp_path)] == ["synthetic-tiny-llama"]
+
+
+def test_progress_reports_exactly_the_tensor_bytes(tmp_path: Path) -> None:
+    from lambdascale.model.checkpoint import model_tensor_bytes
+
+    arch = SHAPES["tiny-qwen2"]
+    seen: list[int] = []
+    ck = write_checkpoint(tmp_path, "q", arch, "float32", synthetic_block_source(arch, 3), n_blocks=3, progress=seen.append)
+    assert len(seen) == 3 and sum(seen) == model_tensor_bytes(arch, 3, 4)
+    assert sum(seen) < ck.manifest.total_bytes  # headers come on top

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from lambdascale.errors import CheckpointError, ModelNotFoundError
 from lambdascale.model.arch import ModelArch, get_shape
-from lambdascale.model.checkpoint import BlockSource, Checkpoint, write_checkpoint
+from lambdascale.model.checkpoint import BlockSource, Checkpoint, model_tensor_bytes, write_checkpoint
 from lambdascale.model.manifest import MANIFEST_NAME, DType
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def import_model(
     nb = n_blocks if n_blocks is not None else min(defaults.n_blocks, arch.num_hidden_layers)
     if nb > arch.num_hidden_layers:
         raise CheckpointError(f"--blocks {nb} exceeds the model's {arch.num_hidden_layers} layers")
-    total = arch.total_bytes(out_dtype.itemsize) + (arch.embed_params() * out_dtype.itemsize if arch.tie_word_embeddings else 0)
+    total = model_tensor_bytes(arch, nb, out_dtype.itemsize)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -331,7 +331,9 @@ def create_app(
 
         async def close_backend() -> None:
             with anyio.CancelScope(shield=True):
-                await agen.aclose()
+                aclose = getattr(agen, "aclose", None)  # async generators have it (the protocol's contract)
+                if aclose is not None:
+                    await aclose()
                 await backend.abort(rid)
 
         # First token before answering, so that "no capacity" is a real 503 status.

@@ -283,7 +283,7 @@ def write_plots(result: BenchResult, out_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 3))
     ok = [(r.arrival_s, r.ttft_s * 1e3) for r in result.requests if r.ttft_s is not None]
     if ok:
-        ax.scatter(*zip(*ok), s=6)
+        ax.scatter([a for a, _ in ok], [b for _, b in ok], s=6)
     ax.set_xlabel("arrival (s)")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("time to first token")

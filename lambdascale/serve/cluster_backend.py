@@ -32,7 +32,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,30 +53,12 @@ from lambdascale.serve.backend import (
     Tier,
     TokenEvent,
 )
+from lambdascale.serve.codec import TokenizerCodec
 from lambdascale.serve.schemas import DeploySpec
 
 log = logging.getLogger("lambdascale.serve.cluster")
 
 _SERIAL = itertools.count()
-
-
-class TokenizerCodec:
-    """A checkpoint's tokenizer as a :class:`TextCodec` (the agents run token ids only)."""
-
-    def __init__(self, tokenizer: Any, eos: frozenset[int], context_length: int, vocab_size: int) -> None:
-        self._tok = tokenizer
-        self.eos_token_ids = eos
-        self.context_length = context_length
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids)
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self._tok.encode_chat(messages)
 
 
 @dataclass

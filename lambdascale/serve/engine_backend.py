@@ -17,7 +17,7 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from lambdascale.serve.backend import (
     Tier,
     TokenEvent,
 )
+from lambdascale.serve.codec import TokenizerCodec
 from lambdascale.serve.schemas import DeploySpec
 
 log = logging.getLogger("lambdascale.serve.engine")
@@ -44,25 +45,12 @@ log = logging.getLogger("lambdascale.serve.engine")
 _NODE = "local"
 
 
-class EngineCodec:
-    """The engine's tokenizer seen through :class:`TextCodec`."""
-
-    def __init__(self, engine: Any) -> None:
-        if engine.tokenizer is None:
-            raise ModelNotServedError("the model has no tokenizer; the gateway needs one for text prompts")
-        self._tok = engine.tokenizer
-        self.eos_token_ids: frozenset[int] = frozenset(engine.eos_token_ids)
-        self.context_length: int = int(engine.max_len)
-        self.vocab_size: int = int(engine.arch.vocab_size)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids)
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self._tok.encode_chat(messages)
+def engine_codec(engine: Any) -> TokenizerCodec:
+    """The engine's tokenizer, EOS ids, context limit and vocabulary as a :class:`TextCodec`."""
+    if engine.tokenizer is None:
+        raise ModelNotServedError("the model has no tokenizer; the gateway needs one for text prompts")
+    return TokenizerCodec(engine.tokenizer, frozenset(engine.eos_token_ids), int(engine.max_len),
+                          int(engine.arch.vocab_size))
 
 
 @dataclass
@@ -71,7 +59,7 @@ class _Worker:
 
     name: str
     engine: Any
-    codec: EngineCodec
+    codec: TokenizerCodec
     loop: asyncio.AbstractEventLoop
     cond: threading.Condition = field(default_factory=threading.Condition)
     commands: list[tuple[str, Any]] = field(default_factory=list)
@@ -160,7 +148,7 @@ class EngineBackend:
             except LambdaScaleError as e:
                 raise ModelNotServedError(str(e)) from None
             engine = await asyncio.to_thread(Engine.from_checkpoint, ckpt, self.config.engine)
-            worker = _Worker(spec.name, engine, EngineCodec(engine), asyncio.get_running_loop())
+            worker = _Worker(spec.name, engine, engine_codec(engine), asyncio.get_running_loop())
             worker.thread = threading.Thread(target=worker.run, name=f"engine-{spec.name}", daemon=True)
             worker.thread.start()
             self._workers[spec.name] = worker
@@ -184,7 +172,7 @@ class EngineBackend:
             raise ModelNotServedError(f"model {model!r} is not loaded")
         return w
 
-    def codec(self, model: str) -> EngineCodec:
+    def codec(self, model: str) -> TokenizerCodec:
         return self._worker(model).codec
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -252,4 +240,4 @@ class EngineBackend:
         )
 
 
-__all__ = ["EngineBackend", "EngineCodec"]
+__all__ = ["EngineBackend", "engine_codec"]

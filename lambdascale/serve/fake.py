@@ -155,7 +155,12 @@ class FakeBackend:
             fn()
         else:
             done = threading.Event()
-            loop.call_soon_threadsafe(lambda: (fn(), done.set()))
+
+            def run() -> None:
+                fn()
+                done.set()
+
+            loop.call_soon_threadsafe(run)
             done.wait(5)
 
     async def kill_instance(self, index: int) -> None:

@@ -125,6 +125,9 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ---- admin ----------------------------------------------------------------------------------
 
+TierName = Literal["gpu", "host", "ssd"]
+_DEFAULT_TIERS: tuple[TierName, ...] = ("host", "ssd")
+
 class DeploySpec(_Strict):
     """A model registration with its scaling settings (admin API body, SQLite row)."""
 
@@ -135,8 +138,8 @@ class DeploySpec(_Strict):
     max_instances: int = Field(default=4, ge=1, le=1024, description="most instances the autoscaler may run")
     target_concurrency: int = Field(default=4, ge=1, le=4096, description="in-flight requests per instance the autoscaler aims at")
     keep_alive_s: float = Field(default=60.0, ge=0.0, le=86_400.0, description="idle seconds before an instance is released")
-    tiers: list[Literal["gpu", "host", "ssd"]] = Field(
-        default_factory=lambda: ["host", "ssd"], description="tiers the weights are cached in between uses"
+    tiers: list[TierName] = Field(
+        default_factory=lambda: list(_DEFAULT_TIERS), description="tiers the weights are cached in between uses"
     )
 
     @model_validator(mode="after")
@@ -152,11 +155,11 @@ class DeploySpec(_Strict):
 
         ``min_instances`` > 0 means the model never scales to zero.
         """
-        from lambdascale.control.snapshot import DeploymentSpec
+        from lambdascale.control.snapshot import DeploymentSpec, Tier
 
         return DeploymentSpec(min_instances=self.min_instances, max_instances=self.max_instances,
                               target_concurrency=self.target_concurrency, keep_alive_s=self.keep_alive_s,
-                              cache_tiers=tuple(self.tiers), scale_to_zero=self.min_instances == 0)
+                              cache_tiers=tuple(Tier(t) for t in self.tiers), scale_to_zero=self.min_instances == 0)
 
 
 class UpdateSpec(_Strict):
@@ -168,7 +171,7 @@ class UpdateSpec(_Strict):
     max_instances: int | None = Field(default=None, ge=1, le=1024)
     target_concurrency: int | None = Field(default=None, ge=1, le=4096)
     keep_alive_s: float | None = Field(default=None, ge=0.0, le=86_400.0)
-    tiers: list[Literal["gpu", "host", "ssd"]] | None = None
+    tiers: list[TierName] | None = None
 
 
 def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict[str, Any]:

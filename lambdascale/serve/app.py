@@ -129,7 +129,11 @@ class ClientGone(Exception):
     """The client closed the connection before the response started."""
 
 
-async def until_disconnect(request: Request, aw: Any) -> Any:
+class FirstTokenTimeout(Exception):
+    """No first token within ``serve.first_token_timeout_s``."""
+
+
+async def until_disconnect(request: Request, aw: Any, timeout_s: float | None = None) -> Any:
     """Await ``aw`` unless the client disconnects first; then cancel it and raise :class:`ClientGone`.
 
     Used before a response starts (the first token, a whole non-streamed completion): once the
@@ -144,7 +148,7 @@ async def until_disconnect(request: Request, aw: Any) -> Any:
 
     watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         raise
@@ -157,7 +161,9 @@ async def until_disconnect(request: Request, aw: Any) -> Any:
         await task
     except BaseException:  # the cancellation (or whatever the generator raised while closing)
         pass
-    raise ClientGone
+    if watcher in done:
+        raise ClientGone
+    raise FirstTokenTimeout
 
 
 class BodyLimit:
@@ -338,9 +344,15 @@ def create_app(
 
         # First token before answering, so that "no capacity" is a real 503 status.
         try:
-            first = await until_disconnect(request, agen.__anext__())
+            first = await until_disconnect(request, agen.__anext__(), config.serve.first_token_timeout_s)
         except StopAsyncIteration:
             first = None
+        except FirstTokenTimeout:
+            finish(Outcome.UNAVAILABLE)
+            await close_backend()
+            raise ApiError(503, f"no first token for model '{model}' within serve.first_token_timeout_s="
+                           f"{config.serve.first_token_timeout_s:g}s (no instance could start?)", "server_error",
+                           "no_capacity", headers={"Retry-After": str(config.serve.retry_after_s)}) from None
         except BackendUnavailableError as e:
             finish(Outcome.UNAVAILABLE)
             await close_backend()

@@ -45,6 +45,11 @@ class ServeSettings(BaseModel):
         default=256, ge=1, le=1_000_000,
         description="max_tokens when a request omits it (capped by what the context leaves)",
     )
+    first_token_timeout_s: float = Field(
+        default=600.0, gt=0, le=86_400,
+        description="a request still without its first token after this long (held while nothing could start) "
+        "ends with 503",
+    )
     max_stop_strings: int = Field(default=4, ge=0, le=64, description="most stop strings a request may carry")
     max_request_bytes: int = Field(
         default=1_000_000, ge=1024, le=1 << 30, description="largest request body accepted (413 beyond)"

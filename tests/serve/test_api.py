@@ -215,3 +215,15 @@ def test_registered_model_that_backend_cannot_serve_is_503(make_app) -> None:
         assert r.status_code == 404
         r = c.post("/admin/models", json={"name": "missing"})
         assert r.status_code == 404 and "known" in r.json()["error"]["message"]
+
+
+def test_request_without_a_first_token_in_time_ends_with_503(make_app) -> None:
+    app, backend = make_app(first_token_timeout_s=0.2)
+    with TestClient(app) as c:
+        backend.pause()  # nothing is generated, as when no instance can start
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "first_token_timeout_s" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        assert len(backend.aborted) == 1 and backend.capacity(MODEL).running == 0
+        backend.resume()
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200

@@ -102,6 +102,7 @@ async def serve_scale_out(
     instances: dict[str, _Instance] = {}
     by_assignment: dict[tuple[int, ...], str] = {}
     solo: set[int] = set(sources)
+    background: set[asyncio.Task] = set()
 
     def on_token(rid: str, tok: int) -> None:
         rep.ttft.setdefault(rid, time.monotonic() - t0)
@@ -165,23 +166,30 @@ async def serve_scale_out(
             return  # died right after it got the model
         rep.node_serving_s.setdefault(node, time.monotonic() - t0)
 
+    async def dissolve(name: str) -> None:
+        inst = instances.pop(name, None)
+        if inst is None:
+            return
+        async with inst.lock:  # between steps: no token of a step is half-delivered
+            inst.closed = True
+            moved = inst.server.take()
+        rep.pipelines_dissolved += 1
+        rep.requests_moved += len(moved)
+        queue.extendleft(reversed(list(moved.items())))  # back to the head, in order
+        wake.set()
+        await inst.server.pipe.dissolve()
+
     async def apply(plan: PipelinePlan) -> None:
-        for p in plan.dissolve:
-            name = by_assignment.pop(p.assignment, None)
-            inst = instances.pop(name, None) if name else None
-            if inst is None:
-                continue
-            async with inst.lock:
-                inst.closed = True
-                moved = inst.server.take()
-            rep.pipelines_dissolved += 1
-            rep.requests_moved += len(moved)
-            queue.extendleft(reversed(list(moved.items())))  # back to the head, in order
-            await inst.server.pipe.dissolve()
-            wake.set()
+        # Solo instances first, so the dissolved pipelines' requests find them; dissolutions
+        # run in the background (each waits for its pipeline's step in flight) so a slow step
+        # never delays the next decision.
         for node in plan.solo:
             if node not in solo:
                 await start_solo(node)
+        for p in plan.dissolve:
+            name = by_assignment.pop(p.assignment, None)
+            if name is not None:
+                background.add(asyncio.get_running_loop().create_task(dissolve(name)))
         for p in plan.form:
             if any(n not in cluster.alive() for n in p.nodes):
                 continue  # the planner does not know yet that a member died
@@ -240,6 +248,7 @@ async def serve_scale_out(
             rep.multicast = await run_multicast(cluster, manifest, sources, receivers, _ALGO[system], on_event=hook)
             rep.bytes_moved = rep.multicast.bytes_moved
         await plans.join()  # every decision the multicast produced has been acted on
+        await asyncio.gather(*background)
         missing = [n for n in receivers if n not in rep.node_serving_s and n in cluster.alive()]
         if missing:
             raise RuntimeError(f"nodes {missing} hold the model but never started serving alone")
@@ -250,7 +259,7 @@ async def serve_scale_out(
         wake.set()
         mgr.cancel()
         tasks = [i.task for i in instances.values() if i.task is not None]
-        await asyncio.gather(mgr, *tasks, return_exceptions=True)
+        await asyncio.gather(mgr, *tasks, *background, return_exceptions=True)
         for inst in instances.values():
             await inst.server.pipe.dissolve()
     return rep

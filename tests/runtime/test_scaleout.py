@@ -75,8 +75,10 @@ def test_node_killed_inside_a_pipeline_requests_complete_elsewhere(tiny_model: P
                     killed.append(nodes[-1])
                     lc.launcher.kill(nodes[-1])  # the last stage: the pipeline's next step fails
 
+            # emulated 7B steps keep the sources busy, so the queue still holds requests when the
+            # first pipeline forms and the pipeline is serving some when its stage dies
             return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, "lambdascale",
-                                         max_seqs=2, on_pipeline_formed=formed)
+                                         max_seqs=2, on_pipeline_formed=formed, emulate_device="h200:llama2-7b:5")
 
     rep = run_async(main(), timeout=180)
     assert len(killed) == 1 and rep.multicast is not None and rep.multicast.lost == tuple(killed)

@@ -138,6 +138,8 @@ class ClusterBackend:
         self._bg: set[asyncio.Task[Any]] = set()
         self._clock = MonotonicClock()
         self.scale_events: dict[str, int] = {}
+        self.bytes_multicast = 0
+        self._mc_lock = asyncio.Lock()
         self.tier_hits: dict[str, int] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -200,7 +202,6 @@ class ClusterBackend:
         max_len = min(self.config.engine.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
         codec = TokenizerCodec(tok, frozenset(eos), max_len, arch.vocab_size)
         m = _Model(spec.name, spec, Path(ckpt.dir), ckpt.manifest, codec, frozenset(eos))
-        self._models[spec.name] = m
         if self.autoscale and "host" in spec.tiers and not any(m.name in h for h in self._held.values()):
             # Warm one node's host tier now, so the first scale-out (from zero) is a local host-tier load.
             from lambdascale.runtime.messages import HoldModel
@@ -210,6 +211,7 @@ class ClusterBackend:
                 node = min(alive, key=lambda n: (len(self._held.get(n, ())), n))
                 await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
                 self._held.setdefault(node, set()).add(m.name)
+        self._models[spec.name] = m  # visible to the controller only once its host copy is known
         if self.autoscale:
             # The controller starts the floor (min_instances); wait for it so the gateway is ready on return.
             deadline = self._clock.now() + self.config.runtime.request_timeout_s
@@ -257,25 +259,75 @@ class ClusterBackend:
 
     # ---- the controller's actuator (called by control.Controller; returns quickly) ------------
     def scale_out(self, plan: Any, timeline: Any) -> None:
-        """Start every target of ``plan``; each loads from its local copy or the checkpoint (no multicast yet)."""
+        """Start every target of ``plan`` and return at once (the controller's loop must not block).
+
+        Targets with a local copy (``local_tier`` gpu/host/ssd) load it; the network targets receive
+        the model by block multicast (``plan.algo``) from ``plan.sources`` that hold it in memory,
+        or, with no such source, load from the checkpoint (the model store).
+        """
         m = self._models.get(plan.model)
         if m is None:
             return
         self.scale_events["up"] = self.scale_events.get("up", 0) + 1
+        net = set(plan.network_targets)
+        sources = [s.node for s in plan.sources if m.name in self._held.get(s.node, set()) and s.node not in net]
+        via_multicast: list[tuple[int, _Instance]] = []
         for t in plan.targets:
-            tier = t.local_tier.value if t.local_tier.value != "none" else "store"
+            tier = t.local_tier.value if t.local_tier.value != "none" else ("network" if sources else "store")
             self.tier_hits[tier] = self.tier_hits.get(tier, 0) + 1
             inst = _Instance(m.name, t.node, None, None, loading=True, id=f"{m.name}@{t.node}")
             m.instances.append(inst)
-            task = asyncio.get_running_loop().create_task(self._start_logged(m, t.node, inst, timeline))
-            self._bg.add(task)
-            task.add_done_callback(self._bg.discard)
+            if t.node in net and sources:
+                via_multicast.append((t.node, inst))
+            else:
+                self._spawn(self._start_logged(m, t.node, inst, timeline))
+        if via_multicast:
+            self._spawn(self._multicast_then_start(m, sources, via_multicast, plan.algo.value, timeline))
 
     async def _start_logged(self, m: _Model, node: int, inst: _Instance, timeline: Any) -> None:
         try:
             await self._start_instance(m, node, inst, timeline)
         except Exception as e:  # the next controller pass sees the missing instance and retries
             log.error("starting %s on node %d failed: %s", m.name, node, e)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _multicast_then_start(self, m: _Model, sources: list[int], targets: list[tuple[int, _Instance]],
+                                    algo: str, timeline: Any) -> None:
+        """Multicast ``m`` to the targets (milestones: first chunk, each node full), then serve on each."""
+        from lambdascale.runtime.messages import ChunkHeld
+        from lambdascale.runtime.multicast import prepare_receivers, run_multicast
+
+        receivers = [n for n, _ in targets]
+        k = m.manifest.n_chunks
+
+        def hook(ev: Any, prog: Any) -> None:
+            if isinstance(ev, ChunkHeld) and ev.model == m.name:
+                now = self._clock.now()
+                timeline.mark_first_chunk(now)
+                if len(prog.holdings.get(ev.node, ())) == k:
+                    timeline.mark_node_full(ev.node, now)
+
+        try:
+            async with self._mc_lock:  # one multicast at a time: they share the cluster's event stream
+                await prepare_receivers(self.cluster, m.manifest, receivers)
+                res = await run_multicast(self.cluster, m.manifest, sources, receivers, algo=algo, on_event=hook)
+            self.bytes_multicast += res.bytes_moved
+        except Exception as e:  # the next controller pass sees the missing instances and retries
+            log.error("multicast of %s from %s to %s failed: %s", m.name, sources, receivers, e)
+            for _, inst in targets:
+                if inst in m.instances:
+                    m.instances.remove(inst)
+            return
+        for node, inst in targets:
+            if node in res.lost:
+                m.instances.remove(inst)
+                continue
+            self._held.setdefault(node, set()).add(m.name)  # received into host buffers
+            self._spawn(self._start_logged(m, node, inst, timeline))
 
     def remove_instances(self, model: str, instance_ids: tuple[str, ...]) -> None:
         """Drain: stop admitting; the worker dissolves the pipeline once its requests finished."""
@@ -500,6 +552,7 @@ class ClusterBackend:
                                          (str(i.node),), len(i.server.reqs) if i.server is not None else 0)
                             for m in self._models.values() for i in m.instances if i.node in alive),
             queues={m.name: len(m.queue) for m in self._models.values()},
+            bytes_multicast=self.bytes_multicast,
             scale_events=dict(self.scale_events),
             tier_hits=dict(self.tier_hits),
             timeline=tuple(self._controller.timelines)[-50:] if self._controller is not None else (),

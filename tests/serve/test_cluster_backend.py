@@ -99,6 +99,10 @@ def test_cluster_serves_exact_tokens_and_survives_a_node_death(cluster_server, t
     st = httpx.get(server.url + "/admin/status").json()
     mine = [i for i in st["instances"] if i["model"] == name]
     assert sorted(i["nodes"][0] for i in mine) == ["0", "1"]
+    # deploy warmed node 0's host tier; the floor's other instance got the model by multicast from it
+    assert st["bytes_multicast"] > 0
+    first = next(t for t in st["timeline"] if name in t)
+    assert "first chunk" in first and "node 1 full" in first and "first pipeline" in first, first
     assert all(node["tiers"].get(name) == ["host"] for node in st["nodes"] if node["node_id"] in ("0", "1"))
 
     body = {"model": name, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}

@@ -180,7 +180,10 @@ def add_config_args(parser: argparse.ArgumentParser, section: str, fields: list[
         if field.annotation is bool:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=dest, type=_scalar_type(field.annotation), default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=dest, type=_scalar_type(field.annotation), default=None,
+                metavar=name.upper(), help=help_text,
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> LambdaScaleConfig:

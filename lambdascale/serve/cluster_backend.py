@@ -417,9 +417,11 @@ class ClusterBackend:
         r = self._reqs.get(rid)
         if r is None:
             return
+        m = self._models.get(r.model)
+        if m is None:  # undeployed while a step was in flight
+            return
         r.out.append(tok)
         p = r.params
-        m = self._models[r.model]
         stop = tok in p.stop_token_ids or (not p.ignore_eos and tok in m.eos)
         length = len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= m.codec.context_length
         reason = FinishReason.STOP if stop else (FinishReason.LENGTH if length else None)

@@ -92,3 +92,25 @@ def test_fuzz_sent_enough_requests_and_reached_success() -> None:
         pytest.skip("fuzz test not run in this session")
     assert len(SENT) >= N_EXAMPLES
     assert any(s == 200 for s in SENT) and any(s == 400 for s in SENT)
+
+
+admin_bodies = st.fixed_dictionaries(
+    {"name": st.sampled_from(["m1", "m2", "", "../x", "a" * 200]) | json_values},
+    optional={"min_instances": small_ints, "max_instances": small_ints, "target_concurrency": small_ints,
+              "keep_alive_s": floats, "tiers": st.lists(st.sampled_from(["gpu", "host", "ssd", "nvme"]), max_size=4) | json_values,
+              "extra": json_values},
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(method=st.sampled_from(["POST", "PATCH", "DELETE"]), body=admin_bodies, target=st.sampled_from(["m1", MODEL, "zz"]))
+def test_fuzzed_admin_calls_never_get_a_5xx(fuzz_client: TestClient, method: str, body: dict[str, Any], target: str) -> None:
+    if method == "POST":
+        r = fuzz_client.post("/admin/models", json=body)
+    elif method == "PATCH":
+        r = fuzz_client.patch(f"/admin/models/{target}", json={k: v for k, v in body.items() if k != "name"})
+    else:
+        r = fuzz_client.delete(f"/admin/models/{target}" if target != MODEL else "/admin/models/zz")
+    assert r.status_code < 500, (method, body, r.text)
+    assert r.status_code in (200, 201, 400, 404, 409)

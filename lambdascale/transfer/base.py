@@ -175,6 +175,15 @@ class Transport(ABC):
         """
 
     @abstractmethod
+    async def fetch(self, peer: int, name: str, offset: int, length: int) -> None:
+        """Pull ``[offset, offset+length)`` of the peer's buffer ``name`` into the same range here.
+
+        One-sided on nixl (a READ: the peer's CPU is not involved); on tcp the peer's endpoint
+        serves it. Returns when the bytes are in the local buffer; no :class:`Arrival` is queued
+        (the caller knows). Raises ``TransferError`` on any failure.
+        """
+
+    @abstractmethod
     async def close(self) -> None:
         """Release sockets / NIXL resources. Idempotent."""
 

@@ -1,4 +1,4 @@
-"""NIXL backend: one-sided RDMA-style writes between registered buffers (UCX underneath).
+"""NIXL backend: one-sided RDMA-style writes (send) and reads (fetch) between registered buffers.
 
 Each agent owns a ``nixl_agent``; its serialized metadata (memory keys of every registered
 buffer) and the buffers' addresses travel in :class:`PeerInfo` over the control channel. A send
@@ -126,16 +126,43 @@ class NixlTransport(Transport):
             ldesc = self._agent.get_xfer_descs([(local_addr, length, 0)], "DRAM")
             rdesc = self._agent.get_xfer_descs([(rbuf.addr + offset, length, 0)], "DRAM")
             handle = self._agent.initialize_xfer("WRITE", ldesc, rdesc, self._remote_name[peer], notif)
-            state = self._agent.transfer(handle)
+            self._agent.transfer(handle)
         except Exception as e:
             raise TransferError(f"{where}: cannot start transfer: {e}") from None
+        await self._wait_done(handle, where)
+        self.bytes_sent += length
+
+    async def fetch(self, peer: int, name: str, offset: int, length: int) -> None:
+        """One-sided READ of the peer's registered range into ours; the peer's CPU does nothing."""
+        if self._closed or self._agent is None:
+            raise TransferError(f"transport of node {self.node} is closed or not started")
+        info = self._peer(peer)
+        dst = self.buffer(name)
+        self._check_range(name, offset, length, len(dst), f"fetching node {self.node}")
+        rbuf = info.buffers.get(name)
+        if rbuf is None:
+            raise TransferError(f"node {self.node} <- node {peer}: peer has no buffer {name!r} (have: {sorted(info.buffers)})")
+        self._check_range(name, offset, length, rbuf.nbytes, f"node {peer}")
+        where = f"node {self.node} <- node {peer} (nixl {info.agent_name}), buffer {name!r}"
+        await self.recv_bucket.acquire(length)
+        try:
+            ldesc = self._agent.get_xfer_descs([(self._buffers[name].ctypes.data + offset, length, 0)], "DRAM")
+            rdesc = self._agent.get_xfer_descs([(rbuf.addr + offset, length, 0)], "DRAM")
+            handle = self._agent.initialize_xfer("READ", ldesc, rdesc, self._remote_name[peer], b"")
+            self._agent.transfer(handle)
+        except Exception as e:
+            raise TransferError(f"{where}: cannot start transfer: {e}") from None
+        await self._wait_done(handle, where)
+        self.bytes_received += length
+
+    async def _wait_done(self, handle: Any, where: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.stall_timeout_s
         try:
             while True:
                 state = self._agent.check_xfer_state(handle)
                 if state == "DONE":
-                    break
+                    return
                 if state == "ERR":
                     raise TransferError(f"{where}: NIXL reported a transfer error (peer gone?)")
                 if loop.time() > deadline:
@@ -149,7 +176,6 @@ class NixlTransport(Transport):
                 self._agent.release_xfer_handle(handle)
             except Exception:  # noqa: BLE001 - a handle of a dead peer may refuse release; nothing to free
                 pass
-        self.bytes_sent += length
 
     async def _poll_notifs(self) -> None:
         while True:

@@ -21,7 +21,8 @@ import struct
 from lambdascale.errors import TransferError
 from lambdascale.transfer.base import Arrival, PeerInfo, Transport, TransportKind
 
-_MAGIC = 0x4C534346  # "LSCF"
+_MAGIC = 0x4C534346  # "LSCF": a push (bytes follow the header)
+_MAGIC_GET = 0x4C534347  # "LSCG": a fetch request (the receiver of the header sends the bytes back)
 _HEADER = struct.Struct("!IiQQHH")  # magic, src, offset, length, name_len, tag_len
 _OK = 0
 _ERR = 1
@@ -92,6 +93,10 @@ class TcpTransport(Transport):
                     return
                 await asyncio.wait_for(_recv_exact(loop, conn, memoryview(header)[k:]), stall)
                 magic, src, offset, length, name_len, tag_len = _HEADER.unpack(header)
+                if magic == _MAGIC_GET:
+                    if not await self._serve_fetch(conn, offset, length, name_len):
+                        return
+                    continue
                 if magic != _MAGIC:
                     raise ConnectionError(f"bad frame magic {magic:#x} from a peer of node {self.node}")
                 names = bytearray(name_len + tag_len)
@@ -121,6 +126,79 @@ class TcpTransport(Transport):
             return  # the sender sees the failure on its side; a receiver has nothing to resend
         finally:
             conn.close()
+
+    async def _serve_fetch(self, conn: socket.socket, offset: int, length: int, name_len: int) -> bool:
+        """Answer a fetch: status byte, then the bytes (or an error frame). False = drop the connection."""
+        loop = asyncio.get_running_loop()
+        stall = self.settings.stall_timeout_s
+        nb = bytearray(name_len)
+        await asyncio.wait_for(_recv_exact(loop, conn, memoryview(nb)), stall)
+        name = nb.decode()
+        arr = self._buffers.get(name)
+        if arr is None or length == 0 or offset + length > arr.nbytes:
+            why = (f"no buffer {name!r} on node {self.node}" if arr is None else
+                   f"range [{offset}, {offset + length}) outside buffer {name!r} of {arr.nbytes} bytes on node {self.node}")
+            msg = why.encode()
+            await loop.sock_sendall(conn, bytes([_ERR]) + struct.pack("!I", len(msg)) + msg)
+            return True  # the request was fully read: the stream is still in sync
+        await loop.sock_sendall(conn, bytes([_OK]))
+        view = memoryview(arr)[offset : offset + length]
+        pos = 0
+        while pos < length:
+            n = min(self.settings.io_slice_bytes, length - pos)
+            await self.send_bucket.acquire(n)
+            await asyncio.wait_for(loop.sock_sendall(conn, view[pos : pos + n]), stall)
+            pos += n
+        self.bytes_sent += length
+        return True
+
+    async def fetch(self, peer: int, name: str, offset: int, length: int) -> None:
+        if self._closed:
+            raise TransferError(f"transport of node {self.node} is closed")
+        info = self._peer(peer)
+        dst = self.buffer(name)
+        self._check_range(name, offset, length, len(dst), f"fetching node {self.node}")
+        loop = asyncio.get_running_loop()
+        stall = self.settings.stall_timeout_s
+        where = f"node {self.node} <- node {peer} ({info.host}:{info.port}), buffer {name!r}"
+        lock = self._out_locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            sock = self._out.get(peer)
+            if sock is None:
+                sock = await self._connect(info)
+                self._out[peer] = sock
+            try:
+                nb = name.encode()
+                await asyncio.wait_for(loop.sock_sendall(sock, _HEADER.pack(_MAGIC_GET, self.node, offset, length, len(nb), 0) + nb), stall)
+                status = bytearray(1)
+                await asyncio.wait_for(_recv_exact(loop, sock, memoryview(status)), stall)
+                if status[0] != _OK:
+                    ln = bytearray(4)
+                    await asyncio.wait_for(_recv_exact(loop, sock, memoryview(ln)), stall)
+                    msg = bytearray(struct.unpack("!I", ln)[0])
+                    await asyncio.wait_for(_recv_exact(loop, sock, memoryview(msg)), stall)
+                    raise TransferError(f"{where}: peer refused the fetch: {msg.decode()}")
+                pos = 0
+                while pos < length:
+                    n = min(self.settings.io_slice_bytes, length - pos)
+                    await self.recv_bucket.acquire(n)
+                    await asyncio.wait_for(_recv_exact(loop, sock, dst[offset + pos : offset + pos + n]), stall)
+                    pos += n
+            except TransferError:
+                raise
+            except asyncio.TimeoutError:
+                self._out.pop(peer, None)
+                sock.close()
+                raise TransferError(f"{where}: peer stalled, no progress for {stall}s (transfer.stall_timeout_s)") from None
+            except (ConnectionError, OSError) as e:
+                self._out.pop(peer, None)
+                sock.close()
+                raise TransferError(f"{where}: connection lost: {e}") from None
+            except BaseException:
+                self._out.pop(peer, None)
+                sock.close()
+                raise
+        self.bytes_received += length
 
     # ---- sending ---------------------------------------------------------------------------
     async def _connect(self, peer: PeerInfo) -> socket.socket:

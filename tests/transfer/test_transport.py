@@ -257,3 +257,28 @@ def test_token_bucket_debt_math() -> None:
 def test_make_transport_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError):
         make_transport("carrier-pigeon", 0)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_fetch_pulls_a_range_and_reports_bad_requests(kind: str) -> None:
+    async def main() -> None:
+        a, b = await _pair(kind)
+        try:
+            await b.fetch(0, "blk0", 4096, 50000)  # b pulls from a (one-sided on nixl)
+            got = np.frombuffer(b.buffer("blk0"), dtype=np.uint8)
+            want = np.frombuffer(a.buffer("blk0"), dtype=np.uint8)
+            assert np.array_equal(got[4096:54096], want[4096:54096])
+            assert not got[:4096].any() and not got[54096:].any()
+            assert b.arrivals.empty()  # the caller knows; no arrival is queued
+            a.register("small", 100)
+            b.register("small", 1000)
+            b.add_peer(a.info())
+            with pytest.raises(TransferError, match=r"outside buffer 'small' of 100 bytes"):
+                await b.fetch(0, "small", 0, 1000)
+            await b.fetch(0, "blk0", 0, 10)  # the link still works
+            assert np.array_equal(got[:10], want[:10])
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())

@@ -22,11 +22,26 @@ Example::
     if d.kind is RouteKind.INSTANCE: send(d.instance_id)
     elif d.kind is RouteKind.HOLD: queue.append(request)
     else: reply_429_or_404(d.reject_reason, d.detail)
+
+Late binding (:func:`dispatch`, ``control.router_late_binding``): the gateway keeps a per-model
+FIFO of admitted requests and, whenever capacity may have appeared (a step started, a request
+finished, an instance or pipeline became routable), asks ``dispatch`` which queued requests go
+where. An instance takes a request only while it has a free slot *and* could start it in its next
+step (the prompt tokens dispatched to it but not yet started stay within
+``router_max_waiting_tokens``), so a burst waits at the gateway rather than behind one instance's
+prefills, and a new instance drains the backlog the moment it is routable. Among the instances that
+qualify, the choice is the same least-outstanding-work rule as :func:`route_model`.
+
+Example (gateway loop)::
+
+    out = dispatch(queue, snapshot.model(name), cfg, now, waiting=not_started_by_instance)
+    for a in out.assignments: send(a.request_id, a.instance_id)
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from lambdascale.control.settings import ControlSettings, RouteMetric
 from lambdascale.control.snapshot import (
@@ -104,4 +119,87 @@ def route_many(
     return tuple(out)
 
 
-__all__ = ["route", "route_many", "route_model"]
+@dataclass(frozen=True)
+class QueuedRequest:
+    """A request waiting at the gateway: its id and the prompt tokens its first step prefills
+    (prompt + already generated tokens for a request resuming elsewhere)."""
+
+    id: str
+    prompt_tokens: int
+    total_tokens: int = 0  # prompt + tokens still to generate, for router_metric=tokens
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0 or self.total_tokens < 0:
+            raise ValueError(f"queued request {self.id!r}: token counts must be >= 0 "
+                             f"(prompt_tokens={self.prompt_tokens}, total_tokens={self.total_tokens})")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Work dispatched to an instance that it has not started yet (no prefill step begun)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Send queued request ``request_id`` to instance ``instance_id``."""
+
+    request_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """What :func:`dispatch` decided: assignments in queue order; ``held`` requests stay queued."""
+
+    assignments: tuple[Assignment, ...]
+    held: int
+
+
+def _can_take(inst: InstanceView, w: Waiting, req: QueuedRequest, cfg: ControlSettings) -> bool:
+    if not inst.routable or inst.outstanding_requests >= inst.capacity:
+        return False
+    if not cfg.router_late_binding:
+        return True
+    # The next step starts whatever is waiting; one more request fits if the step's prefill
+    # budget allows it. An instance with nothing waiting always takes one (a long prompt runs alone).
+    return w.prompt_tokens == 0 or w.prompt_tokens + req.prompt_tokens <= cfg.router_max_waiting_tokens
+
+
+def dispatch(
+    queue: Sequence[QueuedRequest],
+    model: ModelView,
+    cfg: ControlSettings,
+    now: float,
+    waiting: Mapping[str, Waiting] | None = None,
+) -> DispatchResult:
+    """Assign queued requests, in FIFO order, to instances that can take them now.
+
+    ``queue`` is the model's gateway queue (oldest first); ``model`` the current view (its
+    instances' ``outstanding_requests`` include work already dispatched); ``waiting`` maps an
+    instance id to what was dispatched to it but not started (missing ids: nothing). Each
+    assignment is reflected in the views the next request sees, so a burst spreads. Dispatch stops
+    at the first request no instance can take (no overtaking: the oldest request goes first).
+    With ``router_late_binding`` off, "can take" is just a free slot (the same candidates as
+    :func:`route_model`); with it on, also room in the instance's next prefill step.
+    """
+    del now
+    waits: dict[str, Waiting] = dict(waiting or {})
+    insts = {i.id: i for i in model.instances if i.routable}
+    out: list[Assignment] = []
+    for req in queue:
+        cands = [i for i in insts.values() if _can_take(i, waits.get(i.id, Waiting()), req, cfg)]
+        if not cands:
+            break
+        best = min(cands, key=lambda i: _work_key(i, cfg.router_metric))
+        out.append(Assignment(req.id, best.id))
+        insts[best.id] = replace(best, outstanding_requests=best.outstanding_requests + 1,
+                                 outstanding_tokens=best.outstanding_tokens + req.total_tokens)
+        w = waits.get(best.id, Waiting())
+        waits[best.id] = Waiting(w.requests + 1, w.prompt_tokens + req.prompt_tokens)
+    return DispatchResult(tuple(out), len(queue) - len(out))
+
+
+__all__ = ["Assignment", "DispatchResult", "QueuedRequest", "Waiting", "dispatch", "route", "route_many", "route_model"]

@@ -104,6 +104,19 @@ class ControlSettings(BaseModel):
     router_metric: RouteMetric = Field(
         default=RouteMetric.REQUESTS, description="what least-outstanding-work routing compares: requests or tokens"
     )
+    router_late_binding: bool = Field(
+        default=False,
+        description="late binding (router.dispatch): queued requests stay at the gateway and go to an instance only "
+        "when it can start them in its next step (waiting prompt tokens within router_max_waiting_tokens), so "
+        "instances and pipelines that appear later drain the backlog; off: bind at arrival to any free slot",
+    )
+    router_max_waiting_tokens: int = Field(
+        default=8192,
+        ge=1,
+        le=10_000_000,
+        description="with late binding: most prompt tokens dispatched to an instance and not yet started (one "
+        "step's prefill budget); an instance with none waiting always takes the next request",
+    )
 
     @model_validator(mode="after")
     def _check_band(self) -> "ControlSettings":

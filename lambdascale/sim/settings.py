@@ -33,6 +33,14 @@ class SimSettings(BaseModel):
     max_batch: int = Field(default=32, ge=1, le=4096, description="most sequences one instance runs in a batch")
     max_prefill_tokens: int = Field(default=8192, ge=1, le=10_000_000,
                                     description="most prompt tokens one step prefills (a longer prompt still runs alone)")
+    late_binding: bool = Field(
+        default=True,
+        description="every system's gateway keeps requests queued until an instance can start them in its next step "
+        "(control.router_late_binding, budget max_prefill_tokens); off: bind at arrival to any free slot")
+    kick_from_zero: bool = Field(
+        default=True,
+        description="a request that finds no instance of its model triggers a controller pass at once (the real "
+        "gateway's scale-from-zero kick) instead of waiting for the next autoscale tick; every system alike")
     kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory left after weights usable for KV cache")
     host_pool_gib: float | None = Field(default=None, ge=0, le=1e6,
                                         description="host-memory pool per node for this model's cached copies (other tenants use the rest); None = the preset's host memory")

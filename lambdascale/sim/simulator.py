@@ -26,6 +26,7 @@ loading counts) integrated over time, until the simulation ends.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import numpy as np
 from lambdascale.control.autoscaler import autoscale
 from lambdascale.control.memory import manage_memory
 from lambdascale.control.placement import place
-from lambdascale.control.router import route_model
+from lambdascale.control.router import QueuedRequest, Waiting, dispatch
 from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import (
     ClusterSnapshot,
@@ -66,6 +67,12 @@ from lambdascale.sim.workload import Workload
 _ROUTABLE = (InstanceState.FULL, InstanceState.PIPELINED)
 GB = 1e9
 GIB = float(1 << 30)
+
+
+def _prefill_tokens(r: "Req") -> int:
+    """Tokens the request's first step on an instance prefills (a resumed request recomputes its
+    generated tokens too)."""
+    return r.inp + (r.generated if r.resume else 0)
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -198,6 +205,10 @@ class Simulation:
                  progress: Callable[[float], None] | None = None) -> None:
         self.w, self.cluster, self.model, self.system, self.s = workload, cluster, model, system, settings
         self.cfg = system.control_settings(control)
+        if settings.late_binding:  # the gateway's dispatch mode applies to every system alike
+            self.cfg = ControlSettings.model_validate({
+                **self.cfg.model_dump(), "router_late_binding": True,
+                "router_max_waiting_tokens": settings.max_prefill_tokens})
         self.cost = cost
         self.progress = progress
         self.loop = EventLoop()
@@ -369,34 +380,57 @@ class Simulation:
         self.last_request_at = now
         self._recent.append(now)
         self.held.append(r)
+        if self.s.kick_from_zero and not any(i.state is not InstanceState.DRAINING for i in self.insts.values()):
+            # The gateway runs an out-of-band controller pass when a request finds no instance at
+            # all (scale from zero), as the real gateway does, instead of waiting for the next tick.
+            self._control_pass()
         self._pump()
 
     def _pump(self) -> None:
-        """Route held requests in arrival order until the router holds one."""
+        """Dispatch held requests in arrival order (``control.router.dispatch``) until none fits.
+
+        With late binding (``sim.late_binding``, every system) an instance takes a request only
+        when it can start it at its next step, so a backlog waits here and drains onto whichever
+        instance or pipeline frees up or appears first; with early binding any free slot binds it.
+        """
         if not self.held:
             return
-        # The router only sends to routable instances with a free slot; when there is none its
-        # answer is HOLD, so skip building the view (a pure shortcut, same decision).
-        if not any(i.state in _ROUTABLE and i.outstanding < i.capacity for i in self.insts.values()):
-            return
-        view = self._model_view()
-        while self.held:
-            d = route_model(view, self.cfg, self.loop.now())
-            if d.kind is RouteKind.INSTANCE:
-                r = self.held.popleft()
-                inst = self.insts[d.instance_id]  # type: ignore[index]
-                self._admit(inst, r)
-                if not self.held:
-                    break
-                view = self._model_view()
-            elif d.kind is RouteKind.HOLD:
-                # The router counts the request being routed as one more held; ours is already in
-                # the queue, so a HOLD here just means "wait".
-                break
+        late = self.cfg.router_late_binding
+        budget = self.cfg.router_max_waiting_tokens
+        free = 0
+        waiting: dict[str, Waiting] = {}
+        ready = False
+        for i in self.insts.values():
+            if i.state not in _ROUTABLE or i.outstanding >= i.capacity:
+                continue
+            free += i.capacity - i.outstanding
+            if i.pending:
+                w = Waiting(len(i.pending), sum(_prefill_tokens(r) for r in i.pending))
+                waiting[i.id] = w
+                ready = ready or not late or w.prompt_tokens < budget
             else:
-                # Over the hold limit: the request stays queued at the head (simulated clients
-                # retry); it still counts against the SLO through its TTFT.
-                break
+                ready = True
+        # A pure shortcut: when no instance could take even a one-token request, dispatch would
+        # assign nothing, so skip building the views.
+        if not ready:
+            return
+        n = min(len(self.held), free)
+        queue = [QueuedRequest(str(r.idx), _prefill_tokens(r), r.inp + r.out - r.generated)
+                 for r in itertools.islice(self.held, n)]
+        res = dispatch(queue, self._model_view(), self.cfg, self.loop.now(), waiting)
+        touched: dict[str, Inst] = {}
+        for a in res.assignments:
+            r = self.held.popleft()  # assignments are a prefix of the queue, in order
+            assert str(r.idx) == a.request_id
+            inst = self.insts[a.instance_id]
+            inst.pending.append(r)
+            inst.view = None
+            touched[inst.id] = inst
+        for inst in touched.values():  # a burst to an idle instance prefills together
+            if inst.event is None:
+                self._start_step(inst)
+            else:
+                self._cut_segment(inst)
 
     def _admit(self, inst: Inst, r: Req) -> None:
         inst.pending.append(r)
@@ -481,7 +515,7 @@ class Simulation:
                 node.gpu_last_used = now
         inst.view = None
         self._start_step(inst)
-        if freed:
+        if freed or (self.held and self.cfg.router_late_binding):
             self._pump()
 
     def _maybe_release(self, inst: Inst) -> None:
@@ -496,6 +530,14 @@ class Simulation:
     # ---- control loop -----------------------------------------------------------------------
 
     def _tick(self) -> None:
+        """The periodic controller pass; reschedules itself until every request finished."""
+        self._control_pass()
+        if not (self.arrived == len(self.reqs) and self.done == len(self.reqs)):
+            self.loop.after(self.cfg.autoscale_interval_s, Priority.CONTROL, self._tick)
+        else:
+            self._finished = True
+
+    def _control_pass(self) -> None:
         """Observe -> decide -> act: snapshot, autoscaler, placement, memory manager."""
         now = self.loop.now()
         snap = self.snapshot()
@@ -520,10 +562,6 @@ class Simulation:
             for c in mem.copy_backs:
                 self._copy_back(c)
         self._pump()
-        if not (self.arrived == len(self.reqs) and self.done == len(self.reqs)):
-            self.loop.after(self.cfg.autoscale_interval_s, Priority.CONTROL, self._tick)
-        else:
-            self._finished = True
 
     def _remove(self, iid: str) -> None:
         inst = self.insts.get(iid)

@@ -43,7 +43,7 @@ def eos(model_dir: Path) -> frozenset[int]:
     return frozenset([e] if isinstance(e, int) else (e or []))
 
 
-def test_placements_must_tile_blocks_on_distinct_nodes() -> None:
+def test_placements_must_tile_blocks_without_adjacent_repeats() -> None:
     check_placements([StagePlacement(0, (0, 3)), StagePlacement(1, (3, 8))], 8)
     with pytest.raises(ValueError, match="expected to start at block 3"):
         check_placements([StagePlacement(0, (0, 3)), StagePlacement(1, (4, 8))], 8)

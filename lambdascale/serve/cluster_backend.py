@@ -212,6 +212,7 @@ class ClusterBackend:
                 await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
                 self._held.setdefault(node, set()).add(m.name)
         self._models[spec.name] = m  # visible to the controller only once its host copy is known
+        self._kick()
         if self.autoscale:
             # The controller starts the floor (min_instances); wait for it so the gateway is ready on return.
             deadline = self._clock.now() + self.config.runtime.request_timeout_s
@@ -486,6 +487,15 @@ class ClusterBackend:
                 r.events.put_nowait(fail)
         m.queue.clear()
 
+    def _kick(self) -> None:
+        """An out-of-band controller pass (scale from zero, a new deployment).
+
+        Safe next to the periodic loop: this actuator never awaits, so a pass runs atomically on
+        the event loop and the two cannot interleave.
+        """
+        if self._controller is not None:
+            self._controller.step()
+
     def _can_start(self, m: _Model) -> bool:
         """Whether the controller may still start an instance of ``m`` (a live node without one)."""
         if not self.autoscale or self._lc is None:
@@ -512,6 +522,8 @@ class ClusterBackend:
         self._reqs[r.rid] = r
         m.queue.append(r.rid)
         m.wakeup.set()
+        if not m.instances:
+            self._kick()  # decide now rather than at the next tick: the first token waits on this start
         finished = False
         try:
             while True:

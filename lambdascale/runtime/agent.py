@@ -58,7 +58,7 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.base import Arrival, Transport, make_transport
-from lambdascale.transfer.ratelimit import TokenBucket, gbps_to_bytes_per_s
+from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings
 
 PR_SET_PDEATHSIG = 1
@@ -172,7 +172,7 @@ class NodeAgent:
                 if os.fstat(fd).st_size != blk.nbytes:
                     raise LambdaScaleError(f"{path}: file size differs from the manifest's {blk.nbytes} bytes")
                 for ch in blk.chunks:
-                    await self.ssd_bucket.acquire(ch.length)
+                    await self.ssd_bucket.acquire_async(ch.length)
                     part = view[ch.offset : ch.offset + ch.length]
                     n = await asyncio.to_thread(os.preadv, fd, [part], ch.offset)
                     if n != ch.length:

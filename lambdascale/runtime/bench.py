@@ -40,7 +40,7 @@ from lambdascale.runtime.launcher import LocalCluster
 from lambdascale.runtime.messages import DropModel, HoldModel, Warmup
 from lambdascale.runtime.multicast import prepare_receivers, run_multicast
 from lambdascale.runtime.settings import RuntimeSettings
-from lambdascale.transfer.ratelimit import gbps_to_bytes_per_s
+from lambdascale.ratelimit import gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings
 
 

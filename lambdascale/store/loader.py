@@ -31,7 +31,7 @@ import torch
 from lambdascale.errors import CheckpointError
 from lambdascale.model.manifest import ChunkEntry
 from lambdascale.model.checkpoint import Checkpoint, read_exact_into, tensors_from_block_bytes, verify_chunk
-from lambdascale.store.ratelimit import TokenBucket
+from lambdascale.ratelimit import TokenBucket
 
 
 class Tier(str, Enum):

@@ -28,7 +28,7 @@ from lambdascale.model.checkpoint import Checkpoint, find_model, tensors_from_bl
 from lambdascale.store.cache import CacheEntry, CacheState, choose_evictions
 from lambdascale.store.loader import BlockLanded, LoadStats, OnBlock, Tier, copy_to_device, load_from_ssd
 from lambdascale.store.pool import Allocation, HostPool, PoolFullError, RangeAllocator
-from lambdascale.store.ratelimit import TokenBucket
+from lambdascale.ratelimit import TokenBucket
 from lambdascale.store.settings import StoreSettings
 
 GB = 1_000_000_000

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lambdascale.errors import TransferError
-from lambdascale.transfer.ratelimit import TokenBucket, gbps_to_bytes_per_s
+from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings
 
 

@@ -119,7 +119,7 @@ class NixlTransport(Transport):
             raise TransferError(f"node {self.node} -> node {peer}: peer has no buffer {name!r} (have: {sorted(info.buffers)})")
         self._check_range(name, offset, length, rbuf.nbytes, f"receiver node {peer}")
         where = f"node {self.node} -> node {peer} (nixl {info.agent_name}), tag {tag!r}"
-        await self.send_bucket.acquire(length)
+        await self.send_bucket.acquire_async(length)
         local_addr = self._buffers[name].ctypes.data + offset
         notif = json.dumps({"tag": tag, "name": name, "offset": offset, "length": length, "src": self.node}).encode()
         try:
@@ -144,7 +144,7 @@ class NixlTransport(Transport):
             raise TransferError(f"node {self.node} <- node {peer}: peer has no buffer {name!r} (have: {sorted(info.buffers)})")
         self._check_range(name, offset, length, rbuf.nbytes, f"node {peer}")
         where = f"node {self.node} <- node {peer} (nixl {info.agent_name}), buffer {name!r}"
-        await self.recv_bucket.acquire(length)
+        await self.recv_bucket.acquire_async(length)
         try:
             ldesc = self._agent.get_xfer_descs([(self._buffers[name].ctypes.data + offset, length, 0)], "DRAM")
             rdesc = self._agent.get_xfer_descs([(rbuf.addr + offset, length, 0)], "DRAM")
@@ -187,7 +187,7 @@ class NixlTransport(Transport):
                         arrival = Arrival(**d)
                     except (ValueError, TypeError):
                         continue  # not one of ours (e.g. a bare NIXL notification)
-                    await self.recv_bucket.acquire(arrival.length)
+                    await self.recv_bucket.acquire_async(arrival.length)
                     self._on_received(arrival)
             await asyncio.sleep(self.settings.nixl_poll_s)
 

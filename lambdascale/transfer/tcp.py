@@ -117,7 +117,7 @@ class TcpTransport(Transport):
                 pos = 0
                 while pos < length:
                     n = min(slice_n, length - pos)
-                    await self.recv_bucket.acquire(n)
+                    await self.recv_bucket.acquire_async(n)
                     await asyncio.wait_for(_recv_exact(loop, conn, view[pos : pos + n]), stall)
                     pos += n
                 self._on_received(Arrival(tag=tag, name=name, offset=offset, length=length, src=src))
@@ -146,7 +146,7 @@ class TcpTransport(Transport):
         pos = 0
         while pos < length:
             n = min(self.settings.io_slice_bytes, length - pos)
-            await self.send_bucket.acquire(n)
+            await self.send_bucket.acquire_async(n)
             await asyncio.wait_for(loop.sock_sendall(conn, view[pos : pos + n]), stall)
             pos += n
         self.bytes_sent += length
@@ -181,7 +181,7 @@ class TcpTransport(Transport):
                 pos = 0
                 while pos < length:
                     n = min(self.settings.io_slice_bytes, length - pos)
-                    await self.recv_bucket.acquire(n)
+                    await self.recv_bucket.acquire_async(n)
                     await asyncio.wait_for(_recv_exact(loop, sock, dst[offset + pos : offset + pos + n]), stall)
                     pos += n
             except TransferError:
@@ -258,7 +258,7 @@ class TcpTransport(Transport):
             slice_n = self.settings.io_slice_bytes
             while pos < length:
                 n = min(slice_n, length - pos)
-                await self.send_bucket.acquire(n)
+                await self.send_bucket.acquire_async(n)
                 await asyncio.wait_for(loop.sock_sendall(sock, src_view[offset + pos : offset + pos + n]), stall)
                 pos += n
             status = bytearray(1)

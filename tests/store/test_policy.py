@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from lambdascale.clock import ManualClock
 from lambdascale.store.cache import CacheEntry, CacheState, choose_evictions, eviction_order
 from lambdascale.store.pool import PoolFullError, RangeAllocator
-from lambdascale.store.ratelimit import BucketState, TokenBucket, take
+from lambdascale.ratelimit import BucketState, TokenBucket, take
 
 
 # ---- token bucket ---------------------------------------------------------------------------

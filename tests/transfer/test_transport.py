@@ -12,7 +12,7 @@ import pytest
 
 from lambdascale.errors import TransferError
 from lambdascale.transfer.base import Arrival, Transport, TransportKind, make_transport
-from lambdascale.transfer.ratelimit import TokenBucket
+from lambdascale.ratelimit import TokenBucket
 from lambdascale.transfer.settings import TransferSettings
 from lambdascale.clock import ManualClock
 
@@ -250,7 +250,7 @@ def test_token_bucket_debt_math() -> None:
     assert tb.reserve(0) == 0.0
     assert tb.reserve(1000) == pytest.approx(1.0)
     assert TokenBucket(None, 1).reserve(10**9) == 0.0
-    with pytest.raises(ValueError, match="rate must be > 0"):
+    with pytest.raises(ValueError, match="rate must be positive"):
         TokenBucket(0.0, 10)
 
 
@@ -282,3 +282,18 @@ def test_fetch_pulls_a_range_and_reports_bad_requests(kind: str) -> None:
             await b.close()
 
     run(main())
+
+
+def test_one_token_bucket_serves_store_and_transport() -> None:
+    """The store's SSD cap and the links use the same implementation (lambdascale.ratelimit)."""
+    import lambdascale.ratelimit as shared
+    import lambdascale.store.ratelimit as store_rl
+    from lambdascale.transfer.base import make_transport
+    from lambdascale.transfer.settings import TransferSettings
+
+    assert store_rl.TokenBucket is shared.TokenBucket
+    t = make_transport("tcp", 0, TransferSettings(link_gbps=8.0))
+    assert type(t.send_bucket) is shared.TokenBucket
+    assert t.send_bucket.rate == pytest.approx(1e9)  # 8 Gbit/s = 1e9 bytes/s
+    with pytest.raises(ValueError, match="negative"):
+        t.send_bucket.reserve(-1)

@@ -464,6 +464,7 @@ class PipelinePlanner:
         self._cap = _check_common(n_blocks, capacity)
         node_list = list(nodes)
         self._masks = _to_masks({v: (holdings or {}).get(v, ()) for v in node_list}, n_blocks)
+        self._explicit_sizes = sizes is not None
         self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
         self._want = _pipe_counts(self.sizes)
         # chunks still missing per (node, block): a block completes when its count reaches 0
@@ -491,7 +492,7 @@ class PipelinePlanner:
     def on_chunk(self, node: int, chunk: int) -> PipelinePlan | None:
         """Record that ``node`` holds ``chunk``; re-plan if that completed a block and matters."""
         if node not in self._masks:
-            raise PlanError(f"node {node} is not one of the planner's nodes")
+            raise PlanError(f"node {node} is not one of the planner's nodes (or was removed)")
         if not 0 <= chunk < self.n_chunks:
             raise PlanError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
         if (node, chunk) in self._seen:
@@ -523,5 +524,31 @@ class PipelinePlanner:
         old_solo = self.plan.solo
         self.plan = new
         if new.changed or new.solo != old_solo:
+            return new
+        return None
+
+    def remove_node(self, node: int) -> PipelinePlan | None:
+        """Forget ``node`` (it died or left): its holdings no longer count, pipelines through it dissolve.
+
+        Equals :func:`plan_pipelines` on the surviving holdings with ``current`` = the pipelines
+        running before the removal, and ``sizes`` = the sizes given at construction or, when none
+        were given, ``planned_sizes(n_blocks, survivors)`` (the halving refits the smaller
+        cluster). Any planned size left unbuilt by the dissolution is rebuilt from free survivors
+        at once, so a replacement pipeline forms without waiting for another arrival. Returns the
+        new plan when something changed (always, when a pipeline ran through ``node`` or it was
+        solo), else None. Removing an unknown or already removed node raises :class:`PlanError`.
+        """
+        if node not in self._masks:
+            raise PlanError(f"node {node} is not one of the planner's nodes (or was already removed)")
+        del self._masks[node]
+        self._seen = {k for k in self._seen if k[0] != node}
+        self._missing = {k: v for k, v in self._missing.items() if k[0] != node}
+        if not self._explicit_sizes:
+            self.sizes = planned_sizes(self.n_blocks, len(self._masks))
+            self._want = _pipe_counts(self.sizes)
+        old = self.plan
+        new = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes)
+        self.plan = new
+        if new.changed or new.solo != old.solo:
             return new
         return None

@@ -199,3 +199,79 @@ def test_reference_two_sources_first_pipeline_at_tick_nine() -> None:
     one = plan_multicast("binomial", 8, 1, 8, 16)
     assert first_pipeline_tick(one) is None  # every block is first whole at completion
     assert first_serving_tick(one) == 18
+
+
+# ---- dead nodes ------------------------------------------------------------------------------
+
+def test_removing_a_pipeline_member_dissolves_it_and_builds_a_replacement() -> None:
+    # 8 blocks; nodes 0..3 hold a quarter each, 4..7 a quarter each too: two 4-node pipelines
+    # are possible, the planner (sizes=(4,)) runs one; when a member dies, the spare quarter
+    # holders replace it at once.
+    h = {v: {2 * (v % 4), 2 * (v % 4) + 1} for v in range(8)}
+    planner = PipelinePlanner(range(8), 8, holdings=h, sizes=(4,))
+    (first,) = planner.plan.active
+    dead = first.assignment[0]
+    res = planner.remove_node(dead)
+    assert res is not None
+    assert [p.assignment for p in res.dissolve] == [first.assignment]
+    (repl,) = res.active
+    assert dead not in repl.nodes and repl.size == 4
+    assert dead not in planner.holdings()
+    with pytest.raises(PlanError, match="already removed"):
+        planner.remove_node(dead)
+    with pytest.raises(PlanError, match=f"node {dead}"):
+        planner.on_chunk(dead, 0)
+
+
+def test_removing_a_node_outside_every_pipeline_changes_nothing() -> None:
+    planner = PipelinePlanner([0, 1, 2], 2, 2, holdings={0: {0}, 1: {1}}, sizes=(2,))
+    assert [p.assignment for p in planner.plan.active] == [(0, 1)]
+    assert planner.remove_node(2) is None
+    assert [p.assignment for p in planner.plan.active] == [(0, 1)]
+
+
+def test_removing_a_solo_node_is_reported() -> None:
+    planner = PipelinePlanner([0, 1], 2, 2, holdings={0: {0, 1}})
+    assert planner.solo == (0,)
+    res = planner.remove_node(0)
+    assert res is not None and res.solo == () and planner.solo == ()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(3, 16), s=st.integers(1, 3), b=st.sampled_from([2, 4, 8]),
+       kills=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 15)), max_size=4),
+       explicit=st.booleans())
+def test_incremental_equals_pure_with_removals(n: int, s: int, b: int, kills, explicit: bool) -> None:
+    """Along a multicast with nodes dying at random ticks, every incremental step equals the pure
+    planner fed the previous running pipelines and the survivors' holdings."""
+    s = min(s, n - 1)
+    plan = plan_multicast("binomial", n, s, b, 2 * b)
+    receivers = list(plan.receiver_nodes)
+    sizes = planned_sizes(b, len(receivers)) if explicit else None
+    planner = PipelinePlanner(receivers, b, 2 * b, sizes=sizes)
+    dead: set[int] = set()
+    kill_at: dict[int, list[int]] = {}
+    for t, k in kills:
+        kill_at.setdefault(t, []).append(receivers[k % len(receivers)])
+    chunks: dict[int, set[int]] = {v: set() for v in receivers}
+    for t, rnd in enumerate(plan.rounds, start=1):
+        for snd in rnd:
+            if snd.dst in dead:
+                continue
+            prev = planner.plan.active
+            planner.on_chunk(snd.dst, snd.chunk)
+            chunks[snd.dst].add(snd.chunk)
+        for v in kill_at.get(t, []):
+            if v in dead:
+                continue
+            prev = planner.plan.active
+            planner.remove_node(v)
+            dead.add(v)
+            holdings = {u: {c * b // (2 * b) for c in cs if all(
+                cc in cs for cc in range(2 * b) if cc * b // (2 * b) == c * b // (2 * b))}
+                for u, cs in chunks.items() if u not in dead}
+            pure = plan_pipelines(holdings, b, current=prev, sizes=sizes)
+            assert pure.active == planner.plan.active and pure.solo == planner.plan.solo
+            assert planner.holdings() == holdings
+            assert all(v not in p.nodes for p in planner.plan.active)
+            _check_valid(planner.plan, holdings, b)

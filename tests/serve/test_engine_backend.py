@@ -74,6 +74,9 @@ def test_disconnect_frees_the_engines_slot(engine_server) -> None:
                       json={"model": DEMO, "prompt": "Count to one thousand:", "max_tokens": 400,
                             "ignore_eos": True, "stream": True}) as r:
             next(line for line in r.iter_lines() if line.startswith("data: "))
+            t0 = time.monotonic()  # the worker thread publishes its counts after each step
+            while time.monotonic() - t0 < 2.0 and backend.capacity(DEMO).running != 1:
+                time.sleep(0.01)
             assert backend.capacity(DEMO).running == 1
     t0 = time.monotonic()
     while time.monotonic() - t0 < 1.0 and backend.capacity(DEMO).running:

@@ -34,7 +34,7 @@ from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner
-from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLostError
+from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, NodeLostError
 from lambdascale.runtime.messages import ChunkHeld, HoldModel
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
@@ -66,6 +66,10 @@ class ScaleOutReport:
     instances_failed: int = 0
     bytes_moved: int = 0
     multicast: MulticastResult | None = None
+    nodes_lost_s: dict[int, float] = field(default_factory=dict)  # node -> when its loss reached the planner
+    instance_started_s: dict[str, float] = field(default_factory=dict)  # instance name -> when it began serving
+    tokens_by_instance: dict[str, int] = field(default_factory=dict)  # instance name -> tokens it produced
+    instance_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # instance name -> its stages' nodes
 
 
 @dataclass
@@ -91,6 +95,7 @@ async def serve_scale_out(
     max_step_tokens: int = 512,
     on_pipeline_formed: Callable[[str, list[int]], None] | None = None,
     emulate_device: str | None = None,
+    device: str = "cpu",
 ) -> ScaleOutReport:
     """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``."""
     system = SystemKind(system)
@@ -104,9 +109,12 @@ async def serve_scale_out(
     solo: set[int] = set(sources)
     background: set[asyncio.Task] = set()
 
-    def on_token(rid: str, tok: int) -> None:
-        rep.ttft.setdefault(rid, time.monotonic() - t0)
-        rep.outputs.setdefault(rid, []).append(tok)
+    def token_sink(name: str) -> Callable[[str, int], None]:
+        def on_token(rid: str, tok: int) -> None:
+            rep.ttft.setdefault(rid, time.monotonic() - t0)
+            rep.outputs.setdefault(rid, []).append(tok)
+            rep.tokens_by_instance[name] = rep.tokens_by_instance.get(name, 0) + 1
+        return on_token
 
     async def worker(inst: _Instance) -> None:
         srv = inst.server
@@ -149,10 +157,13 @@ async def serve_scale_out(
 
     async def start_instance(name: str, placements: list[StagePlacement]) -> _Instance:
         pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
-                              max_step_tokens=max_step_tokens, name=name, emulate_device=emulate_device)
+                              max_step_tokens=max_step_tokens, name=name, emulate_device=emulate_device,
+                              device=device)
         await pipe.form()
-        inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=on_token))
+        inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)))
         instances[name] = inst
+        rep.instance_started_s[name] = time.monotonic() - t0
+        rep.instance_nodes[name] = tuple(p.node for p in placements)
         inst.task = asyncio.get_running_loop().create_task(worker(inst))
         return inst
 
@@ -236,6 +247,16 @@ async def serve_scale_out(
             k = manifest.n_chunks
 
             def hook(ev, prog: MulticastProgress) -> None:
+                if isinstance(ev, NodeLost):
+                    # A dead receiver leaves the planner: pipelines through it dissolve (their
+                    # requests are already back in the queue if a step failed) and a replacement
+                    # is built from the survivors' holdings at once.
+                    rep.nodes_lost_s.setdefault(ev.node, time.monotonic() - t0)
+                    if planner is not None and ev.node in planner.holdings():
+                        plan = planner.remove_node(ev.node)
+                        if plan is not None:
+                            plans.put_nowait(plan)
+                    return
                 if not isinstance(ev, ChunkHeld) or ev.node not in receivers:
                     return
                 if planner is not None:

@@ -86,3 +86,8 @@ def test_node_killed_inside_a_pipeline_requests_complete_elsewhere(tiny_model: P
     assert rep.outputs == burst_reference  # every request completed, exactly
     survivors = {2, 3, 4} - set(killed)
     assert survivors <= set(rep.node_serving_s)
+    # the planner learned of the loss (remove_node) and an instance started after it served
+    lost_at = rep.nodes_lost_s[killed[0]]
+    later = [n for n, t in rep.instance_started_s.items() if t >= lost_at and rep.tokens_by_instance.get(n, 0) > 0]
+    assert later, f"no instance started after the loss served: {rep.instance_started_s} {rep.tokens_by_instance}"
+    assert all(killed[0] not in rep.instance_nodes[n] for n, t in rep.instance_started_s.items() if t >= lost_at)

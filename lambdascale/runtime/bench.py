@@ -190,17 +190,27 @@ def make_burst(n: int, vocab: int, max_tokens: int, seed: int = 0) -> dict[str, 
     return out
 
 
-def reference_outputs(model_dir: Path, burst: dict[str, Any]) -> dict[str, list[int]]:
-    """Each request alone on an in-process single-node engine (the exactness reference)."""
-    from lambdascale.engine.engine import Engine
+def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu") -> dict[str, list[int]]:
+    """Each request alone on an in-process single-node engine (the exactness reference).
 
-    eng = Engine.from_checkpoint(model_dir)
+    float32 on ``device``, like the agents' stages (``FormStage.dtype`` defaults to float32).
+    """
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.settings import EngineSettings
+
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    eng = Engine.from_checkpoint(model_dir, EngineSettings(device=dev, dtype="float32"))
     return {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
 
 
 async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
                       burst: dict[str, Any], reference: dict[str, list[int]], systems: list[str],
-                      max_seqs: int = 8) -> list[dict[str, Any]]:
+                      max_seqs: int = 8, device: str = "cpu") -> list[dict[str, Any]]:
+    """One fresh cluster per system: sources hold the model, the burst is fired as it scales out.
+
+    ``device`` is where stages compute ("cuda" on a GPU machine: every agent shares the GPU and
+    copies each block host -> GPU as its stage forms).
+    """
     from lambdascale.model.manifest import read_manifest
     from lambdascale.runtime.scaleout import serve_scale_out
 
@@ -216,7 +226,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
                 await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
                                         burst, system, eos_ids, max_seqs=max_seqs,
-                                        emulate_device=runtime.emulate_device)
+                                        emulate_device=runtime.emulate_device, device=device)
         ttft = list(rep.ttft.values())
         rows.append({
             "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
@@ -224,6 +234,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             "bytes_moved": rep.bytes_moved, "pipelines_formed": rep.pipelines_formed,
             "pipelines_dissolved": rep.pipelines_dissolved, "requests_moved": rep.requests_moved,
             "exact": rep.outputs == reference,
+            "mismatched_requests": sorted(r for r in reference if rep.outputs.get(r) != reference[r]),
         })
     return rows
 

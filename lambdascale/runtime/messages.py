@@ -119,6 +119,10 @@ class FormStage(_Msg):
     max_step_tokens: int = Field(gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     emulate_device: str | None = Field(default=None, description="CALIBRATION:MODEL[:SCALE] (runtime.emulation)")
+    device: str = Field(
+        default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="where the stage computes; cuda copies each block host -> GPU as the stage forms",
+    )
 
 
 class StageStep(_Msg):

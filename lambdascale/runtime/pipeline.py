@@ -63,8 +63,9 @@ class RemotePipeline:
 
     def __init__(self, cluster: Cluster, manifest: Manifest, placements: Sequence[StagePlacement],
                  max_len: int = 512, max_seqs: int = 16, max_step_tokens: int = 512, name: str | None = None,
-                 emulate_device: str | None = None) -> None:
+                 emulate_device: str | None = None, device: str = "cpu") -> None:
         check_placements(placements, manifest.n_blocks)
+        self.device = device
         self.cluster = cluster
         self.manifest = manifest
         self.placements = list(placements)
@@ -86,6 +87,7 @@ class RemotePipeline:
                 req=0, model=self.manifest.name, pipeline=self.name, index=i, blocks=p.blocks,
                 next_node=ps[i + 1].node if i + 1 < len(ps) else None, max_len=self.max_len,
                 max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens, emulate_device=self.emulate_device,
+                device=self.device,
             ))
             for i, p in enumerate(ps)
         ))

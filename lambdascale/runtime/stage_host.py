@@ -55,13 +55,19 @@ class StageHost:
         missing = [c for b in range(b0, b1) for c in chunks_of_block(b, m.n_blocks, m.n_chunks) if c not in st.held]
         if missing:
             raise LambdaScaleError(f"node {agent.node} cannot form a stage of blocks [{b0}, {b1}): chunks {missing} not held")
+        self.device = torch.device(msg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise LambdaScaleError(f"node {agent.node}: stage asks for device {msg.device} but CUDA is not available")
         tensors: dict[str, torch.Tensor] = {}
         for b in range(b0, b1):
-            tensors.update(tensors_from_block_bytes(agent.transport.buffer(buffer_name(m.name, b)), f"{m.name} block {b}"))
+            blk = tensors_from_block_bytes(agent.transport.buffer(buffer_name(m.name, b)), f"{m.name} block {b}")
+            if self.device.type != "cpu":  # host memory -> accelerator, one block at a time
+                blk = {k: v.to(self.device, non_blocking=False) for k, v in blk.items()}
+            tensors.update(blk)
         layers = (m.blocks[b0].layers[0], m.blocks[b1 - 1].layers[1])
         self.dtype = _DTYPES[msg.dtype]
         model = StageModel.from_tensors(
-            m.arch, tensors, layers=layers, first=b0 == 0, last=b1 == m.n_blocks, dtype=self.dtype,
+            m.arch, tensors, layers=layers, first=b0 == 0, last=b1 == m.n_blocks, dtype=self.dtype, device=self.device,
             source=f"{m.name} blocks [{b0}, {b1}) on node {agent.node}",
         )
         self.stage = Stage(model, msg.max_len, msg.max_seqs)
@@ -96,12 +102,12 @@ class StageHost:
         if self.stage.first:
             if msg.token_ids is None or len(msg.token_ids) != n:
                 raise LambdaScaleError(f"first stage needs {n} token ids, got {msg.token_ids and len(msg.token_ids)}")
-            x = torch.tensor(msg.token_ids, dtype=torch.long)  # [N]
+            x = torch.tensor(msg.token_ids, dtype=torch.long, device=self.device)  # [N]
         else:
             assert hidden_ready is not None and self.in_name is not None
             await hidden_ready
             raw = np.frombuffer(self.agent.transport.buffer(self.in_name), dtype=np.uint8)[: n * self.row_bytes]
-            x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden)  # [N, hidden]
+            x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden).to(self.device)  # [N, hidden]
         t0 = asyncio.get_running_loop().time()
         out = await asyncio.to_thread(self.stage.forward, batch, x)
         if self.timer is not None:  # emulated accelerator: the step lasts at least its GPU time
@@ -112,14 +118,14 @@ class StageHost:
                 await asyncio.sleep(rest)
         if not self.stage.last:
             assert self.out_name is not None and self.next_node is not None
-            flat = out.contiguous().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
+            flat = out.contiguous().cpu().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
             np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[: flat.size] = flat
             await self.agent.transport.send(self.next_node, self.out_name, 0, flat.size, hidden_tag(self.pipeline, msg.step, self.index + 1))
             return {}
         # last stage: out is logits [n_seqs, vocab]
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)
         params = [SamplingParams(**p) for p, _, _ in msg.sample]
-        tokens = sample_batch(out.float(), params, [s for _, s, _ in msg.sample], [i for _, _, i in msg.sample])
+        tokens = sample_batch(out.float().cpu(), params, [s for _, s, _ in msg.sample], [i for _, _, i in msg.sample])
         return {"tokens": tokens}
 
     def close(self) -> None:

@@ -1,0 +1,47 @@
+"""bench/device scripts: the scale-out GPU script's --smoke mode on CPU, and the run-all driver."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "device" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scaleout_smoke_runs_on_cpu_and_is_exact(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r.json"
+    assert _load("scaleout").main(["--smoke", "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["all_exact"] is True and r["nodes"] == 3
+    (row,) = r["systems"]
+    assert row["system"] == "lambdascale" and row["exact"] is True and row["mismatched_requests"] == []
+    assert row["bytes_moved"] == 2 * r["model_bytes"]  # every byte of the model reached both receivers once
+    assert "lambdascale" in capsys.readouterr().out
+
+
+def test_run_all_runs_scripts_within_budget_and_writes_results(tmp_path: Path) -> None:
+    run_all = _load("run_all")
+    assert set(run_all.SCRIPTS) >= {"load_and_ewl", "scaleout"}
+    assert run_all.main(["--smoke", "--only", "load_and_ewl", "--out", str(tmp_path), "--budget-s", "120"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["load_and_ewl"]["rc"] == 0 and summary["load_and_ewl"]["timed_out"] is False
+    assert json.loads((tmp_path / "load_and_ewl.json").read_text())["tokens_match"] is True
+    assert "--smoke" in (tmp_path / "load_and_ewl.log").read_text()
+
+
+def test_run_all_times_out_a_script_and_rejects_bad_input(tmp_path: Path, capsys) -> None:
+    run_all = _load("run_all")
+    # a budget too short to start anything: the script is skipped, not hung on
+    assert run_all.main(["--smoke", "--only", "load_and_ewl", "--out", str(tmp_path), "--budget-s", "1"]) == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["load_and_ewl"]["skipped"] == "budget spent"
+    assert run_all.main(["--only", "nope"]) == 2
+    assert "unknown scripts ['nope']" in capsys.readouterr().err

@@ -192,19 +192,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         console.print(render_status(admin_call(args, "GET", "/admin/status")))
         return 0
-    from rich.live import Live
-
     from lambdascale.serve.settings import ServeSettings
 
-    interval = args.interval or ServeSettings().status_refresh_s
-    stop = threading.Event()
-    with Live(render_status(admin_call(args, "GET", "/admin/status")), console=console, refresh_per_second=4) as live:
-        try:
-            while not stop.wait(interval):
-                live.update(render_status(admin_call(args, "GET", "/admin/status")))
-        except KeyboardInterrupt:
-            pass
+    try:
+        watch_status(args, console, threading.Event(), args.interval or ServeSettings().status_refresh_s)
+    except KeyboardInterrupt:
+        pass
     return 0
+
+
+def watch_status(args: argparse.Namespace, console: Any, stop: threading.Event, interval: float) -> int:
+    """Refresh the status view every ``interval`` seconds until ``stop`` is set (Ctrl-C in the CLI)."""
+    from rich.live import Live
+
+    refreshes = 0
+    with Live(render_status(admin_call(args, "GET", "/admin/status")), console=console, refresh_per_second=4) as live:
+        while not stop.wait(interval):
+            live.update(render_status(admin_call(args, "GET", "/admin/status")), refresh=True)
+            refreshes += 1
+    return refreshes
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

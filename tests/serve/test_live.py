@@ -196,3 +196,32 @@ def test_client_leaving_before_the_first_token_or_a_whole_completion_frees_the_s
     assert backend.capacity(MODEL).running == 0
     st = httpx.get(server.url + "/admin/status").json()
     assert st["admitted"][MODEL] == 0
+
+
+def test_status_watch_refreshes_until_stopped(fresh) -> None:
+    import argparse
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from lambdascale.serve.cli import watch_status
+
+    server, _ = fresh
+    console = Console(file=io.StringIO(), force_terminal=True, record=True, width=150)
+    stop = threading.Event()
+    result: list[int] = []
+    args = argparse.Namespace(url=server.url, api_key=None)
+    t = threading.Thread(target=lambda: result.append(watch_status(args, console, stop, 0.05)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and console.export_text(clear=False).count("fake-0") < 3:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+    assert result and result[0] >= 2
+    text = console.export_text()
+    assert "fake-0" in text and MODEL in text and "instances and pipelines" in text

@@ -362,6 +362,11 @@ def create_app(
             finish(Outcome.BAD_REQUEST)
             await close_backend()
             raise ApiError(400, str(e), "invalid_request_error", "engine_rejected") from None
+        except ModelNotServedError as e:  # undeployed between lookup and start
+            finish(Outcome.UNAVAILABLE)
+            await close_backend()
+            raise ApiError(503, f"model '{model}' is not served any more: {e}", "server_error", "no_capacity",
+                           headers={"Retry-After": str(config.serve.retry_after_s)}) from None
         except BaseException:
             finish(Outcome.CLIENT_GONE)
             await close_backend()

@@ -227,3 +227,11 @@ def test_request_without_a_first_token_in_time_ends_with_503(make_app) -> None:
         assert len(backend.aborted) == 1 and backend.capacity(MODEL).running == 0
         backend.resume()
         assert c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_model_the_backend_dropped_is_503_not_500(make_app) -> None:
+    app, backend = make_app()
+    with TestClient(app) as c:
+        c.portal.call(backend.undeploy, MODEL)  # the backend forgets it; the gateway still lists it
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503, r.text

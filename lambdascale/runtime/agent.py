@@ -40,7 +40,11 @@ from lambdascale.runtime.messages import (
     CorruptNext,
     DissolveStage,
     DropModel,
+    ExportKv,
     FormStage,
+    ImportKv,
+    RegisterBuffer,
+    SendBuffer,
     GetStatus,
     Heartbeat,
     HoldModel,
@@ -213,6 +217,8 @@ class NodeAgent:
             if not fut.done():
                 fut.set_result(None)
             return
+        if arr.tag.startswith("kv|"):  # shipped KV: the controller sequences it (SendBuffer's reply)
+            return
         model, chunk = parse_tag(arr.tag)
         st = self.models.get(model)
         if st is None:
@@ -230,6 +236,12 @@ class NodeAgent:
             return
         st.mark_held(chunk)
         await self._report(ChunkHeld(node=self.node, model=model, chunk=chunk, src=arr.src))
+
+    def _stage(self, pipeline: str, index: int) -> Any:
+        host = self.stages.get((pipeline, index))
+        if host is None:
+            raise LambdaScaleError(f"node {self.node} hosts no stage {index} of pipeline {pipeline!r}")
+        return host
 
     async def _handle(self, msg) -> dict:
         if isinstance(msg, SetPeers):
@@ -318,6 +330,24 @@ class NodeAgent:
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, Warmup):
             await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
+            return {}
+        if isinstance(msg, ExportKv):
+            host = self._stage(msg.pipeline, msg.index)
+            return await asyncio.to_thread(host.export_kv, msg.seqs, msg.buffer)
+        if isinstance(msg, RegisterBuffer):
+            if not self.transport.has_buffer(msg.buffer):
+                self.transport.register(msg.buffer, msg.nbytes)
+            return {"peer": self.transport.info().model_dump(mode="json")}
+        if isinstance(msg, SendBuffer):
+            n = len(self.transport.buffer(msg.buffer))
+            await self.transport.send(msg.dst, msg.buffer, 0, n, f"kv|{msg.buffer}")
+            self.transport.unregister(msg.buffer)
+            return {"nbytes": n}
+        if isinstance(msg, ImportKv):
+            host = self._stage(msg.pipeline, msg.index)
+            await asyncio.to_thread(host.import_kv, msg.seqs, msg.parts, msg.dtype)
+            for name, _ in msg.parts:
+                self.transport.unregister(name)
             return {}
         if isinstance(msg, Shutdown):
             self._stop.set()

@@ -155,6 +155,56 @@ class DissolveStage(_Msg):
     pipeline: str
 
 
+class ExportKv(_Msg):
+    """Copy the KV cache of ``seqs`` from stage ``index`` of ``pipeline`` into a new local buffer.
+
+    Layout of ``buffer``: for each sequence in order, for each of the stage's layers, K then V,
+    each ``[n_kv_heads, length, head_dim]`` contiguous in the stage's dtype. Replies
+    ``{"nbytes", "layers", "lengths": {seq: tokens}, "dtype"}``. Used to ship KV on dissolution.
+    """
+
+    type: Literal["export_kv"] = "export_kv"
+    req: int
+    pipeline: str
+    index: int = Field(ge=0)
+    seqs: list[str] = Field(min_length=1)
+    buffer: str = Field(min_length=1)
+
+
+class RegisterBuffer(_Msg):
+    """Register a zeroed receive buffer of ``nbytes`` under ``buffer`` (replies with the peer info)."""
+
+    type: Literal["register_buffer"] = "register_buffer"
+    req: int
+    buffer: str = Field(min_length=1)
+    nbytes: int = Field(gt=0)
+
+
+class SendBuffer(_Msg):
+    """Send all of local ``buffer`` to the same-named buffer on ``dst``, then free it here."""
+
+    type: Literal["send_buffer"] = "send_buffer"
+    req: int
+    buffer: str = Field(min_length=1)
+    dst: int = Field(ge=0)
+
+
+class ImportKv(_Msg):
+    """Install shipped KV into stage ``index`` of ``pipeline``, then free the buffers.
+
+    ``parts`` = (buffer, layers) in layer order, each laid out as :class:`ExportKv` writes it for
+    the same ``seqs`` (seq, length) order; their layers add up to the stage's.
+    """
+
+    type: Literal["import_kv"] = "import_kv"
+    req: int
+    pipeline: str
+    index: int = Field(ge=0)
+    seqs: list[tuple[str, int]] = Field(min_length=1)
+    parts: list[tuple[str, int]] = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class Warmup(_Msg):
     """Import the engine (torch) now, so forming a stage later costs no import time."""
 
@@ -223,7 +273,7 @@ class Reply(_Msg):
 Message = Annotated[
     Union[
         SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown,
-        FormStage, StageStep, DissolveStage, Warmup,
+        FormStage, StageStep, DissolveStage, Warmup, ExportKv, RegisterBuffer, SendBuffer, ImportKv,
         Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
     ],
     Field(discriminator="type"),

@@ -14,13 +14,15 @@ is exactly an uninterrupted run's, no token lost or repeated.
 
 Limits of this first version: one step in flight per pipeline (no micro-batch overlap between
 stages), stop on token ids and ``max_tokens`` only (stop strings need the tokenizer, which lives
-in the gateway), hidden states recomputed rather than KV shipped on dissolution.
+in the gateway). On dissolution the KV is recomputed by default; :mod:`lambdascale.runtime.kvmove`
+ships it instead when that is cheaper (``take_progress`` + ``add(..., computed=n)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -144,19 +146,31 @@ class PipelineServer:
     reqs: dict[str, _Req] = field(default_factory=dict)
     finished: dict[str, list[int]] = field(default_factory=dict)
     _release: list[str] = field(default_factory=list)
+    #: prefill tokens/s measured on this instance's own prefill-only steps (EMA); None until one ran
+    prefill_tokens_per_s: float | None = None
 
-    def add(self, rid: str, state: TokenState) -> None:
+    def add(self, rid: str, state: TokenState, computed: int = 0) -> None:
+        """Admit a request from its token state. ``computed`` > 0: its KV for that many tokens was
+        already installed on every stage (shipped on dissolution), so it continues from there."""
+        if not 0 <= computed < len(state.prompt_ids) + len(state.output_ids):
+            raise InvalidRequestError(
+                f"request {rid!r}: computed={computed} must be in [0, {len(state.prompt_ids) + len(state.output_ids)})"
+            )
         if rid in self.reqs:
             raise InvalidRequestError(f"request id {rid!r} is already on pipeline {self.pipe.name}")
         if len(state.output_ids) >= state.params.max_tokens:
             raise InvalidRequestError(f"request {rid!r} already has max_tokens={state.params.max_tokens} tokens")
         if len(self.reqs) >= self.pipe.max_seqs:
             raise InvalidRequestError(f"pipeline {self.pipe.name} is full ({self.pipe.max_seqs} sequences)")
-        self.reqs[rid] = _Req(rid, list(state.prompt_ids), list(state.output_ids), state.params, state.seed)
+        self.reqs[rid] = _Req(rid, list(state.prompt_ids), list(state.output_ids), state.params, state.seed, computed)
 
     def take(self) -> dict[str, TokenState]:
         """Remove every unfinished request and return its token state (for dissolution)."""
-        out = {r.rid: TokenState(tuple(r.prompt), tuple(r.out), r.params, r.seed) for r in self.reqs.values()}
+        return {rid: st for rid, (st, _) in self.take_progress().items()}
+
+    def take_progress(self) -> dict[str, tuple[TokenState, int]]:
+        """Like :meth:`take`, with each request's tokens whose KV the stages hold (to ship it)."""
+        out = {r.rid: (TokenState(tuple(r.prompt), tuple(r.out), r.params, r.seed), r.computed) for r in self.reqs.values()}
         self._release.extend(self.reqs)
         self.reqs.clear()
         return out
@@ -186,7 +200,11 @@ class PipelineServer:
         ids = [t for r in batch for t in r.all_ids[r.computed:]]
         sample = [(r.params, r.seed, len(r.out)) for r in batch]
         release, self._release = self._release, []
+        t0 = time.monotonic()
         tokens = await self.pipe.step(seqs, ids, sample, release)
+        if all(n > 1 for _, _, n in seqs):  # a prefill-only step measures this instance's prefill rate
+            rate = len(ids) / max(time.monotonic() - t0, 1e-6)
+            self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.5 * (self.prefill_tokens_per_s + rate)
         for r, t in zip(batch, tokens):
             r.computed = len(r.all_ids)
             r.out.append(t)

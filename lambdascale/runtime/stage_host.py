@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from lambdascale.runtime.agent import ModelState, NodeAgent
     from lambdascale.runtime.messages import FormStage, StageStep
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def hidden_buffer(pipeline: str, boundary: int) -> str:
@@ -127,6 +128,59 @@ class StageHost:
         params = [SamplingParams(**p) for p, _, _ in msg.sample]
         tokens = sample_batch(out.float().cpu(), params, [s for _, s, _ in msg.sample], [i for _, _, i in msg.sample])
         return {"tokens": tokens}
+
+    def export_kv(self, seqs: list[str], buffer: str) -> dict:
+        """Pack the KV of ``seqs`` into a new transport buffer ``buffer`` (layout: see ``ExportKv``).
+
+        Per sequence, per layer of this stage: K then V, each ``[n_kv_heads, length, head_dim]``
+        in the KV cache's dtype, copied to host memory (from the GPU when the stage runs there).
+        """
+        parts: list[torch.Tensor] = []
+        lengths: dict[str, int] = {}
+        for sid in seqs:
+            if sid not in self.stage.kv:
+                raise LambdaScaleError(f"node {self.agent.node}: stage {self.index} of {self.pipeline!r} caches no sequence {sid!r}")
+            lengths[sid] = self.stage.cached_len(sid)
+            for k, v in self.stage.export_kv(sid):  # each [n_kv, length, head_dim]
+                parts += [k.contiguous().cpu().reshape(-1), v.contiguous().cpu().reshape(-1)]
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=self.dtype)
+        raw = flat.view(torch.uint8).numpy()  # [bytes]
+        view = self.agent.transport.register(buffer, max(1, raw.size))
+        np.frombuffer(view, dtype=np.uint8)[: raw.size] = raw
+        return {"nbytes": int(raw.size), "layers": self.stage.model.num_layers, "lengths": lengths,
+                "dtype": _DTYPE_NAMES[flat.dtype]}
+
+    def import_kv(self, seqs: list[tuple[str, int]], parts: list[tuple[str, int]], dtype: str) -> None:
+        """Install KV shipped in ``parts`` (buffer, layers), layer order, for ``seqs`` (id, length)."""
+        layers = sum(n for _, n in parts)
+        if layers != self.stage.model.num_layers:
+            raise LambdaScaleError(
+                f"node {self.agent.node}: shipped KV covers {layers} layers, stage {self.index} of "
+                f"{self.pipeline!r} has {self.stage.model.num_layers}"
+            )
+        kv_cache = self.stage.kv
+        shape_tail = (kv_cache.n_kv_heads, kv_cache.head_dim)
+        src_dtype = _DTYPES[dtype]
+        item = torch.empty((), dtype=src_dtype).element_size()
+        per_seq: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {sid: [] for sid, _ in seqs}
+        for name, n_layers in parts:
+            raw = np.frombuffer(self.agent.transport.buffer(name), dtype=np.uint8)
+            flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            pos = 0
+            for sid, length in seqs:
+                numel = shape_tail[0] * length * shape_tail[1]
+                for _ in range(n_layers):
+                    k = flat[pos : pos + numel * item].view(src_dtype).view(shape_tail[0], length, shape_tail[1])
+                    pos += numel * item
+                    v = flat[pos : pos + numel * item].view(src_dtype).view(shape_tail[0], length, shape_tail[1])
+                    pos += numel * item
+                    per_seq[sid].append((k.to(self.device), v.to(self.device)))
+            if pos > raw.size:
+                raise LambdaScaleError(f"node {self.agent.node}: KV buffer {name!r} holds {raw.size} bytes, needs {pos}")
+        for sid, _ in seqs:
+            if sid in self.stage.kv:
+                raise LambdaScaleError(f"node {self.agent.node}: sequence {sid!r} already cached on stage {self.index}")
+            self.stage.import_kv(sid, per_seq[sid])
 
     def close(self) -> None:
         for name in (self.in_name, self.out_name):

@@ -116,6 +116,10 @@ class Transport(ABC):
         if arr is not None:
             self._unregister_backend(name, arr)
 
+    def has_buffer(self, name: str) -> bool:
+        """Whether a buffer ``name`` is registered here."""
+        return name in self._buffers
+
     def buffer(self, name: str) -> memoryview:
         """The registered buffer ``name`` (a writable uint8 view)."""
         try:

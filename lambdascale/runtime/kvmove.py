@@ -1,0 +1,159 @@
+"""Moving a request's KV cache when its pipeline dissolves: ship it, or let the destination recompute.
+
+DESIGN.md: "the destination recomputes the KV cache, or receives it when transfer is cheaper".
+The choice is a pure function (:func:`choose_kv_move`) of the request's cached tokens, the model
+shape, the link rate and the destination's prefill rate:
+
+* ship: ``kv_bytes / link_rate + overhead`` with ``kv_bytes = tokens x 2 x layers x kv_heads x
+  head_dim x dtype bytes`` (K and V of every layer) and ``overhead`` the control round trips of
+  one move (export, send, import);
+* recompute: the time to prefill ``tokens`` tokens on the destination: the emulated device's cost
+  model when one is set (the same :class:`~lambdascale.sim.costmodel.CostModel` the simulator
+  uses), else the prefill rate the destination measured on its own recent steps, else a
+  configured rate.
+
+The shipping path (:func:`ship_kv`): every stage of the dissolving pipeline exports its layers'
+KV of the moving sequences into a transport buffer (``ExportKv``), the buffers go to the
+destination node over the data plane (``RegisterBuffer`` + ``SendBuffer``, skipped when a
+stage already runs on the destination node), and the destination's full stage installs them
+(``ImportKv``). The destination then continues with a decode step: no token is recomputed and,
+since sampling is a pure function of the token state, the stream equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Sequence
+
+from lambdascale.errors import LambdaScaleError
+from lambdascale.model.arch import ModelArch
+from lambdascale.runtime.messages import ExportKv, ImportKv, RegisterBuffer, SendBuffer
+
+if TYPE_CHECKING:
+    from lambdascale.runtime.cluster import Cluster
+    from lambdascale.runtime.pipeline import RemotePipeline
+
+
+class KvPolicy(str, Enum):
+    """How dissolution moves KV: decide per request by cost, or always one way."""
+
+    AUTO = "auto"
+    SHIP = "ship"
+    RECOMPUTE = "recompute"
+
+
+class KvMove(str, Enum):
+    SHIP = "ship"
+    RECOMPUTE = "recompute"
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes_per_token(arch: ModelArch, dtype: str = "float32") -> int:
+    """Bytes of K and V one token occupies over every layer of ``arch``."""
+    if dtype not in _DTYPE_BYTES:
+        raise LambdaScaleError(f"KV dtype {dtype!r} not one of {sorted(_DTYPE_BYTES)}")
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.dim_per_head * _DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class KvMoveCost:
+    """The two estimates for moving one request's ``tokens`` cached tokens, and the choice."""
+
+    tokens: int
+    kv_bytes: int
+    ship_s: float
+    recompute_s: float
+    choice: KvMove
+
+
+def choose_kv_move(
+    tokens: int,
+    kv_bytes: int,
+    link_bytes_per_s: float,
+    recompute_s: float,
+    policy: KvPolicy | str = KvPolicy.AUTO,
+    ship_overhead_s: float = 0.0,
+) -> KvMoveCost:
+    """Pure: ship when ``kv_bytes / link + overhead < recompute_s`` (ties recompute), unless forced.
+
+    A request with nothing cached (``tokens == 0``) always "recomputes" (there is nothing to ship).
+    """
+    policy = KvPolicy(policy)
+    if tokens < 0 or kv_bytes < 0:
+        raise LambdaScaleError(f"KV move of {tokens} tokens / {kv_bytes} bytes: both must be >= 0")
+    if not link_bytes_per_s > 0:
+        raise LambdaScaleError(f"KV move: link rate must be > 0 bytes/s, got {link_bytes_per_s}")
+    if recompute_s < 0 or ship_overhead_s < 0:
+        raise LambdaScaleError(f"KV move: times must be >= 0 (recompute {recompute_s}, overhead {ship_overhead_s})")
+    ship_s = kv_bytes / link_bytes_per_s + ship_overhead_s
+    if tokens == 0 or policy is KvPolicy.RECOMPUTE:
+        choice = KvMove.RECOMPUTE
+    elif policy is KvPolicy.SHIP:
+        choice = KvMove.SHIP
+    else:
+        choice = KvMove.SHIP if ship_s < recompute_s else KvMove.RECOMPUTE
+    return KvMoveCost(tokens, kv_bytes, ship_s, recompute_s, choice)
+
+
+@dataclass(frozen=True)
+class RecomputeEstimate:
+    """Prefill time on the destination: emulated device floor, else a measured or configured rate.
+
+    ``cost`` is an optional :class:`~lambdascale.runtime.emulation.StepTimer` for the full model
+    (the emulated step never lasts less than its floor, so the estimate is ``max(floor, rate)``).
+    """
+
+    tokens_per_s: float
+    cost: object | None = None
+
+    def seconds(self, tokens: int) -> float:
+        t = tokens / self.tokens_per_s
+        if self.cost is not None:
+            t = max(t, self.cost.floor_s(tokens, 0))  # type: ignore[attr-defined]
+        return t
+
+
+_ids = itertools.count()
+
+
+async def ship_kv(cluster: "Cluster", src: "RemotePipeline", dst: "RemotePipeline", seqs: Sequence[str]) -> int:
+    """Move the KV of ``seqs`` from every stage of ``src`` into ``dst``'s single full stage.
+
+    ``src``'s stages must still be formed (call before ``src.dissolve()``) and ``dst`` must not
+    hold the sequences yet. Returns the bytes that crossed the network (parts exported on the
+    destination node itself move no bytes). Raises the agents' errors (``AgentRequestError``,
+    ``NodeLostError``); buffers left behind by a failed move are freed on the best-effort path.
+    """
+    if len(dst.placements) != 1:
+        raise LambdaScaleError(f"KV can be shipped to a one-stage (full) instance; {dst.name} has {len(dst.placements)} stages")
+    if not seqs:
+        return 0
+    target = dst.placements[0].node
+    move = next(_ids)
+    names = [f"kv/{dst.name}/{move}/{i}" for i in range(len(src.placements))]
+    exports = await asyncio.gather(*(
+        cluster.request(p.node, ExportKv(req=0, pipeline=src.name, index=i, seqs=list(seqs), buffer=names[i]))
+        for i, p in enumerate(src.placements)
+    ))
+    lengths = exports[0]["lengths"]
+    if any(e["lengths"] != lengths for e in exports):
+        raise LambdaScaleError(f"stages of {src.name} disagree on cached lengths: {[e['lengths'] for e in exports]}")
+    remote = [i for i, p in enumerate(src.placements) if p.node != target]
+    moved = 0
+    if remote:
+        await asyncio.gather(*(cluster.request(target, RegisterBuffer(req=0, buffer=names[i], nbytes=max(1, exports[i]["nbytes"])))
+                               for i in remote))
+        await cluster.broadcast_peers()  # one-sided backends need the new buffers' keys
+        sent = await asyncio.gather(*(cluster.request(src.placements[i].node, SendBuffer(req=0, buffer=names[i], dst=target))
+                                      for i in remote))
+        moved = sum(int(s["nbytes"]) for s in sent)
+    await cluster.request(target, ImportKv(
+        req=0, pipeline=dst.name, index=0, seqs=[(s, int(lengths[s])) for s in seqs],
+        parts=[(names[i], int(e["layers"])) for i, e in enumerate(exports)], dtype=exports[0]["dtype"],
+    ))
+    return moved

@@ -6,8 +6,13 @@ Sections (each prints one table):
 2. ``code``: the Azure LLM 2023 code trace (bursty), Llama-2 13B, 8 and 16 nodes, all systems,
    in the serverless setting (scale to zero; host memory of only 2 nodes caches the model, the
    other nodes' pools are taken by other tenants) and with every node caching it in host memory.
-3. ``frontier``: GPU-seconds at equal SLO: each system's cheapest (keep-alive, min-instances)
-   setting whose SLO attainment reaches the target, on the code trace with 16 nodes.
+3. ``frontier``: GPU-seconds at equal SLO: each system's cheapest (keep-alive, min-instances,
+   target concurrency) setting whose SLO attainment reaches the target, on the code trace with 16
+   nodes; keep-alive is swept per system (1-30 s), so each system is compared at its own best.
+3c. ``hostcache``: λScale against ServerlessLLM as the number of nodes whose host memory may
+   cache the model grows (the multi-tenant pressure knob), code trace, 16 nodes.
+3b. ``gateway``: the simulated gateway's two mechanisms (late binding, scale-from-zero kick) on
+   and off, every system, code trace, 16 nodes: what each contributes and to whom.
 4. ``speed``: the whole Azure conv trace (19,366 requests) on 16 nodes, all five systems: wall time.
 
 Usage: ``python bench/bench_sim.py --traces ../shared/traces [--sections scaling,code,frontier,speed] [--plots docs/img]``
@@ -19,6 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
+from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import Tier
 from lambdascale.sim.report import plot, summarize, table
 from lambdascale.sim.run import scaling_table, simulate, workload_for
@@ -64,33 +70,69 @@ def section_code(traces: Path, plots: Path | None) -> None:
                     print(f"wrote {p}")
 
 
-def section_frontier(traces: Path, target: float) -> None:
+def section_frontier(traces: Path, target: float, p99_bound: float) -> None:
     trace = str(traces / "normalized" / "azure_llm_2023_code.csv")
     base = SimSettings(model="llama2-13b", cluster="h800-ib400", nodes=16, systems=SYSTEMS, host_cache_nodes=2)
     w = workload_for(base, trace)
-    # With a warm floor (min=1) keep-alive no longer matters (scale-in to the floor needs none).
-    # The same grid for every system: scale to zero (keep-alive 5 or 30 s) or one warm instance,
-    # times the autoscaler's target concurrency.
-    grid = [(m, ka, tc) for m, ka in ((0, 5.0), (0, 30.0), (1, 30.0)) for tc in (4, 8, 12, 16, 24, 32)]
-    best: dict[str, tuple[float, float, str]] = {}
-    print(f"\n## frontier: cheapest setting with SLO attainment >= {target:.1%} (code trace, 13B, 16 nodes, host cache on 2 nodes)")
-    print(f"{'system':<14}{'min':>4}{'keep-alive':>11}{'target':>7}{'SLO':>8}{'p99 TTFT':>10}{'GPU-s':>9}")
+    # The same grid for every system: scale to zero with keep-alive 2-30 s, or one warm instance,
+    # times the autoscaler's target concurrency. The scale-down cooldown follows a short keep-alive
+    # (min(10 s, keep-alive)): otherwise the 10 s default cooldown, not the keep-alive, decides when
+    # the last instance goes. With a warm floor (min=1) keep-alive no longer matters. Each system's
+    # cheapest row meeting a criterion is its own best setting.
+    kas = (2.0, 5.0, 10.0, 30.0)
+    grid = [(m, ka, tc) for m, ka in [(0, k) for k in kas] + [(1, 30.0)] for tc in (4, 8, 12, 16, 24, 32)]
+    rows: list[tuple[str, float, float, float, str]] = []  # system, GPU-s, SLO, p99, setting
+    print(f"\n## frontier grid (code trace, 13B, 16 nodes, host cache on 2 nodes)")
+    print(f"{'system':<14}{'min':>4}{'keep-alive':>11}{'cooldown':>9}{'target':>7}{'SLO':>8}{'p99 TTFT':>10}{'GPU-s':>9}")
     for m, ka, tc in grid:
         s = base.model_copy(update={"min_instances": m, "keep_alive_s": ka, "keepalive_baseline_keep_alive_s": 10 * ka,
                                     "target_concurrency": tc})
-        for r in simulate(s, w):
+        cool = min(10.0, ka)
+        for r in simulate(s, w, ControlSettings(scale_down_cooldown_s=cool)):
             row = summarize(r, s.slo_ttft)
             ka_eff = s.keepalive_baseline_keep_alive_s if r.system == "keepalive" else ka
-            print(f"{r.system:<14}{m:>4}{ka_eff:>10.0f}s{tc:>7d}{row['slo_attainment']:>8.1%}{row['ttft_p99_s']:>9.2f}s{row['gpu_seconds']:>9.0f}")
-            if row["slo_attainment"] >= target and (r.system not in best or row["gpu_seconds"] < best[r.system][0]):
-                best[r.system] = (row["gpu_seconds"], row["ttft_p99_s"], f"min={m} keep-alive={ka_eff:.0f}s target={tc}")
-    print("cheapest per system meeting the target:")
-    for name, (g, p99, how) in sorted(best.items(), key=lambda kv: kv[1][0]):
-        print(f"  {name:<14}{g:>8.0f} GPU-s  p99 {p99:.2f}s  ({how})")
-    if "lambdascale" in best:
-        others = [v[0] for k, v in best.items() if k != "lambdascale"]
-        if others:
-            print(f"  λScale saves {100 * (1 - best['lambdascale'][0] / min(others)):.1f}% GPU-s against the best baseline")
+            print(f"{r.system:<14}{m:>4}{ka_eff:>10.0f}s{cool:>8.0f}s{tc:>7d}{row['slo_attainment']:>8.1%}"
+                  f"{row['ttft_p99_s']:>9.2f}s{row['gpu_seconds']:>9.0f}")
+            rows.append((r.system, row["gpu_seconds"], row["slo_attainment"], row["ttft_p99_s"],
+                         f"min={m} keep-alive={ka_eff:.0f}s cooldown={cool:.0f}s target={tc}"))
+    for label, ok in ((f"SLO attainment >= {target:.1%}", lambda r: r[2] >= target),
+                      (f"p99 TTFT <= {p99_bound:.2f} s", lambda r: r[3] <= p99_bound)):
+        best: dict[str, tuple[str, float, float, float, str]] = {}
+        for r in rows:
+            if ok(r) and (r[0] not in best or r[1] < best[r[0]][1]):
+                best[r[0]] = r
+        print(f"cheapest per system with {label}:")
+        for name, (_, g, slo, p99, how) in sorted(best.items(), key=lambda kv: kv[1][1]):
+            print(f"  {name:<14}{g:>8.0f} GPU-s  SLO {slo:.1%}  p99 {p99:.2f}s  ({how})")
+        others = [v[1] for k, v in best.items() if k != "lambdascale"]
+        if "lambdascale" in best and others:
+            print(f"  λScale saves {100 * (1 - best['lambdascale'][1] / min(others)):.1f}% GPU-s against the best baseline")
+
+
+def section_gateway(traces: Path) -> None:
+    trace = str(traces / "normalized" / "azure_llm_2023_code.csv")
+    base = SimSettings(model="llama2-13b", cluster="h800-ib400", nodes=16, systems=SYSTEMS, **SERVERLESS)
+    w = workload_for(base, trace)
+    print("\n## gateway mechanisms, every system (code trace, 13B, 16 nodes, scale to zero, host cache on 2 nodes)")
+    print(f"{'late binding':<13}{'kick':<6}" + "".join(f"{n:>15}" for n in SYSTEMS.split(",")) + "   (p99 TTFT s / GPU-s)")
+    for late, kick in ((False, False), (True, False), (False, True), (True, True)):
+        s = base.model_copy(update={"late_binding": late, "kick_from_zero": kick})
+        rows = {r.system: summarize(r, s.slo_ttft) for r in simulate(s, w)}
+        cells = "".join(f"{rows[n]['ttft_p99_s']:>8.3f}/{rows[n]['gpu_seconds']:>6.0f}" for n in SYSTEMS.split(","))
+        print(f"{'on' if late else 'off':<13}{'on' if kick else 'off':<6}{cells}")
+
+
+def section_hostcache(traces: Path) -> None:
+    trace = str(traces / "normalized" / "azure_llm_2023_code.csv")
+    base = SimSettings(model="llama2-13b", cluster="h800-ib400", nodes=16, systems="lambdascale,serverlessllm", min_instances=0)
+    w = workload_for(base, trace)
+    print("\n## sensitivity: nodes whose host memory may cache the model (code trace, 13B, 16 nodes, scale to zero)")
+    print(f"{'host-cache nodes':>17}{'λScale p99':>12}{'SLLM p99':>10}{'ratio':>7}{'λScale GPU-s':>14}{'SLLM GPU-s':>12}")
+    for hc in (1, 2, 4, 8, 16):
+        s = base.model_copy(update={"host_cache_nodes": hc})
+        lam, sl = (summarize(r, s.slo_ttft) for r in simulate(s, w))
+        print(f"{hc:>17}{lam['ttft_p99_s']:>11.3f}s{sl['ttft_p99_s']:>9.3f}s{sl['ttft_p99_s'] / lam['ttft_p99_s']:>6.2f}x"
+              f"{lam['gpu_seconds']:>14.0f}{sl['gpu_seconds']:>12.0f}")
 
 
 def section_speed(traces: Path) -> None:
@@ -108,17 +150,22 @@ def section_speed(traces: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "traces")
-    ap.add_argument("--sections", default="scaling,code,frontier,speed")
+    ap.add_argument("--sections", default="scaling,code,gateway,hostcache,frontier,speed")
     ap.add_argument("--plots", type=Path, default=None, help="write PNGs of the 16-node code-trace run here")
     ap.add_argument("--slo-target", type=float, default=0.99, help="SLO attainment the frontier must reach")
+    ap.add_argument("--p99-bound", type=float, default=1.0, help="p99 TTFT bound of the frontier's second criterion")
     a = ap.parse_args()
     sections = a.sections.split(",")
     if "scaling" in sections:
         section_scaling()
     if "code" in sections:
         section_code(a.traces, a.plots)
+    if "gateway" in sections:
+        section_gateway(a.traces)
+    if "hostcache" in sections:
+        section_hostcache(a.traces)
     if "frontier" in sections:
-        section_frontier(a.traces, a.slo_target)
+        section_frontier(a.traces, a.slo_target, a.p99_bound)
     if "speed" in sections:
         section_speed(a.traces)
 

@@ -2,7 +2,7 @@
 
 Data flow per event (see the module map in docs/arch/sim.md)::
 
-    arrival ──> router (control.router.route_model) ──> instance queue ──> batch steps (cost model)
+    arrival ──> gateway queue ──> control.router.dispatch (late binding) ──> instance ──> batch steps
     control tick ──> snapshot ──> control.autoscale ──> control.place ──> load / multicast
                                                    └──> control.manage_memory ──> evict / copy back
     multicast (pipe.plan_multicast) ──> rounds of flows on the Network ──> chunk lands
@@ -10,6 +10,10 @@ Data flow per event (see the module map in docs/arch/sim.md)::
 
 The simulator owns *mechanism* only (moving bytes, running batches, bookkeeping); every decision
 comes from the shared policies in ``lambdascale.control`` and ``lambdascale.pipe``.
+
+The gateway binds late (``sim.late_binding``): requests wait in its FIFO until an instance or
+pipeline can start them in its next step, so capacity that appears later drains the backlog; an
+arrival that finds no instance runs a controller pass at once (``sim.kick_from_zero``).
 
 Batch execution is iteration-level continuous batching, fast-forwarded: while an instance's batch
 does not change, its decode steps all last the same, so one event covers the ``k`` steps until the

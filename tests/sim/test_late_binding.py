@@ -104,3 +104,26 @@ def test_kick_only_when_no_instance_exists() -> None:
     a, b = _sim(w).run(), _sim(w, kick_from_zero=False).run()
     assert [e.timeline.decided_at for e in a.scale_events] == [e.timeline.decided_at for e in b.scale_events]
     assert np.array_equal(a.ttft, b.ttft)
+
+
+def test_cli_switches_reach_the_simulation(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    from lambdascale.sim import cli
+
+    def run(*flags: str) -> dict[str, object]:
+        p = argparse.ArgumentParser(prog="lambdascale")
+        cli.register(p.add_subparsers(dest="command", required=True))
+        args = p.parse_args(["simulate", "--trace", "synthetic:onoff,rate=20,duration_s=20", "--model", "7b",
+                             "--nodes", "2", "--systems", "serverlessllm", "--json", "--no-progress", *flags])
+        assert args.func(args) in (0, None)
+        return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+    on, off = run(), run("--no-late-binding", "--no-kick-from-zero")
+    assert on["config"]["sim"]["late_binding"] is True and on["config"]["sim"]["kick_from_zero"] is True  # type: ignore[index]
+    assert off["config"]["sim"]["late_binding"] is False and off["config"]["sim"]["kick_from_zero"] is False  # type: ignore[index]
+    # The kick decides the first scale-out at the first arrival; without it, at a tick (k x 0.5 s).
+    t_on = on["systems"][0]["scale_event_list"][0]["decided_at"]  # type: ignore[index]
+    t_off = off["systems"][0]["scale_event_list"][0]["decided_at"]  # type: ignore[index]
+    assert t_on < t_off and t_off == pytest.approx(round(t_off / 0.5) * 0.5)

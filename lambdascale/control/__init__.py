@@ -17,7 +17,7 @@ from lambdascale.control.controller import ActionError, Actuator, Controller, De
 from lambdascale.control.memory import manage_memory
 from lambdascale.control.observe import ArrivalWindow, Ewma
 from lambdascale.control.placement import place, place_all, place_model
-from lambdascale.control.router import route, route_many, route_model
+from lambdascale.control.router import Assignment, DispatchResult, QueuedRequest, Waiting, dispatch, route, route_many, route_model
 from lambdascale.control.settings import ControlSettings, MulticastAlgo, RouteMetric
 from lambdascale.control.snapshot import (
     CACHE_TIERS,
@@ -54,5 +54,5 @@ __all__ = [
     "RejectReason", "RouteDecision", "RouteKind", "RouteMetric", "ScaleDecision", "ScalePlan",
     "ScaleReason", "ScaleTimeline", "SnapshotError", "Source", "Stage", "Target", "TickResult", "Tier",
     "autoscale", "autoscale_model", "manage_memory", "model_load", "place", "place_all", "place_model",
-    "route", "route_many", "route_model",
+    "route", "route_many", "route_model", "dispatch", "DispatchResult", "QueuedRequest", "Waiting", "Assignment",
 ]

@@ -226,13 +226,15 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
                 await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
                                         burst, system, eos_ids, max_seqs=max_seqs,
-                                        emulate_device=runtime.emulate_device, device=device)
+                                        emulate_device=runtime.emulate_device, device=device,
+                                        link_gbps=transfer.link_gbps)
         ttft = list(rep.ttft.values())
         rows.append({
             "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "last_first_token_s": max(ttft, default=0.0), "all_solo_s": rep.all_solo_s,
             "bytes_moved": rep.bytes_moved, "pipelines_formed": rep.pipelines_formed,
             "pipelines_dissolved": rep.pipelines_dissolved, "requests_moved": rep.requests_moved,
+            "kv_shipped": rep.kv_shipped, "kv_recomputed": rep.kv_recomputed, "kv_bytes_shipped": rep.kv_bytes_shipped,
             "exact": rep.outputs == reference,
             "mismatched_requests": sorted(r for r in reference if rep.outputs.get(r) != reference[r]),
         })

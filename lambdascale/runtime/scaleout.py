@@ -6,8 +6,9 @@ queue; what differs is how the other nodes get the model and when they start ser
 * ``lambdascale``: binomial multicast; on every verified chunk the incremental
   :class:`~lambdascale.pipe.pipelines.PipelinePlanner` may form execution pipelines across
   receivers (execute-while-load) or dissolve them when a member holds the whole model; the
-  dissolved pipeline's requests go back to the head of the queue with their token state and
-  resume elsewhere (KV recomputed), so outputs stay exact.
+  dissolved pipeline's requests move to full instances with their token state: their KV is
+  shipped there when that is estimated cheaper (:mod:`lambdascale.runtime.kvmove`), else they go
+  back to the head of the queue and resume elsewhere (KV recomputed); outputs stay exact.
 * ``faasnet``: tree multicast, a node serves once it holds the full model.
 * ``nccl``: ring broadcast, a node serves once it holds the full model.
 * ``local``: every new node loads the model from its own SSD tier (``ssd_gbps`` cap).
@@ -35,6 +36,7 @@ from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, NodeLostError
+from lambdascale.runtime.kvmove import KvMove, KvPolicy, RecomputeEstimate, choose_kv_move, kv_bytes_per_token, ship_kv
 from lambdascale.runtime.messages import ChunkHeld, HoldModel
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
@@ -70,6 +72,9 @@ class ScaleOutReport:
     instance_started_s: dict[str, float] = field(default_factory=dict)  # instance name -> when it began serving
     tokens_by_instance: dict[str, int] = field(default_factory=dict)  # instance name -> tokens it produced
     instance_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # instance name -> its stages' nodes
+    kv_shipped: int = 0  # requests whose KV moved to their full instance on dissolution
+    kv_recomputed: int = 0  # requests moved with KV to recompute (policy, cost, no free full instance, or a failure)
+    kv_bytes_shipped: int = 0
 
 
 @dataclass
@@ -79,6 +84,10 @@ class _Instance:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
     task: asyncio.Task | None = None
+    reserved: int = 0  # sequence slots promised to requests whose KV is on its way here
+
+    def free_slots(self) -> int:
+        return self.server.pipe.max_seqs - len(self.server.reqs) - self.reserved
 
 
 async def serve_scale_out(
@@ -96,9 +105,26 @@ async def serve_scale_out(
     on_pipeline_formed: Callable[[str, list[int]], None] | None = None,
     emulate_device: str | None = None,
     device: str = "cpu",
+    kv_policy: KvPolicy | str | None = None,
+    link_gbps: float | None = None,
 ) -> ScaleOutReport:
-    """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``."""
+    """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``.
+
+    ``kv_policy`` (default ``cluster.settings.kv_move``) decides how a dissolving pipeline's
+    requests take their KV along; ``link_gbps`` is the link rate for that estimate (default
+    ``cluster.settings.kv_link_gbps``, for uncapped links).
+    """
     system = SystemKind(system)
+    rs = cluster.settings
+    kv_policy = KvPolicy(kv_policy if kv_policy is not None else rs.kv_move)
+    link_bps = (link_gbps or rs.kv_link_gbps) * 1e9 / 8
+    kv_per_token = kv_bytes_per_token(manifest.arch, "float32")  # stages run float32 (FormStage default)
+    emu_timer = None
+    if emulate_device:
+        from lambdascale.runtime.emulation import StepTimer, parse_profile
+
+        L = manifest.arch.num_hidden_layers
+        emu_timer = StepTimer.build(parse_profile(emulate_device), L, L)
     rep = ScaleOutReport(system)
     queue: deque[tuple[str, TokenState]] = deque(requests.items())
     wake = asyncio.Event()
@@ -119,7 +145,7 @@ async def serve_scale_out(
     async def worker(inst: _Instance) -> None:
         srv = inst.server
         while not inst.closed and not all_done.is_set():
-            while queue and len(srv.reqs) < srv.pipe.max_seqs:
+            while queue and inst.free_slots() > 0:
                 rid, st = queue.popleft()
                 srv.add(rid, st)
             if not srv.busy:
@@ -155,38 +181,101 @@ async def serve_scale_out(
                 all_done.set()
                 wake.set()
 
-    async def start_instance(name: str, placements: list[StagePlacement]) -> _Instance:
+    async def start_instance(name: str, placements: list[StagePlacement], reserve: int = 0) -> _Instance:
         pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
                               max_step_tokens=max_step_tokens, name=name, emulate_device=emulate_device,
                               device=device)
         await pipe.form()
-        inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)))
+        inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)), reserved=reserve)
         instances[name] = inst
         rep.instance_started_s[name] = time.monotonic() - t0
         rep.instance_nodes[name] = tuple(p.node for p in placements)
         inst.task = asyncio.get_running_loop().create_task(worker(inst))
         return inst
 
-    async def start_solo(node: int) -> None:
+    async def start_solo(node: int, reserve: int = 0) -> _Instance | None:
         if node in solo and node not in sources:
-            return
+            return None
         solo.add(node)
         try:
-            await start_instance(f"solo{node}", [StagePlacement(node, (0, manifest.n_blocks))])
+            inst = await start_instance(f"solo{node}", [StagePlacement(node, (0, manifest.n_blocks))], reserve)
         except (NodeLostError, AgentRequestError):
-            return  # died right after it got the model
+            return None  # died right after it got the model
         rep.node_serving_s.setdefault(node, time.monotonic() - t0)
+        return inst
 
-    async def dissolve(name: str) -> None:
+    async def ship_to_full(src: _Instance, moved: dict[str, tuple[TokenState, int]],
+                           holds: dict[str, int]) -> set[str]:
+        """Ship the KV of the moved requests for which that beats recomputing; returns those placed.
+
+        Destinations are running full instances with free slots, first the slots ``holds``
+        (instance -> slots) kept for this dissolution when its solo instances started. Slots stay
+        reserved while the KV travels, so the queue cannot take them. A failure falls back to
+        recomputing.
+        """
+        if kv_policy is KvPolicy.RECOMPUTE:
+            return set()
+        fulls = [i for i in instances.values() if len(i.server.pipe.placements) == 1 and not i.closed]
+        fulls.sort(key=lambda i: -holds.get(i.name, 0))  # slots kept for us first
+        plan: dict[str, list[str]] = {}
+        for rid, (_, computed) in moved.items():
+            dest = next((i for i in fulls if holds.get(i.name, 0) > 0 or i.free_slots() > 0), None)
+            if dest is None:
+                break
+            rate = dest.server.prefill_tokens_per_s or rs.kv_recompute_tokens_per_s
+            cost = choose_kv_move(computed, computed * kv_per_token, link_bps,
+                                  RecomputeEstimate(rate, emu_timer).seconds(computed), kv_policy,
+                                  rs.kv_ship_overhead_s)
+            if cost.choice is KvMove.SHIP:
+                if holds.get(dest.name, 0) > 0:
+                    holds[dest.name] -= 1  # a kept slot: already counted in dest.reserved
+                else:
+                    dest.reserved += 1
+                plan.setdefault(dest.name, []).append(rid)
+        placed: set[str] = set()
+        for dname, rids in plan.items():
+            dest = next(i for i in fulls if i.name == dname)
+            try:
+                async with dest.lock:  # between the destination's steps: its KV cache is ours
+                    if dest.closed:
+                        continue
+                    rep.kv_bytes_shipped += await ship_kv(cluster, src.server.pipe, dest.server.pipe, rids)
+                    for rid in rids:
+                        st, computed = moved[rid]
+                        dest.server.add(rid, st, computed=computed)
+                        placed.add(rid)
+            except (NodeLostError, AgentRequestError):
+                pass  # these requests recompute elsewhere
+            finally:
+                dest.reserved -= len(rids)
+        rep.kv_shipped += len(placed)
+        return placed
+
+    def release_holds(holds: dict[str, int]) -> None:
+        for dname, n in holds.items():
+            if dname in instances:
+                instances[dname].reserved -= n
+        holds.clear()
+        wake.set()
+
+    async def dissolve(name: str, holds: dict[str, int] | None = None) -> None:
+        holds = holds if holds is not None else {}
         inst = instances.pop(name, None)
         if inst is None:
+            release_holds(holds)
             return
         async with inst.lock:  # between steps: no token of a step is half-delivered
             inst.closed = True
-            moved = inst.server.take()
+            moved = inst.server.take_progress()
         rep.pipelines_dissolved += 1
         rep.requests_moved += len(moved)
-        queue.extendleft(reversed(list(moved.items())))  # back to the head, in order
+        try:
+            placed = await ship_to_full(inst, moved, holds)
+        finally:
+            release_holds(holds)  # kept slots not used by shipped KV go back to the queue
+        rest = [(rid, st) for rid, (st, _) in moved.items() if rid not in placed]
+        rep.kv_recomputed += len(rest)
+        queue.extendleft(reversed(rest))  # back to the head, in order
         wake.set()
         await inst.server.pipe.dissolve()
 
@@ -194,13 +283,33 @@ async def serve_scale_out(
         # Solo instances first, so the dissolved pipelines' requests find them; dissolutions
         # run in the background (each waits for its pipeline's step in flight) so a slow step
         # never delays the next decision.
+        # When KV may ship, each new solo instance keeps slots for the dissolving pipelines'
+        # requests (they are older than anything queued); unused slots are released at once.
+        leaving = [by_assignment.pop(p.assignment, None) for p in plan.dissolve]
+        leaving = [n for n in leaving if n is not None]
+        want = {n: len(instances[n].server.reqs) for n in leaving if n in instances}
+        if kv_policy is KvPolicy.RECOMPUTE:
+            want = {}
+        kept: list[tuple[str, int]] = []  # (solo instance, slots kept) in start order
         for node in plan.solo:
             if node not in solo:
-                await start_solo(node)
-        for p in plan.dissolve:
-            name = by_assignment.pop(p.assignment, None)
-            if name is not None:
-                background.add(asyncio.get_running_loop().create_task(dissolve(name)))
+                keep = min(max_seqs, max(0, sum(want.values()) - sum(k for _, k in kept)))
+                inst = await start_solo(node, reserve=keep)
+                if inst is not None and keep:
+                    kept.append((inst.name, keep))
+        for name in leaving:
+            holds: dict[str, int] = {}
+            need = want.get(name, 0)
+            while need > 0 and kept:
+                dname, k = kept[0]
+                take = min(k, need)
+                holds[dname] = holds.get(dname, 0) + take
+                need -= take
+                kept[0] = (dname, k - take)
+                if kept[0][1] == 0:
+                    kept.pop(0)
+            background.add(asyncio.get_running_loop().create_task(dissolve(name, holds)))
+        release_holds(dict(kept))  # slots kept for no one
         for p in plan.form:
             if any(n not in cluster.alive() for n in p.nodes):
                 continue  # the planner does not know yet that a member died

@@ -31,6 +31,23 @@ class RuntimeSettings(BaseModel):
     ray_resource: str = Field(
         default="lambdascale_node", min_length=1, description="custom Ray resource that marks a node able to host one agent"
     )
+    kv_move: Literal["auto", "ship", "recompute"] = Field(
+        default="auto",
+        description="dissolution: auto ships a request's KV to its full instance when that is estimated faster "
+        "than recomputing it (runtime.kvmove); ship/recompute force one way",
+    )
+    kv_link_gbps: float = Field(
+        default=25.0, gt=0, le=1e5,
+        description="link rate (Gbit/s) assumed for the ship-vs-recompute estimate when links are not capped",
+    )
+    kv_recompute_tokens_per_s: float = Field(
+        default=5000.0, gt=0, le=1e9,
+        description="prefill rate assumed for the estimate until the destination has measured its own",
+    )
+    kv_ship_overhead_s: float = Field(
+        default=0.005, ge=0, le=10.0,
+        description="fixed cost of one KV move in the estimate (export, send and import round trips)",
+    )
     emulate_device: str | None = Field(
         default=None,
         description="CALIBRATION:MODEL[:SCALE]: engine steps on agents last at least the calibrated GPU time "

@@ -35,9 +35,10 @@ def burst_reference(tiny_model: Path) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("system", ["lambdascale"])
-def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, system: str) -> None:
-    """2 sources, 3 receivers: the sources deal complementary blocks first, so pipelines form."""
+@pytest.mark.parametrize("system,kv", [("lambdascale", "recompute"), ("lambdascale", "ship")])
+def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, system: str, kv: str) -> None:
+    """2 sources, 3 receivers: the sources deal complementary blocks first, so pipelines form.
+    On dissolution the requests' KV is recomputed, or shipped to the new full instances."""
     # ~2.5 MB/s links: the 1.3 MB model needs about a second to reach every node
     link = TransferSettings(link_gbps=0.02, bucket_burst_bytes=32 << 10, io_slice_bytes=16 << 10)
 
@@ -47,7 +48,8 @@ def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, syst
             await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(5)))  # torch imported up front
             for s in (0, 1):
                 await lc.cluster.request(s, HoldModel(req=0, model_dir=str(tiny_model)))
-            return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, system, max_seqs=2)
+            return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, system, max_seqs=2,
+                                         kv_policy=kv, emulate_device="h200:llama2-7b:5")
 
     rep = run_async(main(), timeout=180)
     assert rep.outputs == burst_reference
@@ -55,6 +57,13 @@ def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, syst
     if system == SystemKind.LAMBDASCALE:
         assert rep.pipelines_formed >= 1, "execute-while-load never formed a pipeline"
         assert rep.pipelines_dissolved == rep.pipelines_formed  # every pipeline ends when nodes are full
+        assert rep.kv_shipped + rep.kv_recomputed == rep.requests_moved
+        # emulated 7B steps keep every instance busy, so the pipeline carries requests when it dissolves
+        assert rep.requests_moved >= 1
+        if kv == "recompute":
+            assert rep.kv_shipped == 0 and rep.kv_bytes_shipped == 0
+        else:  # shipped to the new full instances, which continue with a decode: still exact
+            assert rep.kv_shipped >= 1 and rep.kv_bytes_shipped > 0
     else:
         assert rep.pipelines_formed == 0
 

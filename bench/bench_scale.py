@@ -1,13 +1,53 @@
 """Scale-out benchmark on local agents: same as ``lambdascale bench scale`` (flags identical).
 
     .venv/bin/python bench/bench_scale.py --nodes 6 --sources 2 --link-gbps 1 --model synthetic:smollm2-135m --layers 4
+
+``--efficiency`` instead measures uncapped multicast vs point-to-point for 2, 3 and 5 receivers
+and two chunk sizes, side by side in one run (issue 6's >= 0.70 figure):
+
+    .venv/bin/python bench/bench_scale.py --efficiency [--model synthetic:smollm2-135m --layers 8] [--repeat 2]
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
+import tempfile
+from pathlib import Path
 
-from lambdascale.cli import main
+
+def efficiency(argv: list[str]) -> int:
+    from lambdascale.runtime.bench import resolve_model, run_efficiency
+    from lambdascale.runtime.settings import RuntimeSettings
+    from lambdascale.transfer.settings import TransferSettings
+
+    ap = argparse.ArgumentParser(prog="bench_scale.py --efficiency")
+    ap.add_argument("--model", default="synthetic:smollm2-135m")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--receivers", default="2,3,5")
+    ap.add_argument("--chunks-per-block", default="2,8", help="comma list: chunk sizes to compare")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--transport", default="tcp", choices=["tcp", "nixl"])
+    args = ap.parse_args(argv)
+    counts = [int(x) for x in args.receivers.split(",")]
+    print(f"{'chunks':>6} {'KiB/chunk':>9} {'rcv':>3} {'p2p Gb/s':>8} {'mc/rcv Gb/s':>11} {'min':>6} "
+          f"{'mc/p2p':>6} {'sum/p2p':>7}")
+    with tempfile.TemporaryDirectory(prefix="lambdascale-eff-") as tmp:
+        for cpb in (int(x) for x in args.chunks_per_block.split(",")):
+            model_dir = resolve_model(args.model, Path(tmp) / f"c{cpb}", args.layers, 8, cpb)
+            rows = asyncio.run(run_efficiency(model_dir, counts, TransferSettings(backend=args.transport),
+                                              RuntimeSettings(heartbeat_s=1.0), args.repeat))
+            for r in rows:
+                print(f"{r['n_chunks']:>6} {r['chunk_bytes'] / 1024:>9.0f} {r['receivers']:>3} {r['p2p_gbps']:>8.2f} "
+                      f"{r['per_receiver_mean_gbps']:>11.2f} {r['per_receiver_min_gbps']:>6.2f} "
+                      f"{r['efficiency']:>6.2f} {r['aggregate_efficiency']:>7.2f}")
+    return 0
+
 
 if __name__ == "__main__":
+    if "--efficiency" in sys.argv[1:]:
+        sys.exit(efficiency([a for a in sys.argv[1:] if a != "--efficiency"]))
+    from lambdascale.cli import main
+
     sys.exit(main(["bench", "scale", *sys.argv[1:]]))

@@ -281,3 +281,45 @@ def cmd_bench_scale(args: Any) -> int:
     else:
         print(format_table(result))
     return 0
+
+
+async def run_efficiency(model_dir: Path, receiver_counts: list[int], transfer: TransferSettings,
+                         runtime: RuntimeSettings, repeat: int = 1) -> list[dict[str, Any]]:
+    """Uncapped multicast vs point-to-point, side by side on one cluster, for several receiver counts.
+
+    One cluster of ``max(receiver_counts) + 1`` agents (idle agents cost only heartbeats). For
+    each count n: point-to-point 0 -> 1 through the same executor (``Algo.DIRECT``), then a binomial
+    multicast 0 -> 1..n; rows give p2p Gbit/s, the mean and min per-receiver Gbit/s, their ratio
+    to p2p, the sum over receivers / p2p, and the bytes-per-chunk. Best of ``repeat`` per figure.
+    """
+    from lambdascale.model.manifest import read_manifest
+
+    manifest = read_manifest(model_dir)
+    nodes = max(receiver_counts) + 1
+    gbps = lambda s: manifest.total_bytes * 8 / s / 1e9  # noqa: E731
+    rows = []
+    async with LocalCluster(nodes, transfer.model_copy(update={"link_gbps": None, "ssd_gbps": None}), runtime) as lc:
+        await lc.cluster.request(0, HoldModel(req=0, model_dir=str(model_dir)))
+
+        async def once(rcv: list[int], algo: Algo) -> dict[int, float]:
+            await prepare_receivers(lc.cluster, manifest, rcv)
+            res = await run_multicast(lc.cluster, manifest, [0], rcv, algo)
+            await asyncio.gather(*(lc.cluster.request(r, DropModel(req=0, model=manifest.name)) for r in rcv))
+            return res.node_full_s
+
+        for n in receiver_counts:
+            p2p = 0.0
+            for _ in range(repeat):
+                p2p = max(p2p, gbps(max((await once([1], Algo.DIRECT)).values())))
+            best: list[float] = []
+            for _ in range(repeat):
+                per = [gbps(t) for t in (await once(list(range(1, n + 1)), Algo.BINOMIAL)).values()]
+                if not best or statistics.mean(per) > statistics.mean(best):
+                    best = per
+            rows.append({
+                "receivers": n, "p2p_gbps": p2p, "per_receiver_mean_gbps": statistics.mean(best),
+                "per_receiver_min_gbps": min(best), "efficiency": statistics.mean(best) / p2p,
+                "aggregate_efficiency": sum(best) / p2p, "chunk_bytes": manifest.total_bytes // manifest.n_chunks,
+                "n_chunks": manifest.n_chunks,
+            })
+    return rows

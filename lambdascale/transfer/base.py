@@ -105,7 +105,12 @@ class Transport(ABC):
             raise ValueError(f"buffer {name!r}: size must be > 0 bytes, got {nbytes}")
         if name in self._buffers:
             raise TransferError(f"buffer {name!r} is already registered on node {self.node}")
-        arr = np.zeros(nbytes, dtype=np.uint8)
+        # Zeroed and *resident*: touching every page now (like a pinned host pool, which is always
+        # resident) keeps page faults out of the transfer. With lazily mapped np.zeros pages each
+        # received slice faulted its pages in the kernel copy, which cost the multicast (many
+        # fresh buffers at once on shared cores) up to half its throughput (docs/bench/runtime.md).
+        arr = np.empty(nbytes, dtype=np.uint8)
+        arr.fill(0)
         self._buffers[name] = arr
         self._register_backend(name, arr)
         return memoryview(arr)

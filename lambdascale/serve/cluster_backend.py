@@ -91,6 +91,16 @@ class _Instance:
     loading: bool = False
     draining: bool = False
     id: str = ""
+    stages: tuple[tuple[int, int, int], ...] = ()  # (node, first block, end block) of a λPipe pipeline
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held for a step; dissolution waits for it
+
+    @property
+    def pipelined(self) -> bool:
+        return len(self.stages) > 1
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(n for n, _, _ in self.stages)) if self.stages else (self.node,)
 
 
 @dataclass
@@ -139,6 +149,8 @@ class ClusterBackend:
         self._clock = MonotonicClock()
         self.scale_events: dict[str, int] = {}
         self.bytes_multicast = 0
+        self.pipelines_formed = 0
+        self.pipelines_dissolved = 0
         self._mc_lock = asyncio.Lock()
         self.tier_hits: dict[str, int] = {}
 
@@ -283,7 +295,10 @@ class ClusterBackend:
             else:
                 self._spawn(self._start_logged(m, t.node, inst, timeline))
         if via_multicast:
-            self._spawn(self._multicast_then_start(m, sources, via_multicast, plan.algo.value, timeline))
+            ewl = bool(plan.execute_while_load) and self.config.serve.execute_while_load
+            log.info("scale-out of %s: multicast %s -> %s (%s, execute-while-load %s)", m.name, sources,
+                     [n for n, _ in via_multicast], plan.algo.value, ewl)
+            self._spawn(self._multicast_then_start(m, sources, via_multicast, plan.algo.value, timeline, ewl))
 
     async def _start_logged(self, m: _Model, node: int, inst: _Instance, timeline: Any) -> None:
         try:
@@ -291,44 +306,141 @@ class ClusterBackend:
         except Exception as e:  # the next controller pass sees the missing instance and retries
             log.error("starting %s on node %d failed: %s", m.name, node, e)
 
+    @property
+    def scale_outs_in_progress(self) -> int:
+        """Background starts and multicasts not finished yet (tests wait for 0)."""
+        return sum(1 for t in self._bg if not t.done())
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
     async def _multicast_then_start(self, m: _Model, sources: list[int], targets: list[tuple[int, _Instance]],
-                                    algo: str, timeline: Any) -> None:
-        """Multicast ``m`` to the targets (milestones: first chunk, each node full), then serve on each."""
+                                    algo: str, timeline: Any, ewl: bool = False) -> None:
+        """Multicast ``m`` to the targets, then serve on each.
+
+        Milestones: first chunk, each node full, first pipeline. With execute-while-load (``ewl``)
+        the incremental λPipe planner sees every verified chunk; pipelines across receivers form as
+        soon as the receivers together hold every block and serve from the shared queue; when a
+        member holds the whole model the planner dissolves them: their requests go back to the
+        head of the queue with their token state and resume on a full instance (exact outputs).
+        """
+        from lambdascale.pipe.pipelines import PipelinePlanner
         from lambdascale.runtime.messages import ChunkHeld
         from lambdascale.runtime.multicast import prepare_receivers, run_multicast
 
         receivers = [n for n, _ in targets]
+        placeholder = dict(targets)
         k = m.manifest.n_chunks
+        planner = PipelinePlanner(receivers, m.manifest.n_blocks, k) if ewl and len(receivers) > 1 else None
+        actions: asyncio.Queue[Any] = asyncio.Queue()
+        pipes: dict[tuple[int, ...], _Instance] = {}
+        started: set[int] = set()
 
         def hook(ev: Any, prog: Any) -> None:
-            if isinstance(ev, ChunkHeld) and ev.model == m.name:
-                now = self._clock.now()
-                timeline.mark_first_chunk(now)
-                if len(prog.holdings.get(ev.node, ())) == k:
-                    timeline.mark_node_full(ev.node, now)
+            if not (isinstance(ev, ChunkHeld) and ev.model == m.name and ev.node in placeholder):
+                return
+            now = self._clock.now()
+            timeline.mark_first_chunk(now)
+            if planner is not None:
+                p = planner.on_chunk(ev.node, ev.chunk)
+                if p is not None:
+                    actions.put_nowait(p)
+            if len(prog.holdings.get(ev.node, ())) == k:
+                timeline.mark_node_full(ev.node, now)
+                actions.put_nowait(ev.node)
 
+        async def act() -> None:
+            while True:
+                item = await actions.get()
+                try:
+                    if isinstance(item, int):
+                        if item not in started and item in self.cluster.alive():
+                            started.add(item)
+                            self._held.setdefault(item, set()).add(m.name)  # received into host buffers
+                            await self._start_logged(m, item, placeholder[item], timeline)
+                    else:
+                        for pl in item.dissolve:
+                            inst = pipes.pop(pl.assignment, None)
+                            if inst is not None:
+                                await self._dissolve(m, inst)
+                        for pl in item.form:
+                            if all(n in self.cluster.alive() for n in pl.nodes):
+                                inst = await self._start_pipeline(m, pl, timeline)
+                                if inst is not None:
+                                    pipes[pl.assignment] = inst
+                finally:
+                    actions.task_done()
+
+        actor = asyncio.get_running_loop().create_task(act())
         try:
             async with self._mc_lock:  # one multicast at a time: they share the cluster's event stream
                 await prepare_receivers(self.cluster, m.manifest, receivers)
                 res = await run_multicast(self.cluster, m.manifest, sources, receivers, algo=algo, on_event=hook)
             self.bytes_multicast += res.bytes_moved
+            for node in receivers:  # full nodes whose event was missed, if any
+                if node not in res.lost:
+                    actions.put_nowait(node)
+            await actions.join()
         except Exception as e:  # the next controller pass sees the missing instances and retries
             log.error("multicast of %s from %s to %s failed: %s", m.name, sources, receivers, e)
-            for _, inst in targets:
-                if inst in m.instances:
+            for node, inst in targets:
+                if node not in started and inst in m.instances:
                     m.instances.remove(inst)
-            return
+        finally:
+            actor.cancel()
+            await asyncio.gather(actor, return_exceptions=True)
+            for inst in list(pipes.values()):  # every member is full now (or gone): serve alone
+                await self._dissolve(m, inst)
         for node, inst in targets:
-            if node in res.lost:
-                m.instances.remove(inst)
-                continue
-            self._held.setdefault(node, set()).add(m.name)  # received into host buffers
-            self._spawn(self._start_logged(m, node, inst, timeline))
+            if node not in started and inst in m.instances:
+                m.instances.remove(inst)  # lost during the multicast
+
+    async def _start_pipeline(self, m: _Model, pl: Any, timeline: Any) -> _Instance | None:
+        """Form one λPipe pipeline (stage i on a node holding blocks of stage i) and serve on it."""
+        from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
+
+        placements = [StagePlacement(st.node, (st.start, st.end)) for st in pl.stages]
+        name = f"{m.name}@pipe{next(_SERIAL)}"
+        pipe = RemotePipeline(self.cluster, m.manifest, placements, max_len=m.codec.context_length,
+                              max_seqs=self.config.engine.max_batch_size,
+                              max_step_tokens=self.config.engine.max_num_batched_tokens, name=name)
+        try:
+            await pipe.form()
+        except LambdaScaleError as e:
+            log.warning("pipeline %s of %s could not form: %s", pl.assignment, m.name, e)
+            return None
+        timeline.mark_first_pipeline(self._clock.now())
+        inst = _Instance(m.name, placements[0].node, pipe, PipelineServer(pipe, m.eos, on_token=self._on_token),
+                         id=name, stages=tuple((p.node, p.blocks[0], p.blocks[1]) for p in placements))
+        m.instances.append(inst)
+        inst.task = asyncio.get_running_loop().create_task(self._worker(m, inst))
+        m.wakeup.set()
+        self.pipelines_formed += 1
+        log.info("pipeline %s of %s serving across nodes %s", name, m.name, list(inst.nodes))
+        return inst
+
+    async def _dissolve(self, m: _Model, inst: _Instance) -> None:
+        """End a pipeline between steps; its requests resume elsewhere from their token state."""
+        async with inst.lock:
+            inst.alive = False
+            moved = list(inst.server.take())
+        if inst in m.instances:
+            m.instances.remove(inst)
+        if moved:
+            self.moves += len(moved)
+            m.queue.extendleft(reversed(moved))
+            m.wakeup.set()
+        if inst.task is not None:
+            inst.task.cancel()
+            await asyncio.gather(inst.task, return_exceptions=True)
+        try:
+            await inst.pipe.dissolve()
+        except Exception:  # a member may be gone; nothing left to free there
+            pass
+        self.pipelines_dissolved += 1
+        log.info("pipeline %s of %s dissolved; %d request(s) moved", inst.id, m.name, len(moved))
 
     def remove_instances(self, model: str, instance_ids: tuple[str, ...]) -> None:
         """Drain: stop admitting; the worker dissolves the pipeline once its requests finished."""
@@ -360,7 +472,7 @@ class ClusterBackend:
         )
 
         alive = set(self.cluster.alive())
-        busy = {i.node for m in self._models.values() for i in m.instances}
+        busy = {i.node for m in self._models.values() for i in m.instances if not i.pipelined}
         host_total = 1 << 50
         nodes = []
         for n in sorted(alive):
@@ -375,12 +487,13 @@ class ClusterBackend:
         for m in self._models.values():
             insts = []
             for i in m.instances:
-                if i.node not in alive or i.draining:
+                if any(n not in alive for n in i.nodes) or i.draining:
                     continue
                 n_run = len(i.server.reqs) if i.server is not None else 0
+                state = CState.LOADING if i.loading else (CState.PIPELINED if i.pipelined else CState.FULL)
+                stages = tuple(Stage(n, a, b) for n, a, b in i.stages) or (Stage(i.node, 0, m.manifest.n_blocks),)
                 insts.append(InstanceView(
-                    id=i.id, model=m.name, state=CState.LOADING if i.loading else CState.FULL,
-                    stages=(Stage(i.node, 0, m.manifest.n_blocks),),
+                    id=i.id, model=m.name, state=state, stages=stages,
                     capacity=self.config.engine.max_batch_size, outstanding_requests=n_run))
             models.append(ModelView(
                 name=m.name, spec=m.spec.to_control(), size_bytes=m.manifest.total_bytes,
@@ -453,7 +566,10 @@ class ClusterBackend:
                 await m.wakeup.wait()
                 continue
             try:
-                await srv.step()
+                async with inst.lock:
+                    if not inst.alive:  # dissolved while we waited: its requests were moved
+                        return
+                    await srv.step()
             except InvalidRequestError as e:  # a prompt that does not fit one step: fail that request only
                 budget = inst.pipe.max_step_tokens
                 for rid, rq in list(srv.reqs.items()):
@@ -472,7 +588,8 @@ class ClusterBackend:
         inst.alive = False
         if inst in m.instances:
             m.instances.remove(inst)
-        self._held.get(inst.node, set()).discard(m.name)
+        if not inst.pipelined:
+            self._held.get(inst.node, set()).discard(m.name)
         moved = list(inst.server.take())
         log.warning("instance of %s on node %d lost (%s); %d request(s) to move", m.name, inst.node, err, len(moved))
         if m.instances or self._can_start(m):
@@ -562,9 +679,11 @@ class ClusterBackend:
         return BackendStatus(
             nodes=tuple(NodeInfo(str(n), n in alive, {mm: (Tier.HOST,) for mm in sorted(self._held.get(n, ()))})
                         for n in range(self.n_nodes)),
-            instances=tuple(InstanceInfo(i.id, m.name, InstanceState.LOADING if i.loading else InstanceState.FULL,
-                                         (str(i.node),), len(i.server.reqs) if i.server is not None else 0)
-                            for m in self._models.values() for i in m.instances if i.node in alive),
+            instances=tuple(InstanceInfo(
+                i.id, m.name,
+                InstanceState.LOADING if i.loading else (InstanceState.PIPELINED if i.pipelined else InstanceState.FULL),
+                tuple(str(n) for n in i.nodes), len(i.server.reqs) if i.server is not None else 0)
+                for m in self._models.values() for i in m.instances if all(n in alive for n in i.nodes)),
             queues={m.name: len(m.queue) for m in self._models.values()},
             bytes_multicast=self.bytes_multicast,
             scale_events=dict(self.scale_events),

@@ -45,6 +45,11 @@ class ServeSettings(BaseModel):
         default=256, ge=1, le=1_000_000,
         description="max_tokens when a request omits it (capped by what the context leaves)",
     )
+    execute_while_load: bool = Field(
+        default=True,
+        description="cluster backend: receivers of a multicast serve as λPipe pipelines before they hold the whole "
+        "model (when the placement asks for it: control.placement_execute_while_load)",
+    )
     first_token_timeout_s: float = Field(
         default=600.0, gt=0, le=86_400,
         description="a request still without its first token after this long (held while nothing could start) "

@@ -198,8 +198,8 @@ def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu
     from lambdascale.engine.engine import Engine
     from lambdascale.engine.settings import EngineSettings
 
-    dev = "cuda" if device.startswith("cuda") else "cpu"
-    eng = Engine.from_checkpoint(model_dir, EngineSettings(device=dev, dtype="float32"))
+    eng = Engine.from_checkpoint(model_dir, EngineSettings(device="cuda" if device.startswith("cuda") else "cpu",
+                                                           dtype="float32"))
     return {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
 
 

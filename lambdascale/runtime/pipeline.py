@@ -97,7 +97,7 @@ class RemotePipeline:
             await self.cluster.broadcast_peers()  # one-sided backends need the new buffers' keys
 
     async def step(self, seqs: list[tuple[str, int, int]], token_ids: list[int],
-                   sample: list[tuple[SamplingParams, int, int]], release: list[str] = ()) -> list[int]:
+                   sample: list[tuple[SamplingParams, int, int]], release: Sequence[str] = ()) -> list[int]:
         """Run one step; returns one sampled token per sequence (in ``seqs`` order)."""
         step = self._step
         self._step += 1

@@ -285,8 +285,7 @@ async def serve_scale_out(
         # never delays the next decision.
         # When KV may ship, each new solo instance keeps slots for the dissolving pipelines'
         # requests (they are older than anything queued); unused slots are released at once.
-        leaving = [by_assignment.pop(p.assignment, None) for p in plan.dissolve]
-        leaving = [n for n in leaving if n is not None]
+        leaving = [n for n in (by_assignment.pop(p.assignment, None) for p in plan.dissolve) if n is not None]
         want = {n: len(instances[n].server.reqs) for n in leaving if n in instances}
         if kv_policy is KvPolicy.RECOMPUTE:
             want = {}

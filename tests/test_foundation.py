@@ -49,7 +49,7 @@ def test_manual_clock_never_goes_back() -> None:
 
 def test_known_shapes_have_published_sizes() -> None:
     # Parameter counts of the published models (billions), to 2%.
-    expected = {"llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.98, "llama3-8b": 8.03, "smollm2-135m": 0.1349}
+    expected = {"qwen2-0.5b": 0.494, "llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.98, "llama3-8b": 8.03, "smollm2-135m": 0.1349}
     for name, billions in expected.items():
         got = get_shape(name).total_params() / 1e9
         assert got == pytest.approx(billions, rel=0.02), name

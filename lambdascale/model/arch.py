@@ -209,6 +209,12 @@ SHAPES: dict[str, ModelArch] = {
                            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                            max_position_embeddings=8192, rope_theta=100000.0,
                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    # Qwen2-0.5B's shape: about 1 GB in bfloat16, the "1 GB model" of the scale-out benchmarks.
+    "qwen2-0.5b": ModelArch(family=Family.QWEN2, vocab_size=151936, hidden_size=896,
+                            intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, max_position_embeddings=32768,
+                            rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=True,
+                            tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
     "tiny-llama": _llama(vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2),

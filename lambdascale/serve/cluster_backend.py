@@ -153,6 +153,10 @@ class ClusterBackend:
         self.pipelines_dissolved = 0
         self._mc_lock = asyncio.Lock()
         self.tier_hits: dict[str, int] = {}
+        # The router the gateway runs: the control plane's dispatch, late binding per serve.late_binding.
+        self._router_cfg = config.control.model_copy(update={"router_late_binding": config.serve.late_binding})
+        #: (model, request id, instance id) of every dispatch, oldest first (bounded; tests and debugging)
+        self.dispatch_log: deque[tuple[str, str, str]] = deque(maxlen=10_000)
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -556,11 +560,7 @@ class ClusterBackend:
                     pass
                 log.info("instance of %s on node %d removed (scale-in)", m.name, inst.node)
                 return
-            while m.queue and not inst.draining and len(srv.reqs) < inst.pipe.max_seqs:
-                rid = m.queue.popleft()
-                r = self._reqs.get(rid)
-                if r is not None and not r.done:
-                    srv.add(rid, r.token_state())
+            self._dispatch(m)
             if not srv.busy:
                 m.wakeup.clear()
                 await m.wakeup.wait()
@@ -582,6 +582,55 @@ class ClusterBackend:
                 self._lose(m, inst, e)
                 return
             srv.finished.clear()
+
+    def _dispatch(self, m: _Model) -> int:
+        """Late binding: hand queued requests of ``m`` to instances that can start them now.
+
+        Called whenever capacity may have appeared (before every step of every instance, on a
+        new request, on an instance or pipeline becoming routable, on requeue). The choice is the
+        control plane's pure :func:`lambdascale.control.router.dispatch` (FIFO prefix, no
+        overtaking; least outstanding work among instances with a free slot and room in their
+        next step's prefill budget), the same policy the simulator runs. "Waiting" work of an
+        instance = its admitted requests whose first step has not run (``computed == 0``).
+        Returns how many requests were dispatched.
+        """
+        from lambdascale.control.router import QueuedRequest, Waiting, dispatch
+        from lambdascale.control.snapshot import InstanceState as CState, InstanceView, ModelView, Stage
+
+        while m.queue and (m.queue[0] not in self._reqs or self._reqs[m.queue[0]].done):
+            m.queue.popleft()  # aborted or finished while queued
+        if not m.queue:
+            return 0
+        insts = {i.id: i for i in m.serving if i.alive and i.server is not None}
+        if not insts:
+            return 0
+        views, waiting = [], {}
+        for i in insts.values():
+            reqs = list(i.server.reqs.values())
+            fresh = [r for r in reqs if r.computed == 0]
+            waiting[i.id] = Waiting(len(fresh), sum(len(r.all_ids) for r in fresh))
+            todo = sum(len(r.all_ids) - r.computed + max(r.params.max_tokens - len(r.out), 0) for r in reqs)
+            stages = tuple(Stage(n, a, b) for n, a, b in i.stages) or (Stage(i.node, 0, m.manifest.n_blocks),)
+            views.append(InstanceView(id=i.id, model=m.name, state=CState.PIPELINED if i.pipelined else CState.FULL,
+                                      stages=stages, capacity=i.pipe.max_seqs, outstanding_requests=len(reqs),
+                                      outstanding_tokens=todo))
+        queue = []
+        for rid in m.queue:
+            r = self._reqs.get(rid)
+            if r is None or r.done:
+                continue
+            n = len(r.prompt) + len(r.out)
+            queue.append(QueuedRequest(rid, n, n + max(r.params.max_tokens - len(r.out), 0)))
+        view = ModelView(name=m.name, spec=m.spec.to_control(), size_bytes=m.manifest.total_bytes,
+                         n_blocks=m.manifest.n_blocks, instances=tuple(views), queue_len=len(queue))
+        res = dispatch(queue, view, self._router_cfg, self._clock.now(), waiting)
+        for a in res.assignments:
+            m.queue.remove(a.request_id)
+            insts[a.instance_id].server.add(a.request_id, self._reqs[a.request_id].token_state())
+            self.dispatch_log.append((m.name, a.request_id, a.instance_id))
+        if res.assignments:
+            m.wakeup.set()  # an instance that was idle has work now
+        return len(res.assignments)
 
     def _lose(self, m: _Model, inst: _Instance, err: Exception) -> None:
         """An instance's node died: requeue its requests with their token state, or fail them."""

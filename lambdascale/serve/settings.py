@@ -50,6 +50,12 @@ class ServeSettings(BaseModel):
         description="cluster backend: receivers of a multicast serve as λPipe pipelines before they hold the whole "
         "model (when the placement asks for it: control.placement_execute_while_load)",
     )
+    late_binding: bool = Field(
+        default=True,
+        description="cluster backend: queued requests stay at the gateway and go to an instance only when it can "
+        "start them in its next step (control.dispatch with router_late_binding on, whatever that knob says for "
+        "the simulator); off: any free slot takes the oldest request",
+    )
     first_token_timeout_s: float = Field(
         default=600.0, gt=0, le=86_400,
         description="a request still without its first token after this long (held while nothing could start) "

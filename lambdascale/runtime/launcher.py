@@ -76,6 +76,9 @@ class LocalLauncher(Launcher):
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
                 env=env,
+                # Own session: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches the
+                # launcher only, which stops its agents cleanly; they still die with it (PDEATHSIG).
+                start_new_session=True,
             )
 
     def pids(self) -> dict[int, int]:

@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ from lambdascale.model.manifest import Manifest, chunk_block, read_manifest
 from lambdascale.runtime.messages import (
     CancelSends,
     ChunkCorrupt,
+    CopyBackModel,
+    EvictModel,
+    GetHoldings,
+    HoldingsReport,
     ChunkHeld,
     ControlError,
     CorruptNext,
@@ -60,6 +65,7 @@ from lambdascale.runtime.messages import (
     read_msg,
     write_msg,
 )
+from lambdascale.runtime.agent_memory import GB, AgentMemory, MemoryRefusedError, MemTier
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.base import Arrival, Transport, make_transport
 from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
@@ -142,6 +148,11 @@ class NodeAgent:
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        ssd_dir = Path(runtime.agent_ssd_dir) / f"node{node}" if runtime.agent_ssd_dir else None
+        self.memory = AgentMemory(node, int(runtime.host_capacity_gb * GB), ssd_dir,
+                                  int(runtime.agent_ssd_capacity_gb * GB))
+        self._pipe_model: dict[str, str] = {}  # pipeline -> model of its stages here
+        self._copy_tasks: set[asyncio.Task] = set()
 
     # ---- plumbing --------------------------------------------------------------------------
     async def _report(self, msg) -> None:
@@ -165,11 +176,48 @@ class NodeAgent:
 
     # ---- handlers --------------------------------------------------------------------------
     async def _hold_model(self, msg: HoldModel) -> dict:
-        """Read every block file into its buffer (SSD tier -> host tier), verifying each chunk."""
+        """Read every block file into its buffer, verifying each chunk; label it ``msg.tier``.
+
+        The host reservation is taken before any byte is read (refused when the tier is full). A
+        model already complete in the buffers is not read again (a host- or gpu-tier hit); else
+        the agent's own SSD copy is preferred over ``model_dir`` (the store).
+        """
         manifest = read_manifest(msg.model_dir)
+        r = self.memory.residency(manifest)
+        new_host = msg.tier == "host" and not r.host
+        if msg.tier == "host":
+            self.memory.reserve_host(r)
+        was = self.models.get(manifest.name)
+        if was is not None and len(was.held) == manifest.n_chunks and r.labelled and not r.holds:
+            source = "host" if r.host_complete else "gpu"
+            self._label_loaded(r, msg.tier)
+            return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(was.held), "source": source}
+        ssd = self.memory.ssd_path(manifest.name)
+        r.holds += 1
+        try:
+            st = await self._read_blocks(manifest, ssd if ssd is not None else Path(msg.model_dir))
+        except BaseException:
+            if new_host and r.host_alloc is not None:
+                self.memory.host.free(r.host_alloc)
+                r.host_alloc = None
+            raise
+        finally:
+            r.holds -= 1
+        self._label_loaded(r, msg.tier)
+        return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held),
+                "source": "ssd" if ssd is not None else "store"}
+
+    def _label_loaded(self, r: Any, tier: str) -> None:
+        if tier == "host":
+            r.host_blocks = set(range(r.manifest.n_blocks))
+        else:
+            r.gpu = True
+        self.memory.touch(r.manifest.name, time.monotonic(), (MemTier(tier),))
+
+    async def _read_blocks(self, manifest: Manifest, src: Path) -> ModelState:
         st = self._allocate(manifest)
         for blk in manifest.blocks:
-            path = Path(msg.model_dir) / blk.file
+            path = src / blk.file
             view = self.transport.buffer(buffer_name(manifest.name, blk.index))
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -186,7 +234,93 @@ class NodeAgent:
                     st.mark_held(ch.index)
             finally:
                 os.close(fd)
-        return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held)}
+        return st
+
+    # ---- memory tiers (runtime.agent_memory) -------------------------------------------------
+    def _receiving(self, model: str) -> bool:
+        st = self.models.get(model)
+        return st is not None and len(st.held) < st.manifest.n_chunks
+
+    def _sending(self, model: str) -> bool:
+        return any(not t.done() for _, t in self._send_tasks.get(model, []))
+
+    def holdings(self) -> HoldingsReport:
+        """This node's tiers now (see :class:`~lambdascale.runtime.messages.HoldingsReport`)."""
+        data = self.memory.report(
+            time.monotonic(), {n: s.held for n, s in self.models.items()},
+            {n for n in self.models if self._receiving(n)}, {n for n in self._send_tasks if self._sending(n)})
+        return HoldingsReport.model_validate(data)
+
+    def _free_buffers(self, model: str) -> None:
+        st = self.models.pop(model, None)
+        if st is not None:
+            for blk in st.manifest.blocks:
+                self.transport.unregister(buffer_name(model, blk.index))
+
+    def _evict(self, msg: EvictModel) -> dict:
+        evicted, free = self.memory.evict(msg.model, MemTier(msg.tier), self._receiving(msg.model),
+                                          self._sending(msg.model))
+        if free:
+            self._free_buffers(msg.model)
+        return {"evicted": evicted, "report": self.holdings().model_dump(mode="json")}
+
+    def _copy_back(self, msg: CopyBackModel) -> dict:
+        st = self.models.get(msg.model)
+        r = self.memory.models.get(msg.model)
+        if st is None or r is None or len(st.held) < st.manifest.n_chunks or not r.labelled:
+            raise MemoryRefusedError(f"node {self.node}: no complete copy of {msg.model!r} in memory to copy back")
+        started = False
+        if msg.to_tier == "host" and not r.host:
+            self.memory.reserve_host(r)
+            started = True
+            self._spawn_copy(r, self._verify_into_host(r))
+        elif msg.to_tier == "ssd" and r.ssd_alloc is None:
+            self.memory.reserve_ssd(r)
+            started = True
+            self._spawn_copy(r, self._persist_ssd(r))
+        return {"started": started, "report": self.holdings().model_dump(mode="json")}
+
+    def _spawn_copy(self, r: Any, coro: Any) -> None:
+        r.copies += 1
+        task = asyncio.get_running_loop().create_task(coro)
+        self._copy_tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            r.copies -= 1
+            self._copy_tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:  # reservation already released
+                print(f"agent {self.node}: copy-back of {r.manifest.name} failed: {t.exception()}", file=sys.stderr)
+
+        task.add_done_callback(done)
+
+    async def _verify_into_host(self, r: Any) -> None:
+        """Copy-back gpu -> host: the buffers become a host copy once each block re-verifies (worker thread)."""
+        m = r.manifest
+        try:
+            for blk in m.blocks:
+                view = self.transport.buffer(buffer_name(m.name, blk.index))
+                await asyncio.to_thread(self.memory.verify_block, m, blk.index, view)
+                r.host_blocks.add(blk.index)
+            self.memory.touch(m.name, time.monotonic(), (MemTier.HOST,))
+        except BaseException:
+            if r.host_alloc is not None:
+                self.memory.host.free(r.host_alloc)
+            r.host_alloc, r.host_blocks = None, set()
+            raise
+
+    async def _persist_ssd(self, r: Any) -> None:
+        """Copy-back -> ssd: block files + manifest into the agent's SSD dir (worker thread)."""
+        m = r.manifest
+        try:
+            views = [self.transport.buffer(buffer_name(m.name, b.index)) for b in m.blocks]
+            await asyncio.to_thread(self.memory.write_ssd, m, views)
+            r.ssd_complete = True
+            self.memory.touch(m.name, time.monotonic(), (MemTier.SSD,))
+        except BaseException:
+            if r.ssd_alloc is not None and self.memory.ssd is not None:
+                self.memory.ssd.free(r.ssd_alloc)
+            r.ssd_alloc, r.ssd_complete = None, False
+            raise
 
     async def _run_sends(self, model: str, sends: list[tuple[int, int]], epoch: int) -> None:
         st = self._model(model)
@@ -252,7 +386,9 @@ class NodeAgent:
         if isinstance(msg, HoldModel):
             return await self._hold_model(msg)
         if isinstance(msg, PrepareReceive):
-            st = self._allocate(Manifest.model_validate(msg.manifest))
+            manifest = Manifest.model_validate(msg.manifest)
+            self.memory.residency(manifest).gpu = True  # landing zone of an instance (the device copy)
+            st = self._allocate(manifest)
             return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held)}
         if isinstance(msg, SendChunks):
             self._model(msg.model)
@@ -288,11 +424,15 @@ class NodeAgent:
                 "bytes_received": self.transport.bytes_received,
             }
         if isinstance(msg, DropModel):
-            st = self.models.pop(msg.model, None)
-            if st is not None:
-                for blk in st.manifest.blocks:
-                    self.transport.unregister(buffer_name(msg.model, blk.index))
+            self.memory.forget(msg.model)
+            self._free_buffers(msg.model)
             return {}
+        if isinstance(msg, GetHoldings):
+            return {"report": self.holdings().model_dump(mode="json")}
+        if isinstance(msg, EvictModel):
+            return self._evict(msg)
+        if isinstance(msg, CopyBackModel):
+            return self._copy_back(msg)
         if isinstance(msg, CorruptNext):
             self.transport.corrupt_tags.add(chunk_tag(msg.model, msg.chunk))
             return {}
@@ -304,6 +444,11 @@ class NodeAgent:
             if key in self.stages:
                 raise LambdaScaleError(f"node {self.node} already hosts stage {msg.index} of pipeline {msg.pipeline!r}")
             self.stages[key] = await asyncio.to_thread(StageHost, self, self._model(msg.model), msg)
+            r = self.memory.residency(self.models[msg.model].manifest)
+            r.gpu = True  # a stage built from the buffers: the model's device copy
+            r.stages.add(msg.pipeline)
+            self._pipe_model[msg.pipeline] = msg.model
+            self.memory.touch(msg.model, time.monotonic())
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, StageStep):
             from lambdascale.runtime.stage_host import hidden_tag
@@ -312,6 +457,7 @@ class NodeAgent:
             if host is None:
                 raise LambdaScaleError(f"node {self.node} hosts no stage {msg.index} of pipeline {msg.pipeline!r}")
             tag = hidden_tag(msg.pipeline, msg.step, msg.index)
+            self.memory.touch(self._pipe_model.get(msg.pipeline, ""), time.monotonic())
             ready = None if host.stage.first or not msg.seqs else self._hidden_future(tag)
             try:
                 if ready is not None:
@@ -327,6 +473,10 @@ class NodeAgent:
         if isinstance(msg, DissolveStage):
             for key in [k for k in self.stages if k[0] == msg.pipeline]:
                 self.stages.pop(key).close()
+            model = self._pipe_model.pop(msg.pipeline, None)
+            r = self.memory.models.get(model) if model is not None else None
+            if r is not None:
+                r.stages.discard(msg.pipeline)
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, Warmup):
             await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
@@ -406,6 +556,8 @@ class NodeAgent:
             for lst in self._send_tasks.values():
                 for _, t in lst:
                     t.cancel()
+            for t in list(self._copy_tasks):
+                t.cancel()
             await self.transport.close()
             writer.close()
 

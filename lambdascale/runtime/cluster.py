@@ -23,6 +23,10 @@ from lambdascale.runtime.messages import (
     ChunkCorrupt,
     ChunkHeld,
     ControlError,
+    CopyBackModel,
+    EvictModel,
+    GetHoldings,
+    HoldingsReport,
     Heartbeat,
     Register,
     Reply,
@@ -195,6 +199,25 @@ class Cluster:
         if "peer" in reply.data:
             h.peer = PeerInfo.model_validate(reply.data["peer"])
         return reply.data
+
+    # ---- memory tiers (runtime/agent_memory.py) --------------------------------------------
+    async def holdings(self, node: int) -> HoldingsReport:
+        """``node``'s tiers: capacities, free bytes, and each model's copies with bytes and idle time."""
+        data = await self.request(node, GetHoldings(req=0))
+        return HoldingsReport.model_validate(data["report"])
+
+    async def evict(self, node: int, model: str, tier: str) -> tuple[bool, HoldingsReport]:
+        """Drop ``model`` from ``tier`` on ``node``; (evicted, report). ``AgentRequestError`` when in use."""
+        data = await self.request(node, EvictModel(req=0, model=model, tier=tier))  # type: ignore[arg-type]
+        return bool(data["evicted"]), HoldingsReport.model_validate(data["report"])
+
+    async def copy_back(self, node: int, model: str, to_tier: str) -> tuple[bool, HoldingsReport]:
+        """Start a background copy of ``model`` into ``to_tier`` on ``node``; (started, report).
+
+        ``AgentRequestError`` when the node has no complete copy in memory or the tier cannot fit it.
+        """
+        data = await self.request(node, CopyBackModel(req=0, model=model, to_tier=to_tier))  # type: ignore[arg-type]
+        return bool(data["started"]), HoldingsReport.model_validate(data["report"])
 
     async def broadcast_peers(self) -> None:
         """Tell every live agent every live agent's current transport address."""

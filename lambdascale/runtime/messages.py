@@ -41,11 +41,18 @@ class SetPeers(_Msg):
 
 
 class HoldModel(_Msg):
-    """Load a model from ``model_dir`` (its SSD tier) into host buffers; every chunk is verified."""
+    """Load a model into the agent's block buffers; every chunk is verified.
+
+    Reads from the agent's own SSD tier when it holds a copy (``runtime.agent_ssd_dir``), else from
+    ``model_dir`` (the model store). ``tier`` says why the node keeps it (``runtime.agent_memory``):
+    ``host`` caches it in the host tier (reserves host capacity first; refused when full),
+    ``gpu`` loads it for an instance (no host capacity). The reply's ``source`` names where it came from.
+    """
 
     type: Literal["hold_model"] = "hold_model"
     req: int
     model_dir: str
+    tier: Literal["host", "gpu"] = "host"
 
 
 class PrepareReceive(_Msg):
@@ -88,6 +95,67 @@ class DropModel(_Msg):
     type: Literal["drop_model"] = "drop_model"
     req: int
     model: str
+
+
+class GetHoldings(_Msg):
+    """Ask for the node's :class:`HoldingsReport` (per model and tier: bytes, blocks, idle time)."""
+
+    type: Literal["get_holdings"] = "get_holdings"
+    req: int
+
+
+class EvictModel(_Msg):
+    """Drop ``model`` from ``tier``; refused (error reply, nothing freed) while that copy is in use."""
+
+    type: Literal["evict_model"] = "evict_model"
+    req: int
+    model: str = Field(min_length=1)
+    tier: Literal["gpu", "host", "ssd"]
+
+
+class CopyBackModel(_Msg):
+    """Copy ``model`` into ``to_tier`` in the background (capacity reserved first, else refused).
+
+    ``host``: keep the buffers as a host-tier copy, every block re-verified in a worker thread;
+    ``ssd``: write block files + manifest into the agent's SSD dir. Replies at once with the
+    :class:`HoldingsReport` (the new copy partial until done); a copy already there or in
+    progress is a no-op (``started`` false).
+    """
+
+    type: Literal["copy_back_model"] = "copy_back_model"
+    req: int
+    model: str = Field(min_length=1)
+    to_tier: Literal["host", "ssd"]
+
+
+class TierHolding(BaseModel):
+    """One tier's copy of one model on a node. ``blocks`` None = complete, else blocks present so far."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    tier: Literal["gpu", "host", "ssd"]
+    nbytes: int = Field(ge=0)
+    blocks: list[int] | None = None
+    idle_s: float = Field(ge=0, description="seconds since the copy last served or fed a load")
+    in_use: bool = Field(description="a stage, send, receive, load or copy-back uses it: eviction is refused")
+
+
+class HoldingsReport(BaseModel):
+    """A node's tiers: capacities, free bytes and holdings (the memory manager's observation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: int
+    host_capacity_bytes: int = Field(ge=0)
+    host_free_bytes: int = Field(ge=0)
+    ssd_capacity_bytes: int = Field(ge=0)
+    ssd_free_bytes: int = Field(ge=0)
+    holdings: list[TierHolding] = Field(default_factory=list)
+    buffers: list[str] = Field(default_factory=list, description="models whose block buffers are kept (gpu or host)")
+
+    def tiers_of(self, model: str) -> dict[str, TierHolding]:
+        return {h.tier: h for h in self.holdings if h.model == model}
 
 
 class CorruptNext(_Msg):
@@ -273,6 +341,7 @@ class Reply(_Msg):
 Message = Annotated[
     Union[
         SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown,
+        GetHoldings, EvictModel, CopyBackModel,
         FormStage, StageStep, DissolveStage, Warmup, ExportKv, RegisterBuffer, SendBuffer, ImportKv,
         Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
     ],

@@ -48,6 +48,16 @@ class RuntimeSettings(BaseModel):
         default=0.005, ge=0, le=10.0,
         description="fixed cost of one KV move in the estimate (export, send and import round trips)",
     )
+    host_capacity_gb: float = Field(
+        default=8.0, gt=0, le=1e5,
+        description="host-tier capacity of each node agent, GB (mirrors store.host_capacity_gb); a host copy "
+        "reserves its bytes before it is made, so the tier is never over-committed",
+    )
+    agent_ssd_dir: str | None = Field(
+        default=None,
+        description="directory under which each agent keeps its SSD tier (<dir>/node<N>/<model>); None = no SSD tier",
+    )
+    agent_ssd_capacity_gb: float = Field(default=64.0, gt=0, le=1e6, description="SSD-tier capacity of each agent, GB")
     emulate_device: str | None = Field(
         default=None,
         description="CALIBRATION:MODEL[:SCALE]: engine steps on agents last at least the calibrated GPU time "

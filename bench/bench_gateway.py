@@ -103,6 +103,112 @@ def bench_engine(n: int, max_tokens: int, models_dir: Path) -> tuple[list[float]
     return direct, via
 
 
+def _demo_model(models_dir: Path) -> Path:
+    from lambdascale.model.checkpoint import list_models
+
+    if not any(m.name == "smollm2-135m" for m in (list_models(models_dir) if models_dir.is_dir() else [])):
+        from lambdascale.model.importers import import_model
+
+        import_model("smollm2-135m", models_dir)
+    return models_dir / "smollm2-135m"
+
+
+async def _scale_bench_first_tokens(model_dir: Path, nodes: int, burst: dict, max_seqs: int) -> tuple[dict, dict]:
+    """What ``lambdascale bench scale`` measures for this scale-out (system lambdascale, one holder with a
+    host copy, the other nodes receive by multicast): seconds from the burst to each request's first token."""
+    from lambdascale.model.manifest import read_manifest
+    from lambdascale.runtime.launcher import LocalCluster
+    from lambdascale.runtime.messages import HoldModel, Warmup
+    from lambdascale.runtime.scaleout import serve_scale_out
+
+    cfg = load_config()
+    manifest = read_manifest(model_dir)
+    eos = manifest.arch.eos_token_id
+    async with LocalCluster(nodes, cfg.transfer, cfg.runtime) as lc:
+        await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(nodes)))
+        await lc.cluster.request(0, HoldModel(req=0, model_dir=str(model_dir)))
+        rep = await serve_scale_out(lc.cluster, model_dir, manifest, [0], list(range(1, nodes)), burst, "lambdascale",
+                                    frozenset([eos] if isinstance(eos, int) else (eos or [])), max_seqs=max_seqs)
+    return dict(rep.ttft), dict(rep.outputs)
+
+
+def _gateway_from_zero(models_dir: Path, nodes: int, burst: dict, max_seqs: int, warm: bool) -> dict:
+    """The same burst at a gateway whose model has zero instances (one node's host tier warmed by deploy)."""
+    from lambdascale.serve.cluster_backend import ClusterBackend
+
+    cfg = load_config(None, {"runtime.nodes": nodes, "runtime.register_timeout_s": 300, "engine.max_batch_size": max_seqs,
+                             "serve.warm_agents": warm, "serve.timeline_poll_s": 0.05})
+    backend = ClusterBackend(cfg, models_dir)
+    reg = ModelRegistry(":memory:")
+    reg.put(DeploySpec(name="smollm2-135m", min_instances=0, max_instances=nodes, target_concurrency=max(1, len(burst) // nodes),
+                       keep_alive_s=600))
+    t = time.perf_counter()
+    server = ServerThread(create_app(cfg, backend, registry=reg)).start(timeout_s=600)
+    start_s = time.perf_counter() - t
+    first: dict[str, float] = {}
+    texts: dict[str, str] = {}
+
+    async def one(c: httpx.AsyncClient, rid: str, st, t0: float) -> None:  # type: ignore[no-untyped-def]
+        p = st.params
+        body = {"model": "smollm2-135m", "prompt": list(st.prompt_ids), "max_tokens": p.max_tokens,
+                "temperature": p.temperature, "top_p": p.top_p, "seed": st.seed, "ignore_eos": True, "stream": True}
+        parts = []
+        async with c.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200, await resp.aread()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    first.setdefault(rid, time.perf_counter() - t0)
+                    import json
+
+                    parts.append(json.loads(line[6:])["choices"][0]["text"])
+        texts[rid] = "".join(parts)
+
+    async def fire() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as c:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(c, rid, st, t0) for rid, st in burst.items()))
+
+    try:
+        assert not [i for i in httpx.get(server.url + "/admin/status").json()["instances"]], "expected zero instances"
+        asyncio.run(fire())
+        st = httpx.get(server.url + "/admin/status").json()
+        codec = backend.codec("smollm2-135m")
+    finally:
+        server.stop(timeout_s=120)
+    return {"first": first, "texts": texts, "codec": codec, "start_s": start_s, "timelines": st["scale_timelines"]}
+
+
+def bench_from_zero(models_dir: Path, nodes: int, n: int, max_tokens: int, max_seqs: int) -> int:
+    """Burst from zero instances on the local cluster vs ``bench scale``'s measure of the same scale-out.
+
+    Goal (issue 4): the first token at the gateway within the scale-out benchmark's first token + 100 ms.
+    Also before/after of warming the agents at cluster start (``serve.warm_agents``).
+    """
+    from lambdascale.model.manifest import read_manifest
+    from lambdascale.runtime.bench import make_burst
+
+    model_dir = _demo_model(models_dir)
+    burst = make_burst(n, read_manifest(model_dir).arch.vocab_size, max_tokens)
+    ttft, outputs = asyncio.run(_scale_bench_first_tokens(model_dir, nodes, burst, max_seqs))
+    runs = {warm: _gateway_from_zero(models_dir, nodes, burst, max_seqs, warm) for warm in (True, False)}
+    print(f"burst of {n} requests ({max_tokens} tokens) from zero, {nodes} agents, smollm2-135m; seconds from the burst")
+    print(f"{'measure':<44}{'first':>8}{'p50':>8}{'last':>8}{'exact':>7}{'start':>8}")
+    xs = sorted(ttft.values())
+    print(f"{'bench scale (lambdascale, 1 holder)':<44}{xs[0]:>8.3f}{statistics.median(xs):>8.3f}{xs[-1]:>8.3f}{'-':>7}{'-':>8}")
+    for warm, r in runs.items():
+        ys = sorted(r["first"].values())
+        exact = all(r["texts"][rid] == r["codec"].decode(outputs[rid]) for rid in burst)
+        label = "gateway from zero, agents " + ("warmed at start" if warm else "cold (before)")
+        print(f"{label:<44}{ys[0]:>8.3f}{statistics.median(ys):>8.3f}{ys[-1]:>8.3f}{str(exact):>7}{r['start_s']:>8.2f}")
+        for tl in r["timelines"][:2]:
+            print(f"    scale event: targets {tl['targets']}, first pipeline "
+                  f"{(tl['first_pipeline_at'] or 0) - tl['decided_at']:+.3f} s after the decision")
+    gap = min(runs[True]["first"].values()) - xs[0]
+    print(f"first token, gateway (warm) minus bench scale: {gap * 1e3:+.0f} ms (goal <= +100 ms): "
+          f"{'met' if gap <= 0.1 else 'missed'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=40)
@@ -110,7 +216,15 @@ def main() -> int:
     ap.add_argument("--models-dir", type=Path, default=Path.home() / ".cache/lambdascale/test-models/v1",
                     help="directory holding smollm2-135m (imported by the test suite or `lambdascale import`)")
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--from-zero", action="store_true",
+                    help="instead: a burst from zero instances on the local cluster (demo model, imported into "
+                    "--models-dir if missing) vs what `bench scale` measures for the same scale-out")
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--burst", type=int, default=8)
+    ap.add_argument("--max-seqs", type=int, default=4)
     args = ap.parse_args()
+    if args.from_zero:
+        return bench_from_zero(args.models_dir, args.nodes, args.burst, args.max_tokens, args.max_seqs)
     rows = []
     d, v = bench_fake(args.requests, args.max_tokens)
     rows.append(("fake backend", p50(d), p50(v)))

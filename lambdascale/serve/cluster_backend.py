@@ -153,6 +153,12 @@ class ClusterBackend:
         self.pipelines_dissolved = 0
         self._mc_lock = asyncio.Lock()
         self.tier_hits: dict[str, int] = {}
+        # memory manager (runtime/agent_memory.py): each agent's last HoldingsReport, and the memory tasks
+        self._tiers: dict[int, Any] = {}
+        self._mem_tasks: set[asyncio.Task[Any]] = set()
+        self._mem_apply: asyncio.Task[Any] | None = None
+        self._tiers_poll: asyncio.Task[Any] | None = None
+        self.memory_ops: dict[str, int] = {"evicted": 0, "evict_refused": 0, "copy_backs": 0, "copy_back_refused": 0}
         # The router the gateway runs: the control plane's dispatch, late binding per serve.late_binding.
         self._router_cfg = config.control.model_copy(update={"router_late_binding": config.serve.late_binding})
         #: (model, request id, instance id) of every dispatch, oldest first (bounded; tests and debugging)
@@ -164,6 +170,15 @@ class ClusterBackend:
 
         self._lc = LocalCluster(self.n_nodes, self.config.transfer, self.config.runtime)
         await self._lc.__aenter__()
+        if self.config.serve.warm_agents:
+            # Import torch and the stage code on every agent now, concurrently: on a cold agent the first
+            # FormStage pays that import (about 1 s alone, 4-6 s when several agents import on a loaded
+            # machine), which would otherwise land in the first request's TTFT on every scale from zero.
+            from lambdascale.runtime.messages import Warmup
+
+            t0 = self._clock.now()
+            await asyncio.gather(*(self.cluster.request(n, Warmup(req=0)) for n in self.cluster.alive()))
+            log.info("node agents warmed (torch imported) in %.2f s", self._clock.now() - t0)
         log.info("cluster of %d node agents up", self.n_nodes)
         if self.autoscale:
             from lambdascale.control.controller import Controller
@@ -189,8 +204,9 @@ class ClusterBackend:
                 self._ctl_task.cancel()
             await asyncio.gather(self._ctl_task, return_exceptions=True)
             self._ctl_task = None
-        for t in list(self._bg):
+        for t in list(self._bg) + list(self._mem_tasks):
             t.cancel()
+        await asyncio.gather(*self._mem_tasks, return_exceptions=True)
         await asyncio.gather(*self._bg, return_exceptions=True)
         for name in list(self._models):
             await self.undeploy(name)
@@ -253,7 +269,7 @@ class ClusterBackend:
             m.instances.append(inst)
         try:
             if m.name not in self._held.get(node, set()):
-                await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
+                await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir), tier="gpu"))
                 self._held.setdefault(node, set()).add(m.name)
             if timeline is not None:
                 timeline.mark_node_full(node, self._clock.now())
@@ -458,9 +474,99 @@ class ClusterBackend:
         m.wakeup.set()
 
     def apply_memory(self, plan: Any) -> None:
-        """Evictions and copy-backs: agents keep a loaded model in host memory; nothing to do yet."""
-        if not plan.is_noop:
-            log.debug("memory plan not applied (agents have no evict/copy-back messages yet): %s", plan)
+        """Apply a ``MemoryPlan`` on the agents in the background (evictions first, then copy-backs).
+
+        Returns at once (the controller's pass must not block). While an earlier plan is still being
+        applied this one is skipped: the next pass plans again from fresher holdings.
+        """
+        if plan.is_noop or (self._mem_apply is not None and not self._mem_apply.done()):
+            return
+        self._mem_apply = self._mem_spawn(self._apply_memory(plan))
+
+    def _mem_spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._mem_tasks.add(task)
+        task.add_done_callback(self._mem_tasks.discard)
+        return task
+
+    async def _apply_memory(self, plan: Any) -> None:
+        from lambdascale.runtime.cluster import AgentRequestError, NodeLostError
+
+        for e in plan.evictions:
+            m = self._models.get(e.model)
+            if m is not None and any(e.node in i.nodes for i in m.instances):
+                continue  # an instance started there since the snapshot: its copy is in use now
+            held = self._held.get(e.node, set())
+            rep = self._tiers.get(e.node)
+            # evicting this tier frees the node's buffers (no other in-memory tier claims them)
+            last = rep is not None and e.model in held and e.model in rep.buffers and \
+                set(rep.tiers_of(e.model)) - {"ssd"} == {e.tier.value}
+            if last:
+                held.discard(e.model)  # no start may count on these buffers from now on
+            try:
+                evicted, rep = await self.cluster.evict(e.node, e.model, e.tier.value)
+            except AgentRequestError as err:  # in use on the agent: nothing was freed
+                self.memory_ops["evict_refused"] += 1
+                if last:
+                    held.add(e.model)
+                log.info("eviction of %s from node %d's %s tier refused: %s", e.model, e.node, e.tier.value, err)
+                continue
+            except NodeLostError:
+                continue
+            self._tiers[e.node] = rep
+            if e.model not in rep.buffers:
+                held.discard(e.model)
+            self.memory_ops["evicted"] += int(evicted)
+            log.info("evicted %s from node %d's %s tier (%s)", e.model, e.node, e.tier.value, e.reason.value)
+        for cb in plan.copy_backs:
+            if cb.model not in self._held.get(cb.node, set()) and cb.from_tier.value != "ssd":
+                continue  # the node no longer holds it in memory
+            try:
+                started, rep = await self.cluster.copy_back(cb.node, cb.model, cb.to_tier.value)
+            except AgentRequestError as err:
+                self.memory_ops["copy_back_refused"] += 1
+                log.info("copy-back of %s to node %d's %s tier refused: %s", cb.model, cb.node, cb.to_tier.value, err)
+                continue
+            except NodeLostError:
+                continue
+            self._tiers[cb.node] = rep
+            if started:
+                self.memory_ops["copy_backs"] += 1
+                log.info("copy-back of %s on node %d: %s -> %s started", cb.model, cb.node, cb.from_tier.value,
+                         cb.to_tier.value)
+
+    async def refresh_tiers(self) -> None:
+        """Ask every live agent for its holdings (the snapshot uses the latest reports)."""
+        from lambdascale.runtime.cluster import NodeLostError
+
+        nodes = self.cluster.alive()
+        reps = await asyncio.gather(*(self.cluster.holdings(n) for n in nodes), return_exceptions=True)
+        for n, rep in zip(nodes, reps):
+            if isinstance(rep, NodeLostError):
+                self._tiers.pop(n, None)
+            elif not isinstance(rep, BaseException):
+                self._tiers[n] = rep
+
+    def _node_holdings(self, n: int, now: float) -> tuple[tuple[Any, ...], int, int, int, int] | None:
+        """Node ``n``'s holdings from its agent's last report (None before the first one arrives).
+
+        Tiers as the agent reports them (gpu = an instance's copy, host, ssd); ``in_use`` becomes
+        ``pinned`` so the policy never asks to evict what the agent would refuse. A model the backend
+        put in the node's buffers after that report counts as a partial GPU copy (loading).
+        """
+        from lambdascale.control.snapshot import Holding, Tier as CTier
+
+        rep = self._tiers.get(n)
+        if rep is None:
+            return None
+        out = [Holding(h.model, CTier(h.tier), h.nbytes, last_used=now - h.idle_s,
+                       blocks=None if h.blocks is None else frozenset(h.blocks), pinned=h.in_use)
+               for h in rep.holdings]
+        for name in sorted(self._held.get(n, ())):
+            mm = self._models.get(name)
+            if mm is not None and name not in rep.buffers:
+                out.append(Holding(name, CTier.GPU, mm.manifest.total_bytes, blocks=frozenset()))
+        return (tuple(out), rep.host_capacity_bytes, rep.host_free_bytes, rep.ssd_capacity_bytes, rep.ssd_free_bytes)
 
     def snapshot(self) -> Any:
         """The control plane's view of this cluster (one GPU slot per node, host-tier holdings)."""
@@ -479,7 +585,16 @@ class ClusterBackend:
         busy = {i.node for m in self._models.values() for i in m.instances if not i.pipelined}
         host_total = 1 << 50
         nodes = []
+        if self._tiers_poll is None or self._tiers_poll.done():  # fresh holdings for the next pass
+            self._tiers_poll = self._mem_spawn(self.refresh_tiers())
         for n in sorted(alive):
+            tiers = self._node_holdings(n, self._clock.now())
+            if tiers is not None:
+                hs, h_tot, h_free, s_tot, s_free = tiers
+                nodes.append(NodeView(id=n, gpus_total=1, gpus_free=0 if n in busy else 1, host_bytes_total=h_tot,
+                                      host_bytes_free=h_free, ssd_bytes_total=s_tot, ssd_bytes_free=s_free,
+                                      holdings=hs))
+                continue
             held = [self._models[name] for name in sorted(self._held.get(n, ())) if name in self._models]
             used = sum(mm.manifest.total_bytes for mm in held)
             nodes.append(NodeView(

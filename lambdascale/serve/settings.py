@@ -50,6 +50,11 @@ class ServeSettings(BaseModel):
         description="cluster backend: receivers of a multicast serve as λPipe pipelines before they hold the whole "
         "model (when the placement asks for it: control.placement_execute_while_load)",
     )
+    warm_agents: bool = Field(
+        default=True,
+        description="cluster backend: import torch and the stage code on every node agent at start, so forming a "
+        "stage (and a scale from zero) does not pay that import (about 1 s per agent, more on a loaded machine)",
+    )
     late_binding: bool = Field(
         default=True,
         description="cluster backend: queued requests stay at the gateway and go to an instance only when it can "

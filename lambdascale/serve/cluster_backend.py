@@ -552,21 +552,22 @@ class ClusterBackend:
 
         Tiers as the agent reports them (gpu = an instance's copy, host, ssd); ``in_use`` becomes
         ``pinned`` so the policy never asks to evict what the agent would refuse. A model the backend
-        put in the node's buffers after that report counts as a partial GPU copy (loading).
+        put in the node's buffers after that report counts as it did before agents reported tiers:
+        a host copy, pinned until the next report says what it is.
         """
         from lambdascale.control.snapshot import Holding, Tier as CTier
 
         rep = self._tiers.get(n)
         if rep is None:
             return None
-        out = [Holding(h.model, CTier(h.tier), h.nbytes, last_used=now - h.idle_s,
-                       blocks=None if h.blocks is None else frozenset(h.blocks), pinned=h.in_use)
-               for h in rep.holdings]
+        out = {(h.model, h.tier): Holding(h.model, CTier(h.tier), h.nbytes, last_used=now - h.idle_s,
+                                          blocks=None if h.blocks is None else frozenset(h.blocks), pinned=h.in_use)
+               for h in rep.holdings}
         for name in sorted(self._held.get(n, ())):
             mm = self._models.get(name)
-            if mm is not None and name not in rep.buffers:
-                out.append(Holding(name, CTier.GPU, mm.manifest.total_bytes, blocks=frozenset()))
-        return (tuple(out), rep.host_capacity_bytes, rep.host_free_bytes, rep.ssd_capacity_bytes, rep.ssd_free_bytes)
+            if mm is not None and not any(out.get((name, t)) and out[(name, t)].complete for t in ("gpu", "host")):
+                out[(name, "host")] = Holding(name, CTier.HOST, mm.manifest.total_bytes, pinned=True)
+        return (tuple(out.values()), rep.host_capacity_bytes, rep.host_free_bytes, rep.ssd_capacity_bytes, rep.ssd_free_bytes)
 
     def snapshot(self) -> Any:
         """The control plane's view of this cluster (one GPU slot per node, host-tier holdings)."""

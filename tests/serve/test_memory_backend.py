@@ -1,0 +1,113 @@
+"""The memory manager acting on real agents through the cluster backend (2 local agents, tiny-llama):
+after a scale-out the multicast receiver copies the model back to its host tier; after scale-in the
+idle device copies are evicted while the host copies stay; a later scale from zero on both nodes
+is a host-tier hit with no multicast; a copy in use is never evicted; the host capacity holds."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from lambdascale.config import load_config
+from lambdascale.serve.backend import GenerationRequest, SamplingSpec
+from lambdascale.serve.cluster_backend import ClusterBackend
+from lambdascale.serve.schemas import DeploySpec
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, str]:
+    from lambdascale.model.importers import import_model
+
+    d = tmp_path_factory.mktemp("models")
+    ck = import_model("synthetic:tiny-llama", d, n_blocks=4, chunks_per_block=1)
+    return d, ck.dir.name
+
+
+async def _wait(pred, what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def _complete(backend: ClusterBackend, rid: str, model: str, n: int) -> list[int]:
+    req = GenerationRequest(request_id=rid, model=model, prompt_ids=(1, 5, 9), output_ids=(),
+                            sampling=SamplingSpec(max_tokens=n, temperature=0.0, ignore_eos=True))
+    return [ev.token_id async for ev in backend.generate(req)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _tiers(backend: ClusterBackend, node: int, model: str) -> dict[str, bool]:
+    """{tier: complete} of ``model`` on ``node`` per the agent's latest report."""
+    rep = backend._tiers.get(node)
+    return {} if rep is None else {t: h.blocks is None for t, h in rep.tiers_of(model).items()}
+
+
+def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny) -> None:
+    models_dir, name = tiny
+    cfg = load_config(None, {
+        "runtime.nodes": 2, "runtime.register_timeout_s": 240, "runtime.heartbeat_s": 0.5,
+        "runtime.host_capacity_gb": 0.002,  # 2 MB per node: one tiny-llama (~1.3 MB) fits
+        "engine.max_batch_size": 2, "engine.max_model_len": 128,
+        "control.autoscale_interval_s": 0.1, "control.scale_down_cooldown_s": 0.0,
+    })
+    backend = ClusterBackend(cfg, models_dir)
+    spec = DeploySpec(name=name, min_instances=2, max_instances=2, target_concurrency=1, keep_alive_s=0.3)
+    cap = int(0.002 * 1e9)
+    overcommit: list[str] = []
+
+    def check_capacity() -> None:
+        for n, rep in backend._tiers.items():
+            host = sum(h.nbytes for h in rep.holdings if h.tier == "host")
+            if host > cap or rep.host_free_bytes < 0 or rep.host_capacity_bytes != cap:
+                overcommit.append(f"node {n}: {rep}")
+
+    async def main() -> None:
+        await backend.start()
+        pids = list(backend._lc.launcher.pids().values())
+        try:
+            await backend.deploy(spec)  # warms node 0's host tier; node 1 gets the model by multicast
+            await _wait(lambda: backend.scale_outs_in_progress == 0, "scale-out done")
+            assert backend.bytes_multicast > 0 and backend.tier_hits.get("network") == 1, backend.tier_hits
+            want = await _complete(backend, "r0", name, 4)
+            # copy-back: the multicast receiver ends up with a host copy (the policy asked, the agent copied)
+            await _wait(lambda: _tiers(backend, 1, name).get("host") is True, "node 1 host copy")
+            assert _tiers(backend, 1, name)["gpu"] is True  # its instance's copy stays while serving
+            assert backend.memory_ops["copy_backs"] >= 1
+            check_capacity()
+
+            # scale in to zero: both instances drain; idle device copies go, host copies stay
+            await backend.deploy(spec.model_copy(update={"min_instances": 0}))
+            await _wait(lambda: not backend._models[name].instances, "scale-in to zero")
+            await _wait(lambda: all(_tiers(backend, n, name) == {"host": True} for n in (0, 1)),
+                        "device copies evicted, host copies kept")
+            check_capacity()
+            assert backend.memory_ops["evicted"] >= 2
+
+            # scale from zero: host-tier hits on the nodes that kept host copies, no multicast, no store load
+            mc, before = backend.bytes_multicast, dict(backend.tier_hits)
+            got = await asyncio.gather(*(_complete(backend, f"z{i}", name, 4) for i in range(3)))
+            assert all(g == want for g in got)
+            assert backend.bytes_multicast == mc
+            assert backend.tier_hits.get("host", 0) >= before.get("host", 0) + 1
+            for t in ("network", "store", "gpu"):
+                assert backend.tier_hits.get(t, 0) == before.get(t, 0), (t, before, backend.tier_hits)
+            # in use: the policy never asked for an eviction the agents refused
+            assert backend.memory_ops["evict_refused"] == 0
+            check_capacity()
+            assert not overcommit, overcommit
+        finally:
+            await backend.close()
+        await _wait(lambda: all(_gone(p) for p in pids), "agents exited", timeout=10)
+
+    asyncio.run(asyncio.wait_for(main(), 150))

@@ -60,6 +60,23 @@ def startup_models(cfg: LambdaScaleConfig, registry: ModelRegistry, out: TextIO)
     return [s.name for s in registry.list()]
 
 
+def openai_example(url: str, model: str, key: str) -> str:
+    """A shell line that runs verbatim: this interpreter (a bare ``python`` may be another one), and
+    ``pip install openai`` first when the SDK is not installed here (it is no dependency of the server)."""
+    import importlib.util
+    import shlex
+    import sys
+
+    py = shlex.quote(sys.executable)
+    code = (f"import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='{key}'); "
+            f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello!'}}])"
+            ".choices[0].message.content)")
+    run = f'{py} -c "{code}"'
+    if importlib.util.find_spec("openai") is None:
+        return f"{py} -m pip install -q openai && {run}"
+    return run
+
+
 def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: TextIO | None = None,
                   stop: threading.Event | None = None) -> int:
     """Run until Ctrl-C / SIGTERM (or ``stop`` is set); returns the exit code."""
@@ -93,9 +110,7 @@ def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: T
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
           + ("-H 'Authorization: Bearer KEY' " if cfg.serve.api_keys else "")
           + f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", file=out)
-    print(f"  python -c \"import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='{'KEY' if key != 'none' else 'none'}'); "
-          f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"",
-          file=out, flush=True)
+    print("  " + openai_example(url, model, "KEY" if key != "none" else "none"), file=out, flush=True)
     stop = stop or threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -241,8 +241,13 @@ class ClusterBackend:
             alive = self.cluster.alive()
             if alive:
                 node = min(alive, key=lambda n: (len(self._held.get(n, ())), n))
-                await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
-                self._held.setdefault(node, set()).add(m.name)
+                from lambdascale.runtime.cluster import AgentRequestError
+
+                try:
+                    await self.cluster.request(node, HoldModel(req=0, model_dir=str(m.model_dir)))
+                    self._held.setdefault(node, set()).add(m.name)
+                except AgentRequestError as e:  # host tier full (runtime.host_capacity_gb): first start loads from the store
+                    log.warning("deploy of %s: host tier of node %d not warmed: %s", m.name, node, e)
         self._models[spec.name] = m  # visible to the controller only once its host copy is known
         self._kick()
         if self.autoscale:

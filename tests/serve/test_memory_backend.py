@@ -111,3 +111,49 @@ def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny) -> None:
         await _wait(lambda: all(_gone(p) for p in pids), "agents exited", timeout=10)
 
     asyncio.run(asyncio.wait_for(main(), 150))
+
+
+def test_idle_model_past_keep_alive_makes_room_for_a_hotter_one(tiny, tmp_path) -> None:
+    """One node whose host tier fits one model: B's copy-back evicts A's idle, expired host copy (LRU),
+    never A's copy while A is in use, and never over-commits the tier."""
+    from lambdascale.model.importers import import_model
+
+    models_dir, a = tiny
+    b = import_model("synthetic:tiny-llama", models_dir, name="tiny-b", n_blocks=4, chunks_per_block=1, seed=5).dir.name
+    cfg = load_config(None, {
+        "runtime.nodes": 1, "runtime.register_timeout_s": 240, "runtime.heartbeat_s": 0.5,
+        "runtime.host_capacity_gb": 0.002, "engine.max_batch_size": 2, "engine.max_model_len": 128,
+        "control.autoscale_interval_s": 0.1, "control.scale_down_cooldown_s": 0.0,
+    })
+    backend = ClusterBackend(cfg, models_dir)
+    cap = int(0.002 * 1e9)
+    seen: list[tuple[bool, bool]] = []  # (A host copy, B host copy) on every observation
+
+    def observe() -> dict[str, bool]:
+        rep = backend._tiers.get(0)
+        if rep is not None:
+            assert rep.host_capacity_bytes - rep.host_free_bytes <= cap
+            assert sum(h.nbytes for h in rep.holdings if h.tier == "host") <= cap
+            seen.append(("host" in rep.tiers_of(a), "host" in rep.tiers_of(b)))
+        return {m: t for m in (a, b) for t in [_tiers(backend, 0, m)]}
+
+    async def main() -> None:
+        await backend.start()
+        try:
+            await backend.deploy(DeploySpec(name=a, min_instances=0, max_instances=1, keep_alive_s=0.3))
+            await _complete(backend, "a0", a, 3)  # scale from zero from the warmed host copy
+            await _wait(lambda: not backend._models[a].instances and observe()[a] == {"host": True},
+                        "A scaled to zero, host copy kept")
+            # B does not fit next to A: its deploy cannot warm the host tier, its instance loads from the store
+            await backend.deploy(DeploySpec(name=b, min_instances=0, max_instances=1, keep_alive_s=0.3))
+            assert observe()[a] == {"host": True}
+            await _complete(backend, "b0", b, 3)
+            # B is hotter and A's copy idle past keep-alive: the policy evicts A to copy B back
+            await _wait(lambda: observe()[b].get("host") is True, "B copied back to host")
+            assert "host" not in observe()[a]
+            assert backend.memory_ops["evicted"] >= 1 and backend.memory_ops["evict_refused"] == 0
+            assert not any(x and y for x, y in seen), "both host copies at once would over-commit the tier"
+        finally:
+            await backend.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))

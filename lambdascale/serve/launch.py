@@ -48,7 +48,9 @@ def startup_models(cfg: LambdaScaleConfig, registry: ModelRegistry, out: TextIO)
         from lambdascale.model.checkpoint import list_models
 
         have = {m.name for m in list_models(cfg.paths.models_dir)} if cfg.paths.models_dir.is_dir() else set()
-        for n in names:
+        # The demo model is imported when asked for or already registered (a registry kept from an earlier run
+        # in this directory, with a models_dir that lost it or a new HOME): otherwise it could not be served.
+        for n in dict.fromkeys(names + [s.name for s in registry.list()]):
             if n == DEMO_MODEL and n not in have:
                 from lambdascale.model.importers import import_model
 

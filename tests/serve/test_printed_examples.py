@@ -60,3 +60,26 @@ def test_printed_curl_and_openai_examples_work_verbatim(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_registered_demo_model_is_imported_when_the_models_dir_lacks_it(tmp_path: Path, monkeypatch) -> None:
+    import io
+
+    import lambdascale.model.importers as importers
+    from lambdascale.config import load_config
+    from lambdascale.serve.registry import ModelRegistry
+    from lambdascale.serve.schemas import DeploySpec
+
+    calls: list[tuple[str, Path]] = []
+    monkeypatch.setattr(importers, "import_model", lambda name, d: calls.append((name, Path(d))))
+    cfg = load_config(None, {"paths.models_dir": str(tmp_path / "models"), "serve.backend": "cluster"})
+    reg = ModelRegistry(tmp_path / "reg.sqlite")
+    try:
+        reg.put(DeploySpec(name=launch.DEMO_MODEL))  # kept from an earlier run; this models_dir is new
+        reg.put(DeploySpec(name="other"))
+        out = io.StringIO()
+        assert sorted(launch.startup_models(cfg, reg, out)) == sorted([launch.DEMO_MODEL, "other"])
+    finally:
+        reg.close()
+    assert calls == [(launch.DEMO_MODEL, tmp_path / "models")]  # only the demo: other models are the user's to import
+    assert "importing the demo model" in out.getvalue()

@@ -171,6 +171,8 @@ class AgentMemory:
             if not r.gpu:
                 return False, False
             busy = self.busy_reasons(r, receiving, sending)
+            if r.host:  # the buffers stay (host copy): only the device copy's own users matter
+                busy = [b for b in busy if not b.startswith(("a load", "a copy-back"))]
             if busy:
                 raise MemoryRefusedError(f"{what}: in use ({'; '.join(busy)})")
             r.gpu = False

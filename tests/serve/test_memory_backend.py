@@ -53,9 +53,10 @@ def _tiers(backend: ClusterBackend, node: int, model: str) -> dict[str, bool]:
     return {} if rep is None else {t: h.blocks is None for t, h in rep.tiers_of(model).items()}
 
 
-def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny) -> None:
+def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny, tmp_path) -> None:
     models_dir, name = tiny
     cfg = load_config(None, {
+        "runtime.agent_ssd_dir": str(tmp_path / "ssd"),  # each agent's own SSD tier
         "runtime.nodes": 2, "runtime.register_timeout_s": 240, "runtime.heartbeat_s": 0.5,
         "runtime.host_capacity_gb": 0.002,  # 2 MB per node: one tiny-llama (~1.3 MB) fits
         "engine.max_batch_size": 2, "engine.max_model_len": 128,
@@ -84,12 +85,15 @@ def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny) -> None:
             await _wait(lambda: _tiers(backend, 1, name).get("host") is True, "node 1 host copy")
             assert _tiers(backend, 1, name)["gpu"] is True  # its instance's copy stays while serving
             assert backend.memory_ops["copy_backs"] >= 1
+            # and the host copy seeds the node's own SSD tier (block files + manifest)
+            await _wait(lambda: _tiers(backend, 1, name).get("ssd") is True, "node 1 ssd copy")
+            assert (tmp_path / "ssd" / "node1" / name / "manifest.json").exists()
             check_capacity()
 
             # scale in to zero: both instances drain; idle device copies go, host copies stay
             await backend.deploy(spec.model_copy(update={"min_instances": 0}))
             await _wait(lambda: not backend._models[name].instances, "scale-in to zero")
-            await _wait(lambda: all(_tiers(backend, n, name) == {"host": True} for n in (0, 1)),
+            await _wait(lambda: all(_tiers(backend, n, name) == {"host": True, "ssd": True} for n in (0, 1)),
                         "device copies evicted, host copies kept")
             check_capacity()
             assert backend.memory_ops["evicted"] >= 2

@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
             await _until_done(c, "ssd", name)
             rec("copy-back -> own SSD tier (write+fsync)", t0)
             t0 = time.perf_counter()
-            await c.request(0, HoldModel(req=0, model_dir=str(ck.dir)))
+            await c.request(0, HoldModel(req=0, model_dir=str(ck.dir), reuse=True))
             rec("host-tier hit (buffers complete)", t0)
             await c.evict(0, name, "gpu")
             await c.evict(0, name, "host")

@@ -178,8 +178,8 @@ class NodeAgent:
     async def _hold_model(self, msg: HoldModel) -> dict:
         """Read every block file into its buffer, verifying each chunk; label it ``msg.tier``.
 
-        The host reservation is taken before any byte is read (refused when the tier is full). A
-        model already complete in the buffers is not read again (a host- or gpu-tier hit); else
+        The host reservation is taken before any byte is read (refused when the tier is full). With
+        ``reuse``, a model already complete in the buffers is not read again (a host- or gpu-tier hit); else
         the agent's own SSD copy is preferred over ``model_dir`` (the store).
         """
         manifest = read_manifest(msg.model_dir)
@@ -188,7 +188,7 @@ class NodeAgent:
         if msg.tier == "host":
             self.memory.reserve_host(r)
         was = self.models.get(manifest.name)
-        if was is not None and len(was.held) == manifest.n_chunks and r.labelled and not r.holds:
+        if msg.reuse and was is not None and len(was.held) == manifest.n_chunks and r.labelled and not r.holds:
             source = "host" if r.host_complete else "gpu"
             self._label_loaded(r, msg.tier)
             return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(was.held), "source": source}

@@ -46,13 +46,15 @@ class HoldModel(_Msg):
     Reads from the agent's own SSD tier when it holds a copy (``runtime.agent_ssd_dir``), else from
     ``model_dir`` (the model store). ``tier`` says why the node keeps it (``runtime.agent_memory``):
     ``host`` caches it in the host tier (reserves host capacity first; refused when full),
-    ``gpu`` loads it for an instance (no host capacity). The reply's ``source`` names where it came from.
+    ``gpu`` loads it for an instance (no host capacity). With ``reuse`` a model whose buffers are
+    already complete is not read again. The reply's ``source`` names where it came from.
     """
 
     type: Literal["hold_model"] = "hold_model"
     req: int
     model_dir: str
     tier: Literal["host", "gpu"] = "host"
+    reuse: bool = Field(default=False, description="skip the read when the buffers already hold every chunk (a tier hit)")
 
 
 class PrepareReceive(_Msg):

@@ -102,7 +102,7 @@ def test_tiers_evict_refusals_copy_backs_and_capacity(tiny_model: Path, second_m
 
             # a later load on node 1 comes from its own SSD tier, then a host-tier hit
             assert (await c.request(1, HoldModel(req=0, model_dir=str(tiny_model), tier="gpu")))["source"] == "ssd"
-            assert (await c.request(1, HoldModel(req=0, model_dir=str(tiny_model))))["source"] == "gpu"
+            assert (await c.request(1, HoldModel(req=0, model_dir=str(tiny_model), reuse=True)))["source"] == "gpu"
             full = await c.holdings(1)
             assert set(full.tiers_of(name)) == {"gpu", "host", "ssd"}
 

@@ -44,11 +44,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     async with LocalCluster(1, runtime=rt) as lc:
         c = lc.cluster
         for _ in range(args.repeat):
-            for tier in ("ssd", "host", "gpu"):
-                try:
-                    await c.evict(0, name, tier)
-                except Exception:
-                    pass
+            for tier in ("ssd", "host", "gpu"):  # nothing is in use between rounds: never refused
+                await c.evict(0, name, tier)
             await c.request(0, DropModel(req=0, model=name))
             t0 = time.perf_counter()
             await c.request(0, HoldModel(req=0, model_dir=str(ck.dir), tier="gpu"))

@@ -474,9 +474,9 @@ class NodeAgent:
             for key in [k for k in self.stages if k[0] == msg.pipeline]:
                 self.stages.pop(key).close()
             model = self._pipe_model.pop(msg.pipeline, None)
-            r = self.memory.models.get(model) if model is not None else None
-            if r is not None:
-                r.stages.discard(msg.pipeline)
+            owner = self.memory.models.get(model) if model is not None else None
+            if owner is not None:
+                owner.stages.discard(msg.pipeline)
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, Warmup):
             await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")

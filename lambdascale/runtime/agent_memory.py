@@ -283,29 +283,29 @@ class AgentMemory:
             r = self.models[name]
             in_use = bool(self.busy_reasons(r, name in receiving, name in sending))
 
-            def idle(t: MemTier) -> float:
+            def idle(t: MemTier, r: Residency = r) -> float:
                 return max(0.0, now - r.last_used.get(t, now))
 
             if r.gpu:
                 have = held.get(name, set())
                 full = len(have) == r.manifest.n_chunks and not r.holds
                 blocks = None if full else sorted(self._blocks_held(r.manifest, have))
-                rows.append(dict(model=name, tier="gpu", nbytes=r.nbytes, blocks=blocks, idle_s=idle(MemTier.GPU),
-                                 in_use=in_use))
+                rows.append({"model": name, "tier": "gpu", "nbytes": r.nbytes, "blocks": blocks,
+                             "idle_s": idle(MemTier.GPU), "in_use": in_use})
             if r.host:
                 blocks = None if r.host_complete and not r.holds else sorted(r.host_blocks)
-                rows.append(dict(model=name, tier="host", nbytes=r.nbytes, blocks=blocks, idle_s=idle(MemTier.HOST),
-                                 in_use=in_use))
+                rows.append({"model": name, "tier": "host", "nbytes": r.nbytes, "blocks": blocks,
+                             "idle_s": idle(MemTier.HOST), "in_use": in_use})
             if r.ssd_alloc is not None:
-                rows.append(dict(model=name, tier="ssd", nbytes=r.nbytes, blocks=None if r.ssd_complete else [],
-                                 idle_s=idle(MemTier.SSD), in_use=bool(r.copies)))
-        return dict(
-            node=self.node,
-            host_capacity_bytes=self.host.capacity, host_free_bytes=self.host.free_bytes,
-            ssd_capacity_bytes=self.ssd.capacity if self.ssd is not None else 0,
-            ssd_free_bytes=self.ssd.free_bytes if self.ssd is not None else 0,
-            holdings=rows, buffers=sorted(n for n, r in self.models.items() if r.labelled),
-        )
+                rows.append({"model": name, "tier": "ssd", "nbytes": r.nbytes, "blocks": None if r.ssd_complete else [],
+                             "idle_s": idle(MemTier.SSD), "in_use": bool(r.copies)})
+        return {
+            "node": self.node,
+            "host_capacity_bytes": self.host.capacity, "host_free_bytes": self.host.free_bytes,
+            "ssd_capacity_bytes": self.ssd.capacity if self.ssd is not None else 0,
+            "ssd_free_bytes": self.ssd.free_bytes if self.ssd is not None else 0,
+            "holdings": rows, "buffers": sorted(n for n, r in self.models.items() if r.labelled),
+        }
 
     @staticmethod
     def _blocks_held(manifest: Manifest, have: set[int]) -> set[int]:

@@ -14,7 +14,12 @@ from lambdascale.model.manifest import read_manifest
 from lambdascale.runtime.agent_memory import AgentMemory, MemoryRefusedError, MemTier
 from lambdascale.runtime.cluster import AgentRequestError, Cluster
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.messages import GetStatus, HoldingsReport, HoldModel, SendChunks
+from lambdascale.runtime.messages import (
+    GetStatus,
+    HoldingsReport,
+    HoldModel,
+    SendChunks,
+)
 from lambdascale.runtime.multicast import prepare_receivers, run_multicast
 from lambdascale.runtime.pipeline import RemotePipeline, StagePlacement
 from lambdascale.runtime.settings import RuntimeSettings

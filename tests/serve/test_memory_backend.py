@@ -157,6 +157,10 @@ def test_idle_model_past_keep_alive_makes_room_for_a_hotter_one(tiny, tmp_path) 
             assert "host" not in observe()[a]
             assert backend.memory_ops["evicted"] >= 1 and backend.memory_ops["evict_refused"] == 0
             assert not any(x and y for x, y in seen), "both host copies at once would over-commit the tier"
+            # an undeployed model's copies are evicted from every tier and its buffers freed
+            await backend.undeploy(b)
+            await _wait(lambda: observe()[b] == {} and b not in backend._tiers[0].buffers, "B's copies evicted")
+            assert b not in backend._held.get(0, set())
         finally:
             await backend.close()
 

@@ -8,7 +8,7 @@ node's host tier (skipped when it is still there from an earlier instance: a hos
 forms a single-stage :class:`RemotePipeline` driven by a :class:`PipelineServer` (continuous
 batching on the agent) and a worker task here; ``remove_instances`` drains. Every scale-out is a
 ``ScaleTimeline`` (decision, node full, first pipeline), logged by the gateway. Requests wait in
-one FIFO per model; a request for a model with no instance is held there while one starts (scale
+one FIFO per model at the gateway; a request for a model with no instance is held there while one starts (scale
 from zero) unless no node can host one (503). Without autoscaling, ``deploy`` starts
 ``max(1, min_instances)`` instances itself.
 
@@ -18,11 +18,11 @@ that state; another instance prefills prompt + outputs and continues at the same
 the client's stream is exactly an uninterrupted run's. When no instance is left and none can
 start, every waiting request ends with :class:`BackendUnavailableError` (the gateway's 503).
 
-Not here yet: block multicast and λPipe pipelines across receivers during a scale-out (the
-runtime's ``runtime/scaleout.py`` has them for benchmarks; targets here load from the checkpoint
-or their own host copy), evictions and copy-backs (agents have no messages for them). One
-instance per node (one GPU slot). ``PipelineServer`` has no per-request abort, so :func:`_drop`
-removes a request through the same fields ``take`` uses (an adapter to replace when it gains one).
+Requests leave the FIFO only through :meth:`ClusterBackend._dispatch`, the control plane's
+late-binding ``dispatch`` (same policy as the simulator). Not here yet: evictions and copy-backs
+(agents have no messages for them). One instance per node (one GPU slot). ``PipelineServer`` has
+no per-request abort, so :func:`_drop` removes a request through the same fields ``take`` uses (an
+adapter to replace when it gains one).
 """
 
 from __future__ import annotations

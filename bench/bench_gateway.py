@@ -209,7 +209,7 @@ def bench_from_zero(models_dir: Path, nodes: int, n: int, max_tokens: int, max_s
     for label, r in runs.items():
         ys = sorted(r["first"].values())
         exact = all(r["texts"][rid] == r["codec"].decode(outputs[rid]) for rid in burst)
-        print(f"{label:<44}{ys[0]:>8.3f}{statistics.median(ys):>8.3f}{ys[-1]:>8.3f}{str(exact):>7}{r['start_s']:>8.2f}")
+        print(f"{label:<44}{ys[0]:>8.3f}{statistics.median(ys):>8.3f}{ys[-1]:>8.3f}{exact!s:>7}{r['start_s']:>8.2f}")
         for tl in r["timelines"][:2]:
             print(f"    scale event: targets {tl['targets']}, first pipeline "
                   f"{(tl['first_pipeline_at'] or 0) - tl['decided_at']:+.3f} s after the decision")

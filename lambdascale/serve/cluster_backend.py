@@ -267,7 +267,11 @@ class ClusterBackend:
                               timeline: Any = None) -> None:
         """Load ``m`` into ``node``'s host tier (from its SSD tier: the checkpoint), form a full instance, serve."""
         from lambdascale.runtime.messages import HoldModel
-        from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
+        from lambdascale.runtime.pipeline import (
+            PipelineServer,
+            RemotePipeline,
+            StagePlacement,
+        )
 
         if inst is None:
             inst = _Instance(m.name, node, None, None, loading=True, id=f"{m.name}@{node}")
@@ -424,7 +428,11 @@ class ClusterBackend:
 
     async def _start_pipeline(self, m: _Model, pl: Any, timeline: Any) -> _Instance | None:
         """Form one λPipe pipeline (stage i on a node holding blocks of stage i) and serve on it."""
-        from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
+        from lambdascale.runtime.pipeline import (
+            PipelineServer,
+            RemotePipeline,
+            StagePlacement,
+        )
 
         placements = [StagePlacement(st.node, (st.start, st.end)) for st in pl.stages]
         name = f"{m.name}@pipe{next(_SERIAL)}"
@@ -560,7 +568,8 @@ class ClusterBackend:
         put in the node's buffers after that report counts as it did before agents reported tiers:
         a host copy, pinned until the next report says what it is.
         """
-        from lambdascale.control.snapshot import Holding, Tier as CTier
+        from lambdascale.control.snapshot import Holding
+        from lambdascale.control.snapshot import Tier as CTier
 
         rep = self._tiers.get(n)
         if rep is None:
@@ -579,11 +588,15 @@ class ClusterBackend:
         from lambdascale.control.snapshot import (
             ClusterSnapshot,
             Holding,
-            InstanceState as CState,
             InstanceView,
             ModelView,
             NodeView,
             Stage,
+        )
+        from lambdascale.control.snapshot import (
+            InstanceState as CState,
+        )
+        from lambdascale.control.snapshot import (
             Tier as CTier,
         )
 
@@ -716,7 +729,8 @@ class ClusterBackend:
         Returns how many requests were dispatched.
         """
         from lambdascale.control.router import QueuedRequest, Waiting, dispatch
-        from lambdascale.control.snapshot import InstanceState as CState, InstanceView, ModelView, Stage
+        from lambdascale.control.snapshot import InstanceState as CState
+        from lambdascale.control.snapshot import InstanceView, ModelView, Stage
 
         while m.queue and (m.queue[0] not in self._reqs or self._reqs[m.queue[0]].done):
             m.queue.popleft()  # aborted or finished while queued

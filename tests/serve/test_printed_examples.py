@@ -45,11 +45,11 @@ def test_printed_curl_and_openai_examples_work_verbatim(tmp_path: Path) -> None:
         py = next((s.strip() for s in seen if "import openai" in s), None)
         assert curl and py, "serve did not print both examples:\n" + "".join(seen)
         assert re.search(r"at http://127\.0\.0\.1:\d+", "".join(seen))
-        r = subprocess.run(["bash", "-c", curl + " -s"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(["bash", "-c", curl + " -s"], capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0, r.stderr
         body = json.loads(r.stdout)
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
-        r = subprocess.run(["bash", "-c", py], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(["bash", "-c", py], capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == body["choices"][0]["message"]["content"].strip()  # fake tokens: deterministic
     finally:
@@ -65,8 +65,8 @@ def test_printed_curl_and_openai_examples_work_verbatim(tmp_path: Path) -> None:
 def test_a_registered_demo_model_is_imported_when_the_models_dir_lacks_it(tmp_path: Path, monkeypatch) -> None:
     import io
 
-    import lambdascale.model.importers as importers
     from lambdascale.config import load_config
+    from lambdascale.model import importers
     from lambdascale.serve.registry import ModelRegistry
     from lambdascale.serve.schemas import DeploySpec
 

@@ -26,9 +26,9 @@ def _agents_of(parent: int) -> list[int]:
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"lambdascale.runtime.agent" in argv and b"--parent-pid" in argv and state != "Z":
-            if argv[argv.index(b"--parent-pid") + 1] == str(parent).encode():
-                pids.append(int(d.name))
+        if (b"lambdascale.runtime.agent" in argv and b"--parent-pid" in argv and state != "Z"
+                and argv[argv.index(b"--parent-pid") + 1] == str(parent).encode()):
+            pids.append(int(d.name))
     return pids
 
 

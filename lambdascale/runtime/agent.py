@@ -166,11 +166,20 @@ class NodeAgent:
         except KeyError:
             raise LambdaScaleError(f"node {self.node} holds no model {name!r} (has: {sorted(self.models)})") from None
 
-    def _allocate(self, manifest: Manifest) -> ModelState:
+    async def _allocate(self, manifest: Manifest) -> ModelState:
+        """Block buffers for ``manifest`` (once per model).
+
+        Making hundreds of MB resident takes seconds on a busy machine: it runs in a worker thread
+        so this loop keeps heartbeating (else the controller declares a healthy node lost).
+        """
         if manifest.name in self.models:
             return self.models[manifest.name]
-        for blk in manifest.blocks:
-            self.transport.register(buffer_name(manifest.name, blk.index), blk.nbytes)
+        sizes = [blk.nbytes for blk in manifest.blocks]
+        arrays = await asyncio.to_thread(lambda: [Transport.allocate(n) for n in sizes])
+        if manifest.name in self.models:  # a concurrent request allocated it meanwhile
+            return self.models[manifest.name]
+        for blk, arr in zip(manifest.blocks, arrays, strict=True):
+            self.transport.adopt(buffer_name(manifest.name, blk.index), arr)
         st = self.models[manifest.name] = ModelState(manifest)
         return st
 
@@ -215,7 +224,7 @@ class NodeAgent:
         self.memory.touch(r.manifest.name, time.monotonic(), (MemTier(tier),))
 
     async def _read_blocks(self, manifest: Manifest, src: Path) -> ModelState:
-        st = self._allocate(manifest)
+        st = await self._allocate(manifest)
         for blk in manifest.blocks:
             path = src / blk.file
             view = self.transport.buffer(buffer_name(manifest.name, blk.index))
@@ -388,7 +397,7 @@ class NodeAgent:
         if isinstance(msg, PrepareReceive):
             manifest = Manifest.model_validate(msg.manifest)
             self.memory.residency(manifest).gpu = True  # landing zone of an instance (the device copy)
-            st = self._allocate(manifest)
+            st = await self._allocate(manifest)
             return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held)}
         if isinstance(msg, SendChunks):
             self._model(msg.model)

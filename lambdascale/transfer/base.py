@@ -99,18 +99,34 @@ class Transport(ABC):
         self.bytes_received = 0
 
     # ---- buffers ---------------------------------------------------------------------------
+    @staticmethod
+    def allocate(nbytes: int) -> np.ndarray:
+        """A zeroed, *resident* buffer of ``nbytes`` (thread-safe; the fill releases the GIL).
+
+        Touching every page now (like a pinned host pool, which is always resident) keeps page
+        faults out of the transfer. With lazily mapped np.zeros pages each received slice faulted
+        its pages in the kernel copy, which cost the multicast (many fresh buffers at once on
+        shared cores) up to half its throughput (docs/bench/runtime.md). Hundreds of MB take
+        seconds on a busy machine, so agents call this from a worker thread to keep heartbeating.
+        """
+        if nbytes <= 0:
+            raise ValueError(f"buffer size must be > 0 bytes, got {nbytes}")
+        arr = np.empty(nbytes, dtype=np.uint8)
+        arr.fill(0)
+        return arr
+
     def register(self, name: str, nbytes: int) -> memoryview:
         """Preallocate (zeroed) and register a receive/send buffer of ``nbytes``; returns a view."""
         if nbytes <= 0:
             raise ValueError(f"buffer {name!r}: size must be > 0 bytes, got {nbytes}")
+        return self.adopt(name, self.allocate(nbytes))
+
+    def adopt(self, name: str, arr: np.ndarray) -> memoryview:
+        """Register a buffer made by :meth:`allocate` (e.g. in a worker thread); returns a view."""
         if name in self._buffers:
             raise TransferError(f"buffer {name!r} is already registered on node {self.node}")
-        # Zeroed and *resident*: touching every page now (like a pinned host pool, which is always
-        # resident) keeps page faults out of the transfer. With lazily mapped np.zeros pages each
-        # received slice faulted its pages in the kernel copy, which cost the multicast (many
-        # fresh buffers at once on shared cores) up to half its throughput (docs/bench/runtime.md).
-        arr = np.empty(nbytes, dtype=np.uint8)
-        arr.fill(0)
+        if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+            raise ValueError(f"buffer {name!r}: need a contiguous 1-D uint8 array")
         self._buffers[name] = arr
         self._register_backend(name, arr)
         return memoryview(arr)

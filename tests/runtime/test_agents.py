@@ -102,3 +102,38 @@ def test_agents_die_with_their_controller(sig: int) -> None:
         for p in pids:
             if not _gone(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_agent_keeps_heartbeating_while_it_makes_large_buffers_resident(tiny_model: Path) -> None:
+    """Preparing ~1.5 GB of receive buffers takes far longer than the heartbeat limit here; the
+    agent must make them resident off its event loop, so the controller never declares it lost."""
+    from lambdascale.model.checkpoint import read_manifest
+    from lambdascale.runtime.messages import PrepareReceive
+
+    manifest = read_manifest(tiny_model)
+    big = 192 * 2**20  # per block; 8 blocks
+    blocks = []
+    for blk in manifest.blocks:
+        one = blk.chunks[0].model_copy(update={"index": blk.index, "offset": 0, "length": big})
+        blocks.append(blk.model_copy(update={"nbytes": big, "chunks": [one]}))
+    huge = manifest.model_copy(update={"name": "huge", "blocks": blocks})
+
+    async def main() -> None:
+        rt = RuntimeSettings(heartbeat_s=0.05, heartbeat_misses=3)  # lost after 0.15 s of silence
+        async with LocalCluster(1, runtime=rt) as lc:
+            c = lc.cluster
+            t0 = time.monotonic()
+            await c.request(0, PrepareReceive(req=0, manifest=huge.model_dump(mode="json")))
+            took = time.monotonic() - t0
+            lost = [ev for ev in _drain(c.events) if isinstance(ev, NodeLost)]
+            assert lost == [], f"agent declared lost while preparing buffers ({took:.2f}s): {lost}"
+            assert c.alive() == [0]
+
+    run_async(main())
+
+
+def _drain(queue) -> list:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out

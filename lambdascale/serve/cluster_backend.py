@@ -858,11 +858,23 @@ class ClusterBackend:
         return ModelCapacity(slots=sum(i.pipe.max_seqs for i in m.serving),
                              running=sum(len(i.server.reqs) for i in m.serving), queued=len(m.queue))
 
+    def _node_tiers(self, n: int) -> dict[str, tuple[Tier, ...]]:
+        """Which tiers hold each model on node ``n``, fastest first, from the agent's last report
+        (the same holdings the control plane sees); before any report, the models the backend put
+        in the node's buffers count as host copies."""
+        tiers = self._node_holdings(n, self._clock.now())
+        if tiers is None:
+            return {mm: (Tier.HOST,) for mm in sorted(self._held.get(n, ()))}
+        order = {Tier.GPU: 0, Tier.HOST: 1, Tier.SSD: 2}
+        out: dict[str, set[Tier]] = {}
+        for h in tiers[0]:
+            out.setdefault(h.model, set()).add(Tier(h.tier.value))
+        return {mm: tuple(sorted(ts, key=order.__getitem__)) for mm, ts in sorted(out.items())}
+
     def status(self) -> BackendStatus:
         alive = set(self.cluster.alive()) if self._lc is not None else set()
         return BackendStatus(
-            nodes=tuple(NodeInfo(str(n), n in alive, {mm: (Tier.HOST,) for mm in sorted(self._held.get(n, ()))})
-                        for n in range(self.n_nodes)),
+            nodes=tuple(NodeInfo(str(n), n in alive, self._node_tiers(n)) for n in range(self.n_nodes)),
             instances=tuple(InstanceInfo(
                 i.id, m.name,
                 InstanceState.LOADING if i.loading else (InstanceState.PIPELINED if i.pipelined else InstanceState.FULL),

@@ -19,8 +19,9 @@ the client's stream is exactly an uninterrupted run's. When no instance is left 
 start, every waiting request ends with :class:`BackendUnavailableError` (the gateway's 503).
 
 Requests leave the FIFO only through :meth:`ClusterBackend._dispatch`, the control plane's
-late-binding ``dispatch`` (same policy as the simulator). Not here yet: evictions and copy-backs
-(agents have no messages for them). One instance per node (one GPU slot). ``PipelineServer`` has
+late-binding ``dispatch`` (same policy as the simulator). The memory manager's plans (evictions,
+background copy-backs to host and the node's SSD) are applied on the agents by :meth:`apply_memory`,
+and the snapshot's per-node tiers come from the agents' reports. One instance per node (one GPU slot). ``PipelineServer`` has
 no per-request abort, so :func:`_drop` removes a request through the same fields ``take`` uses (an
 adapter to replace when it gains one).
 """

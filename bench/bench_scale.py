@@ -29,19 +29,26 @@ def efficiency(argv: list[str]) -> int:
     ap.add_argument("--chunks-per-block", default="2,8", help="comma list: chunk sizes to compare")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--transport", default="tcp", choices=["tcp", "nixl"])
+    ap.add_argument("--models-dir", default=None,
+                    help="use --model (a name) from this directory instead of importing it per chunk size")
     args = ap.parse_args(argv)
     counts = [int(x) for x in args.receivers.split(",")]
     print(f"{'chunks':>6} {'KiB/chunk':>9} {'rcv':>3} {'p2p Gb/s':>8} {'mc/rcv Gb/s':>11} {'min':>6} "
           f"{'mc/p2p':>6} {'sum/p2p':>7}")
     with tempfile.TemporaryDirectory(prefix="lambdascale-eff-") as tmp:
         for cpb in (int(x) for x in args.chunks_per_block.split(",")):
-            model_dir = resolve_model(args.model, Path(tmp) / f"c{cpb}", args.layers, 8, cpb)
+            if args.models_dir:  # an existing model: its own chunking, measured once
+                model_dir = resolve_model(args.model, Path(args.models_dir), None, 8, cpb)
+            else:
+                model_dir = resolve_model(args.model, Path(tmp) / f"c{cpb}", args.layers, 8, cpb)
             rows = asyncio.run(run_efficiency(model_dir, counts, TransferSettings(backend=args.transport),
-                                              RuntimeSettings(heartbeat_s=1.0), args.repeat))
+                                              RuntimeSettings(heartbeat_s=1.0, heartbeat_misses=30), args.repeat))
             for r in rows:
                 print(f"{r['n_chunks']:>6} {r['chunk_bytes'] / 1024:>9.0f} {r['receivers']:>3} {r['p2p_gbps']:>8.2f} "
                       f"{r['per_receiver_mean_gbps']:>11.2f} {r['per_receiver_min_gbps']:>6.2f} "
                       f"{r['efficiency']:>6.2f} {r['aggregate_efficiency']:>7.2f}")
+            if args.models_dir:
+                break
     return 0
 
 

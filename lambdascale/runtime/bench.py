@@ -69,6 +69,13 @@ class ScaleBenchResult:
     aggregate_efficiency: float = 0.0
     systems: list[dict[str, Any]] = field(default_factory=list)
     emulate_device: str | None = None
+    #: with ``sources > 1``: a capped multicast from node 0 alone, in the same run, and its bound
+    single_source_multicast_s: float | None = None
+    single_source_bound_s: float | None = None
+    single_source_vs_bound: float | None = None
+    #: ``--also-without-emulation``: the same burst on fresh clusters with real CPU time only
+    systems_without_emulation: list[dict[str, Any]] = field(default_factory=list)
+    stage_dtype: str = "float32"
 
 
 def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
@@ -92,8 +99,8 @@ def resolve_model(spec: str, models_dir: Path, layers: int | None, blocks: int, 
 async def _one_multicast(lc: LocalCluster, model_dir: Path, manifest: Manifest, sources: list[int],
                          receivers: list[int], algo: Algo) -> tuple[float, Any]:
     t0 = asyncio.get_running_loop().time()
-    for s in sources:
-        await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+    # sources load in parallel (each has its own SSD cap), as they would on separate nodes
+    await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir))) for s in sources))
     load_s = asyncio.get_running_loop().time() - t0
     await prepare_receivers(lc.cluster, manifest, receivers)
     res = await run_multicast(lc.cluster, manifest, sources, receivers, algo)
@@ -112,12 +119,19 @@ async def run_scale_bench(
     src = list(range(sources))
     rcv = list(range(sources, nodes))
     # 1. capped run
+    single = None
     async with LocalCluster(nodes, transfer, runtime) as lc:
         load_s, res = await _one_multicast(lc, model_dir, manifest, src, rcv, algo)
-    bound = None
+        if sources > 1:  # the single-source figure side by side: node 0 alone to every other node
+            others = list(range(1, nodes))
+            await asyncio.gather(*(lc.cluster.request(n, DropModel(req=0, model=manifest.name)) for n in others))
+            await prepare_receivers(lc.cluster, manifest, others)
+            single = await run_multicast(lc.cluster, manifest, [0], others, algo)
+    bound = single_bound = None
     if transfer.link_gbps:
-        bound = multicast_bound_s(nodes, sources, manifest.n_chunks, manifest.total_bytes,
-                                  gbps_to_bytes_per_s(transfer.link_gbps))
+        link_bps = gbps_to_bytes_per_s(transfer.link_gbps)
+        bound = multicast_bound_s(nodes, sources, manifest.n_chunks, manifest.total_bytes, link_bps)
+        single_bound = multicast_bound_s(nodes, 1, manifest.n_chunks, manifest.total_bytes, link_bps)
     # 2. uncapped: point-to-point, then a full multicast, on one cluster
     free = transfer.model_copy(update={"link_gbps": None, "ssd_gbps": None})
     async with LocalCluster(nodes, free, runtime) as lc:
@@ -135,6 +149,9 @@ async def run_scale_bench(
         vs_bound=(res.completion_s / bound) if bound else None, p2p_gbps=p2p_gbps,
         multicast_receiver_gbps=per_rcv, efficiency=statistics.mean(per_rcv) / p2p_gbps,
         aggregate_efficiency=sum(per_rcv) / p2p_gbps,
+        single_source_multicast_s=single.completion_s if single else None,
+        single_source_bound_s=single_bound if single else None,
+        single_source_vs_bound=(single.completion_s / single_bound) if single and single_bound else None,
     )
 
 
@@ -147,6 +164,15 @@ def format_table(r: ScaleBenchResult) -> str:
         ("multicast completion (capped)", f"{r.multicast_s * 1e3:.1f} ms"),
         ("bound (k-1+ceil(log2 n))/k x size/link", f"{r.bound_s * 1e3:.1f} ms" if r.bound_s else "n/a (no link cap)"),
         ("completion / bound (goal <= 1.25)", f"{r.vs_bound:.2f}" if r.vs_bound else "n/a"),
+    ]
+    if r.single_source_multicast_s is not None:
+        rows += [
+            ("1-source multicast completion (capped)", f"{r.single_source_multicast_s * 1e3:.1f} ms"),
+            ("1-source bound", f"{r.single_source_bound_s * 1e3:.1f} ms" if r.single_source_bound_s else "n/a"),
+            ("1-source completion / bound (goal <= 1.25)",
+             f"{r.single_source_vs_bound:.2f}" if r.single_source_vs_bound else "n/a"),
+        ]
+    rows += [
         ("uncapped point-to-point", f"{r.p2p_gbps:.2f} Gbit/s"),
         ("uncapped multicast per receiver", ", ".join(f"{g:.2f}" for g in r.multicast_receiver_gbps) + " Gbit/s"),
         ("multicast / p2p (goal >= 0.70)", f"{r.efficiency:.2f}"),
@@ -154,16 +180,34 @@ def format_table(r: ScaleBenchResult) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     out = "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
-    if r.systems:
-        hdr = f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} " \
-              f"{'MiB moved':>9} {'pipes':>5} {'exact':>5}"
-        lines = [hdr]
-        for x in r.systems:
-            lines.append(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
-                         f"{x['last_first_token_s'] * 1e3:>15.1f} {x['all_solo_s'] * 1e3:>11.1f} "
-                         f"{x['bytes_moved'] / 2**20:>9.1f} {x['pipelines_formed']:>5} {str(x['exact']):>5}")
-        out += f"\n\nburst served during scale-out (emulate-device: {r.emulate_device or 'off'})\n" + "\n".join(lines)
+    for label, systems in ((r.emulate_device or "off", r.systems), ("off", r.systems_without_emulation)):
+        if systems:
+            out += f"\n\nburst served during scale-out (emulate-device: {label}, stages {r.stage_dtype})\n" \
+                + _systems_table(systems)
     return out
+
+
+def _systems_table(systems: list[dict[str, Any]]) -> str:
+    """One row per system plus lambdascale's p99 TTFT over each other system's (goal: <= 0.5 vs
+    faasnet and nccl, < 1 vs local)."""
+    hdr = f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} " \
+          f"{'MiB moved':>9} {'pipes':>5} {'exact':>5} {'ls p99 / this':>13}"
+    ls = next((x["ttft_p99_s"] for x in systems if x["system"] == "lambdascale"), None)
+    lines = [hdr]
+    for x in systems:
+        ratio = f"{ls / x['ttft_p99_s']:.2f}" if ls is not None and x["ttft_p99_s"] > 0 else "n/a"
+        lines.append(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
+                     f"{x['last_first_token_s'] * 1e3:>15.1f} {x['all_solo_s'] * 1e3:>11.1f} "
+                     f"{x['bytes_moved'] / 2**20:>9.1f} {x['pipelines_formed']:>5} {str(x['exact']):>5} {ratio:>13}")
+    return "\n".join(lines)
+
+
+def _progress(msg: str) -> None:
+    """A timestamped line on stderr: long runs (minutes per system) show where they are."""
+    import sys
+    import time
+
+    print(f"[bench scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -190,22 +234,23 @@ def make_burst(n: int, vocab: int, max_tokens: int, seed: int = 0) -> dict[str, 
     return out
 
 
-def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu") -> dict[str, list[int]]:
+def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu",
+                      dtype: str = "float32") -> dict[str, list[int]]:
     """Each request alone on an in-process single-node engine (the exactness reference).
 
-    float32 on ``device``, like the agents' stages (``FormStage.dtype`` defaults to float32).
+    ``dtype`` on ``device``, the same as the agents' stages (``--stage-dtype``).
     """
     from lambdascale.engine.engine import Engine
     from lambdascale.engine.settings import EngineSettings
 
     eng = Engine.from_checkpoint(model_dir, EngineSettings(device="cuda" if device.startswith("cuda") else "cpu",
-                                                           dtype="float32"))
+                                                           dtype=dtype))
     return {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
 
 
 async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
                       burst: dict[str, Any], reference: dict[str, list[int]], systems: list[str],
-                      max_seqs: int = 8, device: str = "cpu") -> list[dict[str, Any]]:
+                      max_seqs: int = 8, device: str = "cpu", dtype: str = "float32") -> list[dict[str, Any]]:
     """One fresh cluster per system: sources hold the model, the burst is fired as it scales out.
 
     ``device`` is where stages compute ("cuda" on a GPU machine: every agent shares the GPU and
@@ -222,12 +267,12 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
         async with LocalCluster(nodes, transfer, runtime) as lc:
             # engines imported before the burst: a real node has its runtime up before it scales
             await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(nodes)))
-            for s in range(sources):
-                await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+            await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+                                   for s in range(sources)))
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
                                         burst, system, eos_ids, max_seqs=max_seqs,
                                         emulate_device=runtime.emulate_device, device=device,
-                                        link_gbps=transfer.link_gbps)
+                                        link_gbps=transfer.link_gbps, dtype=dtype)  # type: ignore[arg-type]
         ttft = list(rep.ttft.values())
         rows.append({
             "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
@@ -238,6 +283,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             "exact": rep.outputs == reference,
             "mismatched_requests": sorted(r for r in reference if rep.outputs.get(r) != reference[r]),
         })
+        _progress(f"{system}: TTFT p99 {rows[-1]['ttft_p99_s']:.2f} s, exact {rows[-1]['exact']}")
     return rows
 
 
@@ -245,9 +291,13 @@ def cmd_bench_scale(args: Any) -> int:
     from lambdascale.config import config_from_args
 
     cfg = config_from_args(args)
+    # token-bucket granularity: about 2 ms of link traffic (at least 64 KiB), so the head start a
+    # bucket allows stays negligible against the bound while a Gbit/s link is not paced in 64 KiB
+    # slices (thousands of Python wake-ups a second per agent, which made the CPU the bottleneck)
+    grain = max(64 << 10, int(gbps_to_bytes_per_s(cfg.transfer.link_gbps) * 0.002)) if cfg.transfer.link_gbps else 64 << 10
     transfer = cfg.transfer.model_copy(update={
-        "bucket_burst_bytes": min(cfg.transfer.bucket_burst_bytes, 64 << 10),
-        "io_slice_bytes": min(cfg.transfer.io_slice_bytes, 64 << 10) if cfg.transfer.link_gbps else cfg.transfer.io_slice_bytes,
+        "bucket_burst_bytes": min(cfg.transfer.bucket_burst_bytes, grain),
+        "io_slice_bytes": min(cfg.transfer.io_slice_bytes, grain) if cfg.transfer.link_gbps else cfg.transfer.io_slice_bytes,
     })
     from lambdascale.runtime.scaleout import SystemKind
 
@@ -255,6 +305,10 @@ def cmd_bench_scale(args: Any) -> int:
     bad = [x for x in args.systems.split(",") if x not in known]
     if bad:
         raise LambdaScaleError(f"--systems: unknown {bad}; choose from {known}")
+    if not 1 <= args.max_seqs <= 1024:
+        raise LambdaScaleError(f"--max-seqs must be in [1, 1024], got {args.max_seqs}")
+    if args.also_without_emulation and not cfg.runtime.emulate_device:
+        raise LambdaScaleError("--also-without-emulation needs --emulate-device (it reruns the burst with emulation off)")
     if cfg.runtime.emulate_device:  # a bad profile is a clear error now, not an agent failure mid-run
         from lambdascale.runtime.emulation import StepTimer, parse_profile
 
@@ -264,18 +318,27 @@ def cmd_bench_scale(args: Any) -> int:
         models_dir = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
     model_dir = resolve_model(args.model, models_dir, args.layers, cfg.store.n_blocks, cfg.store.chunks_per_block)
     result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, cfg.runtime, Algo(args.algo)))
+    _progress(f"data plane done: multicast {result.multicast_s:.2f} s (x{result.vs_bound or 0:.2f} of bound)")
     if args.burst > 0:
         from lambdascale.model.manifest import read_manifest
 
         vocab = read_manifest(model_dir).arch.vocab_size
         burst = make_burst(args.burst, vocab, args.max_tokens)
-        ref = reference_outputs(model_dir, burst)
+        ref = reference_outputs(model_dir, burst, dtype=args.stage_dtype)
+        result.stage_dtype = args.stage_dtype
+        _progress("single-node reference done")
         if cfg.runtime.emulate_device:
             from lambdascale.runtime.emulation import parse_profile
 
             result.emulate_device = parse_profile(cfg.runtime.emulate_device).spec
+        systems = args.systems.split(",")
         result.systems = asyncio.run(run_systems(
-            model_dir, args.nodes, args.sources, transfer, cfg.runtime, burst, ref, args.systems.split(",")))
+            model_dir, args.nodes, args.sources, transfer, cfg.runtime, burst, ref, systems,
+            max_seqs=args.max_seqs, dtype=args.stage_dtype))
+        if args.also_without_emulation and cfg.runtime.emulate_device:
+            result.systems_without_emulation = asyncio.run(run_systems(
+                model_dir, args.nodes, args.sources, transfer, cfg.runtime.model_copy(update={"emulate_device": None}),
+                burst, ref, systems, max_seqs=args.max_seqs, dtype=args.stage_dtype))
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:

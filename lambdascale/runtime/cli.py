@@ -26,6 +26,11 @@ def register_bench(bench_subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per burst request (default: 16)")
     p.add_argument("--systems", default="lambdascale,faasnet,nccl,local",
                    help="comma-separated systems to compare (default: lambdascale,faasnet,nccl,local)")
+    p.add_argument("--max-seqs", type=int, default=8, help="sequences per instance batch (default: 8)")
+    p.add_argument("--stage-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype stages and the single-node reference compute in (default: float32)")
+    p.add_argument("--also-without-emulation", action="store_true",
+                   help="with --emulate-device: rerun the same burst with emulation off, in the same run")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_scale)
 

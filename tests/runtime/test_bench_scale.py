@@ -42,3 +42,28 @@ def test_bench_scale_rejects_unknown_system_and_bad_profile(capsys) -> None:
     assert "--systems: unknown ['vllm']" in capsys.readouterr().err
     assert main(["bench", "scale", "--emulate-device", "h200"]) == 2
     assert "expected CALIBRATION:MODEL[:SCALE]" in capsys.readouterr().err
+
+
+def test_bench_scale_two_sources_bf16_with_and_without_emulation(tmp_path, capsys, monkeypatch) -> None:
+    """Issue 6's acceptance shape in miniature: 2 sources report the 1-source multicast side by side,
+    bfloat16 stages match a bfloat16 single-node reference, and one run gives both burst tables."""
+    monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
+    rc = main(["bench", "scale", "--nodes", "4", "--sources", "2", "--link-gbps", "0.1", "--ssd-gbps", "0.8",
+               "--burst", "4", "--max-tokens", "3", "--max-seqs", "2", "--stage-dtype", "bfloat16",
+               "--systems", "lambdascale,faasnet", "--emulate-device", "h200:llama2-7b:1",
+               "--also-without-emulation", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stage_dtype"] == "bfloat16" and out["emulate_device"] == "h200:llama2-7b:1"
+    # the single-source multicast ran capped in the same run: near or above its (larger) bound
+    assert out["single_source_bound_s"] > out["bound_s"] and out["single_source_vs_bound"] > 0.7
+    for table in (out["systems"], out["systems_without_emulation"]):
+        assert [x["system"] for x in table] == ["lambdascale", "faasnet"]
+        assert all(x["exact"] and not x["mismatched_requests"] for x in table)
+
+
+def test_bench_scale_rejects_no_emulation_rerun_without_emulation(capsys) -> None:
+    assert main(["bench", "scale", "--also-without-emulation"]) == 2
+    assert "--also-without-emulation needs --emulate-device" in capsys.readouterr().err
+    assert main(["bench", "scale", "--max-seqs", "0"]) == 2
+    assert "--max-seqs must be in [1, 1024], got 0" in capsys.readouterr().err

@@ -52,9 +52,40 @@ def efficiency(argv: list[str]) -> int:
     return 0
 
 
+def batch_invariance(argv: list[str]) -> int:
+    """Is one in-process engine batch-invariant? The first N burst requests alone vs batched.
+
+    The exactness column compares agents (which batch) with requests run alone; when this prints
+    differing requests, a mismatch there comes from the engine's numerics, not the scale-out path.
+    """
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.settings import EngineSettings
+    from lambdascale.model.manifest import read_manifest
+    from lambdascale.runtime.bench import make_burst
+
+    ap = argparse.ArgumentParser(prog="bench_scale.py --batch-invariance")
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=48, help="burst the requests are drawn from (same seeds as bench scale)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    args = ap.parse_args(argv)
+    burst = dict(list(make_burst(args.burst, read_manifest(args.model_dir).arch.vocab_size,
+                                 args.max_tokens).items())[: args.requests])
+    eng = Engine.from_checkpoint(args.model_dir, EngineSettings(device="cpu", dtype=args.dtype))
+    alone = {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
+    res = eng.run_to_completion([eng.resume(st, request_id=rid + "~b") for rid, st in burst.items()])
+    batched = {rid[:-2]: [t for o in outs for t in o.token_ids] for rid, outs in res.items()}
+    differ = sorted(r for r in alone if alone[r] != batched[r])
+    print(f"{args.dtype}: {len(differ)} of {len(alone)} requests differ batched vs alone: {differ}")
+    return 0
+
+
 if __name__ == "__main__":
     if "--efficiency" in sys.argv[1:]:
         sys.exit(efficiency([a for a in sys.argv[1:] if a != "--efficiency"]))
+    if "--batch-invariance" in sys.argv[1:]:
+        sys.exit(batch_invariance([a for a in sys.argv[1:] if a != "--batch-invariance"]))
     from lambdascale.cli import main
 
     sys.exit(main(["bench", "scale", *sys.argv[1:]]))

@@ -57,9 +57,25 @@ def test_bench_scale_two_sources_bf16_with_and_without_emulation(tmp_path, capsy
     assert out["stage_dtype"] == "bfloat16" and out["emulate_device"] == "h200:llama2-7b:1"
     # the single-source multicast ran capped in the same run: near or above its (larger) bound
     assert out["single_source_bound_s"] > out["bound_s"] and out["single_source_vs_bound"] > 0.7
+    # the replayed plan with real chunk sizes is never faster than the equal-chunk formula
+    assert out["plan_play_s"] >= out["bound_s"] * 0.999 and out["single_source_plan_play_s"] >= out["single_source_bound_s"] * 0.999
     for table in (out["systems"], out["systems_without_emulation"]):
         assert [x["system"] for x in table] == ["lambdascale", "faasnet"]
         assert all(x["exact"] and not x["mismatched_requests"] for x in table)
+
+
+def test_plan_play_sees_unequal_chunks(tmp_path) -> None:
+    """A model whose first and last blocks carry the (big) embedding and LM head: replaying the plan
+    with real chunk sizes takes longer than the equal-chunk formula."""
+    from lambdascale.model.manifest import read_manifest
+    from lambdascale.pipe.multicast import Algo
+    from lambdascale.runtime.bench import plan_play_s, resolve_model
+
+    m = read_manifest(resolve_model("synthetic:tiny-llama", tmp_path, None, 8, 2))
+    sizes = [c.length for b in m.blocks for c in b.chunks]
+    formula = multicast_bound_s(6, 1, m.n_chunks, m.total_bytes, 1e6)
+    played = plan_play_s(m, 6, 1, Algo.BINOMIAL, 1e6)
+    assert max(sizes) > 1.4 * min(sizes) and played > 1.03 * formula
 
 
 def test_bench_scale_rejects_no_emulation_rerun_without_emulation(capsys) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import shutil
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -344,8 +345,18 @@ def cmd_bench_scale(args: Any) -> int:
 
         StepTimer.build(parse_profile(cfg.runtime.emulate_device), 1, 1)
     models_dir = cfg.paths.models_dir
+    scratch: Path | None = None
     if args.model.startswith("synthetic:") and args.scratch:
-        models_dir = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
+        models_dir = scratch = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
+    try:
+        _run_bench_scale(args, cfg, transfer, models_dir)
+    finally:  # the scratch import is this run's alone: never leave a GB-sized copy in /tmp
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir: Path) -> None:
     model_dir = resolve_model(args.model, models_dir, args.layers, cfg.store.n_blocks, cfg.store.chunks_per_block)
     result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, cfg.runtime, Algo(args.algo)))
     _progress(f"data plane done: multicast {result.multicast_s:.2f} s (x{result.vs_bound or 0:.2f} of bound)")
@@ -373,7 +384,6 @@ def cmd_bench_scale(args: Any) -> int:
         print(json.dumps(asdict(result), indent=2))
     else:
         print(format_table(result))
-    return 0
 
 
 async def run_efficiency(model_dir: Path, receiver_counts: list[int], transfer: TransferSettings,

@@ -21,9 +21,15 @@ def test_bound_formula_single_and_multi_source() -> None:
 
 
 def test_bench_scale_cli_json(tmp_path, capsys, monkeypatch) -> None:
+    import tempfile
+
     monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
     rc = main(["bench", "scale", "--nodes", "3", "--link-gbps", "0.1", "--burst", "0", "--json"])
     assert rc == 0
+    assert not list(scratch_root.glob("lambdascale-bench-*")), "the scratch import was left behind"
     out = json.loads(capsys.readouterr().out)
     assert out["nodes"] == 3 and out["transport"] == "tcp" and out["n_chunks"] == 16
     # the link cap is honoured: no faster than ~the bound (a 64 KiB bucket allows a little head start)

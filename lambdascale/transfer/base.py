@@ -106,7 +106,7 @@ class Transport(ABC):
         Touching every page now (like a pinned host pool, which is always resident) keeps page
         faults out of the transfer. With lazily mapped np.zeros pages each received slice faulted
         its pages in the kernel copy, which cost the multicast (many fresh buffers at once on
-        shared cores) up to half its throughput (docs/bench/runtime.md). Hundreds of MB take
+        shared cores) up to half its throughput (docs/BENCHMARKS.md, Runtime). Hundreds of MB take
         seconds on a busy machine, so agents call this from a worker thread to keep heartbeating.
         """
         if nbytes <= 0:

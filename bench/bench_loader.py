@@ -20,7 +20,6 @@ import argparse
 import gc
 import io
 import os
-import statistics
 import subprocess
 import tempfile
 import time

@@ -82,7 +82,7 @@ def section_frontier(traces: Path, target: float, p99_bound: float) -> None:
     kas = (2.0, 5.0, 10.0, 30.0)
     grid = [(m, ka, tc) for m, ka in [(0, k) for k in kas] + [(1, 30.0)] for tc in (4, 8, 12, 16, 24, 32)]
     rows: list[tuple[str, float, float, float, str]] = []  # system, GPU-s, SLO, p99, setting
-    print(f"\n## frontier grid (code trace, 13B, 16 nodes, host cache on 2 nodes)")
+    print("\n## frontier grid (code trace, 13B, 16 nodes, host cache on 2 nodes)")
     print(f"{'system':<14}{'min':>4}{'keep-alive':>11}{'cooldown':>9}{'target':>7}{'SLO':>8}{'p99 TTFT':>10}{'GPU-s':>9}")
     for m, ka, tc in grid:
         s = base.model_copy(update={"min_instances": m, "keep_alive_s": ka, "keepalive_baseline_keep_alive_s": 10 * ka,

@@ -34,7 +34,7 @@ from typing import Callable, Literal
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo
-from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner
+from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, NodeLostError
 from lambdascale.runtime.kvmove import KvMove, KvPolicy, RecomputeEstimate, choose_kv_move, kv_bytes_per_token, ship_kv
 from lambdascale.runtime.messages import ChunkHeld, FormStage, HoldModel

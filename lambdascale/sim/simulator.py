@@ -52,7 +52,6 @@ from lambdascale.control.snapshot import (
     InstanceView,
     ModelView,
     NodeView,
-    RouteKind,
     ScalePlan,
     Stage,
     Tier,

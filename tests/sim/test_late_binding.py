@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import InstanceState
 from lambdascale.sim.cluster import load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.settings import SimSettings

@@ -259,38 +259,27 @@ def write_plots(result: BenchResult, out_dir: str | Path) -> list[Path]:
         raise BenchInputError("plots need matplotlib: pip install 'lambdascale[plots]' (or drop --plot-dir)") from None
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list[Path] = []
+
+    def panel(name: str, xlabel: str, ylabel: str, title: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        draw(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(d / name)
+        plt.close(fig)
+        paths.append(d / name)
+
     arrivals = [r.arrival_s for r in result.requests]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    if arrivals:
-        ax.hist(arrivals, bins=max(1, int(max(arrivals)) + 1), range=(0, max(arrivals) + 1))
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("requests / s")
-    ax.set_title("request rate")
-    paths.append(d / "request_rate.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.step([s.t_s for s in result.samples], [s.instances for s in result.samples], where="post")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("instances")
-    ax.set_title("instances")
-    paths.append(d / "instances.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3))
     ok = [(r.arrival_s, r.ttft_s * 1e3) for r in result.requests if r.ttft_s is not None]
-    if ok:
-        ax.scatter([a for a, _ in ok], [b for _, b in ok], s=6)
-    ax.set_xlabel("arrival (s)")
-    ax.set_ylabel("TTFT (ms)")
-    ax.set_title("time to first token")
-    paths.append(d / "ttft.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    panel("request_rate.png", "time (s)", "requests / s", "request rate",
+          lambda ax: arrivals and ax.hist(arrivals, bins=max(1, int(max(arrivals)) + 1), range=(0, max(arrivals) + 1)))
+    panel("instances.png", "time (s)", "instances", "instances",
+          lambda ax: ax.step([s.t_s for s in result.samples], [s.instances for s in result.samples], where="post"))
+    panel("ttft.png", "arrival (s)", "TTFT (ms)", "time to first token",
+          lambda ax: ok and ax.scatter([a for a, _ in ok], [b for _, b in ok], s=6))
     return paths
 
 

@@ -39,6 +39,19 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view
         got += k
 
 
+async def _expect_ok(loop: asyncio.AbstractEventLoop, sock: socket.socket, stall: float, refusal: str) -> None:
+    """Read the peer's one-byte status; on a refusal read its message and raise ``TransferError``
+    as ``f"{refusal}: {message}"``."""
+    status = bytearray(1)
+    await asyncio.wait_for(_recv_exact(loop, sock, memoryview(status)), stall)
+    if status[0] != _OK:
+        ln = bytearray(4)
+        await asyncio.wait_for(_recv_exact(loop, sock, memoryview(ln)), stall)
+        msg = bytearray(struct.unpack("!I", ln)[0])
+        await asyncio.wait_for(_recv_exact(loop, sock, memoryview(msg)), stall)
+        raise TransferError(f"{refusal}: {msg.decode()}")
+
+
 class TcpTransport(Transport):
     """Transport over TCP on raw sockets. ``info().port`` is the listening port."""
 
@@ -170,14 +183,7 @@ class TcpTransport(Transport):
             try:
                 nb = name.encode()
                 await asyncio.wait_for(loop.sock_sendall(sock, _HEADER.pack(_MAGIC_GET, self.node, offset, length, len(nb), 0) + nb), stall)
-                status = bytearray(1)
-                await asyncio.wait_for(_recv_exact(loop, sock, memoryview(status)), stall)
-                if status[0] != _OK:
-                    ln = bytearray(4)
-                    await asyncio.wait_for(_recv_exact(loop, sock, memoryview(ln)), stall)
-                    msg = bytearray(struct.unpack("!I", ln)[0])
-                    await asyncio.wait_for(_recv_exact(loop, sock, memoryview(msg)), stall)
-                    raise TransferError(f"{where}: peer refused the fetch: {msg.decode()}")
+                await _expect_ok(loop, sock, stall, f"{where}: peer refused the fetch")
                 pos = 0
                 while pos < length:
                     n = min(self.settings.io_slice_bytes, length - pos)
@@ -261,14 +267,7 @@ class TcpTransport(Transport):
                 await self.send_bucket.acquire_async(n)
                 await asyncio.wait_for(loop.sock_sendall(sock, src_view[offset + pos : offset + pos + n]), stall)
                 pos += n
-            status = bytearray(1)
-            await asyncio.wait_for(_recv_exact(loop, sock, memoryview(status)), stall)
-            if status[0] != _OK:
-                ln = bytearray(4)
-                await asyncio.wait_for(_recv_exact(loop, sock, memoryview(ln)), stall)
-                msg = bytearray(struct.unpack("!I", ln)[0])
-                await asyncio.wait_for(_recv_exact(loop, sock, memoryview(msg)), stall)
-                raise TransferError(f"{where}: receiver rejected the transfer: {msg.decode()}")
+            await _expect_ok(loop, sock, stall, f"{where}: receiver rejected the transfer")
         except asyncio.TimeoutError:
             raise TransferError(
                 f"{where}: peer stalled, no progress for {stall}s (transfer.stall_timeout_s)"

@@ -52,6 +52,11 @@ def resolve_dtype(settings: EngineSettings, device: torch.device) -> torch.dtype
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
 
 
+def invariant_chunk_size(settings: EngineSettings) -> int:
+    """Prefill chunk length in batch-invariant mode: fits the step budget next to a full set of decodes."""
+    return max(1, settings.max_num_batched_tokens - settings.max_batch_size)
+
+
 def _stop_holdback(text: str, stops: Seq[str]) -> int:
     """Characters at the end of ``text`` that could still grow into a stop string."""
     hold = 0
@@ -96,6 +101,10 @@ class Engine:
         # intra-op threads for steps: OpenMP keeps this per OS thread, so a worker thread that
         # runs step() would otherwise fall back to the default (see step())
         self.threads = self.settings.threads or torch.get_num_threads()
+        if self.settings.batch_invariant:
+            self.threads = 1  # multi-threaded BLAS splits work by the batch's row count
+            for st in stages:
+                st.model.set_batch_invariant(True)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -262,7 +271,9 @@ class Engine:
     def _schedule(self) -> SchedulerOutput:
         running = [self._view(r) for r in self._running]
         waiting = [self._view(r) for r in self._waiting]
-        sched = schedule(running, waiting, self.settings.max_batch_size, self.settings.max_num_batched_tokens)
+        s = self.settings
+        chunk = invariant_chunk_size(s) if s.batch_invariant else None
+        sched = schedule(running, waiting, s.max_batch_size, s.max_num_batched_tokens, chunk)
         for rid in sched.admitted:
             self._waiting.remove(rid)
             self._running.append(rid)

@@ -9,6 +9,10 @@ is tested without a model. Policy (continuous batching, prefill and decode in on
    (``max_batch_size``) and the step's token budget (``max_num_batched_tokens``) is not spent;
    a prompt longer than the budget left is split into chunks over several steps.
 
+With ``chunk_size`` (the engine's batch-invariant mode) a prefill chunk is always
+``min(remaining, chunk_size)`` tokens, so chunk boundaries depend only on the request itself; a
+chunk that does not fit the budget left waits for a later step instead of shrinking.
+
 A sequence samples a token in a step only when that step computes its last pending token.
 """
 
@@ -62,11 +66,21 @@ def schedule(
     waiting: Sequence[SeqView],
     max_batch_size: int,
     max_num_batched_tokens: int,
+    chunk_size: int | None = None,
 ) -> SchedulerOutput:
     """Plan the next step (see the module docstring for the policy)."""
     if max_batch_size < 1 or max_num_batched_tokens < 1:
         raise ValueError(f"limits must be positive: max_batch_size={max_batch_size}, "
                          f"max_num_batched_tokens={max_num_batched_tokens}")
+    if chunk_size is not None and not 1 <= chunk_size <= max_num_batched_tokens:
+        raise ValueError(f"chunk_size={chunk_size} must be in [1, max_num_batched_tokens={max_num_batched_tokens}]")
+
+    def take(remaining: int) -> int:
+        if chunk_size is None:
+            return min(remaining, budget)
+        n = min(remaining, chunk_size)
+        return n if n <= budget else 0
+
     decodes = [s for s in running if s.remaining == 1]
     prefilling = [s for s in running if s.remaining > 1]
     out: list[ScheduledSeq] = [ScheduledSeq(s.request_id, s.num_computed, 1, True) for s in decodes]
@@ -74,7 +88,9 @@ def schedule(
     for s in prefilling:
         if budget <= 0:
             break
-        n = min(s.remaining, budget)
+        n = take(s.remaining)
+        if n == 0:
+            break
         out.append(ScheduledSeq(s.request_id, s.num_computed, n, n == s.remaining))
         budget -= n
     admitted: list[str] = []
@@ -82,7 +98,9 @@ def schedule(
     for s in waiting:
         if budget <= 0 or slots <= 0:
             break
-        n = min(s.remaining, budget)
+        n = take(s.remaining)
+        if n == 0:
+            break
         out.append(ScheduledSeq(s.request_id, s.num_computed, n, n == s.remaining))
         admitted.append(s.request_id)
         budget -= n

@@ -29,3 +29,11 @@ class EngineSettings(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default"
     )
+    batch_invariant: bool = Field(
+        default=False,
+        description=(
+            "make each request's logits bitwise independent of which requests share its batch "
+            "(CPU, float32/bfloat16): one torch thread, linear inputs padded to >= 4 rows, "
+            "per-sequence attention, prefill chunks that depend only on the request; slower"
+        ),
+    )

@@ -14,7 +14,9 @@ attention; SwiGLU MLP; tied or untied embeddings. Numerics follow Hugging Face's
 Layout of a step: the tokens of every sequence in the batch are flattened into one
 ``[N, hidden]`` matrix (N = sum of new tokens), so all projections are single matmuls; only
 attention is per sequence: decode tokens (one new token each) are attended in one padded batch,
-prefill segments one sequence at a time with a causal mask. The KV cache itself (allocation,
+prefill segments one sequence at a time with a causal mask. With ``batch_invariant`` every
+sequence (decodes too) is attended alone and projections pad small batches (see
+:func:`invariant_linear`), so a row's result does not depend on its batch. The KV cache itself (allocation,
 slots, growth) is owned by the engine (``lambdascale.engine.kv_cache``); this module only reads
 and writes the per-layer buffers it is handed.
 """
@@ -135,6 +137,24 @@ def expected_shapes(arch: ModelArch, layers: tuple[int, int], first: bool, last:
     return out
 
 
+#: Below this many rows, CPU BLAS picks row-count-dependent kernels (measured on torch 2.13): a
+#: batch-invariant linear pads its input with zero rows up to this count.
+MIN_INVARIANT_ROWS = 4
+
+
+def invariant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose row results do not depend on how many rows the batch has.
+
+    x: [M, in], w: [out, in] -> [M, out]. With one BLAS thread, each row's result is bitwise the
+    same for every M >= ``MIN_INVARIANT_ROWS``; smaller M are padded with zero rows (dropped after).
+    """
+    m = x.shape[0]
+    if m >= MIN_INVARIANT_ROWS:
+        return F.linear(x, w, b)
+    pad = x.new_zeros(MIN_INVARIANT_ROWS - m, x.shape[1])
+    return F.linear(torch.cat([x, pad]), w, b)[:m]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 and cast back before the weight, as the reference does."""
     dtype = x.dtype
@@ -146,9 +166,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecoderLayer:
     """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, arch: ModelArch, t: Mapping[str, torch.Tensor], index: int) -> None:
+    def __init__(
+        self, arch: ModelArch, t: Mapping[str, torch.Tensor], index: int, batch_invariant: bool = False
+    ) -> None:
         p = f"model.layers.{index}."
         self.index = index
+        self.set_batch_invariant(batch_invariant)
         self.eps = arch.rms_norm_eps
         self.n_heads = arch.num_attention_heads
         self.n_kv = arch.num_key_value_heads
@@ -167,6 +190,11 @@ class DecoderLayer:
         self.w_down = t[p + "mlp.down_proj.weight"]  # [hidden, inter]
         self.scale = self.d ** -0.5
 
+    def set_batch_invariant(self, on: bool) -> None:
+        """Switch padded projections and per-sequence attention on or off."""
+        self.batch_invariant = on
+        self.linear = invariant_linear if on else F.linear
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -178,15 +206,16 @@ class DecoderLayer:
     ) -> torch.Tensor:
         n = x.shape[0]
         h = rms_norm(x, self.ln1, self.eps)  # [N, hidden]
-        q = F.linear(h, self.wq, self.bq).view(n, self.n_heads, self.d)  # [N, H, d]
-        k = F.linear(h, self.wk, self.bk).view(n, self.n_kv, self.d)  # [N, KV, d]
-        v = F.linear(h, self.wv, self.bv).view(n, self.n_kv, self.d)  # [N, KV, d]
+        lin = self.linear
+        q = lin(h, self.wq, self.bq).view(n, self.n_heads, self.d)  # [N, H, d]
+        k = lin(h, self.wk, self.bk).view(n, self.n_kv, self.d)  # [N, KV, d]
+        v = lin(h, self.wv, self.bv).view(n, self.n_kv, self.d)  # [N, KV, d]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         attn = self._attention(q, k, v, meta, kv, decode)  # [N, H*d]
-        x = x + F.linear(attn, self.wo)
+        x = x + lin(attn, self.wo)
         h = rms_norm(x, self.ln2, self.eps)
-        return x + F.linear(F.silu(F.linear(h, self.w_gate)) * F.linear(h, self.w_up), self.w_down)
+        return x + lin(F.silu(lin(h, self.w_gate)) * lin(h, self.w_up), self.w_down)
 
     def _attention(
         self,
@@ -204,7 +233,7 @@ class DecoderLayer:
         """
         kc, vc = kv  # [slots, KV, T_cap, d]
         out = torch.empty(q.shape[0], self.n_heads, self.d, dtype=q.dtype, device=q.device)
-        dec = decode
+        dec = None if self.batch_invariant else decode  # invariant: every sequence attends alone
         decode_rows = dec.rows if dec is not None else 0
         if dec is not None:
             kc[dec.slot_t, :, dec.pos_t] = k[:decode_rows]  # [B, KV, d] scattered at (slot, :, pos)
@@ -260,14 +289,16 @@ class StageModel:
         first: bool,
         last: bool,
         device: torch.device | str = "cpu",
+        batch_invariant: bool = False,
     ) -> None:
         self.arch = arch
+        self.batch_invariant = batch_invariant
         self.layers_range = layers
         self.first = first
         self.last = last
         self.device = torch.device(device)
         self.embed = tensors.get("model.embed_tokens.weight") if first else None
-        self.layers = [DecoderLayer(arch, tensors, i) for i in range(*layers)]
+        self.layers = [DecoderLayer(arch, tensors, i, batch_invariant) for i in range(*layers)]
         self.norm = tensors.get("model.norm.weight") if last else None
         self.lm_head = tensors.get("lm_head.weight") if last else None
         if first and self.embed is None:
@@ -277,6 +308,12 @@ class StageModel:
         any_t = next(iter(tensors.values()))
         self.dtype = any_t.dtype
         self.rope = RotaryEmbedding(arch, self.device)
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """Make every row's output independent of the batch it runs in (see the module docstring)."""
+        self.batch_invariant = on
+        for layer in self.layers:
+            layer.set_batch_invariant(on)
 
     @property
     def num_layers(self) -> int:
@@ -293,6 +330,7 @@ class StageModel:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         source: str = "state dict",
+        batch_invariant: bool = False,
     ) -> "StageModel":
         """Build from canonical tensors, checking names and shapes against ``arch``.
 
@@ -326,7 +364,7 @@ class StageModel:
             if dtype is not None and x.dtype != dtype:
                 x = x.to(dtype)
             picked[name] = x.to(device)
-        return cls(arch, picked, layers, first, last, device)
+        return cls(arch, picked, layers, first, last, device, batch_invariant)
 
     @torch.inference_mode()
     def forward(
@@ -347,6 +385,8 @@ class StageModel:
             decode_rows = 0
             while decode_rows < len(meta.lengths) and meta.lengths[decode_rows] == 1:
                 decode_rows += 1
+        if self.batch_invariant and self.device.type == "cpu" and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)  # multi-threaded BLAS splits rows by batch size
         if len(kv) != len(self.layers):
             raise ValueError(f"got KV buffers for {len(kv)} layers, stage has {len(self.layers)}")
         if self.first:
@@ -370,6 +410,7 @@ class StageModel:
         if not all_logits:
             h = h[meta.last_token_rows()]  # [num_seqs, hidden]
         h = rms_norm(h, self.norm, self.arch.rms_norm_eps)
-        return F.linear(h, self.lm_head).to(torch.float32)  # [rows, vocab]
+        lin = invariant_linear if self.batch_invariant else F.linear
+        return lin(h, self.lm_head).to(torch.float32)  # [rows, vocab]
 
     __call__ = forward

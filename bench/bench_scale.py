@@ -69,15 +69,18 @@ def batch_invariance(argv: list[str]) -> int:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--burst", type=int, default=48, help="burst the requests are drawn from (same seeds as bench scale)")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--batch-invariant", action="store_true", help="engine.batch_invariant on (docs: engine settings)")
     args = ap.parse_args(argv)
     burst = dict(list(make_burst(args.burst, read_manifest(args.model_dir).arch.vocab_size,
                                  args.max_tokens).items())[: args.requests])
-    eng = Engine.from_checkpoint(args.model_dir, EngineSettings(device="cpu", dtype=args.dtype))
+    eng = Engine.from_checkpoint(args.model_dir, EngineSettings(device="cpu", dtype=args.dtype,
+                                                                  batch_invariant=args.batch_invariant))
     alone = {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
     res = eng.run_to_completion([eng.resume(st, request_id=rid + "~b") for rid, st in burst.items()])
     batched = {rid[:-2]: [t for o in outs for t in o.token_ids] for rid, outs in res.items()}
     differ = sorted(r for r in alone if alone[r] != batched[r])
-    print(f"{args.dtype}: {len(differ)} of {len(alone)} requests differ batched vs alone: {differ}")
+    mode = "batch-invariant" if args.batch_invariant else "default"
+    print(f"{args.dtype} ({mode}): {len(differ)} of {len(alone)} requests differ batched vs alone: {differ}")
     return 0
 
 

@@ -13,7 +13,7 @@ import torch
 
 from lambdascale.engine.engine import Engine
 from lambdascale.engine.sampling import SamplingParams
-from lambdascale.engine.scheduler import schedule, SeqView
+from lambdascale.engine.scheduler import SeqView, schedule
 from lambdascale.engine.sequence import TokenState
 from lambdascale.engine.settings import EngineSettings
 from lambdascale.model.arch import SHAPES

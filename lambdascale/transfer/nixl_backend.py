@@ -108,16 +108,22 @@ class NixlTransport(Transport):
         if rn is not None and self._agent is not None:
             self._agent.remove_remote_agent(rn)
 
-    async def send(self, peer: int, name: str, offset: int, length: int, tag: str) -> None:
+    def _ranges(self, peer: int, name: str, offset: int, length: int, local_role: str, arrow: str,
+                remote_role: str) -> tuple[Any, Any]:
+        """Checks shared by send and fetch: transport open, range inside our buffer ``name`` and
+        inside the peer's registered buffer of the same name; returns (peer info, remote buffer)."""
         if self._closed or self._agent is None:
             raise TransferError(f"transport of node {self.node} is closed or not started")
         info = self._peer(peer)
-        src = self.buffer(name)
-        self._check_range(name, offset, length, len(src), f"sender node {self.node}")
+        self._check_range(name, offset, length, len(self.buffer(name)), local_role)
         rbuf = info.buffers.get(name)
         if rbuf is None:
-            raise TransferError(f"node {self.node} -> node {peer}: peer has no buffer {name!r} (have: {sorted(info.buffers)})")
-        self._check_range(name, offset, length, rbuf.nbytes, f"receiver node {peer}")
+            raise TransferError(f"node {self.node} {arrow} node {peer}: peer has no buffer {name!r} (have: {sorted(info.buffers)})")
+        self._check_range(name, offset, length, rbuf.nbytes, remote_role)
+        return info, rbuf
+
+    async def send(self, peer: int, name: str, offset: int, length: int, tag: str) -> None:
+        info, rbuf = self._ranges(peer, name, offset, length, f"sender node {self.node}", "->", f"receiver node {peer}")
         where = f"node {self.node} -> node {peer} (nixl {info.agent_name}), tag {tag!r}"
         await self.send_bucket.acquire_async(length)
         local_addr = self._buffers[name].ctypes.data + offset
@@ -134,15 +140,7 @@ class NixlTransport(Transport):
 
     async def fetch(self, peer: int, name: str, offset: int, length: int) -> None:
         """One-sided READ of the peer's registered range into ours; the peer's CPU does nothing."""
-        if self._closed or self._agent is None:
-            raise TransferError(f"transport of node {self.node} is closed or not started")
-        info = self._peer(peer)
-        dst = self.buffer(name)
-        self._check_range(name, offset, length, len(dst), f"fetching node {self.node}")
-        rbuf = info.buffers.get(name)
-        if rbuf is None:
-            raise TransferError(f"node {self.node} <- node {peer}: peer has no buffer {name!r} (have: {sorted(info.buffers)})")
-        self._check_range(name, offset, length, rbuf.nbytes, f"node {peer}")
+        info, rbuf = self._ranges(peer, name, offset, length, f"fetching node {self.node}", "<-", f"node {peer}")
         where = f"node {self.node} <- node {peer} (nixl {info.agent_name}), buffer {name!r}"
         await self.recv_bucket.acquire_async(length)
         try:

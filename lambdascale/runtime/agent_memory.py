@@ -115,13 +115,7 @@ class AgentMemory:
         """Take the host reservation for ``r`` (no-op when held); ``MemoryRefusedError`` when full."""
         if r.host_alloc is not None:
             return
-        try:
-            r.host_alloc = self.host.alloc(r.nbytes)
-        except PoolFullError as e:
-            raise MemoryRefusedError(
-                f"node {self.node}: host tier cannot take {r.manifest.name!r} ({r.nbytes} bytes): {e} "
-                f"(runtime.host_capacity_gb)"
-            ) from None
+        r.host_alloc = self._take(self.host, r, "host", "runtime.host_capacity_gb")
         r.host_blocks = set()
 
     def touch(self, model: str, now: float, tiers: tuple[MemTier, ...] = (MemTier.GPU, MemTier.HOST)) -> None:
@@ -229,12 +223,15 @@ class AgentMemory:
             raise MemoryRefusedError(f"node {self.node} has no SSD tier (runtime.agent_ssd_dir is not set)")
         if r.ssd_alloc is not None:
             return
+        r.ssd_alloc = self._take(self.ssd, r, "SSD", "runtime.agent_ssd_capacity_gb")
+
+    def _take(self, pool: RangeAllocator, r: Residency, tier: str, setting: str) -> Allocation:
+        """``r.nbytes`` from ``pool``; a full pool is a ``MemoryRefusedError`` naming the setting."""
         try:
-            r.ssd_alloc = self.ssd.alloc(r.nbytes)
+            return pool.alloc(r.nbytes)
         except PoolFullError as e:
             raise MemoryRefusedError(
-                f"node {self.node}: SSD tier cannot take {r.manifest.name!r} ({r.nbytes} bytes): {e} "
-                f"(runtime.agent_ssd_capacity_gb)"
+                f"node {self.node}: {tier} tier cannot take {r.manifest.name!r} ({r.nbytes} bytes): {e} ({setting})"
             ) from None
 
     def write_ssd(self, manifest: Manifest, block_bytes: list[memoryview]) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 import xxhash
 
 from lambdascale.errors import LambdaScaleError, TransferError
-from lambdascale.model.manifest import Manifest, chunk_block, read_manifest
+from lambdascale.model.manifest import Manifest, chunk_block, chunks_of_block, read_manifest
 from lambdascale.runtime.messages import (
     CancelSends,
     ChunkCorrupt,
@@ -119,6 +119,11 @@ class ModelState:
         self.held.add(chunk)
         self.event(chunk).set()
 
+    def missing_for_blocks(self, b0: int, b1: int) -> list[int]:
+        """Chunks not yet held (verified) that blocks ``[b0, b1)`` need before a stage can use them."""
+        m = self.manifest
+        return [c for b in range(b0, b1) for c in chunks_of_block(b, m.n_blocks, m.n_chunks) if c not in self.held]
+
 
 class NodeAgent:
     """The agent's state and message handlers; :meth:`run` is its whole life."""
@@ -165,6 +170,10 @@ class NodeAgent:
             return self.models[name]
         except KeyError:
             raise LambdaScaleError(f"node {self.node} holds no model {name!r} (has: {sorted(self.models)})") from None
+
+    def block_view(self, model: str, block: int) -> memoryview:
+        """The bytes of block ``block`` of ``model`` in this agent's buffers (the block file's bytes)."""
+        return self.transport.buffer(buffer_name(model, block))
 
     async def _allocate(self, manifest: Manifest) -> ModelState:
         """Block buffers for ``manifest`` (once per model).

@@ -24,7 +24,6 @@ from lambdascale.engine.stage import SeqSlice, Stage, StageBatch
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.checkpoint import tensors_from_block_bytes
 from lambdascale.model.llama import StageModel
-from lambdascale.model.manifest import chunks_of_block
 
 if TYPE_CHECKING:
     from lambdascale.runtime.agent import ModelState, NodeAgent
@@ -47,13 +46,11 @@ class StageHost:
     """One pipeline stage on this agent: the engine ``Stage`` plus its hidden-state buffers."""
 
     def __init__(self, agent: "NodeAgent", st: "ModelState", msg: "FormStage") -> None:
-        from lambdascale.runtime.agent import buffer_name
-
         m = st.manifest
         b0, b1 = msg.blocks
         if not 0 <= b0 < b1 <= m.n_blocks:
             raise LambdaScaleError(f"stage blocks [{b0}, {b1}) are outside the model's {m.n_blocks} blocks")
-        missing = [c for b in range(b0, b1) for c in chunks_of_block(b, m.n_blocks, m.n_chunks) if c not in st.held]
+        missing = st.missing_for_blocks(b0, b1)
         if missing:
             raise LambdaScaleError(f"node {agent.node} cannot form a stage of blocks [{b0}, {b1}): chunks {missing} not held")
         self.device = torch.device(msg.device)
@@ -61,7 +58,7 @@ class StageHost:
             raise LambdaScaleError(f"node {agent.node}: stage asks for device {msg.device} but CUDA is not available")
         tensors: dict[str, torch.Tensor] = {}
         for b in range(b0, b1):
-            blk = tensors_from_block_bytes(agent.transport.buffer(buffer_name(m.name, b)), f"{m.name} block {b}")
+            blk = tensors_from_block_bytes(agent.block_view(m.name, b), f"{m.name} block {b}")
             if self.device.type != "cpu":  # host memory -> accelerator, one block at a time
                 blk = {k: v.to(self.device, non_blocking=False) for k, v in blk.items()}
             tensors.update(blk)

@@ -143,6 +143,10 @@ class Manifest(BaseModel):
     def total_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks)
 
+    def chunk_lengths(self) -> list[int]:
+        """Byte length of every chunk, in global chunk order."""
+        return [self.chunk(c).length for c in range(self.n_chunks)]
+
     def chunk(self, c: int) -> ChunkEntry:
         """Global chunk ``c``."""
         b = chunk_block(c, self.n_blocks, self.n_chunks)

@@ -101,7 +101,7 @@ def plan_play_s(manifest: Manifest, n_nodes: int, n_sources: int, algo: Algo, li
     from lambdascale.pipe.multicast import plan_multicast
     from lambdascale.pipe.player import Links, play
 
-    sizes = [float(c.length) for b in manifest.blocks for c in b.chunks]
+    sizes = [float(n) for n in manifest.chunk_lengths()]
     plan = plan_multicast(algo.value, n_nodes, n_sources, manifest.n_blocks, manifest.n_chunks)
     res = play(plan, sizes, Links(nic_send_bps=link_bps, nic_recv_bps=link_bps, latency_s=0.0), mode="chunk")
     return max((max(v) for v in res.chunk_arrival.values() if v), default=0.0)

@@ -3,6 +3,7 @@
 Everything here is pure and deterministic; the runtime and the simulator both import it.
 """
 
+from lambdascale.pipe.layout import ChunkLayout, LayoutError
 from lambdascale.pipe.multicast import (
     Algo,
     MulticastPlan,
@@ -21,6 +22,7 @@ from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner, 
 from lambdascale.pipe.player import Links, PlayMode, PlayResult, play
 
 __all__ = [
+    "ChunkLayout", "LayoutError",
     "Algo", "MulticastPlan", "PlanError", "PlanViolation", "Send", "SendKind", "block_of_chunk",
     "chunks_of_block", "lower_bound_rounds", "plan_multicast", "source_order", "validate_plan",
     "Pipeline", "PipelinePlan", "PipelinePlanner", "Stage", "plan_pipelines", "planned_sizes",

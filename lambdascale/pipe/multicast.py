@@ -1,7 +1,9 @@
 """Multicast schedules: which endpoint sends which chunk to whom, round by round.
 
-A model of ``B`` execution blocks is cut into ``K`` transfer chunks; chunk ``c`` belongs to block
-``c * B // K`` (a block's chunks are contiguous). Nodes ``0..N-1`` (sources included) exchange
+A model of ``B`` execution blocks is cut into ``K`` transfer chunks; a
+:class:`~lambdascale.pipe.layout.ChunkLayout` says which chunks overlap which block (default
+:meth:`~lambdascale.pipe.layout.ChunkLayout.uniform`: chunk ``c`` belongs to block ``c * B // K``;
+a checkpoint's equal-byte layout lets one chunk overlap two blocks). Nodes ``0..N-1`` (sources included) exchange
 chunks in synchronous *rounds*. Round ``t`` (1-based) is ``plan.rounds[t - 1]``; a chunk sent in
 round ``t`` is held from *tick* ``t`` on (the end of round ``t``); sources hold everything at tick 0.
 
@@ -46,6 +48,7 @@ from functools import cached_property
 from typing import Mapping, NamedTuple, Sequence
 
 from lambdascale.errors import LambdaScaleError
+from lambdascale.pipe.layout import ChunkLayout, resolve_layout
 
 
 class Algo(str, Enum):
@@ -78,12 +81,14 @@ class PlanError(LambdaScaleError, ValueError):
 
 
 def block_of_chunk(chunk: int, n_blocks: int, n_chunks: int) -> int:
-    """The block chunk ``chunk`` belongs to: ``chunk * B // K``."""
+    """The block chunk ``chunk`` belongs to under the uniform rule ``chunk * B // K``
+    (:meth:`ChunkLayout.uniform`; a non-uniform layout answers with ``blocks_of_chunk``)."""
     return chunk * n_blocks // n_chunks
 
 
 def chunks_of_block(block: int, n_blocks: int, n_chunks: int) -> range:
-    """The contiguous range of chunks that make up ``block``."""
+    """The contiguous range of chunks that make up ``block`` under the uniform rule (see
+    :meth:`ChunkLayout.chunks_of_block` for any layout)."""
     # smallest c with c*B//K >= b is ceil(b*K/B)
     start = -(-block * n_chunks // n_blocks)
     end = -(-(block + 1) * n_chunks // n_blocks)
@@ -110,6 +115,13 @@ class MulticastPlan:
     source_orders: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     #: NICs per node; NIC j sits on GPU j (1 <= nics_per_node <= gpus_per_node)
     nics_per_node: int = 1
+    #: which chunks overlap which block; None means ``ChunkLayout.uniform(n_blocks, n_chunks)``
+    layout: ChunkLayout | None = None
+
+    @cached_property
+    def chunk_layout(self) -> ChunkLayout:
+        """The layout block views use (the uniform rule when none was given)."""
+        return resolve_layout(self.layout, self.n_blocks, self.n_chunks)
 
     # ---- identities -------------------------------------------------------------------------
 
@@ -173,18 +185,18 @@ class MulticastPlan:
     @cached_property
     def node_block_ticks(self) -> dict[int, list[int]]:
         """receiver node -> tick at which all its GPUs hold each block (a node holds a block when
-        every one of its GPUs holds every chunk of it)."""
+        every one of its GPUs holds every chunk overlapping it, see :attr:`chunk_layout`)."""
         out: dict[int, list[int]] = {}
-        B, K = self.n_blocks, self.n_chunks
+        lay = self.chunk_layout
         for n in self.receiver_nodes:
-            ticks = [0] * B
+            ticks = [0] * self.n_blocks
             for e in self.endpoints_of(n):
                 row = self._arrivals[e]
-                for c in range(K):
-                    b = c * B // K
-                    t = row[c] if row[c] >= 0 else math.inf
-                    if t > ticks[b]:
-                        ticks[b] = t  # type: ignore[assignment]
+                for b in range(self.n_blocks):
+                    for c in lay.chunks_of_block(b):
+                        t = row[c] if row[c] >= 0 else math.inf
+                        if t > ticks[b]:
+                            ticks[b] = t  # type: ignore[assignment]
             out[n] = ticks
         return out
 
@@ -253,31 +265,40 @@ def _split_groups(receivers: Sequence[int], n_groups: int) -> list[list[int]]:
     return out
 
 
-def deal_blocks(n_groups: int, n_blocks: int, n_chunks: int) -> list[list[int]]:
-    """Deal blocks into ``n_groups`` sets: each block, in order, goes to the set with the fewest
-    chunks so far (lowest index on ties). With equally sized blocks this is the round-robin deal
-    of the reference (set g = blocks b with b % n_groups == g); with uneven blocks it keeps the
-    sets' transfer times balanced."""
+def deal_blocks(n_groups: int, n_blocks: int, n_chunks: int, layout: ChunkLayout | None = None) -> list[list[int]]:
+    """Deal blocks into ``n_groups`` sets: each block, in order, goes to the set with the least
+    weight so far (lowest index on ties); a block weighs its extent in the layout (chunks under
+    the uniform layout, bytes under a checkpoint's). With equally sized blocks this is the
+    round-robin deal of the reference (set g = blocks b with b % n_groups == g); with uneven
+    blocks it keeps the sets' transfer times balanced."""
+    lay = resolve_layout(layout, n_blocks, n_chunks)
     sets: list[list[int]] = [[] for _ in range(n_groups)]
     weight = [0] * n_groups
     for b in range(n_blocks):
         g = min(range(n_groups), key=lambda i: (weight[i], i))
         sets[g].append(b)
-        weight[g] += len(chunks_of_block(b, n_blocks, n_chunks))
+        s, e = lay.block_range(b)
+        weight[g] += e - s
     return sets
 
 
-def source_order(group: int, n_groups: int, n_blocks: int, n_chunks: int) -> list[int]:
+def source_order(group: int, n_groups: int, n_blocks: int, n_chunks: int, layout: ChunkLayout | None = None) -> list[int]:
     """Chunk order of source ``group`` with block reordering.
 
     Blocks are dealt into ``n_groups`` sets (:func:`deal_blocks`); source g sends set g first,
-    then sets g+1, g+2, ... (mod n_groups); chunks of a block ascend.
+    then sets g+1, g+2, ... (mod n_groups); chunks of a block ascend. A chunk overlapping two
+    blocks is sent with the first of them in this order (each chunk appears once).
     """
-    sets = deal_blocks(n_groups, n_blocks, n_chunks)
+    lay = resolve_layout(layout, n_blocks, n_chunks)
+    sets = deal_blocks(n_groups, n_blocks, n_chunks, lay)
     order: list[int] = []
+    seen: set[int] = set()
     for j in range(n_groups):
         for b in sets[(group + j) % n_groups]:
-            order.extend(chunks_of_block(b, n_blocks, n_chunks))
+            for c in lay.chunks_of_block(b):
+                if c not in seen:
+                    seen.add(c)
+                    order.append(c)
     return order
 
 
@@ -431,6 +452,7 @@ def plan_multicast(
     n_chunks: int,
     gpus_per_node: int = 1,
     nics_per_node: int = 1,
+    layout: ChunkLayout | None = None,
 ) -> MulticastPlan:
     """Plan a multicast of ``n_chunks`` chunks (``n_blocks`` blocks) from ``sources`` to every other
     node of ``0..n_nodes-1``.
@@ -439,13 +461,18 @@ def plan_multicast(
     ``min(len(sources), receivers)`` sources send (lowest ids first); receivers are split into one
     contiguous group per sending source. With ``nics_per_node = L > 1`` (NIC j on GPU j) the
     source order is striped over L lanes, each an independent schedule over NIC j of every node.
-    Pure and deterministic.
+    ``layout`` (default: the uniform ``c * B // K`` rule) says which chunks overlap which block;
+    it shapes multi-source block reordering and the plan's block views. Pure and deterministic.
     """
     try:
         algo = Algo(algo)
     except ValueError:
         raise PlanError(f"unknown algo {algo!r}; choose one of {[a.value for a in Algo]}") from None
     src = _check_inputs(n_nodes, sources, n_blocks, n_chunks, gpus_per_node)
+    try:
+        lay = resolve_layout(layout, n_blocks, n_chunks)
+    except ValueError as e:
+        raise PlanError(f"layout: {e}") from None
     if not 1 <= nics_per_node <= gpus_per_node:
         raise PlanError(f"nics_per_node must be in [1, gpus_per_node={gpus_per_node}], got {nics_per_node}")
     src_set = set(src)
@@ -460,7 +487,7 @@ def plan_multicast(
     for g, members in enumerate(groups):
         nodes = [src[g], *members]
         if algo is Algo.BINOMIAL:
-            order = source_order(g, n_groups, n_blocks, n_chunks)
+            order = source_order(g, n_groups, n_blocks, n_chunks, lay)
         else:
             order = list(range(n_chunks))
         orders[src[g]] = tuple(order)
@@ -480,7 +507,7 @@ def plan_multicast(
     return MulticastPlan(
         algo=algo, n_nodes=n_nodes, gpus_per_node=G, sources=src, n_blocks=n_blocks,
         n_chunks=n_chunks, rounds=rounds, receiver_nodes=tuple(receivers), source_orders=orders,
-        nics_per_node=L,
+        nics_per_node=L, layout=layout,
     )
 
 

@@ -23,8 +23,9 @@ Policy (pure function of holdings, capacity and the pipelines already running):
 ``capacity[node]`` is the node's free capacity in blocks: the most blocks it can execute (KV-cache
 memory for their layers); 0 takes the node out. Nodes missing from ``capacity`` are unlimited.
 
-:class:`PipelinePlanner` is the incremental form called on every chunk arrival: a chunk that does
-not complete a block costs O(1), and a completed block re-plans only when it can change the
+:class:`PipelinePlanner` is the incremental form called on every chunk arrival: a block is complete
+on a node when every chunk overlapping it (its :class:`~lambdascale.pipe.layout.ChunkLayout`) is
+held, so one chunk may complete two blocks; a chunk that completes none costs O(1), and a completed block re-plans only when it can change the
 answer (the node became solo-capable, or a planned size is not running). Its decisions equal
 :func:`plan_pipelines` fed with the previous answer (a test checks it).
 """
@@ -36,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from lambdascale.pipe.layout import ChunkLayout, resolve_layout
 from lambdascale.pipe.multicast import PlanError
 
 
@@ -456,11 +458,18 @@ class PipelinePlanner:
         capacity: Mapping[int, int] | None = None,
         sizes: Sequence[int] | None = None,
         holdings: Mapping[int, Iterable[int]] | None = None,
+        layout: ChunkLayout | None = None,
     ) -> None:
         self.n_blocks = n_blocks
-        self.n_chunks = n_chunks if n_chunks is not None else n_blocks
-        if self.n_chunks < n_blocks:
+        if n_chunks is None:
+            n_chunks = layout.n_chunks if layout is not None else n_blocks
+        self.n_chunks = n_chunks
+        if layout is None and self.n_chunks < n_blocks:
             raise PlanError(f"n_chunks must be >= n_blocks={n_blocks}, got {self.n_chunks}")
+        try:
+            self.layout = resolve_layout(layout, n_blocks, self.n_chunks)
+        except ValueError as e:
+            raise PlanError(f"layout: {e}") from None
         self._cap = _check_common(n_blocks, capacity)
         node_list = list(nodes)
         self._masks = _to_masks({v: (holdings or {}).get(v, ()) for v in node_list}, n_blocks)
@@ -468,11 +477,8 @@ class PipelinePlanner:
         self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
         self._want = _pipe_counts(self.sizes)
         # chunks still missing per (node, block): a block completes when its count reaches 0
-        B, K = n_blocks, self.n_chunks
-        per_block = [0] * B
-        for c in range(K):
-            per_block[c * B // K] += 1
-        self._per_block = per_block
+        B = n_blocks
+        self._per_block = self.layout.block_chunk_counts()
         self._missing: dict[tuple[int, int], int] = {}
         self._seen: set[tuple[int, int]] = set()
         self.plan = _plan_masks(self._masks, B, self._cap, (), self.sizes)
@@ -490,7 +496,8 @@ class PipelinePlanner:
         return {v: {b for b in range(self.n_blocks) if (m >> b) & 1} for v, m in self._masks.items()}
 
     def on_chunk(self, node: int, chunk: int) -> PipelinePlan | None:
-        """Record that ``node`` holds ``chunk``; re-plan if that completed a block and matters."""
+        """Record that ``node`` holds ``chunk``; re-plan if that completed a block (or two, when the
+        chunk spans a block boundary) and it matters. Returns the plan after the last change."""
         if node not in self._masks:
             raise PlanError(f"node {node} is not one of the planner's nodes (or was removed)")
         if not 0 <= chunk < self.n_chunks:
@@ -498,13 +505,16 @@ class PipelinePlanner:
         if (node, chunk) in self._seen:
             return None
         self._seen.add((node, chunk))
-        b = chunk * self.n_blocks // self.n_chunks
-        key = (node, b)
-        left = self._missing.get(key, self._per_block[b]) - 1
-        self._missing[key] = left
-        if left > 0:
-            return None
-        return self.on_block(node, b)
+        out: PipelinePlan | None = None
+        for b in self.layout.blocks_of_chunk(chunk):
+            key = (node, b)
+            left = self._missing.get(key, self._per_block[b]) - 1
+            self._missing[key] = left
+            if left == 0:
+                changed = self.on_block(node, b)
+                if changed is not None:
+                    out = changed
+        return self.plan if out is not None else None
 
     def on_block(self, node: int, block: int) -> PipelinePlan | None:
         """Record that ``node`` holds all of ``block``; returns the new plan if it changed."""

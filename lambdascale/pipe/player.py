@@ -172,15 +172,16 @@ def play(
                     have[e][c] = t
 
     B = plan.n_blocks
+    lay = plan.chunk_layout  # a block lands when every chunk overlapping it has landed
     block_arrival: dict[int, tuple[float, ...]] = {}
     for n in plan.receiver_nodes:
         bt = [0.0] * B
         for e in plan.endpoints_of(n):
             row = have[e]
-            for c in range(K):
-                b = c * B // K
-                if row[c] > bt[b]:
-                    bt[b] = row[c]
+            for b in range(B):
+                for c in lay.chunks_of_block(b):
+                    if row[c] > bt[b]:
+                        bt[b] = row[c]
         block_arrival[n] = tuple(bt)
     node_full = {n: max(bt) for n, bt in block_arrival.items()}
     all_blocks = (

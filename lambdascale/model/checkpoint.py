@@ -7,14 +7,22 @@ files ourselves (the layout is the standard one, readable by ``safetensors.torch
 that the header is padded to 64 bytes, every tensor is aligned for ``torch.frombuffer``/``view``,
 and the per-chunk xxh64 is computed while the bytes stream to disk.
 
+Chunks (format version 2, see :mod:`lambdascale.model.manifest`) are equal-byte ranges of the
+model's stream (block files concatenated), so one may span two files. The writer knows every
+block file's size before writing any (the header depends only on names, dtypes and shapes), so it
+cuts the stream up front and hashes each chunk as its bytes stream out, across files.
+
 Integrity: a model directory is built under a temporary name and renamed into place, so a crash
 never leaves a partial model that looks whole; every write is checked for short writes; every
-chunk read is checked against its xxh64 before any byte of it is used.
+chunk read is checked against its xxh64 before any byte of it is used. Reading one block verifies
+every chunk overlapping it, which for a chunk spanning a block boundary means also reading the
+neighbour file's part of that chunk (at most one partial chunk on each side).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -39,6 +47,7 @@ from lambdascale.model.manifest import (
     block_file_name,
     read_manifest,
 )
+from lambdascale.pipe.layout import LayoutError, equal_chunk_bounds
 
 #: Alignment of the data section and of every tensor inside a block file, in bytes.
 ALIGN = 64
@@ -120,12 +129,19 @@ def model_tensor_bytes(arch: ModelArch, n_blocks: int, itemsize: int) -> int:
 
 def _header_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """A safetensors header (length prefix included) padded so the data starts ALIGN-aligned."""
+    return _header_from_specs({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
+
+
+def _header_from_specs(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> bytes:
+    """The header for tensors of these dtypes and shapes, in this order (no data needed)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
-    for name, t in tensors.items():
-        code = {v: k for k, v in _ST_DTYPES.items()}[t.dtype]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+    codes = {v: k for k, v in _ST_DTYPES.items()}
+    for name, (dtype, shape) in specs.items():
+        n = torch.empty((), dtype=dtype).element_size()
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     pad = (-(8 + len(raw))) % ALIGN
@@ -213,26 +229,26 @@ def tensors_from_block_bytes(buf: Any, where: str = "block bytes") -> dict[str, 
 # ---- chunk I/O --------------------------------------------------------------------------
 
 def chunk_ranges(nbytes: int, n: int) -> list[tuple[int, int]]:
-    """(offset, length) of ``n`` chunks tiling ``nbytes`` bytes, boundaries on 4 KiB when possible."""
+    """(offset, length) of ``n`` equal-byte chunks tiling a ``nbytes``-byte stream (``c*T//K``)."""
     if n <= 0:
-        raise ValueError(f"chunks per block must be positive, got {n}")
-    if n > nbytes:
-        raise CheckpointError(f"cannot cut a {nbytes}-byte block into {n} chunks")
-    bounds = [0]
-    for i in range(1, n):
-        b = nbytes * i // n
-        aligned = b - b % 4096
-        bounds.append(aligned if aligned > bounds[-1] else b)
-    bounds.append(nbytes)
+        raise ValueError(f"chunk count must be positive, got {n}")
+    try:
+        bounds = equal_chunk_bounds(nbytes, n)
+    except LayoutError:
+        raise CheckpointError(f"cannot cut a {nbytes}-byte model into {n} chunks") from None
     return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
 
 
 def verify_chunk(data: Any, chunk: ChunkEntry, where: str) -> None:
     """Raise :class:`CheckpointError` unless ``data`` hashes to the chunk's xxh64."""
-    got = xxhash.xxh64(data).hexdigest()
+    check_digest(xxhash.xxh64(data).hexdigest(), chunk, where)
+
+
+def check_digest(got: str, chunk: ChunkEntry, where: str) -> None:
+    """Raise :class:`CheckpointError` naming ``where`` and the chunk unless ``got`` is its xxh64."""
     if got != chunk.xxh64:
         raise CheckpointError(
-            f"{where}: chunk {chunk.index} (bytes {chunk.offset}..{chunk.offset + chunk.length}) is corrupted: "
+            f"{where}: chunk {chunk.index} (stream bytes {chunk.offset}..{chunk.end}) is corrupted: "
             f"xxh64 {got} != manifest {chunk.xxh64}"
         )
 
@@ -262,26 +278,48 @@ def _write_all(fd: int, data: memoryview | bytes, where: Path) -> int:
     return done
 
 
-def write_block_file(path: Path, tensors: Mapping[str, torch.Tensor], n_chunks: int, first_chunk: int) -> tuple[int, list[ChunkEntry]]:
-    """Write one block file, hashing each chunk as its bytes stream out; fsync before returning."""
+class StreamHasher:
+    """xxh64 of each chunk of a stream cut at fixed boundaries, fed in order across files."""
+
+    def __init__(self, total: int, n_chunks: int) -> None:
+        self.ranges = chunk_ranges(total, n_chunks)
+        self._hashers = [xxhash.xxh64() for _ in self.ranges]
+        self._ci = 0
+        self.pos = 0
+
+    def feed(self, mv: memoryview | bytes) -> None:
+        mv = memoryview(mv).cast("B")
+        i = 0
+        while i < len(mv):
+            off, ln = self.ranges[self._ci]
+            take = min(len(mv) - i, off + ln - self.pos)
+            if take <= 0:
+                raise CheckpointError(f"stream longer than the {self.ranges[-1][0] + self.ranges[-1][1]} bytes planned")
+            self._hashers[self._ci].update(mv[i : i + take])
+            i += take
+            self.pos += take
+            if self.pos == off + ln and self._ci + 1 < len(self.ranges):
+                self._ci += 1
+
+    def chunks(self) -> list[ChunkEntry]:
+        """The chunk entries (stream offsets); the whole stream must have been fed."""
+        total = self.ranges[-1][0] + self.ranges[-1][1]
+        if self.pos != total:
+            raise CheckpointError(f"stream ended at byte {self.pos}, expected {total}")
+        return [ChunkEntry(index=i, offset=o, length=ln, xxh64=h.hexdigest())
+                for i, ((o, ln), h) in enumerate(zip(self.ranges, self._hashers))]
+
+
+def write_block_file(path: Path, tensors: Mapping[str, torch.Tensor], hasher: StreamHasher) -> int:
+    """Write one block file, feeding its bytes to the model's chunk hasher; fsync before returning."""
     header = _header_bytes(tensors)
     total = len(header) + sum(t.numel() * t.element_size() for t in tensors.values())
-    ranges = chunk_ranges(total, n_chunks)
-    hashers = [xxhash.xxh64() for _ in ranges]
-    ci = 0
     pos = 0
 
     def feed(mv: memoryview) -> None:
-        nonlocal ci, pos
-        i = 0
-        while i < len(mv):
-            off, ln = ranges[ci]
-            take = min(len(mv) - i, off + ln - pos)
-            hashers[ci].update(mv[i : i + take])
-            i += take
-            pos += take
-            if pos == off + ln and ci + 1 < len(ranges):
-                ci += 1
+        nonlocal pos
+        hasher.feed(mv)
+        pos += len(mv)
 
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -296,11 +334,7 @@ def write_block_file(path: Path, tensors: Mapping[str, torch.Tensor], n_chunks: 
         os.close(fd)
     if pos != total or os.path.getsize(path) != total:
         raise CheckpointError(f"{path}: wrote {os.path.getsize(path)} bytes, expected {total}")
-    chunks = [
-        ChunkEntry(index=first_chunk + i, offset=o, length=ln, xxh64=h.hexdigest())
-        for i, ((o, ln), h) in enumerate(zip(ranges, hashers))
-    ]
-    return total, chunks
+    return total
 
 
 # ---- the checkpoint object ----------------------------------------------------------------
@@ -345,27 +379,52 @@ class Checkpoint:
             raise CheckpointError(f"{d}: missing tokenizer file(s): {', '.join(missing)}")
         return d
 
+    def _open(self, b: int, fds: dict[int, int], check_size: bool) -> int:
+        fd = fds.get(b)
+        if fd is None:
+            path = self.block_path(b)
+            try:
+                fd = fds[b] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open block file: {e.strerror}") from None
+            nbytes = self.manifest.blocks[b].nbytes
+            size = os.fstat(fd).st_size
+            if check_size and size != nbytes:
+                raise CheckpointError(f"{path}: file has {size} bytes, manifest says {nbytes} (truncated or replaced)")
+        return fd
+
     def read_block_into(self, b: int, out: memoryview, verify: bool = True) -> None:
-        """Read block ``b`` into ``out`` (exactly ``nbytes`` long), verifying every chunk."""
-        entry = self.manifest.blocks[b]
+        """Read block ``b`` into ``out`` (exactly ``nbytes`` long), verifying every chunk overlapping it.
+
+        A chunk that spans a block boundary is hashed over its bytes in both files: the
+        neighbour's part is read into scratch memory (never into ``out``), so verifying a block
+        costs at most one partial chunk of extra reading on each side.
+        """
+        m = self.manifest
+        entry = m.blocks[b]
         path = self.block_path(b)
         if len(out) != entry.nbytes:
             raise ValueError(f"destination holds {len(out)} bytes, block {b} has {entry.nbytes}")
+        fds: dict[int, int] = {}
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot open block file: {e.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size != entry.nbytes:
-                raise CheckpointError(f"{path}: file has {size} bytes, manifest says {entry.nbytes} (truncated or replaced)")
-            for ch in entry.chunks:
-                view = out[ch.offset : ch.offset + ch.length]
-                read_exact_into(fd, view, ch.offset, str(path))
+            self._open(b, fds, check_size=True)
+            for c in m.chunks_of_block(b):
+                ch = m.chunk(c)
+                h = xxhash.xxh64()
+                for bb in m.blocks_of_chunk(c):
+                    if bb != b and not verify:
+                        continue
+                    nb = m.blocks[bb]
+                    s, e = max(ch.offset, nb.offset), min(ch.end, nb.end)
+                    view = out[s - nb.offset : e - nb.offset] if bb == b else memoryview(bytearray(e - s))
+                    read_exact_into(self._open(bb, fds, check_size=False), view, s - nb.offset, str(self.block_path(bb)))
+                    if verify:
+                        h.update(view)
                 if verify:
-                    verify_chunk(view, ch, str(path))
+                    check_digest(h.hexdigest(), ch, str(path))
         finally:
-            os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
 
     def read_block(self, b: int) -> bytearray:
         """The verified bytes of block ``b`` (every chunk's xxh64 checked before returning)."""
@@ -438,7 +497,8 @@ def write_checkpoint(
 
     ``block_source(b, layers)`` is called once per block, so only one block's tensors are in
     memory at a time. Every tensor is checked against the names and shapes the arch implies and
-    cast to ``dtype``. ``progress(tensor_bytes)`` is called after each block file is written
+    cast to ``dtype``. The model gets ``K = blocks x chunks_per_block`` equal-byte transfer chunks
+    over its whole stream (format version 2). ``progress(tensor_bytes)`` is called after each block file is written
     (tensor bytes, header excluded, so the total is known up front: :func:`model_tensor_bytes`).
     """
     models_dir = Path(models_dir)
@@ -451,6 +511,16 @@ def write_checkpoint(
     if final.exists() and not force:
         raise CheckpointError(f"{final} already exists (use --force to replace it)")
     ranges = plan_blocks(arch.num_hidden_layers, n_blocks)
+    # every block file's size is known before any is written (the header depends only on names,
+    # dtypes and shapes): cut the model's stream into equal-byte chunks up front
+    expected_sizes: list[int] = []
+    for b, layers in enumerate(ranges):
+        shapes = block_tensor_shapes(arch, layers, b == 0, b == len(ranges) - 1)
+        head = _header_from_specs({k: (tdtype, v) for k, v in shapes.items()})
+        expected_sizes.append(len(head) + sum(math.prod(v) for v in shapes.values()) * dtype.itemsize)
+    if chunks_per_block < 1:
+        raise CheckpointError(f"chunks_per_block must be >= 1, got {chunks_per_block}")
+    hasher = StreamHasher(sum(expected_sizes), len(ranges) * chunks_per_block)
     remove_stale_temporaries(models_dir, name)
     tmp = models_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -459,6 +529,7 @@ def write_checkpoint(
         raise CheckpointError(f"models directory {models_dir} is not writable: {e.strerror}") from None
     try:
         blocks: list[BlockEntry] = []
+        offset = 0
         for b, layers in enumerate(ranges):
             expected = block_tensor_shapes(arch, layers, b == 0, b == len(ranges) - 1)
             got = block_source(b, layers)
@@ -474,9 +545,12 @@ def write_checkpoint(
                 ordered[tname] = t.to(tdtype)
             fname = block_file_name(b)
             data_bytes = sum(t.numel() * t.element_size() for t in ordered.values())
-            nbytes, chunks = write_block_file(tmp / fname, ordered, chunks_per_block, b * chunks_per_block)
+            nbytes = write_block_file(tmp / fname, ordered, hasher)
             del ordered, got
-            blocks.append(BlockEntry(index=b, layers=layers, file=fname, nbytes=nbytes, chunks=chunks))
+            if nbytes != expected_sizes[b]:
+                raise CheckpointError(f"{name}: block {b} file has {nbytes} bytes, planned {expected_sizes[b]}")
+            blocks.append(BlockEntry(index=b, layers=layers, file=fname, offset=offset, nbytes=nbytes))
+            offset += nbytes
             if progress is not None:
                 progress(data_bytes)
         tok_names: list[str] = []
@@ -493,7 +567,7 @@ def write_checkpoint(
                 tok_names.append(fname)
         manifest = Manifest(
             format_version=FORMAT_VERSION, name=name, arch=arch, dtype=dtype,
-            tokenizer_files=sorted(tok_names), source=source, blocks=blocks,
+            tokenizer_files=sorted(tok_names), source=source, blocks=blocks, chunks=hasher.chunks(),
         )
         mpath = tmp / MANIFEST_NAME
         fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -571,5 +645,7 @@ def find_model(models_dir: str | Path, name: str) -> Checkpoint:
 
 
 def iter_block_chunks(ckpt: Checkpoint, b: int) -> Iterator[ChunkEntry]:
-    """The chunks of block ``b`` in order."""
-    yield from ckpt.manifest.blocks[b].chunks
+    """The chunks overlapping block ``b`` in order (a boundary chunk may overlap a neighbour too)."""
+    m = ckpt.manifest
+    for c in m.chunks_of_block(b):
+        yield m.chunk(c)

@@ -2,10 +2,22 @@
 
 A model directory holds ``manifest.json``, one safetensors file per execution block
 (``block_{b:03d}.safetensors``) and ``tokenizer/``. The manifest is the single description every
-part of the system uses to size, read, send and verify a model: for each block the layer range it
-holds, its file and byte size, and its transfer chunks (byte ranges that tile the file, header
-included, each with an xxh64). Chunk indices are global over the model: with K chunks and B
-blocks, chunk c belongs to block ``c * B // K`` and a block's chunks are contiguous.
+part of the system uses to size, read, send and verify a model.
+
+Format version 2 (written now). The model's *byte stream* is the concatenation of its block files
+in block order; block ``b`` sits at stream ``offset`` (the sum of earlier blocks' ``nbytes``).
+Blocks are the unit of execution (layer ranges, one safetensors file each); *chunks* are the unit
+of transfer and verification: a model-level list of equal-byte ranges of the stream,
+``[c*T//K, (c+1)*T//K)`` for total ``T`` and ``K`` chunks, each with its xxh64. A chunk may span
+a block boundary and a large block spans several chunks (equal chunks are what the multicast's
+``(k - 1 + log2 n) / k`` bound assumes; chunks that tiled blocks made an embedding-heavy block's
+chunks 4x the others). :attr:`Manifest.layout` is the pure
+:class:`~lambdascale.pipe.layout.ChunkLayout` every consumer maps chunks to blocks with.
+
+Version 1 (still read): each block listed its own chunks (byte ranges of its file, chunk ``c`` in
+block ``c * B // K``). Shifted by the block's offset they already tile the stream, so a v1
+manifest is converted on read (``format_version`` becomes 2) and existing model caches keep
+working without a re-import.
 """
 
 from __future__ import annotations
@@ -14,14 +26,19 @@ import json
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lambdascale.errors import CheckpointError
 from lambdascale.model.arch import ModelArch
+from lambdascale.pipe.layout import ChunkLayout
 
 FORMAT = "lambdascale-blocks"
 #: Bump when the on-disk layout changes; readers refuse other versions with a clear error.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`read_manifest` accepts (older ones are converted to the current one on read).
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -47,55 +64,65 @@ def block_file_name(b: int) -> str:
     return f"block_{b:03d}.safetensors"
 
 
-def chunk_block(c: int, n_blocks: int, n_chunks: int) -> int:
-    """The block that global chunk ``c`` belongs to (the contract: ``c * B // K``)."""
-    return c * n_blocks // n_chunks
-
-
-def chunks_of_block(b: int, n_blocks: int, n_chunks: int) -> range:
-    """Global chunk indices of block ``b`` (contiguous, by the ``c * B // K`` rule)."""
-    # smallest c with c*B//K >= b is ceil(b*K/B)
-    start = -(-b * n_chunks // n_blocks)
-    end = -(-(b + 1) * n_chunks // n_blocks)
-    return range(start, end)
-
-
 class ChunkEntry(BaseModel):
-    """One transfer chunk: a byte range of a block file and its xxh64 (16 hex digits)."""
+    """One transfer chunk: a byte range of the model's stream and its xxh64 (16 hex digits)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     index: int = Field(ge=0, description="global chunk index over the whole model")
-    offset: int = Field(ge=0, description="byte offset inside the block file")
+    offset: int = Field(ge=0, description="byte offset in the model's stream (block files concatenated)")
     length: int = Field(gt=0, description="bytes in this chunk")
     xxh64: str = Field(pattern=r"^[0-9a-f]{16}$", description="xxh64 of the chunk's bytes, hex")
 
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
 
 class BlockEntry(BaseModel):
-    """One execution block: its layer range, file, size and chunks."""
+    """One execution block: its layer range, file, and place in the model's stream."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     index: int = Field(ge=0)
     layers: tuple[int, int] = Field(description="[start, end) decoder layers held by this block")
     file: str
+    offset: int = Field(ge=0, description="byte offset of this block's file in the model's stream")
     nbytes: int = Field(gt=0, description="size of the block file, header included")
-    chunks: list[ChunkEntry] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _tiles(self) -> "BlockEntry":
-        pos = 0
-        for ch in self.chunks:
-            if ch.offset != pos:
-                raise ValueError(f"block {self.index}: chunk {ch.index} starts at {ch.offset}, expected {pos}")
-            pos += ch.length
-        if pos != self.nbytes:
-            raise ValueError(f"block {self.index}: chunks cover {pos} bytes but the file has {self.nbytes}")
-        return self
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest dict as version 2: per-block chunks shifted by the block's offset."""
+    out = dict(data)
+    blocks, chunks = [], []
+    pos = 0
+    for i, blk in enumerate(data.get("blocks") or []):
+        if not isinstance(blk, dict):
+            raise ValueError(f"blocks.{i}: not an object")
+        blk = dict(blk)
+        per = blk.pop("chunks", None)
+        if not isinstance(per, list) or not per:
+            raise ValueError(f"blocks.{i}.chunks: a version-1 block needs a non-empty chunk list")
+        for j, ch in enumerate(per):
+            if not isinstance(ch, dict) or not isinstance(ch.get("offset"), int):
+                raise ValueError(f"blocks.{i}.chunks.{j}: malformed chunk {ch!r}")
+            chunks.append({**ch, "offset": ch["offset"] + pos})
+        blk["offset"] = pos
+        nbytes = blk.get("nbytes")
+        if not isinstance(nbytes, int):
+            raise ValueError(f"blocks.{i}.nbytes: missing or not an integer")
+        pos += nbytes
+        blocks.append(blk)
+    out.update(format_version=FORMAT_VERSION, blocks=blocks, chunks=chunks)
+    return out
 
 
 class Manifest(BaseModel):
-    """``manifest.json`` of a model in our block format."""
+    """``manifest.json`` of a model in our block format (version 2; version 1 dicts convert)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -109,27 +136,52 @@ class Manifest(BaseModel):
     )
     source: str = Field(default="", description="what the model was imported from")
     blocks: list[BlockEntry] = Field(min_length=1)
+    chunks: list[ChunkEntry] = Field(min_length=1, description="transfer chunks tiling the model's stream, in order")
+    _layout: ChunkLayout | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _convert_v1(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format_version") == 1:
+            return _upgrade_v1(data)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version} is not {FORMAT_VERSION}")
         expect_layer = 0
-        n_chunks = sum(len(b.chunks) for b in self.blocks)
-        c = 0
+        pos = 0
         for i, blk in enumerate(self.blocks):
             if blk.index != i:
-                raise ValueError(f"block {i} has index {blk.index}")
+                raise ValueError(f"blocks.{i}.index is {blk.index}, expected {i}")
             if blk.layers[0] != expect_layer or blk.layers[1] <= blk.layers[0]:
-                raise ValueError(f"block {i} holds layers {list(blk.layers)}, expected to start at {expect_layer}")
+                raise ValueError(f"blocks.{i}.layers is {list(blk.layers)}, expected to start at {expect_layer}")
+            if blk.offset != pos:
+                raise ValueError(f"blocks.{i}.offset is {blk.offset}, expected {pos} (the sum of earlier blocks' nbytes)")
             expect_layer = blk.layers[1]
-            for ch in blk.chunks:
-                if ch.index != c:
-                    raise ValueError(f"block {i}: chunk numbered {ch.index}, expected {c}")
-                if chunk_block(c, len(self.blocks), n_chunks) != i:
-                    raise ValueError(f"chunk {c} is in block {i} but c*B//K puts it in another block")
-                c += 1
+            pos += blk.nbytes
         if expect_layer != self.arch.num_hidden_layers:
             raise ValueError(f"blocks cover {expect_layer} layers, the arch has {self.arch.num_hidden_layers}")
+        cpos = 0
+        for c, ch in enumerate(self.chunks):
+            if ch.index != c:
+                raise ValueError(f"chunks.{c}.index is {ch.index}, expected {c}")
+            if ch.offset != cpos:
+                raise ValueError(f"chunks.{c}.offset is {ch.offset}, expected {cpos} (chunks must tile the stream in order)")
+            cpos += ch.length
+        if cpos != pos:
+            raise ValueError(f"chunks cover {cpos} bytes but the blocks total {pos}")
+        self._layout = ChunkLayout(
+            tuple(b.offset for b in self.blocks) + (pos,), tuple(ch.offset for ch in self.chunks) + (pos,)
+        )
         return self
+
+    @property
+    def layout(self) -> ChunkLayout:
+        """Which chunks overlap which block (stream byte offsets), for planners and agents."""
+        assert self._layout is not None
+        return self._layout
 
     @property
     def n_blocks(self) -> int:
@@ -137,7 +189,7 @@ class Manifest(BaseModel):
 
     @property
     def n_chunks(self) -> int:
-        return sum(len(b.chunks) for b in self.blocks)
+        return len(self.chunks)
 
     @property
     def total_bytes(self) -> int:
@@ -145,20 +197,30 @@ class Manifest(BaseModel):
 
     def chunk_lengths(self) -> list[int]:
         """Byte length of every chunk, in global chunk order."""
-        return [self.chunk(c).length for c in range(self.n_chunks)]
+        return [ch.length for ch in self.chunks]
 
     def chunk(self, c: int) -> ChunkEntry:
         """Global chunk ``c``."""
-        b = chunk_block(c, self.n_blocks, self.n_chunks)
-        return self.blocks[b].chunks[c - self.blocks[b].chunks[0].index]
+        if not 0 <= c < len(self.chunks):
+            raise IndexError(f"{self.name}: chunk {c} outside 0..{len(self.chunks) - 1}")
+        return self.chunks[c]
+
+    def chunks_of_block(self, b: int) -> range:
+        """Every chunk overlapping block ``b`` (what must be verified before the block is used)."""
+        return self.layout.chunks_of_block(b)
+
+    def blocks_of_chunk(self, c: int) -> range:
+        """Every block chunk ``c`` overlaps (two when it spans a block boundary)."""
+        return self.layout.blocks_of_chunk(c)
 
 
 def read_manifest(model_dir: str | Path) -> Manifest:
     """Read and validate ``<model_dir>/manifest.json``.
 
     Raises :class:`CheckpointError` naming the file when it is missing, not JSON, of another
-    format or format version, or inconsistent (chunks that do not tile a block, layers that do
-    not cover the model, an architecture we do not support).
+    format or format version, or inconsistent (chunks that do not tile the stream, block offsets
+    that are not the running sum of sizes, layers that do not cover the model, an architecture we
+    do not support). A version-1 manifest is converted to version 2 on read.
     """
     path = Path(model_dir) / MANIFEST_NAME
     try:
@@ -175,9 +237,9 @@ def read_manifest(model_dir: str | Path) -> Manifest:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: format is {got!r}, expected {FORMAT!r}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CheckpointError(
-            f"{path}: unknown format_version {version!r}; this lambdascale reads version {FORMAT_VERSION} "
+            f"{path}: unknown format_version {version!r}; this lambdascale reads versions {list(READ_VERSIONS)} "
             f"(re-import the model with `lambdascale import ... --force`)"
         )
     try:

@@ -2,7 +2,13 @@
 
 The agent dials the controller at the address its launcher gives, registers (node id, pid,
 transport address), sends heartbeats and answers typed control messages
-(:mod:`lambdascale.runtime.messages`). Weights move only over the transport: a receiver verifies
+(:mod:`lambdascale.runtime.messages`).
+
+Buffers: ONE transport buffer per model holds the model's whole byte stream (its block files
+concatenated in block order, format version 2). Chunks are byte ranges of that stream and may
+span two blocks, so a send or an arrival is one range of one buffer; a block is a slice of it
+(:meth:`NodeAgent.block_view`, at the manifest's block offset), usable once every chunk
+overlapping it is held (:meth:`ModelState.missing_for_blocks`). Weights move only over the transport: a receiver verifies
 every arriving chunk's xxh64 against the manifest before it marks the chunk held, and only held
 chunks are ever forwarded (:class:`SendChunks` lists wait per chunk, so forwarding is chunk-level,
 not round-level).
@@ -32,7 +38,7 @@ from pathlib import Path
 import xxhash
 
 from lambdascale.errors import LambdaScaleError, TransferError
-from lambdascale.model.manifest import Manifest, chunk_block, chunks_of_block, read_manifest
+from lambdascale.model.manifest import Manifest, read_manifest
 from lambdascale.runtime.messages import (
     CancelSends,
     ChunkCorrupt,
@@ -85,9 +91,9 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def buffer_name(model: str, block: int) -> str:
-    """Transport buffer holding block ``block`` of ``model`` (same name on every node)."""
-    return f"{model}/b{block:03d}"
+def buffer_name(model: str) -> str:
+    """Transport buffer holding ``model``'s whole byte stream (same name on every node)."""
+    return f"{model}/stream"
 
 
 def chunk_tag(model: str, chunk: int) -> str:
@@ -120,9 +126,9 @@ class ModelState:
         self.event(chunk).set()
 
     def missing_for_blocks(self, b0: int, b1: int) -> list[int]:
-        """Chunks not yet held (verified) that blocks ``[b0, b1)`` need before a stage can use them."""
-        m = self.manifest
-        return [c for b in range(b0, b1) for c in chunks_of_block(b, m.n_blocks, m.n_chunks) if c not in self.held]
+        """Chunks not yet held (verified) that blocks ``[b0, b1)`` need before a stage can use them
+        (every chunk overlapping them, by the manifest's layout)."""
+        return self.manifest.layout.missing_for_blocks(b0, b1, self.held)
 
 
 class NodeAgent:
@@ -172,23 +178,28 @@ class NodeAgent:
             raise LambdaScaleError(f"node {self.node} holds no model {name!r} (has: {sorted(self.models)})") from None
 
     def block_view(self, model: str, block: int) -> memoryview:
-        """The bytes of block ``block`` of ``model`` in this agent's buffers (the block file's bytes)."""
-        return self.transport.buffer(buffer_name(model, block))
+        """The bytes of block ``block`` of ``model`` (the block file's bytes): its slice of the
+        model's stream buffer, at the manifest's block offset."""
+        st = self._model(model)
+        blk = st.manifest.blocks[block]
+        return self.stream_view(model)[blk.offset : blk.end]
+
+    def stream_view(self, model: str) -> memoryview:
+        """``model``'s whole byte stream in this agent's transport buffer."""
+        return self.transport.buffer(buffer_name(model))
 
     async def _allocate(self, manifest: Manifest) -> ModelState:
-        """Block buffers for ``manifest`` (once per model).
+        """The stream buffer for ``manifest`` (once per model).
 
         Making hundreds of MB resident takes seconds on a busy machine: it runs in a worker thread
         so this loop keeps heartbeating (else the controller declares a healthy node lost).
         """
         if manifest.name in self.models:
             return self.models[manifest.name]
-        sizes = [blk.nbytes for blk in manifest.blocks]
-        arrays = await asyncio.to_thread(lambda: [Transport.allocate(n) for n in sizes])
+        arr = await asyncio.to_thread(Transport.allocate, manifest.total_bytes)
         if manifest.name in self.models:  # a concurrent request allocated it meanwhile
             return self.models[manifest.name]
-        for blk, arr in zip(manifest.blocks, arrays, strict=True):
-            self.transport.adopt(buffer_name(manifest.name, blk.index), arr)
+        self.transport.adopt(buffer_name(manifest.name), arr)
         st = self.models[manifest.name] = ModelState(manifest)
         return st
 
@@ -233,24 +244,32 @@ class NodeAgent:
         self.memory.touch(r.manifest.name, time.monotonic(), (MemTier(tier),))
 
     async def _read_blocks(self, manifest: Manifest, src: Path) -> ModelState:
+        """Fill the stream buffer from the block files chunk by chunk (a chunk may take its bytes
+        from two files), verifying each chunk before it is marked held."""
         st = await self._allocate(manifest)
-        for blk in manifest.blocks:
-            path = src / blk.file
-            view = self.transport.buffer(buffer_name(manifest.name, blk.index))
-            fd = os.open(path, os.O_RDONLY)
-            try:
+        view = self.stream_view(manifest.name)
+        fds: dict[int, int] = {}
+        try:
+            for blk in manifest.blocks:
+                path = src / blk.file
+                fd = fds[blk.index] = os.open(path, os.O_RDONLY)
                 if os.fstat(fd).st_size != blk.nbytes:
                     raise LambdaScaleError(f"{path}: file size differs from the manifest's {blk.nbytes} bytes")
-                for ch in blk.chunks:
-                    await self.ssd_bucket.acquire_async(ch.length)
-                    part = view[ch.offset : ch.offset + ch.length]
-                    n = await asyncio.to_thread(os.preadv, fd, [part], ch.offset)
-                    if n != ch.length:
-                        raise LambdaScaleError(f"{path}: short read at byte {ch.offset} ({n} of {ch.length})")
-                    if xxhash.xxh64(part).hexdigest() != ch.xxh64:
-                        raise LambdaScaleError(f"{path}: chunk {ch.index} fails its xxh64 check")
-                    st.mark_held(ch.index)
-            finally:
+            for ch in manifest.chunks:
+                await self.ssd_bucket.acquire_async(ch.length)
+                for b in manifest.blocks_of_chunk(ch.index):
+                    blk = manifest.blocks[b]
+                    s, e = max(ch.offset, blk.offset), min(ch.end, blk.end)
+                    n = await asyncio.to_thread(os.preadv, fds[b], [view[s:e]], s - blk.offset)
+                    if n != e - s:
+                        raise LambdaScaleError(f"{src / blk.file}: short read at byte {s - blk.offset} ({n} of {e - s})")
+                part = view[ch.offset : ch.end]
+                if xxhash.xxh64(part).hexdigest() != ch.xxh64:
+                    files = ", ".join(manifest.blocks[b].file for b in manifest.blocks_of_chunk(ch.index))
+                    raise LambdaScaleError(f"{src}: chunk {ch.index} ({files}) fails its xxh64 check")
+                st.mark_held(ch.index)
+        finally:
+            for fd in fds.values():
                 os.close(fd)
         return st
 
@@ -272,8 +291,7 @@ class NodeAgent:
     def _free_buffers(self, model: str) -> None:
         st = self.models.pop(model, None)
         if st is not None:
-            for blk in st.manifest.blocks:
-                self.transport.unregister(buffer_name(model, blk.index))
+            self.transport.unregister(buffer_name(model))
 
     def _evict(self, msg: EvictModel) -> dict:
         evicted, free = self.memory.evict(msg.model, MemTier(msg.tier), self._receiving(msg.model),
@@ -315,8 +333,8 @@ class NodeAgent:
         """Copy-back gpu -> host: the buffers become a host copy once each block re-verifies (worker thread)."""
         m = r.manifest
         try:
+            view = self.stream_view(m.name)
             for blk in m.blocks:
-                view = self.transport.buffer(buffer_name(m.name, blk.index))
                 await asyncio.to_thread(self.memory.verify_block, m, blk.index, view)
                 r.host_blocks.add(blk.index)
             self.memory.touch(m.name, time.monotonic(), (MemTier.HOST,))
@@ -330,8 +348,8 @@ class NodeAgent:
         """Copy-back -> ssd: block files + manifest into the agent's SSD dir (worker thread)."""
         m = r.manifest
         try:
-            views = [self.transport.buffer(buffer_name(m.name, b.index)) for b in m.blocks]
-            await asyncio.to_thread(self.memory.write_ssd, m, views)
+            view = self.stream_view(m.name)
+            await asyncio.to_thread(self.memory.write_ssd, m, view)
             r.ssd_complete = True
             self.memory.touch(m.name, time.monotonic(), (MemTier.SSD,))
         except BaseException:
@@ -351,9 +369,8 @@ class NodeAgent:
             if epoch <= self._cancelled_epoch.get(model, -1):
                 return
             ch = st.manifest.chunk(chunk)
-            b = chunk_block(chunk, st.manifest.n_blocks, st.manifest.n_chunks)
             try:
-                await self.transport.send(dst, buffer_name(model, b), ch.offset, ch.length, chunk_tag(model, chunk))
+                await self.transport.send(dst, buffer_name(model), ch.offset, ch.length, chunk_tag(model, chunk))
             except TransferError as e:
                 await self._report(SendFailed(node=self.node, model=model, chunk=chunk, dst=dst, epoch=epoch, error=str(e)))
 
@@ -376,9 +393,9 @@ class NodeAgent:
         if st is None:
             return
         ch = st.manifest.chunk(chunk)
-        if (arr.offset, arr.length) != (ch.offset, ch.length):
+        if arr.name != buffer_name(model) or (arr.offset, arr.length) != (ch.offset, ch.length):
             await self._report(ChunkCorrupt(node=self.node, model=model, chunk=chunk, src=arr.src,
-                                            detail=f"range [{arr.offset}, +{arr.length}) is not chunk {chunk}'s"))
+                                            detail=f"{arr.name} range [{arr.offset}, +{arr.length}) is not chunk {chunk}'s"))
             return
         view = self.transport.buffer(arr.name)[arr.offset : arr.offset + arr.length]
         got = xxhash.xxh64(view).hexdigest()
@@ -433,9 +450,9 @@ class NodeAgent:
                 "node": self.node,
                 "pid": os.getpid(),
                 "models": {n: sorted(s.held) for n, s in self.models.items()},
-                # xxh64 of every block buffer: lets a test compare a node's bytes with the files
+                # xxh64 of every block's slice of the stream: lets a test compare a node's bytes with the files
                 "block_digests": {
-                    n: [xxhash.xxh64(self.transport.buffer(buffer_name(n, b.index))).hexdigest() for b in s.manifest.blocks]
+                    n: [xxhash.xxh64(self.block_view(n, b.index)).hexdigest() for b in s.manifest.blocks]
                     for n, s in self.models.items()
                 },
                 "bytes_sent": self.transport.bytes_sent,

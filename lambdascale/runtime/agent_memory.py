@@ -1,7 +1,7 @@
 """Agent side of the memory manager: which tier holds each model on this node, with bytes and last use.
 
-A node agent keeps a model's weights in its transport-registered block buffers (the multicast's
-landing zone and what stages are built from). On a CPU node the "GPU" tier and the host tier are
+A node agent keeps a model's weights in one transport-registered buffer holding the model's byte
+stream (block files concatenated; the multicast's landing zone and what stages are built from). On a CPU node the "GPU" tier and the host tier are
 therefore the same bytes; what differs is *why* the node keeps them, and that is what this module
 tracks, as labels on a model's buffers:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import xxhash
 
 from lambdascale.errors import LambdaScaleError
-from lambdascale.model.manifest import Manifest, chunks_of_block
+from lambdascale.model.manifest import Manifest
 from lambdascale.store.pool import Allocation, PoolFullError, RangeAllocator
 
 
@@ -204,11 +204,12 @@ class AgentMemory:
 
     # ---- host verification (copy-back gpu -> host) -------------------------------------------
     @staticmethod
-    def verify_block(manifest: Manifest, block: int, buf: memoryview) -> None:
-        """Check every chunk of ``block`` in ``buf`` against the manifest (raises naming the chunk)."""
-        blk = manifest.blocks[block]
-        for ch in blk.chunks:
-            if xxhash.xxh64(buf[ch.offset: ch.offset + ch.length]).hexdigest() != ch.xxh64:
+    def verify_block(manifest: Manifest, block: int, stream: memoryview) -> None:
+        """Check every chunk overlapping ``block`` in ``stream`` (the model's whole byte stream)
+        against the manifest (raises naming the chunk)."""
+        for c in manifest.chunks_of_block(block):
+            ch = manifest.chunk(c)
+            if xxhash.xxh64(stream[ch.offset: ch.end]).hexdigest() != ch.xxh64:
                 raise LambdaScaleError(f"{manifest.name} block {block} chunk {ch.index} fails its xxh64 check")
 
     # ---- SSD tier ------------------------------------------------------------------------------
@@ -234,14 +235,18 @@ class AgentMemory:
                 f"node {self.node}: {tier} tier cannot take {r.manifest.name!r} ({r.nbytes} bytes): {e} ({setting})"
             ) from None
 
-    def write_ssd(self, manifest: Manifest, block_bytes: list[memoryview]) -> Path:
-        """Write the model's block files and manifest under the SSD dir (temp dir + rename); blocking."""
+    def write_ssd(self, manifest: Manifest, stream: memoryview) -> Path:
+        """Write the model's block files (slices of its byte ``stream``) and manifest under the SSD
+        dir (temp dir + rename); blocking."""
         assert self.ssd_dir is not None
+        if len(stream) != manifest.total_bytes:
+            raise LambdaScaleError(f"{manifest.name}: stream holds {len(stream)} bytes, the manifest {manifest.total_bytes}")
         final = self.ssd_dir / manifest.name
         tmp = self.ssd_dir / f".{manifest.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for blk, data in zip(manifest.blocks, block_bytes):
+        for blk in manifest.blocks:
+            data = stream[blk.offset : blk.end]
             with open(tmp / blk.file, "wb") as f:
                 n = f.write(data)
                 if n != blk.nbytes:
@@ -307,5 +312,4 @@ class AgentMemory:
     @staticmethod
     def _blocks_held(manifest: Manifest, have: set[int]) -> set[int]:
         """Blocks whose every chunk is in ``have`` (held, verified chunk indices)."""
-        return {b for b in range(manifest.n_blocks)
-                if all(c in have for c in chunks_of_block(b, manifest.n_blocks, manifest.n_chunks))}
+        return manifest.layout.blocks_held(have)

@@ -1,6 +1,8 @@
 """Multicast executor: plays a :class:`~lambdascale.pipe.multicast.MulticastPlan` on real agents.
 
-Each sending node gets its part of the plan as one ordered :class:`SendChunks` list (plan round
+The plan is made with the manifest's :class:`~lambdascale.pipe.layout.ChunkLayout` (equal-byte
+chunks of the model's stream, possibly spanning blocks), so multi-source block reordering and the
+plan's block views match the bytes the agents move. Each sending node gets its part of the plan as one ordered :class:`SendChunks` list (plan round
 order). The agent sends each chunk as soon as it holds it, and a receiver holds a chunk only
 after its xxh64 matched the manifest, so progress is chunk by chunk: a fast chunk is never held
 back by a round barrier. Every verified arrival is reported to the controller
@@ -114,7 +116,7 @@ async def run_multicast(
     """
     algo = Algo(algo)
     ids = list(sources) + list(receivers)
-    plan = plan_multicast(algo, len(ids), len(sources), manifest.n_blocks, manifest.n_chunks)
+    plan = plan_multicast(algo, len(ids), len(sources), manifest.n_blocks, manifest.n_chunks, layout=manifest.layout)
     k = manifest.n_chunks
     prog = MulticastProgress(
         manifest=manifest, sources=tuple(sources), receivers=tuple(receivers), t0=time.monotonic(),

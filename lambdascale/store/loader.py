@@ -2,8 +2,11 @@
 
 SSD -> host: reader threads ``pread`` chunk i+1 (in pieces, several in flight, ``O_DIRECT`` where
 possible) straight into the block's place in the host pool while the calling thread verifies
-chunk i's xxh64 (reads release the GIL, so they overlap with hashing). A block is announced (callback)
-only after every one of its chunks verified, so a chunk whose hash does not match is never used:
+chunk i's xxh64 (reads release the GIL, so they overlap with hashing). Chunks are ranges of the
+model's stream (format version 2) and may span two block files: a chunk's part in a block being
+loaded lands in that block's place; its part in a block *not* being loaded (a partial load) is read
+into scratch memory only to verify the hash. A block is announced (callback)
+only after every chunk overlapping it verified, so a chunk whose hash does not match is never used:
 the load stops with :class:`CheckpointError` naming the file and chunk, and the block stays
 un-announced. An optional :class:`TokenBucket` caps the read rate (emulated NVMe).
 
@@ -29,8 +32,9 @@ from typing import Callable, Sequence
 import torch
 
 from lambdascale.errors import CheckpointError
-from lambdascale.model.manifest import ChunkEntry
-from lambdascale.model.checkpoint import Checkpoint, read_exact_into, tensors_from_block_bytes, verify_chunk
+import xxhash
+
+from lambdascale.model.checkpoint import Checkpoint, check_digest, read_exact_into, tensors_from_block_bytes
 from lambdascale.ratelimit import TokenBucket
 
 
@@ -152,17 +156,44 @@ def load_from_ssd(
 
     # open every file and check its size before reading anything
     fds: dict[int, tuple[int, int | None]] = {}
+
+    def open_block(b: int) -> None:
+        path = ckpt.block_path(b)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open block file: {e.strerror}") from None
+        fds[b] = (fd, _open_direct(path) if direct and b in views else None)
+        size = os.fstat(fd).st_size
+        if b in views and size != m.blocks[b].nbytes:
+            raise CheckpointError(f"{path}: file has {size} bytes, manifest says {m.blocks[b].nbytes} (truncated or replaced)")
+
+    # chunks overlapping the loaded blocks, in load order; each chunk's parts per block file:
+    # (block, offset in the block file, length, destination view)
+    chunk_order: list[int] = []
+    listed: set[int] = set()
+    for b in order:
+        for c in m.chunks_of_block(b):
+            if c not in listed:
+                listed.add(c)
+                chunk_order.append(c)
+    parts: dict[int, list[tuple[int, int, int, memoryview]]] = {}
     try:
         for b in order:
-            path = ckpt.block_path(b)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open block file: {e.strerror}") from None
-            fds[b] = (fd, _open_direct(path) if direct else None)
-            size = os.fstat(fd).st_size
-            if size != m.blocks[b].nbytes:
-                raise CheckpointError(f"{path}: file has {size} bytes, manifest says {m.blocks[b].nbytes} (truncated or replaced)")
+            open_block(b)
+        for c in chunk_order:
+            ch = m.chunk(c)
+            parts[c] = []
+            for bb in m.blocks_of_chunk(c):
+                nb = m.blocks[bb]
+                s0, e0 = max(ch.offset, nb.offset) - nb.offset, min(ch.end, nb.end) - nb.offset
+                if bb in views:
+                    dst = views[bb][s0:e0]
+                else:  # neighbour not loaded: read its part only to verify the chunk
+                    if bb not in fds:
+                        open_block(bb)
+                    dst = memoryview(bytearray(e0 - s0))
+                parts[c].append((bb, s0, e0 - s0, dst))
     except BaseException:
         for fd, dfd in fds.values():
             os.close(fd)
@@ -170,16 +201,17 @@ def load_from_ssd(
                 os.close(dfd)
         raise
 
-    # pieces in file order: (block, chunk, offset, length)
-    pieces: list[tuple[int, ChunkEntry, int, int]] = []
+    # pieces in load order: (block, chunk, offset in the block file, length, destination)
+    pieces: list[tuple[int, int, int, int, memoryview]] = []
     left: dict[int, int] = {}
-    for b in order:
-        for ch in m.blocks[b].chunks:
-            n = 0
-            for off in range(ch.offset, ch.offset + ch.length, piece_bytes):
-                pieces.append((b, ch, off, min(piece_bytes, ch.offset + ch.length - off)))
+    for c in chunk_order:
+        n = 0
+        for bb, off0, ln0, dst in parts[c]:
+            for off in range(off0, off0 + ln0, piece_bytes):
+                ln = min(piece_bytes, off0 + ln0 - off)
+                pieces.append((bb, c, off, ln, dst[off - off0 : off - off0 + ln]))
                 n += 1
-            left[ch.index] = n
+        left[c] = n
     q: queue.Queue[object] = queue.Queue()
     stop = threading.Event()
     lock = threading.Lock()
@@ -195,7 +227,7 @@ def load_from_ssd(
                     next_piece[0] += 1
                 if i >= len(pieces):
                     return
-                b, ch, off, ln = pieces[i]
+                b, c, off, ln, dst = pieces[i]
                 if rate is not None:
                     w = rate.acquire(ln)
                     with lock:
@@ -203,15 +235,16 @@ def load_from_ssd(
                 fd, dfd = fds[b]
                 padded = -(-ln // _PAGE) * _PAGE
                 where = str(ckpt.block_path(b))
-                if dfd is not None and off % _PAGE == 0 and (bases[b] + off) % _PAGE == 0 and off + padded <= len(full[b]):
+                if (dfd is not None and b in bases and off % _PAGE == 0 and (bases[b] + off) % _PAGE == 0
+                        and off + padded <= len(full[b])):
                     _read_direct(dfd, full[b][off : off + padded], off, ln, where)
                 else:
-                    read_exact_into(fd, views[b][off : off + ln], off, where)
+                    read_exact_into(fd, dst, off, where)
                 with lock:
-                    left[ch.index] -= 1
-                    done = left[ch.index] == 0
+                    left[c] -= 1
+                    done = left[c] == 0
                 if done:
-                    q.put((b, ch))
+                    q.put(c)
         except BaseException as e:  # handed to the consumer, which re-raises it
             stop.set()
             q.put(e)
@@ -222,18 +255,23 @@ def load_from_ssd(
         th.start()
     nbytes = 0
     try:
-        chunks_left = {b: len(m.blocks[b].chunks) for b in order}
+        chunks_left = {b: len(m.chunks_of_block(b)) for b in order}
         announce = 0  # index into order of the next block to announce
-        n_chunks = sum(chunks_left.values())
-        for _ in range(n_chunks):
+        for _ in range(len(chunk_order)):
             item = q.get()
             if isinstance(item, BaseException):
                 raise item
-            b, ch = item  # type: ignore[misc]
+            c = item  # type: ignore[assignment]
+            ch = m.chunk(c)
             if verify:
-                verify_chunk(views[b][ch.offset : ch.offset + ch.length], ch, str(ckpt.block_path(b)))
-            nbytes += ch.length
-            chunks_left[b] -= 1
+                h = xxhash.xxh64()
+                for _bb, _off, _ln, dst in parts[c]:
+                    h.update(dst)
+                check_digest(h.hexdigest(), ch, " + ".join(str(ckpt.block_path(p[0])) for p in parts[c]))
+            for bb, _off, ln, dst in parts[c]:
+                if bb in chunks_left:
+                    nbytes += ln
+                    chunks_left[bb] -= 1
             while announce < len(order) and chunks_left[order[announce]] == 0:
                 bb = order[announce]
                 announce += 1

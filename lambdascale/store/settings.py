@@ -16,7 +16,7 @@ class StoreSettings(BaseModel):
     gpu_capacity_gb: float = Field(default=0.0, ge=0, description="GPU tier capacity per node, GB (0 = no GPU tier)")
     keep_alive_s: float = Field(default=60.0, ge=0, description="default keep-alive before an idle model may be evicted")
     n_blocks: int = Field(default=8, ge=1, le=1024, description="execution blocks a model is cut into on import")
-    chunks_per_block: int = Field(default=2, ge=1, le=1024, description="transfer chunks per block")
+    chunks_per_block: int = Field(default=2, ge=1, le=1024, description="transfer chunks per block on import: the model gets K = blocks x this many equal-byte chunks over its whole byte stream (a chunk may span two blocks)")
     strict_keep_alive: bool = Field(
         default=False,
         description="never evict a model inside its keep-alive (a load that needs the room fails instead)",

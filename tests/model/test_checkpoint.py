@@ -23,7 +23,9 @@ from lambdascale.model.checkpoint import (
 )
 from lambdascale.model.importers import import_model
 from lambdascale.model.importers.synthetic import synthetic_block_source
-from lambdascale.model.manifest import MANIFEST_NAME, chunk_block, chunks_of_block, read_manifest
+from lambdascale.model.manifest import MANIFEST_NAME, read_manifest
+
+import xxhash
 
 
 @pytest.fixture()
@@ -52,28 +54,73 @@ def test_round_trip_every_family(tmp_path: Path, shape: str) -> None:
         assert torch.equal(ck.block_tensors(1)["lm_head.weight"], ck.block_tensors(0)["model.embed_tokens.weight"])
 
 
-def test_chunks_tile_files_and_follow_block_rule(tiny: Checkpoint) -> None:
+def test_chunks_are_equal_byte_ranges_of_the_stream(tiny: Checkpoint) -> None:
     m = tiny.manifest
-    K, B = m.n_chunks, m.n_blocks
-    assert K == 12
+    K, B, T = m.n_chunks, m.n_blocks, m.total_bytes
+    assert (K, m.format_version) == (12, 2)
+    stream = b"".join(tiny.block_path(b).read_bytes() for b in range(B))
+    assert len(stream) == T
+    pos = 0
     for blk in m.blocks:
-        assert os.path.getsize(tiny.block_path(blk.index)) == blk.nbytes
-        assert [c.index for c in blk.chunks] == list(chunks_of_block(blk.index, B, K))
-        for c in blk.chunks:
-            assert chunk_block(c.index, B, K) == blk.index
-            assert m.chunk(c.index) == c
-    assert m.total_bytes == sum(b.nbytes for b in m.blocks)
+        assert (blk.offset, os.path.getsize(tiny.block_path(blk.index))) == (pos, blk.nbytes)
+        pos += blk.nbytes
+    for c, ch in enumerate(m.chunks):
+        assert (ch.index, ch.offset, ch.end) == (c, c * T // K, (c + 1) * T // K)
+        assert xxhash.xxh64(stream[ch.offset : ch.end]).hexdigest() == ch.xxh64
+        assert m.chunk(c) == ch
+        for b in m.blocks_of_chunk(c):
+            assert c in m.chunks_of_block(b)
+    # the tiny model's blocks are uneven (embedding in block 0), so some chunk spans a boundary
+    assert any(len(m.blocks_of_chunk(c)) == 2 for c in range(K))
+    assert m.layout.chunk_lengths() == m.chunk_lengths()
 
 
-def test_chunks_of_block_matches_rule_for_uneven_counts() -> None:
-    for B in range(1, 9):
-        for K in range(B, 40):
-            seen = []
-            for b in range(B):
-                r = chunks_of_block(b, B, K)
-                assert all(chunk_block(c, B, K) == b for c in r)
-                seen.extend(r)
-            assert seen == list(range(K))
+def _as_v1(ck: Checkpoint, per_block: int) -> dict:
+    """The old (version 1) manifest of the same files: chunks tile each block file."""
+    data = json.loads((ck.dir / MANIFEST_NAME).read_text())
+    data["format_version"] = 1
+    data.pop("chunks")
+    c = 0
+    for blk in data["blocks"]:
+        blk.pop("offset")
+        raw = ck.block_path(blk["index"]).read_bytes()
+        n = blk["nbytes"]
+        chunks = []
+        for i in range(per_block):
+            a, e = n * i // per_block, n * (i + 1) // per_block
+            chunks.append({"index": c, "offset": a, "length": e - a, "xxh64": xxhash.xxh64(raw[a:e]).hexdigest()})
+            c += 1
+        blk["chunks"] = chunks
+    return data
+
+
+def test_version_1_manifest_is_converted_on_read(tiny: Checkpoint) -> None:
+    v1 = _as_v1(tiny, 2)
+    (tiny.dir / MANIFEST_NAME).write_text(json.dumps(v1))
+    ck = Checkpoint(tiny.dir)
+    m = ck.manifest
+    assert (m.format_version, m.n_chunks) == (2, 8)
+    assert m.layout.is_uniform()  # two chunks per block file: the old c*B//K rule
+    for b, blk in enumerate(v1["blocks"]):
+        assert m.blocks[b].offset == sum(x["nbytes"] for x in v1["blocks"][:b])
+        assert list(m.chunks_of_block(b)) == [ch["index"] for ch in blk["chunks"]]
+        for ch in blk["chunks"]:
+            assert m.chunk(ch["index"]).offset == m.blocks[b].offset + ch["offset"]
+    for b in range(m.n_blocks):
+        assert ck.read_block(b) == tiny.read_block(b)
+    # a corrupt v1 chunk is still caught, named by file and chunk
+    with open(ck.block_path(1), "r+b") as f:
+        f.seek(5)
+        x = f.read(1)
+        f.seek(5)
+        f.write(bytes([x[0] ^ 1]))
+    with pytest.raises(CheckpointError, match=r"block_001\.safetensors: chunk 2 .*corrupted"):
+        ck.read_block(1)
+    bad = json.loads(json.dumps(v1))
+    del bad["blocks"][0]["chunks"]
+    (tiny.dir / MANIFEST_NAME).write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.chunks: a version-1 block needs a non-empty chunk list"):
+        read_manifest(tiny.dir)
 
 
 def test_chunk_ranges_tile() -> None:
@@ -81,6 +128,7 @@ def test_chunk_ranges_tile() -> None:
         rs = chunk_ranges(n, k)
         assert rs[0][0] == 0 and sum(l for _, l in rs) == n
         assert all(a + l == b for (a, l), (b, _) in zip(rs, rs[1:]))
+        assert max(l for _, l in rs) - min(l for _, l in rs) <= 1
     with pytest.raises(CheckpointError, match="cannot cut"):
         chunk_ranges(3, 5)
 
@@ -124,18 +172,35 @@ def test_truncated_block_file_is_named(tiny: Checkpoint) -> None:
 
 
 def test_corrupted_chunk_is_never_used(tiny: Checkpoint) -> None:
-    blk = tiny.manifest.blocks[2]
-    ch = blk.chunks[1]
+    m = tiny.manifest
+    blk = m.blocks[2]
+    ch = m.chunk(m.chunks_of_block(2)[-1])
+    at = max(ch.offset, blk.offset) - blk.offset  # first byte of that chunk inside block 2's file
     p = tiny.block_path(2)
     with open(p, "r+b") as f:
-        f.seek(ch.offset + ch.length // 2)
+        f.seek(at)
         b = f.read(1)
-        f.seek(ch.offset + ch.length // 2)
+        f.seek(at)
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(CheckpointError, match=rf"block_002\.safetensors: chunk {ch.index} .*corrupted"):
         tiny.read_block(2)
     with pytest.raises(CheckpointError, match="corrupted"):
         tiny.block_tensors(2)
+
+
+def test_spanning_chunk_is_verified_from_both_files(tiny: Checkpoint) -> None:
+    """A chunk spanning blocks b and b+1: corrupting its part in b+1 fails reading b too."""
+    m = tiny.manifest
+    c = next(c for c in range(m.n_chunks) if len(m.blocks_of_chunk(c)) == 2)
+    b0, b1 = m.blocks_of_chunk(c)
+    with open(tiny.block_path(b1), "r+b") as f:  # the chunk's first byte in b1's file is byte 0
+        x = f.read(1)
+        f.seek(0)
+        f.write(bytes([x[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match=rf"block_{b0:03d}\.safetensors: chunk {c} .*corrupted"):
+        tiny.read_block(b0)
+    with pytest.raises(CheckpointError, match=rf"block_{b1:03d}\.safetensors: chunk {c} .*corrupted"):
+        tiny.read_block(b1)
 
 
 def test_unknown_format_version(tiny: Checkpoint) -> None:
@@ -150,9 +215,20 @@ def test_unknown_format_version(tiny: Checkpoint) -> None:
 def test_inconsistent_manifest_is_rejected(tiny: Checkpoint) -> None:
     mp = tiny.dir / MANIFEST_NAME
     data = json.loads(mp.read_text())
-    data["blocks"][1]["chunks"][0]["length"] += 1
+    good = json.loads(json.dumps(data))
+    data["chunks"][3]["length"] += 1
     mp.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="invalid manifest"):
+    with pytest.raises(CheckpointError, match=r"invalid manifest:\n.*chunks\.4\.offset is \d+, expected \d+"):
+        read_manifest(tiny.dir)
+    data = json.loads(json.dumps(good))
+    data["blocks"][2]["offset"] += 8
+    mp.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"blocks\.2\.offset is \d+, expected \d+"):
+        read_manifest(tiny.dir)
+    data = json.loads(json.dumps(good))
+    data["chunks"][-1]["length"] += 1
+    mp.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"chunks cover \d+ bytes but the blocks total \d+"):
         read_manifest(tiny.dir)
 
 

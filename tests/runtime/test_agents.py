@@ -112,11 +112,14 @@ def test_agent_keeps_heartbeating_while_it_makes_large_buffers_resident(tiny_mod
 
     manifest = read_manifest(tiny_model)
     big = 192 * 2**20  # per block; 8 blocks
-    blocks = []
+    blocks, chunks = [], []
     for blk in manifest.blocks:
-        one = blk.chunks[0].model_copy(update={"index": blk.index, "offset": 0, "length": big})
-        blocks.append(blk.model_copy(update={"nbytes": big, "chunks": [one]}))
-    huge = manifest.model_copy(update={"name": "huge", "blocks": blocks})
+        chunks.append(manifest.chunks[0].model_copy(update={"index": blk.index, "offset": blk.index * big, "length": big}))
+        blocks.append(blk.model_copy(update={"offset": blk.index * big, "nbytes": big}))
+    data = manifest.model_dump(mode="json")
+    data.update(name="huge", blocks=[b.model_dump(mode="json") for b in blocks],
+                chunks=[c.model_dump(mode="json") for c in chunks])
+    huge = type(manifest).model_validate(data)  # a valid (v2) manifest: one stream buffer of 1.5 GB
 
     async def main() -> None:
         rt = RuntimeSettings(heartbeat_s=0.05, heartbeat_misses=3)  # lost after 0.15 s of silence

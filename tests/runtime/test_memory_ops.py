@@ -167,4 +167,4 @@ def test_agent_memory_never_overcommits_and_refuses_in_use(tiny_model: Path) -> 
     with pytest.raises(MemoryRefusedError, match="no SSD tier"):
         mem.reserve_ssd(mem.residency(mans[0]))
     with pytest.raises(LambdaScaleError, match="chunk 0 fails its xxh64"):
-        AgentMemory.verify_block(man, 0, memoryview(bytearray(man.blocks[0].nbytes)))
+        AgentMemory.verify_block(man, 0, memoryview(bytearray(man.total_bytes)))

@@ -68,11 +68,14 @@ def test_load_host_announces_blocks_in_order_as_they_land(models: Path) -> None:
 
 def test_corrupted_chunk_stops_the_load_and_is_never_announced(models: Path) -> None:
     ck = Checkpoint(models / "a")
-    bad = ck.manifest.blocks[2].chunks[1]
+    m = ck.manifest
+    blk = m.blocks[2]
+    at = blk.nbytes // 2  # a byte in the middle of block 2's file, and the chunk holding it
+    bad = next(ch for ch in m.chunks if ch.offset <= blk.offset + at < ch.end)
     with open(ck.block_path(2), "r+b") as f:
-        f.seek(bad.offset + 3)
+        f.seek(at)
         byte = f.read(1)
-        f.seek(bad.offset + 3)
+        f.seek(at)
         f.write(bytes([byte[0] ^ 1]))
     store = _store(models)
     announced: list[int] = []
@@ -195,6 +198,32 @@ def test_loader_paths_agree(models: Path, monkeypatch: pytest.MonkeyPatch, direc
         assert calls["direct"] > 0
     if not direct:
         assert calls["direct"] == 0
+
+
+def test_partial_load_verifies_spanning_chunks_with_the_neighbour_file(models: Path) -> None:
+    """Loading one block reads its boundary chunks' parts in the neighbour files (only to hash
+    them): the block lands intact, and a corrupt byte in a neighbour's part fails the load."""
+    ck = Checkpoint(models / "a")
+    m = ck.manifest
+    b = next(b for b in range(m.n_blocks) if any(len(m.blocks_of_chunk(c)) == 2 for c in m.chunks_of_block(b)))
+    buf = bytearray(m.blocks[b].nbytes)
+    got: list[int] = []
+    stats = load_from_ssd(ck, lambda _: memoryview(buf), blocks=[b], on_block=lambda ev: got.append(ev.block),
+                          direct=False, piece_bytes=4096)
+    assert got == [b] and bytes(buf) == bytes(ck.read_block(b)) and stats.nbytes == m.blocks[b].nbytes
+    c = next(c for c in m.chunks_of_block(b) if len(m.blocks_of_chunk(c)) == 2)
+    other = next(x for x in m.blocks_of_chunk(c) if x != b)
+    ch, nb = m.chunk(c), m.blocks[other]
+    at = max(ch.offset, nb.offset) - nb.offset  # the chunk's first byte inside the neighbour's file
+    with open(ck.block_path(other), "r+b") as f:
+        f.seek(at)
+        x = f.read(1)
+        f.seek(at)
+        f.write(bytes([x[0] ^ 1]))
+    got.clear()
+    with pytest.raises(CheckpointError, match=rf"block_{other:03d}\.safetensors.*: chunk {c} .*corrupted"):
+        load_from_ssd(ck, lambda _: memoryview(buf), blocks=[b], on_block=lambda ev: got.append(ev.block), direct=False)
+    assert got == []
 
 
 def test_direct_loader_checks_destination_size(models: Path) -> None:

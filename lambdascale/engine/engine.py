@@ -27,7 +27,7 @@ import torch
 
 from lambdascale.engine.runner import ModelRunner
 from lambdascale.engine.sampling import SamplingParams, sample_batch
-from lambdascale.engine.scheduler import SchedulerOutput, SeqView, schedule
+from lambdascale.engine.scheduler import SchedulerOutput, SeqView, prefill_chunk_size, schedule
 from lambdascale.engine.sequence import FinishReason, RequestOutput, Sequence, SeqStatus, TokenState
 from lambdascale.engine.settings import EngineSettings
 from lambdascale.engine.stage import Stage, full_stage, stage_from_checkpoint
@@ -54,7 +54,7 @@ def resolve_dtype(settings: EngineSettings, device: torch.device) -> torch.dtype
 
 def invariant_chunk_size(settings: EngineSettings) -> int:
     """Prefill chunk length in batch-invariant mode: fits the step budget next to a full set of decodes."""
-    return max(1, settings.max_num_batched_tokens - settings.max_batch_size)
+    return prefill_chunk_size(settings.max_num_batched_tokens, settings.max_batch_size)
 
 
 def _stop_holdback(text: str, stops: Seq[str]) -> int:
@@ -189,7 +189,10 @@ class Engine:
 
         The prompt and the outputs so far are prefilled to rebuild the KV cache; the next token
         is sampled with the same (seed, index) as the original instance would have used, and
-        text already streamed by the original instance is not streamed again.
+        text already streamed by the original instance is not streamed again. With
+        ``engine.batch_invariant`` the KV is rebuilt by *replay* instead (the prompt in its own
+        chunks, then each known output as one unsampled decode step: one step per output token
+        instead of one prefill), so the continuation is bitwise an uninterrupted run's.
         """
         return self._add(list(state.prompt_ids), list(state.output_ids), state.params, state.seed, request_id)
 
@@ -282,7 +285,7 @@ class Engine:
 
     def _view(self, rid: str) -> SeqView:
         s = self._seqs[rid]
-        return SeqView(rid, s.num_computed, s.num_tokens)
+        return SeqView(rid, s.num_computed, s.num_tokens, len(s.prompt_ids) if self.settings.batch_invariant else None)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         ids = frozenset(params.stop_token_ids)

@@ -11,7 +11,11 @@ is tested without a model. Policy (continuous batching, prefill and decode in on
 
 With ``chunk_size`` (the engine's batch-invariant mode) a prefill chunk is always
 ``min(remaining, chunk_size)`` tokens, so chunk boundaries depend only on the request itself; a
-chunk that does not fit the budget left waits for a later step instead of shrinking.
+chunk that does not fit the budget left waits for a later step instead of shrinking. A sequence
+that knows its prompt length (``SeqView.prompt_len``, a request resumed with outputs already
+generated) is *replayed* in that mode: its prompt in those chunks, then its known outputs one
+single-token step each (not sampled), exactly the steps an uninterrupted run took, so its KV cache
+and its next logits are bitwise the uninterrupted run's.
 
 A sequence samples a token in a step only when that step computes its last pending token.
 """
@@ -29,10 +33,32 @@ class SeqView:
     request_id: str
     num_computed: int  # tokens already in the KV cache
     num_tokens: int  # prompt + output tokens; the step that computes the last one samples
+    #: prompt tokens; with ``chunk_size``, tokens past the prompt are computed one per step (replay)
+    prompt_len: int | None = None
 
     @property
     def remaining(self) -> int:
         return self.num_tokens - self.num_computed
+
+
+def prefill_chunk_size(max_step_tokens: int, max_seqs: int) -> int:
+    """Batch-invariant prefill chunk: fits a step's token budget next to a full set of decodes.
+
+    One rule for every place a request can run (an in-process engine, a pipeline of agents), so a
+    request is cut into the same chunks wherever it runs.
+    """
+    return max(1, max_step_tokens - max_seqs)
+
+
+def next_step_tokens(computed: int, total: int, prompt_len: int, chunk_size: int) -> int:
+    """Tokens a sequence computes in its next step in batch-invariant mode (depends on it alone).
+
+    Inside the prompt: a chunk of ``min(rest of the prompt, chunk_size)``; past it: one token (a
+    decode, or the replay of an output token already known). ``total`` = prompt + outputs.
+    """
+    if computed < prompt_len:
+        return min(prompt_len - computed, chunk_size)
+    return 1 if computed < total else 0
 
 
 @dataclass(frozen=True)
@@ -75,10 +101,13 @@ def schedule(
     if chunk_size is not None and not 1 <= chunk_size <= max_num_batched_tokens:
         raise ValueError(f"chunk_size={chunk_size} must be in [1, max_num_batched_tokens={max_num_batched_tokens}]")
 
-    def take(remaining: int) -> int:
+    def take(s: SeqView) -> int:
         if chunk_size is None:
-            return min(remaining, budget)
-        n = min(remaining, chunk_size)
+            return min(s.remaining, budget)
+        if s.prompt_len is None:
+            n = min(s.remaining, chunk_size)
+        else:
+            n = next_step_tokens(s.num_computed, s.num_tokens, s.prompt_len, chunk_size)
         return n if n <= budget else 0
 
     decodes = [s for s in running if s.remaining == 1]
@@ -88,7 +117,7 @@ def schedule(
     for s in prefilling:
         if budget <= 0:
             break
-        n = take(s.remaining)
+        n = take(s)
         if n == 0:
             break
         out.append(ScheduledSeq(s.request_id, s.num_computed, n, n == s.remaining))
@@ -98,7 +127,7 @@ def schedule(
     for s in waiting:
         if budget <= 0 or slots <= 0:
             break
-        n = take(s.remaining)
+        n = take(s)
         if n == 0:
             break
         out.append(ScheduledSeq(s.request_id, s.num_computed, n, n == s.remaining))

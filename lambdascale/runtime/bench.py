@@ -16,6 +16,9 @@ What it measures today (the data-plane part of issue 6):
    from its own SSD tier), on a fresh capped cluster: a burst of ``--burst`` requests fired as the
    scale-out starts; TTFT p50/p99, when the last request got its first token, when every node
    serves alone, bytes moved, and whether every output equals a single-node run (same seeds).
+   ``--batch-invariant`` runs every system's stages and that single-node reference with
+   ``engine.batch_invariant`` (the table states the numerics), which makes "exact" hold bitwise
+   where the default numerics depend on batch composition (large vocabularies, bfloat16).
 
 ``--emulate-device CALIBRATION:MODEL[:SCALE]`` makes every stage step last at least the calibrated
 GPU time (:mod:`lambdascale.runtime.emulation`); without it agents compute on the shared CPU cores
@@ -81,6 +84,8 @@ class ScaleBenchResult:
     plan_play_s: float | None = None
     single_source_plan_play_s: float | None = None
     stage_dtype: str = "float32"
+    #: engine.batch_invariant on every stage and on the single-node reference (``--batch-invariant``)
+    batch_invariant: bool = False
 
 
 def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
@@ -213,7 +218,9 @@ def format_table(r: ScaleBenchResult) -> str:
     out = "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
     for label, systems in ((r.emulate_device or "off", r.systems), ("off", r.systems_without_emulation)):
         if systems:
-            out += f"\n\nburst served during scale-out (emulate-device: {label}, stages {r.stage_dtype})\n" \
+            numerics = "batch-invariant" if r.batch_invariant else "default"
+            out += f"\n\nburst served during scale-out (emulate-device: {label}, stages {r.stage_dtype}, " \
+                f"numerics {numerics})\n" \
                 + _systems_table(systems)
     return out
 
@@ -266,26 +273,32 @@ def make_burst(n: int, vocab: int, max_tokens: int, seed: int = 0) -> dict[str, 
 
 
 def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu",
-                      dtype: str = "float32") -> dict[str, list[int]]:
+                      dtype: str = "float32", batch_invariant: bool = False, max_step_tokens: int = 512,
+                      max_seqs: int = 8) -> dict[str, list[int]]:
     """Each request alone on an in-process single-node engine (the exactness reference).
 
-    ``dtype`` on ``device``, the same as the agents' stages (``--stage-dtype``).
+    ``dtype`` on ``device``, the same as the agents' stages (``--stage-dtype``). With
+    ``batch_invariant`` the reference runs the same numerics as the agents, and its step budget
+    (``max_step_tokens``, ``max_seqs``) gives the same prefill chunks as their pipelines'.
     """
     from lambdascale.engine.engine import Engine
     from lambdascale.engine.settings import EngineSettings
 
-    eng = Engine.from_checkpoint(model_dir, EngineSettings(device="cuda" if device.startswith("cuda") else "cpu",
-                                                           dtype=dtype))
+    eng = Engine.from_checkpoint(model_dir, EngineSettings(
+        device="cuda" if device.startswith("cuda") else "cpu", dtype=dtype, batch_invariant=batch_invariant,
+        max_num_batched_tokens=max_step_tokens, max_batch_size=max_seqs))
     return {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in burst.items()}
 
 
 async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
                       burst: dict[str, Any], reference: dict[str, list[int]], systems: list[str],
-                      max_seqs: int = 8, device: str = "cpu", dtype: str = "float32") -> list[dict[str, Any]]:
+                      max_seqs: int = 8, device: str = "cpu", dtype: str = "float32",
+                      batch_invariant: bool = False) -> list[dict[str, Any]]:
     """One fresh cluster per system: sources hold the model, the burst is fired as it scales out.
 
     ``device`` is where stages compute ("cuda" on a GPU machine: every agent shares the GPU and
-    copies each block host -> GPU as its stage forms).
+    copies each block host -> GPU as its stage forms). ``batch_invariant``: engine.batch_invariant
+    on every stage of every system (``reference`` must come from the same numerics).
     """
     from lambdascale.model.manifest import read_manifest
     from lambdascale.runtime.scaleout import serve_scale_out
@@ -303,7 +316,8 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
                                         burst, system, eos_ids, max_seqs=max_seqs,
                                         emulate_device=runtime.emulate_device, device=device,
-                                        link_gbps=transfer.link_gbps, dtype=dtype)  # type: ignore[arg-type]
+                                        link_gbps=transfer.link_gbps, dtype=dtype,  # type: ignore[arg-type]
+                                        batch_invariant=batch_invariant)
         ttft = list(rep.ttft.values())
         rows.append({
             "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
@@ -311,7 +325,8 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             "bytes_moved": rep.bytes_moved, "pipelines_formed": rep.pipelines_formed,
             "pipelines_dissolved": rep.pipelines_dissolved, "requests_moved": rep.requests_moved,
             "kv_shipped": rep.kv_shipped, "kv_recomputed": rep.kv_recomputed, "kv_bytes_shipped": rep.kv_bytes_shipped,
-            "exact": rep.outputs == reference,
+            "exact": rep.outputs == reference, "batch_invariant": batch_invariant,
+            "replayed_tokens": rep.replayed_tokens, "replay_mismatches": rep.replay_mismatches,
             "mismatched_requests": sorted(r for r in reference if rep.outputs.get(r) != reference[r]),
         })
         _progress(f"{system}: TTFT p99 {rows[-1]['ttft_p99_s']:.2f} s, exact {rows[-1]['exact']}")
@@ -365,8 +380,10 @@ def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir
 
         vocab = read_manifest(model_dir).arch.vocab_size
         burst = make_burst(args.burst, vocab, args.max_tokens)
-        ref = reference_outputs(model_dir, burst, dtype=args.stage_dtype)
+        inv = cfg.engine.batch_invariant
+        ref = reference_outputs(model_dir, burst, dtype=args.stage_dtype, batch_invariant=inv, max_seqs=args.max_seqs)
         result.stage_dtype = args.stage_dtype
+        result.batch_invariant = inv
         _progress("single-node reference done")
         if cfg.runtime.emulate_device:
             from lambdascale.runtime.emulation import parse_profile
@@ -375,11 +392,11 @@ def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir
         systems = args.systems.split(",")
         result.systems = asyncio.run(run_systems(
             model_dir, args.nodes, args.sources, transfer, cfg.runtime, burst, ref, systems,
-            max_seqs=args.max_seqs, dtype=args.stage_dtype))
+            max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv))
         if args.also_without_emulation and cfg.runtime.emulate_device:
             result.systems_without_emulation = asyncio.run(run_systems(
                 model_dir, args.nodes, args.sources, transfer, cfg.runtime.model_copy(update={"emulate_device": None}),
-                burst, ref, systems, max_seqs=args.max_seqs, dtype=args.stage_dtype))
+                burst, ref, systems, max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv))
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:

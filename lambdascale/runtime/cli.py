@@ -22,6 +22,7 @@ def register_bench(bench_subparsers: Any) -> None:
                    help="data-plane transport (default: config transfer.backend)")
     add_config_args(p, "transfer", ["link_gbps", "ssd_gbps"])
     add_config_args(p, "runtime", ["emulate_device"])
+    add_config_args(p, "engine", ["batch_invariant"])  # every system's stages and the exactness reference
     p.add_argument("--burst", type=int, default=32, help="requests fired as the scale-out starts; 0 skips the systems table (default: 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per burst request (default: 16)")
     p.add_argument("--systems", default="lambdascale,faasnet,nccl,local",

@@ -193,6 +193,11 @@ class FormStage(_Msg):
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
         description="where the stage computes; cuda copies each block host -> GPU as the stage forms",
     )
+    batch_invariant: bool = Field(
+        default=False,
+        description="engine.batch_invariant numerics: each row's result independent of the batch (one torch "
+                    "thread on the agent, padded projections, per-sequence attention)",
+    )
 
 
 class StageStep(_Msg):

@@ -9,13 +9,26 @@ stage returns one sampled token per sequence. A full instance is a pipeline of o
 state (prompt ids, output ids, sampling params, seed). Because sampling is a pure function of
 (logits, params, seed, token index), :meth:`PipelineServer.take` lets requests leave a
 dissolving pipeline between steps and :meth:`PipelineServer.add` resume them on a full instance
-(the new instance recomputes the KV cache by prefilling prompt + outputs): the client's stream
-is exactly an uninterrupted run's, no token lost or repeated.
+(the new instance recomputes the KV cache: by prefilling prompt + outputs, or in batch-invariant
+mode by replaying the steps, see below): the client's stream is exactly an uninterrupted run's,
+no token lost or repeated.
 
 Limits of this first version: one step in flight per pipeline (no micro-batch overlap between
 stages), stop on token ids and ``max_tokens`` only (stop strings need the tokenizer, which lives
 in the gateway). On dissolution the KV is recomputed by default; :mod:`lambdascale.runtime.kvmove`
 ships it instead when that is cheaper (``take_progress`` + ``add(..., computed=n)``).
+
+Batch-invariant mode (``engine.batch_invariant``, ``RemotePipeline(batch_invariant=True)``): every
+stage computes each row independently of the batch (one torch thread, padded projections,
+per-sequence attention; docs/arch/engine-numerics.md) and the server cuts prefill chunks by the
+request alone (:func:`~lambdascale.engine.scheduler.prefill_chunk_size`, the engine's rule), so a
+request's tokens equal a single-node run's bitwise, on a full instance or a pipeline. Recompute
+then becomes a *replay*: a resumed request prefills its prompt in those chunks and feeds each
+output it already has as one decode step (its sample discarded, nothing streamed again): the very
+steps the uninterrupted run took. Cost: one step per output token already generated instead of one
+prefill (decode steps of a busy batch, so the extra time is about ``outputs x decode step``).
+Outside the mode a resumed request re-prefills prompt + outputs in one step (cheaper, equal up
+to the last bit of the logits).
 """
 
 from __future__ import annotations
@@ -24,9 +37,10 @@ import asyncio
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.scheduler import next_step_tokens, prefill_chunk_size
 from lambdascale.engine.sequence import TokenState
 from lambdascale.errors import InvalidRequestError
 from lambdascale.model.manifest import Manifest
@@ -58,16 +72,28 @@ def check_placements(placements: Sequence[StagePlacement], n_blocks: int) -> Non
         raise ValueError(f"adjacent stages on one node should be one stage; got nodes {nodes}")
 
 
+StageDtype = Literal["float32", "bfloat16"]
+
+
 class RemotePipeline:
-    """Stages on agents, driven one step at a time."""
+    """Stages on agents, driven one step at a time.
+
+    ``dtype``: what every stage computes in (hidden states cross stages in it too, so a pipeline's
+    step equals the one-stage step). ``batch_invariant``: the engine's batch-invariant numerics on
+    every stage (``engine.batch_invariant``); the :class:`PipelineServer` then also chunks prefills
+    by the request alone.
+    """
 
     _ids = itertools.count()
 
     def __init__(self, cluster: Cluster, manifest: Manifest, placements: Sequence[StagePlacement],
                  max_len: int = 512, max_seqs: int = 16, max_step_tokens: int = 512, name: str | None = None,
-                 emulate_device: str | None = None, device: str = "cpu") -> None:
+                 emulate_device: str | None = None, device: str = "cpu", dtype: StageDtype = "float32",
+                 batch_invariant: bool = False) -> None:
         check_placements(placements, manifest.n_blocks)
         self.device = device
+        self.dtype: StageDtype = dtype
+        self.batch_invariant = batch_invariant
         self.cluster = cluster
         self.manifest = manifest
         self.placements = list(placements)
@@ -89,7 +115,7 @@ class RemotePipeline:
                 req=0, model=self.manifest.name, pipeline=self.name, index=i, blocks=p.blocks,
                 next_node=ps[i + 1].node if i + 1 < len(ps) else None, max_len=self.max_len,
                 max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens, emulate_device=self.emulate_device,
-                device=self.device,
+                device=self.device, dtype=self.dtype, batch_invariant=self.batch_invariant,
             ))
             for i, p in enumerate(ps)
         ))
@@ -148,6 +174,10 @@ class PipelineServer:
     _release: list[str] = field(default_factory=list)
     #: prefill tokens/s measured on this instance's own prefill-only steps (EMA); None until one ran
     prefill_tokens_per_s: float | None = None
+    #: batch-invariant replay: output tokens re-fed as decode steps, and how many of their samples
+    #: differed from the output already streamed (nonzero: the numerics are not exact)
+    replayed_tokens: int = 0
+    replay_mismatches: int = 0
 
     def add(self, rid: str, state: TokenState, computed: int = 0) -> None:
         """Admit a request from its token state. ``computed`` > 0: its KV for that many tokens was
@@ -179,34 +209,74 @@ class PipelineServer:
     def busy(self) -> bool:
         return bool(self.reqs)
 
-    async def step(self) -> None:
-        """One step: decodes first (one token each), then prefills, within ``max_step_tokens``."""
-        decode = [r for r in self.reqs.values() if r.computed and len(r.all_ids) - r.computed == 1]
-        prefill = [r for r in self.reqs.values() if r not in decode]
-        batch: list[_Req] = []
+    @property
+    def chunk_size(self) -> int | None:
+        """Prefill chunk length in batch-invariant mode (the engine's rule); None outside it."""
+        if not self.pipe.batch_invariant:
+            return None
+        return prefill_chunk_size(self.pipe.max_step_tokens, self.pipe.max_seqs)
+
+    def next_tokens(self, r: _Req) -> int:
+        """Tokens ``r`` computes in its next step.
+
+        Outside the mode: everything pending at once (a prompt, or prompt + outputs of a resumed
+        request). In batch-invariant mode: a prompt chunk, else one token (a decode, or the replay
+        of an output already known), a function of the request alone.
+        """
+        chunk = self.chunk_size
+        if chunk is None:
+            return len(r.all_ids) - r.computed
+        return next_step_tokens(r.computed, len(r.all_ids), len(r.prompt), chunk)
+
+    def plan_step(self) -> list[tuple[_Req, int]]:
+        """The next step's (request, tokens): single-token steps first, then prefills in admission
+        order, within ``max_step_tokens``. A prefill that does not fit the budget left waits (it
+        never shrinks, so its chunks do not depend on its neighbours)."""
+        sized = [(r, self.next_tokens(r)) for r in self.reqs.values()]
+        ordered = [x for x in sized if x[1] == 1] + [x for x in sized if x[1] > 1]
+        batch: list[tuple[_Req, int]] = []
         budget = self.pipe.max_step_tokens
-        for r in decode + prefill:
-            n = len(r.all_ids) - r.computed
+        for r, n in ordered:
             if n <= budget:
-                batch.append(r)
+                batch.append((r, n))
                 budget -= n
+        if not batch and ordered:
+            r, n = ordered[0]
+            raise InvalidRequestError(
+                f"prompt of {len(r.all_ids)} tokens exceeds the pipeline's step budget {self.pipe.max_step_tokens}"
+            )
+        return batch
+
+    async def step(self) -> None:
+        """One step: decodes first (one token each), then prefills, within ``max_step_tokens``.
+
+        A request emits (streams) a token only when the step computed its last known token; a
+        prompt chunk or a replayed output samples too (the last stage samples every sequence),
+        and that sample is dropped: for a replay it is checked against the known output
+        (``replay_mismatches`` counts differences: zero when the numerics are batch-invariant).
+        """
+        batch = self.plan_step()
         if not batch:
-            if prefill:
-                raise InvalidRequestError(
-                    f"prompt of {len(prefill[0].all_ids)} tokens exceeds the pipeline's step budget {self.pipe.max_step_tokens}"
-                )
             return
-        seqs = [(r.rid, r.computed, len(r.all_ids) - r.computed) for r in batch]
-        ids = [t for r in batch for t in r.all_ids[r.computed:]]
-        sample = [(r.params, r.seed, len(r.out)) for r in batch]
+        seqs = [(r.rid, r.computed, n) for r, n in batch]
+        ids = [t for r, n in batch for t in r.all_ids[r.computed:r.computed + n]]
+        # index of the token each step samples: position computed + n, minus the prompt
+        sample = [(r.params, r.seed, max(0, r.computed + n - len(r.prompt))) for r, n in batch]
         release, self._release = self._release, []
         t0 = time.monotonic()
         tokens = await self.pipe.step(seqs, ids, sample, release)
         if all(n > 1 for _, _, n in seqs):  # a prefill-only step measures this instance's prefill rate
             rate = len(ids) / max(time.monotonic() - t0, 1e-6)
             self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.5 * (self.prefill_tokens_per_s + rate)
-        for r, t in zip(batch, tokens):
-            r.computed = len(r.all_ids)
+        for (r, n), t in zip(batch, tokens):
+            r.computed += n
+            if r.computed < len(r.all_ids):  # a prompt chunk, or a replayed output: nothing to emit
+                idx = r.computed - len(r.prompt)
+                if idx >= 0:
+                    self.replayed_tokens += 1
+                    if r.out[idx] != t:
+                        self.replay_mismatches += 1
+                continue
             r.out.append(t)
             if self.on_token is not None:
                 self.on_token(r.rid, t)

@@ -8,7 +8,9 @@ queue; what differs is how the other nodes get the model and when they start ser
   receivers (execute-while-load) or dissolve them when a member holds the whole model; the
   dissolved pipeline's requests move to full instances with their token state: their KV is
   shipped there when that is estimated cheaper (:mod:`lambdascale.runtime.kvmove`), else they go
-  back to the head of the queue and resume elsewhere (KV recomputed); outputs stay exact.
+  back to the head of the queue and resume elsewhere (KV recomputed: one prefill, or in
+  batch-invariant mode a step-by-step replay, see :mod:`lambdascale.runtime.pipeline`); outputs
+  stay exact.
 * ``faasnet``: tree multicast, a node serves once it holds the full model.
 * ``nccl``: ring broadcast, a node serves once it holds the full model.
 * ``local``: every new node loads the model from its own SSD tier (``ssd_gbps`` cap).
@@ -29,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import Manifest
@@ -37,39 +39,9 @@ from lambdascale.pipe.multicast import Algo
 from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, NodeLostError
 from lambdascale.runtime.kvmove import KvMove, KvPolicy, RecomputeEstimate, choose_kv_move, kv_bytes_per_token, ship_kv
-from lambdascale.runtime.messages import ChunkHeld, FormStage, HoldModel
+from lambdascale.runtime.messages import ChunkHeld, HoldModel
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
-from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
-
-
-StageDtype = Literal["float32", "bfloat16"]
-
-
-class _TypedPipeline(RemotePipeline):
-    """A :class:`RemotePipeline` whose stages compute in ``dtype`` (thin adapter: the base class
-    always forms float32 stages, which for a ~1 GB bf16 model on six agents in one host's memory
-    means 2.5 GB of weights per full instance; bfloat16 stages keep the checkpoint's precision)."""
-
-    def __init__(self, *args: object, dtype: StageDtype = "float32", **kw: object) -> None:
-        super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self.dtype: StageDtype = dtype
-
-    async def form(self) -> None:
-        if self.dtype == "float32":
-            await super().form()
-            return
-        ps = self.placements
-        await asyncio.gather(*(
-            self.cluster.request(p.node, FormStage(
-                req=0, model=self.manifest.name, pipeline=self.name, index=i, blocks=p.blocks,
-                next_node=ps[i + 1].node if i + 1 < len(ps) else None, max_len=self.max_len,
-                max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens, emulate_device=self.emulate_device,
-                device=self.device, dtype=self.dtype,
-            ))
-            for i, p in enumerate(ps)
-        ))
-        if len(ps) > 1:
-            await self.cluster.broadcast_peers()
+from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StageDtype, StagePlacement
 
 
 class SystemKind(str, Enum):
@@ -105,6 +77,9 @@ class ScaleOutReport:
     kv_shipped: int = 0  # requests whose KV moved to their full instance on dissolution
     kv_recomputed: int = 0  # requests moved with KV to recompute (policy, cost, no free full instance, or a failure)
     kv_bytes_shipped: int = 0
+    batch_invariant: bool = False  # the numerics every stage ran with
+    replayed_tokens: int = 0  # batch-invariant recompute: outputs re-fed as decode steps
+    replay_mismatches: int = 0  # of those, samples that differed from the streamed token (0 when exact)
 
 
 @dataclass
@@ -138,13 +113,17 @@ async def serve_scale_out(
     kv_policy: KvPolicy | str | None = None,
     link_gbps: float | None = None,
     dtype: StageDtype = "float32",
+    batch_invariant: bool = False,
 ) -> ScaleOutReport:
     """Fire ``requests`` at once and scale ``manifest`` from ``sources`` (holding it) to ``receivers``.
 
     ``kv_policy`` (default ``cluster.settings.kv_move``) decides how a dissolving pipeline's
     requests take their KV along; ``link_gbps`` is the link rate for that estimate (default
     ``cluster.settings.kv_link_gbps``, for uncapped links). ``dtype`` is what every stage computes
-    in (the exactness reference must use the same).
+    in (the exactness reference must use the same). ``batch_invariant`` turns on the engine's
+    batch-invariant numerics on every stage (``engine.batch_invariant``): outputs then equal a
+    single-node run with the same mode and chunk rule bitwise, and requests that move without
+    their KV (dissolution with recompute, a dead pipeline node) are replayed step by step.
     """
     system = SystemKind(system)
     rs = cluster.settings
@@ -157,7 +136,8 @@ async def serve_scale_out(
 
         L = manifest.arch.num_hidden_layers
         emu_timer = StepTimer.build(parse_profile(emulate_device), L, L)
-    rep = ScaleOutReport(system)
+    rep = ScaleOutReport(system, batch_invariant=batch_invariant)
+    servers: list[PipelineServer] = []  # every instance's server, for the replay counters
     queue: deque[tuple[str, TokenState]] = deque(requests.items())
     wake = asyncio.Event()
     all_done = asyncio.Event()
@@ -214,11 +194,12 @@ async def serve_scale_out(
                 wake.set()
 
     async def start_instance(name: str, placements: list[StagePlacement], reserve: int = 0) -> _Instance:
-        pipe = _TypedPipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
+        pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
                               max_step_tokens=max_step_tokens, name=name, emulate_device=emulate_device,
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, batch_invariant=batch_invariant)
         await pipe.form()
         inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)), reserved=reserve)
+        servers.append(inst.server)
         instances[name] = inst
         rep.instance_started_s[name] = time.monotonic() - t0
         rep.instance_nodes[name] = tuple(p.node for p in placements)
@@ -423,4 +404,6 @@ async def serve_scale_out(
         await asyncio.gather(mgr, *tasks, *background, return_exceptions=True)
         for inst in instances.values():
             await inst.server.pipe.dissolve()
+        rep.replayed_tokens = sum(x.replayed_tokens for x in servers)
+        rep.replay_mismatches = sum(x.replay_mismatches for x in servers)
     return rep

@@ -6,7 +6,9 @@ states cross stage boundaries over the agent's transport: stage i copies its out
 ``[N, hidden]`` into buffer ``pipe/<pipeline>/h<i+1>`` and sends that byte range to the next
 stage's buffer of the same name; stage i+1 waits for the arrival tagged with the step number.
 The last stage samples with the engine's pure sampler, so a request's tokens depend only on its
-token state, whichever nodes computed them.
+token state, whichever nodes computed them. With ``FormStage.batch_invariant`` the stage runs
+the engine's batch-invariant numerics on one torch thread: hidden states cross stages in the
+stage dtype's bytes, so a pipeline's step is bitwise the one-stage step.
 
 torch is imported here, not by the agent module, so agents that only move bytes start fast.
 """
@@ -66,8 +68,13 @@ class StageHost:
         self.dtype = _DTYPES[msg.dtype]
         model = StageModel.from_tensors(
             m.arch, tensors, layers=layers, first=b0 == 0, last=b1 == m.n_blocks, dtype=self.dtype, device=self.device,
-            source=f"{m.name} blocks [{b0}, {b1}) on node {agent.node}",
+            source=f"{m.name} blocks [{b0}, {b1}) on node {agent.node}", batch_invariant=msg.batch_invariant,
         )
+        self.batch_invariant = msg.batch_invariant
+        if msg.batch_invariant and self.device.type == "cpu":
+            # multi-threaded BLAS splits a matmul by the batch's row count; StageModel.forward also
+            # pins the worker thread that runs each step (OpenMP keeps the setting per OS thread)
+            torch.set_num_threads(1)
         self.stage = Stage(model, msg.max_len, msg.max_seqs)
         self.agent = agent
         self.pipeline = msg.pipeline

@@ -15,7 +15,10 @@ from zero) unless no node can host one (503). Without autoscaling, ``deploy`` st
 The backend owns every request's token state (prompt, tokens streamed so far, params, seed). When
 an agent dies, its instance is dropped and its requests go back to the head of the queue with
 that state; another instance prefills prompt + outputs and continues at the same token index, so
-the client's stream is exactly an uninterrupted run's. When no instance is left and none can
+the client's stream is exactly an uninterrupted run's. With ``engine.batch_invariant`` every
+instance and pipeline runs the batch-invariant numerics and a moved request (dissolution, a dead
+node) is replayed step by step instead of re-prefilled (``PipelineServer``), so its tokens equal a
+single-node run's bitwise. When no instance is left and none can
 start, every waiting request ends with :class:`BackendUnavailableError` (the gateway's 503).
 
 Requests leave the FIFO only through :meth:`ClusterBackend._dispatch`, the control plane's
@@ -286,7 +289,8 @@ class ClusterBackend:
             pipe = RemotePipeline(self.cluster, m.manifest, [StagePlacement(node, (0, m.manifest.n_blocks))],
                                   max_len=m.codec.context_length, max_seqs=self.config.engine.max_batch_size,
                                   max_step_tokens=self.config.engine.max_num_batched_tokens,
-                                  name=f"{m.name}@{node}.{next(_SERIAL)}")
+                                  name=f"{m.name}@{node}.{next(_SERIAL)}",
+                                  batch_invariant=self.config.engine.batch_invariant)
             await pipe.form()
         except BaseException:
             if inst in m.instances:
@@ -439,7 +443,8 @@ class ClusterBackend:
         name = f"{m.name}@pipe{next(_SERIAL)}"
         pipe = RemotePipeline(self.cluster, m.manifest, placements, max_len=m.codec.context_length,
                               max_seqs=self.config.engine.max_batch_size,
-                              max_step_tokens=self.config.engine.max_num_batched_tokens, name=name)
+                              max_step_tokens=self.config.engine.max_num_batched_tokens, name=name,
+                              batch_invariant=self.config.engine.batch_invariant)
         try:
             await pipe.form()
         except LambdaScaleError as e:

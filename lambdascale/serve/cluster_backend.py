@@ -126,6 +126,11 @@ class _Model:
         return [i for i in self.instances if not i.loading and not i.draining]
 
 
+def _stage_dtype(config: LambdaScaleConfig) -> Any:
+    """What the agents' stages compute in: ``engine.dtype``, where ``auto`` is float32 (CPU stages)."""
+    return "float32" if config.engine.dtype == "auto" else config.engine.dtype
+
+
 def _drop(server: Any, rid: str) -> None:
     """Remove one request from a PipelineServer and free its KV on the next step (see module doc)."""
     if server.reqs.pop(rid, None) is not None:
@@ -289,7 +294,7 @@ class ClusterBackend:
             pipe = RemotePipeline(self.cluster, m.manifest, [StagePlacement(node, (0, m.manifest.n_blocks))],
                                   max_len=m.codec.context_length, max_seqs=self.config.engine.max_batch_size,
                                   max_step_tokens=self.config.engine.max_num_batched_tokens,
-                                  name=f"{m.name}@{node}.{next(_SERIAL)}",
+                                  name=f"{m.name}@{node}.{next(_SERIAL)}", dtype=_stage_dtype(self.config),
                                   batch_invariant=self.config.engine.batch_invariant)
             await pipe.form()
         except BaseException:
@@ -444,7 +449,7 @@ class ClusterBackend:
         pipe = RemotePipeline(self.cluster, m.manifest, placements, max_len=m.codec.context_length,
                               max_seqs=self.config.engine.max_batch_size,
                               max_step_tokens=self.config.engine.max_num_batched_tokens, name=name,
-                              batch_invariant=self.config.engine.batch_invariant)
+                              dtype=_stage_dtype(self.config), batch_invariant=self.config.engine.batch_invariant)
         try:
             await pipe.form()
         except LambdaScaleError as e:

@@ -261,3 +261,48 @@ def test_form_stage_carries_the_mode() -> None:
                     max_step_tokens=8, batch_invariant=True)
     assert FormStage.model_validate_json(msg.model_dump_json()).batch_invariant is True
     assert FormStage(**{**msg.model_dump(), "batch_invariant": False}).batch_invariant is False
+
+
+def test_gateway_backend_is_exact_with_the_mode_when_a_node_dies(model_dir: Path, references) -> None:
+    """``lambdascale serve``'s cluster backend honours ``engine.batch_invariant`` (and
+    ``engine.dtype``): a burst over two full instances, one node killed as soon as it streamed a
+    token; its requests resume on the other node by replay, and every output is the reference's."""
+    from lambdascale.config import load_config
+    from lambdascale.serve.backend import GenerationRequest, SamplingSpec
+    from lambdascale.serve.cluster_backend import ClusterBackend
+    from lambdascale.serve.schemas import DeploySpec
+
+    cfg = load_config(None, {"runtime.nodes": 2, "runtime.register_timeout_s": 240, "engine.batch_invariant": True,
+                             "engine.dtype": DTYPE, "engine.max_batch_size": MAX_SEQS,
+                             "engine.max_num_batched_tokens": MAX_STEP_TOKENS})
+    name = model_dir.name
+    killed: list[int] = []
+
+    async def main() -> tuple[dict[str, list[int]], int]:
+        backend = ClusterBackend(cfg, model_dir.parent, autoscale=False)
+        await backend.start()
+        try:
+            await backend.deploy(DeploySpec(name=name, min_instances=2, max_instances=2))
+            assert all(i.pipe.batch_invariant and i.pipe.dtype == DTYPE for i in backend._models[name].instances)
+
+            async def one(rid: str, st: TokenState) -> list[int]:
+                p = st.params
+                req = GenerationRequest(rid, name, st.prompt_ids, SamplingSpec(
+                    max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=st.seed, ignore_eos=True))
+                out = []
+                async for ev in backend.generate(req):
+                    out.append(ev.token_id)
+                    on = [i for (_, r, i) in backend.dispatch_log if r == rid]
+                    if not killed and on and on[-1].endswith("@1"):
+                        killed.append(1)
+                        backend.kill_node(1)  # its instance's next step fails; requests move to node 0
+                return out
+
+            outs = await asyncio.gather(*(one(rid, st) for rid, st in BURST.items()))
+            return dict(zip(BURST, outs)), backend.moves
+        finally:
+            await backend.close()
+
+    outputs, moves = run_async(main(), timeout=240)
+    assert killed and moves >= 1
+    assert outputs == references[True]

@@ -73,6 +73,10 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.agent_memory import GB, AgentMemory, MemoryRefusedError, MemTier
 from lambdascale.runtime.settings import RuntimeSettings
+
+#: ``(chunk, PACE)`` in a ``SendChunks`` list waits until the chunk is held and sends nothing
+#: (the multicast executor paces a node's sends by its own receives; runtime.multicast.PACE).
+PACE = -1
 from lambdascale.transfer.base import Arrival, Transport, make_transport
 from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings
@@ -368,6 +372,8 @@ class NodeAgent:
             await st.event(chunk).wait()
             if epoch <= self._cancelled_epoch.get(model, -1):
                 return
+            if dst == PACE:  # pacing entry: only wait until this node holds the chunk
+                continue
             ch = st.manifest.chunk(chunk)
             try:
                 await self.transport.send(dst, buffer_name(model), ch.offset, ch.length, chunk_tag(model, chunk))

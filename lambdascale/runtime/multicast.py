@@ -29,6 +29,7 @@ from lambdascale.errors import TransferError
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo, MulticastPlan, plan_multicast
 from lambdascale.runtime.cluster import Cluster, ClusterEvent, NodeLost, NodeLostError
+from lambdascale.runtime.agent import PACE as _AGENT_PACE
 from lambdascale.runtime.messages import CancelSends, ChunkCorrupt, ChunkHeld, PrepareReceive, SendChunks, SendFailed
 from lambdascale.runtime.repair import plan_repair
 
@@ -81,14 +82,40 @@ class MulticastResult:
 EventHook = Callable[[ClusterEvent, MulticastProgress], Awaitable[None] | None]
 
 
-def node_send_lists(plan: MulticastPlan, ids: list[int]) -> dict[int, list[tuple[int, int]]]:
-    """Per sending node (real id), its sends in plan order as (chunk, destination real id)."""
+#: Destination of a pacing entry in a send list: ``(chunk, PACE)`` sends nothing, it waits until
+#: the agent holds ``chunk`` (see :func:`node_send_lists`).
+PACE = -1
+assert PACE == _AGENT_PACE
+
+
+def node_send_lists(plan: MulticastPlan, ids: list[int], pace: bool = True) -> dict[int, list[tuple[int, int]]]:
+    """Per sending node (real id), its sends in plan order as (chunk, destination real id).
+
+    With ``pace``, a node's send of round t is preceded by ``(c, PACE)`` where c is the chunk the
+    node itself receives in the latest round before t: the node starts its round-t send only once
+    its own previous-round receive is done. Without it, chunk-level execution lets a node forward
+    a chunk *rounds early* into a peer that is still receiving its on-time chunk from someone
+    else; the two transfers then share the peer's receive link, both land late, and the lag
+    compounds (measured: 6 agents, 1 source, 16 equal chunks finished in 24.7 chunk-times instead
+    of the plan's 18). Pacing keeps each receiver to one incoming chunk at a time, as the plan
+    assumes, without a global round barrier: a node still forwards a chunk as soon as it holds it
+    and its own receive clock allows. No deadlock: every wait is on a receive of an earlier round.
+    """
     if plan.gpus_per_node != 1:
         raise ValueError("the executor plays one endpoint per node (gpus_per_node=1)")
     lists: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    last_recv: dict[int, int] = {}  # node -> chunk it received in the latest round so far
+    marked: dict[int, int] = {}  # node -> chunk of its latest pacing entry
     for rnd in plan.rounds:
         for s in rnd:
-            lists[ids[s.src]].append((s.chunk, ids[s.dst]))
+            src = ids[s.src]
+            before = last_recv.get(src)
+            if pace and before is not None and marked.get(src) != before:
+                lists[src].append((before, PACE))
+                marked[src] = before
+            lists[src].append((s.chunk, ids[s.dst]))
+        for s in rnd:
+            last_recv[ids[s.dst]] = s.chunk
     return dict(lists)
 
 

@@ -140,3 +140,37 @@ def test_all_holders_of_a_chunk_lost_is_a_clear_error(tiny_model: Path) -> None:
                 await run_multicast(lc.cluster, manifest, [0], [1, 2], on_event=hook, timeout_s=30)
 
     run_async(main())
+
+
+@pytest.mark.parametrize("sources", [1, 2])
+def test_send_lists_pace_each_node_by_its_previous_receive(sources: int) -> None:
+    """Pure: every real send of round t (by a receiver) comes after a pacing entry naming the
+    chunk that node received in its latest earlier round, so no node forwards into a peer that is
+    still taking its on-time chunk; without pacing the lists are the plan's sends only."""
+    from lambdascale.pipe.multicast import plan_multicast
+    from lambdascale.runtime.multicast import PACE, node_send_lists
+
+    plan = plan_multicast("binomial", 6, sources, 8, 16)
+    ids = [10 + i for i in range(6)]
+    plain = node_send_lists(plan, ids, pace=False)
+    paced = node_send_lists(plan, ids)
+    assert all(d != PACE for lst in plain.values() for _, d in lst)
+    for node, lst in paced.items():
+        assert [e for e in lst if e[1] != PACE] == plain[node]
+    # replay: walk rounds; at each real send, the node's latest pacing entry is its last receive
+    last_recv: dict[int, int] = {}
+    pos = {n: 0 for n in paced}
+    for rnd in plan.rounds:
+        for s in rnd:
+            src, lst = ids[s.src], paced[ids[s.src]]
+            want = last_recv.get(src)
+            marks = [c for c, d in lst[: pos[src]] if d == PACE]
+            while lst[pos[src]][1] == PACE:
+                marks.append(lst[pos[src]][0])
+                pos[src] += 1
+            assert lst[pos[src]] == (s.chunk, ids[s.dst])
+            pos[src] += 1
+            assert (marks[-1] if marks else None) == want, f"round send {s} not paced by {want}"
+        for s in rnd:
+            last_recv[ids[s.dst]] = s.chunk
+    assert all(d != PACE for n in plan.sources for _, d in paced.get(ids[n], []))  # sources never wait

@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/bench_scale.py --nodes 6 --sources 2 --link-gbps 1 --model synthetic:smollm2-135m --layers 4
 
+``--batch-invariant`` runs every system's stages and the single-node reference of the "exact"
+column with ``engine.batch_invariant`` (moved requests are replayed, not re-prefilled):
+
+    .venv/bin/python bench/bench_scale.py --model synthetic:smollm2-135m --stage-dtype bfloat16 --nodes 4 \
+        --burst 16 --max-tokens 8 --link-gbps 1 --batch-invariant
+
 ``--efficiency`` instead measures uncapped multicast vs point-to-point for 2, 3 and 5 receivers
 and two chunk sizes, side by side in one run (issue 6's >= 0.70 figure):
 

@@ -306,3 +306,22 @@ def test_gateway_backend_is_exact_with_the_mode_when_a_node_dies(model_dir: Path
     outputs, moves = run_async(main(), timeout=240)
     assert killed and moves >= 1
     assert outputs == references[True]
+
+
+def test_bench_scale_batch_invariant_flag(tmp_path, capsys, monkeypatch) -> None:
+    """``bench scale --batch-invariant``: systems and reference in the mode, stated in JSON and table."""
+    import json
+
+    from lambdascale.cli import main
+    from lambdascale.runtime.bench import ScaleBenchResult, format_table
+
+    monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
+    rc = main(["bench", "scale", "--nodes", "2", "--burst", "3", "--max-tokens", "3", "--max-seqs", "2",
+               "--systems", "lambdascale", "--batch-invariant", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch_invariant"] is True
+    assert [(x["system"], x["batch_invariant"], x["exact"]) for x in out["systems"]] == [("lambdascale", True, True)]
+    fields = set(ScaleBenchResult.__dataclass_fields__)
+    table = format_table(ScaleBenchResult(**{k: v for k, v in out.items() if k in fields}))
+    assert "numerics batch-invariant" in table

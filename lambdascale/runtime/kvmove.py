@@ -10,7 +10,8 @@ shape, the link rate and the destination's prefill rate:
 * recompute: the time to prefill ``tokens`` tokens on the destination: the emulated device's cost
   model when one is set (the same :class:`~lambdascale.sim.costmodel.CostModel` the simulator
   uses), else the prefill rate the destination measured on its own recent steps, else a
-  configured rate.
+  configured rate. In batch-invariant mode recompute is a replay (the prompt prefilled, each
+  output already generated fed as one decode step), so those tokens cost a decode step each.
 
 The shipping path (:func:`ship_kv`): every stage of the dissolving pipeline exports its layers'
 KV of the moving sequences into a transport buffer (``ExportKv``), the buffers go to the
@@ -102,20 +103,31 @@ def choose_kv_move(
 
 @dataclass(frozen=True)
 class RecomputeEstimate:
-    """Prefill time on the destination: emulated device floor, else a measured or configured rate.
+    """Recompute time on the destination: emulated device floor, else a measured or configured rate.
 
     ``cost`` is an optional :class:`~lambdascale.runtime.emulation.StepTimer` for the full model
     (the emulated step never lasts less than its floor, so the estimate is ``max(floor, rate)``).
+    ``decode_step_s``: the destination's measured decode-step time, for batch-invariant replay
+    (each replayed output is one decode step; without a measurement a step counts as one token).
     """
 
     tokens_per_s: float
     cost: object | None = None
+    decode_step_s: float | None = None
 
-    def seconds(self, tokens: int) -> float:
-        t = tokens / self.tokens_per_s
+    def seconds(self, tokens: int, replay: int = 0) -> float:
+        """Time to rebuild ``tokens`` cached tokens, the last ``replay`` of them as single decode
+        steps (batch-invariant mode replays outputs already generated; 0 = one prefill)."""
+        if not 0 <= replay <= tokens:
+            raise LambdaScaleError(f"replay of {replay} tokens must be within the {tokens} recomputed")
+        pre = tokens - replay
+        t = pre / self.tokens_per_s
+        if self.cost is not None and (pre or not replay):
+            t = max(t, self.cost.floor_s(pre, 0))  # type: ignore[attr-defined]
+        step = self.decode_step_s if self.decode_step_s is not None else 1 / self.tokens_per_s
         if self.cost is not None:
-            t = max(t, self.cost.floor_s(tokens, 0))  # type: ignore[attr-defined]
-        return t
+            step = max(step, self.cost.floor_s(0, 1))  # type: ignore[attr-defined]
+        return t + replay * step
 
 
 _ids = itertools.count()

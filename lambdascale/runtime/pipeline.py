@@ -178,6 +178,8 @@ class PipelineServer:
     #: differed from the output already streamed (nonzero: the numerics are not exact)
     replayed_tokens: int = 0
     replay_mismatches: int = 0
+    #: seconds of a decode-only step measured on this instance (EMA); None until one ran
+    decode_step_s: float | None = None
 
     def add(self, rid: str, state: TokenState, computed: int = 0) -> None:
         """Admit a request from its token state. ``computed`` > 0: its KV for that many tokens was
@@ -265,9 +267,12 @@ class PipelineServer:
         release, self._release = self._release, []
         t0 = time.monotonic()
         tokens = await self.pipe.step(seqs, ids, sample, release)
+        took = max(time.monotonic() - t0, 1e-6)
         if all(n > 1 for _, _, n in seqs):  # a prefill-only step measures this instance's prefill rate
-            rate = len(ids) / max(time.monotonic() - t0, 1e-6)
+            rate = len(ids) / took
             self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.5 * (self.prefill_tokens_per_s + rate)
+        elif all(n == 1 for _, _, n in seqs):  # a decode-only step: what one replayed token costs
+            self.decode_step_s = took if self.decode_step_s is None else 0.5 * (self.decode_step_s + took)
         for (r, n), t in zip(batch, tokens):
             r.computed += n
             if r.computed < len(r.all_ids):  # a prompt chunk, or a replayed output: nothing to emit

@@ -231,14 +231,16 @@ async def serve_scale_out(
         fulls = [i for i in instances.values() if len(i.server.pipe.placements) == 1 and not i.closed]
         fulls.sort(key=lambda i: -holds.get(i.name, 0))  # slots kept for us first
         plan: dict[str, list[str]] = {}
-        for rid, (_, computed) in moved.items():
+        for rid, (st, computed) in moved.items():
             dest = next((i for i in fulls if holds.get(i.name, 0) > 0 or i.free_slots() > 0), None)
             if dest is None:
                 break
             rate = dest.server.prefill_tokens_per_s or rs.kv_recompute_tokens_per_s
-            cost = choose_kv_move(computed, computed * kv_per_token, link_bps,
-                                  RecomputeEstimate(rate, emu_timer).seconds(computed), kv_policy,
-                                  rs.kv_ship_overhead_s)
+            # batch-invariant recompute replays the outputs already generated one decode step each
+            replay = max(0, computed - len(st.prompt_ids)) if batch_invariant else 0
+            est = RecomputeEstimate(rate, emu_timer, dest.server.decode_step_s)
+            cost = choose_kv_move(computed, computed * kv_per_token, link_bps, est.seconds(computed, replay),
+                                  kv_policy, rs.kv_ship_overhead_s)
             if cost.choice is KvMove.SHIP:
                 if holds.get(dest.name, 0) > 0:
                     holds[dest.name] -= 1  # a kept slot: already counted in dest.reserved

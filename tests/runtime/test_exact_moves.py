@@ -325,3 +325,19 @@ def test_bench_scale_batch_invariant_flag(tmp_path, capsys, monkeypatch) -> None
     fields = set(ScaleBenchResult.__dataclass_fields__)
     table = format_table(ScaleBenchResult(**{k: v for k, v in out.items() if k in fields}))
     assert "numerics batch-invariant" in table
+
+
+def test_replay_recompute_estimate_counts_a_decode_step_per_output() -> None:
+    """The ship-or-recompute choice in the mode: replayed outputs cost a decode step each."""
+    from lambdascale.errors import LambdaScaleError
+    from lambdascale.runtime.emulation import StepTimer, parse_profile
+    from lambdascale.runtime.kvmove import RecomputeEstimate
+
+    est = RecomputeEstimate(tokens_per_s=100.0, decode_step_s=0.1)
+    assert est.seconds(10) == pytest.approx(0.1)  # one prefill of 10 tokens
+    assert est.seconds(10, replay=4) == pytest.approx(6 / 100 + 4 * 0.1)  # prompt 6, then 4 decode steps
+    timer = StepTimer.build(parse_profile("h200:llama2-7b:1000"), 32, 32)
+    emu = RecomputeEstimate(tokens_per_s=1e9, cost=timer)
+    assert emu.seconds(10, replay=4) == pytest.approx(timer.floor_s(6, 0) + 4 * timer.floor_s(0, 1))
+    with pytest.raises(LambdaScaleError, match="replay of 11 tokens"):
+        est.seconds(10, replay=11)

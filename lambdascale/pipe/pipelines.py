@@ -431,13 +431,24 @@ def plan_pipelines(
     capacity: Mapping[int, int] | None = None,
     current: Sequence[Pipeline] = (),
     sizes: Sequence[int] | None = None,
+    layout: ChunkLayout | None = None,
 ) -> PipelinePlan:
     """Decide pipelines for nodes ``holdings`` (node -> blocks held). Pure and deterministic.
 
     ``current`` are the pipelines already running (kept or dissolved by the rules in the module
     doc); ``sizes`` overrides :func:`planned_sizes` over all nodes in ``holdings`` (each in
-    ``1..n_blocks``; tried largest first).
+    ``1..n_blocks``; tried largest first). With ``layout``, ``holdings`` maps each node to the
+    *chunks* it holds, and a block counts as held when every chunk overlapping it is
+    (:meth:`ChunkLayout.blocks_held`).
     """
+    if layout is not None:
+        if layout.n_blocks != n_blocks:
+            raise PlanError(f"layout has {layout.n_blocks} blocks, n_blocks is {n_blocks}")
+        for node, chunks in holdings.items():
+            bad = [c for c in chunks if not 0 <= c < layout.n_chunks]
+            if bad:
+                raise PlanError(f"holdings of node {node}: chunk {bad[0]} outside 0..{layout.n_chunks - 1}")
+        holdings = {node: layout.blocks_held(chunks) for node, chunks in holdings.items()}
     cap = _check_common(n_blocks, capacity)
     masks = _to_masks(holdings, n_blocks)
     sz = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(masks))

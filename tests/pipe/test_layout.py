@@ -122,3 +122,26 @@ def test_equal_byte_chunks_bring_the_replay_to_the_bound() -> None:
         plan = plan_multicast("binomial", 6, 1, 8, 16, layout=lay)
         res[name] = play(plan, [float(x) for x in lay.chunk_lengths()], links, mode="chunk").completion_time / bound
     assert res["bytes"] <= 1.05 < 1.3 < res["uniform"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.permutations([(n, c) for n in (1, 2, 3, 4, 5) for c in range(16)]))
+def test_incremental_planner_equals_pure_planner_fed_chunks(arrivals) -> None:
+    """Chunk by chunk under a byte layout, the incremental planner's pipelines equal
+    plan_pipelines(chunk holdings, layout=...) with the previous answer as ``current``."""
+    from lambdascale.pipe import plan_pipelines
+
+    lay = ChunkLayout.equal_bytes(QWEN_LIKE, 16)
+    nodes = [1, 2, 3, 4, 5]
+    planner = PipelinePlanner(nodes, 8, layout=lay)
+    held: dict[int, set[int]] = {n: set() for n in nodes}
+    for n, c in arrivals[:48]:
+        before = planner.plan.active
+        planner.on_chunk(n, c)
+        held[n].add(c)
+        if planner.holdings() != {v: lay.blocks_held(h) for v, h in held.items()}:
+            raise AssertionError("planner's block holdings differ from the layout's")
+        pure = plan_pipelines(held, 8, current=before, layout=lay)
+        assert planner.plan.active == pure.active and planner.plan.solo == pure.solo
+    with pytest.raises(PlanError, match="holdings of node 1: chunk 16 outside 0..15"):
+        plan_pipelines({1: {16}}, 8, layout=lay)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lambdascale.errors import LambdaScaleError
-from lambdascale.model.manifest import Manifest
+from lambdascale.model.manifest import Manifest, read_manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.runtime.launcher import LocalCluster
 from lambdascale.runtime.messages import DropModel, HoldModel, Warmup
@@ -99,15 +99,16 @@ def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, li
 def plan_play_s(manifest: Manifest, n_nodes: int, n_sources: int, algo: Algo, link_bps: float) -> float:
     """Completion of the planner's schedule replayed with each chunk's real size at ``link_bps``.
 
-    Chunks tile blocks (two per block here) and blocks are cut by layer, so a block carrying the
-    embedding or the LM head makes chunks several times larger than the rest; the formula bound
-    (equal chunks) then understates what any schedule of these chunks can reach.
+    With format-2 checkpoints chunks are equal-byte ranges of the model's stream, so this equals
+    the formula up to rounding; a version-1 checkpoint (chunks tiling layer-cut blocks) can have
+    chunks several times larger than others, and then the formula understates what any schedule
+    of those chunks can reach.
     """
     from lambdascale.pipe.multicast import plan_multicast
     from lambdascale.pipe.player import Links, play
 
     sizes = [float(n) for n in manifest.chunk_lengths()]
-    plan = plan_multicast(algo.value, n_nodes, n_sources, manifest.n_blocks, manifest.n_chunks)
+    plan = plan_multicast(algo.value, n_nodes, n_sources, manifest.n_blocks, manifest.n_chunks, layout=manifest.layout)
     res = play(plan, sizes, Links(nic_send_bps=link_bps, nic_recv_bps=link_bps, latency_s=0.0), mode="chunk")
     return max((max(v) for v in res.chunk_arrival.values() if v), default=0.0)
 
@@ -137,7 +138,6 @@ async def run_scale_bench(
     model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
     algo: Algo = Algo.BINOMIAL,
 ) -> ScaleBenchResult:
-    from lambdascale.model.manifest import read_manifest
 
     if not 1 <= sources < nodes:
         raise LambdaScaleError(f"--sources must be in [1, nodes-1] = [1, {nodes - 1}], got {sources}")
@@ -300,7 +300,6 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
     copies each block host -> GPU as its stage forms). ``batch_invariant``: engine.batch_invariant
     on every stage of every system (``reference`` must come from the same numerics).
     """
-    from lambdascale.model.manifest import read_manifest
     from lambdascale.runtime.scaleout import serve_scale_out
 
     manifest = read_manifest(model_dir)
@@ -337,14 +336,6 @@ def cmd_bench_scale(args: Any) -> int:
     from lambdascale.config import config_from_args
 
     cfg = config_from_args(args)
-    # token-bucket granularity: about 2 ms of link traffic (at least 64 KiB), so the head start a
-    # bucket allows stays negligible against the bound while a Gbit/s link is not paced in 64 KiB
-    # slices (thousands of Python wake-ups a second per agent, which made the CPU the bottleneck)
-    grain = max(64 << 10, int(gbps_to_bytes_per_s(cfg.transfer.link_gbps) * 0.002)) if cfg.transfer.link_gbps else 64 << 10
-    transfer = cfg.transfer.model_copy(update={
-        "bucket_burst_bytes": min(cfg.transfer.bucket_burst_bytes, grain),
-        "io_slice_bytes": min(cfg.transfer.io_slice_bytes, grain) if cfg.transfer.link_gbps else cfg.transfer.io_slice_bytes,
-    })
     from lambdascale.runtime.scaleout import SystemKind
 
     known = [k.value for k in SystemKind]
@@ -364,21 +355,40 @@ def cmd_bench_scale(args: Any) -> int:
     if args.model.startswith("synthetic:") and args.scratch:
         models_dir = scratch = Path(tempfile.mkdtemp(prefix="lambdascale-bench-"))
     try:
-        _run_bench_scale(args, cfg, transfer, models_dir)
+        _run_bench_scale(args, cfg, cfg.transfer, models_dir)
     finally:  # the scratch import is this run's alone: never leave a GB-sized copy in /tmp
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
+def paced_transfer(transfer: TransferSettings, chunk_bytes: int) -> TransferSettings:
+    """Token-bucket and socket-slice granularity for capped links: about 2 ms of link traffic,
+    at least min(1 MiB, chunk/16) and at least 64 KiB.
+
+    Small slices pace a link smoothly but cost a Python wake-up each; at a few Gbit/s in 375 KB
+    slices six agents' wake-ups made the shared CPU the bottleneck (1 source, 1.2 GB model:
+    12.5 s vs 8.8 s with 1 MiB slices). The chunk/16 cap keeps the head start a bucket allows
+    negligible against a tiny model's bound.
+    """
+    if not transfer.link_gbps:  # only an SSD cap (if any) uses the bucket: keep it fine-grained
+        return transfer.model_copy(update={"bucket_burst_bytes": min(transfer.bucket_burst_bytes, 64 << 10)})
+    floor = min(1 << 20, max(64 << 10, chunk_bytes // 16))
+    grain = max(floor, int(gbps_to_bytes_per_s(transfer.link_gbps) * 0.002))
+    return transfer.model_copy(update={
+        "bucket_burst_bytes": min(transfer.bucket_burst_bytes, grain),
+        "io_slice_bytes": min(transfer.io_slice_bytes, grain),
+    })
+
+
 def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir: Path) -> None:
     model_dir = resolve_model(args.model, models_dir, args.layers, cfg.store.n_blocks, cfg.store.chunks_per_block)
+    m = read_manifest(model_dir)
+    transfer = paced_transfer(transfer, m.total_bytes // m.n_chunks)
     result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, cfg.runtime, Algo(args.algo)))
     _progress(f"data plane done: multicast {result.multicast_s:.2f} s (x{result.vs_bound or 0:.2f} of bound)")
     if args.burst > 0:
-        from lambdascale.model.manifest import read_manifest
-
-        vocab = read_manifest(model_dir).arch.vocab_size
+        vocab = m.arch.vocab_size
         burst = make_burst(args.burst, vocab, args.max_tokens)
         inv = cfg.engine.batch_invariant
         ref = reference_outputs(model_dir, burst, dtype=args.stage_dtype, batch_invariant=inv, max_seqs=args.max_seqs)
@@ -412,7 +422,6 @@ async def run_efficiency(model_dir: Path, receiver_counts: list[int], transfer: 
     multicast 0 -> 1..n; rows give p2p Gbit/s, the mean and min per-receiver Gbit/s, their ratio
     to p2p, the sum over receivers / p2p, and the bytes-per-chunk. Best of ``repeat`` per figure.
     """
-    from lambdascale.model.manifest import read_manifest
 
     manifest = read_manifest(model_dir)
     nodes = max(receiver_counts) + 1

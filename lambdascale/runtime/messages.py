@@ -68,8 +68,10 @@ class PrepareReceive(_Msg):
 class SendChunks(_Msg):
     """Send chunks in order; each waits until this agent holds (has verified) the chunk.
 
-    ``sends`` is a list of (chunk, destination node). ``epoch`` lets the controller cancel a
-    whole generation of lists at once after a re-plan.
+    ``sends`` is a list of (chunk, destination node). A destination of ``-1`` (PACE) sends
+    nothing: it only waits until the chunk is held, so a node does not forward into a peer still
+    receiving its previous round's chunk. ``epoch`` lets the controller cancel a whole generation
+    of lists at once after a re-plan.
     """
 
     type: Literal["send_chunks"] = "send_chunks"

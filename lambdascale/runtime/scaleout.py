@@ -365,7 +365,7 @@ async def serve_scale_out(
             rep.bytes_moved = 0
         else:
             await prepare_receivers(cluster, manifest, receivers)
-            planner = PipelinePlanner(receivers, manifest.n_blocks, manifest.n_chunks) \
+            planner = PipelinePlanner(receivers, manifest.n_blocks, manifest.n_chunks, layout=manifest.layout) \
                 if system is SystemKind.LAMBDASCALE else None
             k = manifest.n_chunks
 

@@ -372,7 +372,7 @@ class ClusterBackend:
         receivers = [n for n, _ in targets]
         placeholder = dict(targets)
         k = m.manifest.n_chunks
-        planner = PipelinePlanner(receivers, m.manifest.n_blocks, k) if ewl and len(receivers) > 1 else None
+        planner = PipelinePlanner(receivers, m.manifest.n_blocks, k, layout=m.manifest.layout) if ewl and len(receivers) > 1 else None
         actions: asyncio.Queue[Any] = asyncio.Queue()
         pipes: dict[tuple[int, ...], _Instance] = {}
         started: set[int] = set()

@@ -75,6 +75,31 @@ def check_placements(placements: Sequence[StagePlacement], n_blocks: int) -> Non
 StageDtype = Literal["float32", "bfloat16"]
 
 
+def pipeline_batch(
+    placements: Sequence[StagePlacement], manifest: Manifest, max_seqs: int, max_step_tokens: int,
+    rule: str = "kv",
+) -> tuple[int, int]:
+    """(max_seqs, max_step_tokens) of a pipeline whose full instances take ``max_seqs`` sequences.
+
+    ``max_seqs`` is what one node's KV memory holds for the whole model. A stage running a fraction
+    f of the layers keeps 1/f times as many sequences in the same memory, so with ``rule="kv"`` a
+    pipeline takes ``floor(max_seqs / max f)`` over its stages (two equal stages: twice a full
+    instance). The step budget grows by the extra sequences, so the prefill chunk of
+    batch-invariant mode (``max_step_tokens - max_seqs``, :func:`prefill_chunk_size`) stays the
+    same wherever a request runs. ``rule="instance"`` (or a one-stage pipeline) returns the
+    inputs unchanged.
+    """
+    if rule not in ("kv", "instance"):
+        raise ValueError(f"pipeline batch rule must be 'kv' or 'instance', got {rule!r}")
+    if rule == "instance" or len(placements) <= 1:
+        return max_seqs, max_step_tokens
+    blocks = manifest.blocks
+    total = manifest.arch.num_hidden_layers
+    widest = max(blocks[p.blocks[1] - 1].layers[1] - blocks[p.blocks[0]].layers[0] for p in placements)
+    seqs = max(max_seqs, max_seqs * total // max(1, widest))
+    return seqs, max_step_tokens + (seqs - max_seqs)
+
+
 class RemotePipeline:
     """Stages on agents, driven one step at a time.
 

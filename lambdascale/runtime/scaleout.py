@@ -15,8 +15,10 @@ queue; what differs is how the other nodes get the model and when they start ser
 * ``nccl``: ring broadcast, a node serves once it holds the full model.
 * ``local``: every new node loads the model from its own SSD tier (``ssd_gbps`` cap).
 
-Instances (full or pipeline) pull requests from the queue up to ``max_seqs`` each and run
-continuous batching steps (:class:`~lambdascale.runtime.pipeline.PipelineServer`).
+Instances (full or pipeline) pull requests from the queue up to their batch and run continuous
+batching steps. A full instance takes ``max_seqs``; a pipeline takes what its members' KV memory
+holds (``runtime.pipeline_batch``, :func:`~lambdascale.runtime.pipeline.pipeline_batch`: twice
+``max_seqs`` for two equal stages) (:class:`~lambdascale.runtime.pipeline.PipelineServer`).
 
 Faults: an instance whose member dies mid-step hands its requests' token states back to the
 head of the queue (no token of the failed step was delivered, so nothing is lost or repeated);
@@ -41,7 +43,7 @@ from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, No
 from lambdascale.runtime.kvmove import KvMove, KvPolicy, RecomputeEstimate, choose_kv_move, kv_bytes_per_token, ship_kv
 from lambdascale.runtime.messages import ChunkHeld, HoldModel
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
-from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StageDtype, StagePlacement
+from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StageDtype, StagePlacement, pipeline_batch
 
 
 class SystemKind(str, Enum):
@@ -194,8 +196,9 @@ async def serve_scale_out(
                 wake.set()
 
     async def start_instance(name: str, placements: list[StagePlacement], reserve: int = 0) -> _Instance:
-        pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=max_seqs,
-                              max_step_tokens=max_step_tokens, name=name, emulate_device=emulate_device,
+        seqs, step_tokens = pipeline_batch(placements, manifest, max_seqs, max_step_tokens, rs.pipeline_batch)
+        pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=seqs,
+                              max_step_tokens=step_tokens, name=name, emulate_device=emulate_device,
                               device=device, dtype=dtype, batch_invariant=batch_invariant)
         await pipe.form()
         inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)), reserved=reserve)

@@ -31,6 +31,12 @@ class RuntimeSettings(BaseModel):
     ray_resource: str = Field(
         default="lambdascale_node", min_length=1, description="custom Ray resource that marks a node able to host one agent"
     )
+    pipeline_batch: Literal["kv", "instance"] = Field(
+        default="kv",
+        description="sequences an execution pipeline takes: kv sizes it by its members' KV memory (a stage "
+        "running a fraction f of the layers keeps the KV of max_seqs/f sequences; the pipeline takes the "
+        "smallest over its stages); instance gives it a full instance's max_seqs",
+    )
     kv_move: Literal["auto", "ship", "recompute"] = Field(
         default="auto",
         description="dissolution: auto ships a request's KV to its full instance when that is estimated faster "

@@ -442,13 +442,15 @@ class ClusterBackend:
             PipelineServer,
             RemotePipeline,
             StagePlacement,
+            pipeline_batch,
         )
 
         placements = [StagePlacement(st.node, (st.start, st.end)) for st in pl.stages]
         name = f"{m.name}@pipe{next(_SERIAL)}"
+        seqs, step_tokens = pipeline_batch(placements, m.manifest, self.config.engine.max_batch_size,
+                                           self.config.engine.max_num_batched_tokens, self.config.runtime.pipeline_batch)
         pipe = RemotePipeline(self.cluster, m.manifest, placements, max_len=m.codec.context_length,
-                              max_seqs=self.config.engine.max_batch_size,
-                              max_step_tokens=self.config.engine.max_num_batched_tokens, name=name,
+                              max_seqs=seqs, max_step_tokens=step_tokens, name=name,
                               dtype=_stage_dtype(self.config), batch_invariant=self.config.engine.batch_invariant)
         try:
             await pipe.form()

@@ -98,3 +98,30 @@ def test_stage_needs_its_blocks(tiny_model: Path) -> None:
                 await pipe.form()
 
     run_async(main())
+
+
+def test_pipeline_batch_follows_the_members_kv_memory(tiny_model: Path) -> None:
+    from lambdascale.engine.scheduler import prefill_chunk_size
+    from lambdascale.runtime.pipeline import pipeline_batch
+
+    m = read_manifest(tiny_model)
+    layers = [b.layers for b in m.blocks]
+    total = m.arch.num_hidden_layers
+    B = m.n_blocks
+    assert B >= 3, "the test needs a model of at least three blocks"
+    whole = [StagePlacement(0, (0, B))]
+    assert pipeline_batch(whole, m, 8, 512) == (8, 512)  # a full instance is unchanged
+    half = B // 2
+    two = [StagePlacement(1, (0, half)), StagePlacement(2, (half, B))]
+    widest = max(layers[half - 1][1] - layers[0][0], layers[B - 1][1] - layers[half][0])
+    seqs, step = pipeline_batch(two, m, 8, 512)
+    assert seqs == 8 * total // widest and seqs > 8  # the widest stage decides
+    # the step budget grows with the batch so batch-invariant prefill chunks stay the same
+    assert prefill_chunk_size(step, seqs) == prefill_chunk_size(512, 8)
+    assert pipeline_batch(two, m, 8, 512, "instance") == (8, 512)
+    three = [StagePlacement(1, (0, 1)), StagePlacement(2, (1, 2)), StagePlacement(3, (2, B))]
+    widest3 = max(hi - lo for lo, hi in [(layers[0][0], layers[0][1]), (layers[1][0], layers[1][1]),
+                                          (layers[2][0], layers[B - 1][1])])
+    assert pipeline_batch(three, m, 8, 512)[0] == 8 * total // widest3
+    with pytest.raises(ValueError, match="'kv' or 'instance'"):
+        pipeline_batch(two, m, 8, 512, "memory")

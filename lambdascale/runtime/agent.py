@@ -228,7 +228,7 @@ class NodeAgent:
         ssd = self.memory.ssd_path(manifest.name)
         r.holds += 1
         try:
-            st = await self._read_blocks(manifest, ssd if ssd is not None else Path(msg.model_dir))
+            st = await self._read_blocks(manifest, ssd if ssd is not None else Path(msg.model_dir), msg.ssd_cap)
         except BaseException:
             if new_host and r.host_alloc is not None:
                 self.memory.host.free(r.host_alloc)
@@ -247,9 +247,10 @@ class NodeAgent:
             r.gpu = True
         self.memory.touch(r.manifest.name, time.monotonic(), (MemTier(tier),))
 
-    async def _read_blocks(self, manifest: Manifest, src: Path) -> ModelState:
+    async def _read_blocks(self, manifest: Manifest, src: Path, capped: bool = True) -> ModelState:
         """Fill the stream buffer from the block files chunk by chunk (a chunk may take its bytes
-        from two files), verifying each chunk before it is marked held."""
+        from two files), verifying each chunk before it is marked held; ``capped`` paces the
+        reads by the SSD token bucket."""
         st = await self._allocate(manifest)
         view = self.stream_view(manifest.name)
         fds: dict[int, int] = {}
@@ -260,7 +261,8 @@ class NodeAgent:
                 if os.fstat(fd).st_size != blk.nbytes:
                     raise LambdaScaleError(f"{path}: file size differs from the manifest's {blk.nbytes} bytes")
             for ch in manifest.chunks:
-                await self.ssd_bucket.acquire_async(ch.length)
+                if capped:
+                    await self.ssd_bucket.acquire_async(ch.length)
                 for b in manifest.blocks_of_chunk(ch.index):
                     blk = manifest.blocks[b]
                     s, e = max(ch.offset, blk.offset), min(ch.end, blk.end)

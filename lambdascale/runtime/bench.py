@@ -127,7 +127,7 @@ async def _one_multicast(lc: LocalCluster, model_dir: Path, manifest: Manifest, 
                          receivers: list[int], algo: Algo) -> tuple[float, Any]:
     t0 = asyncio.get_running_loop().time()
     # sources load in parallel (each has its own SSD cap), as they would on separate nodes
-    await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir))) for s in sources))
+    await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir), ssd_cap=False)) for s in sources))
     load_s = asyncio.get_running_loop().time() - t0
     await prepare_receivers(lc.cluster, manifest, receivers)
     res = await run_multicast(lc.cluster, manifest, sources, receivers, algo)
@@ -310,7 +310,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
         async with LocalCluster(nodes, transfer, runtime) as lc:
             # engines imported before the burst: a real node has its runtime up before it scales
             await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(nodes)))
-            await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+            await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir), ssd_cap=False))
                                    for s in range(sources)))
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
                                         burst, system, eos_ids, max_seqs=max_seqs,
@@ -428,7 +428,7 @@ async def run_efficiency(model_dir: Path, receiver_counts: list[int], transfer: 
     gbps = lambda s: manifest.total_bytes * 8 / s / 1e9  # noqa: E731
     rows = []
     async with LocalCluster(nodes, transfer.model_copy(update={"link_gbps": None, "ssd_gbps": None}), runtime) as lc:
-        await lc.cluster.request(0, HoldModel(req=0, model_dir=str(model_dir)))
+        await lc.cluster.request(0, HoldModel(req=0, model_dir=str(model_dir), ssd_cap=False))
 
         async def once(rcv: list[int], algo: Algo) -> dict[int, float]:
             await prepare_receivers(lc.cluster, manifest, rcv)

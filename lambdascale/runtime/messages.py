@@ -55,6 +55,11 @@ class HoldModel(_Msg):
     model_dir: str
     tier: Literal["host", "gpu"] = "host"
     reuse: bool = Field(default=False, description="skip the read when the buffers already hold every chunk (a tier hit)")
+    ssd_cap: bool = Field(
+        default=True,
+        description="pace the read by transfer.ssd_gbps; benchmarks turn it off to place the holders' copy "
+        "before their clock starts (the setup is not what they measure)",
+    )
 
 
 class PrepareReceive(_Msg):

@@ -145,3 +145,21 @@ def test_incremental_planner_equals_pure_planner_fed_chunks(arrivals) -> None:
         assert planner.plan.active == pure.active and planner.plan.solo == pure.solo
     with pytest.raises(PlanError, match="holdings of node 1: chunk 16 outside 0..15"):
         plan_pipelines({1: {16}}, 8, layout=lay)
+
+
+def test_two_sources_deal_contiguous_halves_of_a_byte_layout() -> None:
+    """With equal-byte chunks, each source sends one contiguous half first, so receivers of the two
+    groups together hold every block (and form a pipeline) after about half the chunks; dealing
+    interleaved blocks needs the chunks across every set boundary twice."""
+    from lambdascale.pipe.multicast import deal_blocks
+
+    lay = ChunkLayout.equal_bytes(QWEN_LIKE, 16)
+    assert deal_blocks(2, 8, 16, lay) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    sets = deal_blocks(3, 8, 16, lay)
+    assert [b for s in sets for b in s] == list(range(8)) and all(sets)  # contiguous, every group has blocks
+    plan = plan_multicast("binomial", 6, 2, 8, 16, layout=lay)
+    res = play(plan, [float(x) for x in lay.chunk_lengths()], Links(nic_send_bps=1.0, nic_recv_bps=1.0, latency_s=0.0),
+               mode="chunk")
+    chunk = sum(QWEN_LIKE) / 16
+    assert res.first_pipeline_time <= 9.01 * chunk  # 8 chunks + the one across the halves
+    assert max(res.node_full.values()) <= 17.01 * chunk  # and completion is not worse for it

@@ -235,7 +235,7 @@ def test_uneven_blocks_are_dealt_by_chunk_count() -> None:
 
     # 6 blocks over 9 chunks: blocks 0, 2, 4 hold 2 chunks, blocks 1, 3, 5 one chunk
     assert [len(chunks_of_block(b, 6, 9)) for b in range(6)] == [2, 1, 2, 1, 2, 1]
-    assert deal_blocks(4, 6, 9) == [[0], [1, 4], [2], [3, 5]]  # 2, 3, 2, 2 chunks
+    assert deal_blocks(4, 6, 9) == [[0, 5], [2], [4], [1, 3]]  # largest first: 3, 2, 2, 2 chunks
     assert deal_blocks(2, 8, 16) == [[0, 2, 4, 6], [1, 3, 5, 7]]  # equal blocks: round-robin
 
 

@@ -327,6 +327,9 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             "exact": rep.outputs == reference, "batch_invariant": batch_invariant,
             "replayed_tokens": rep.replayed_tokens, "replay_mismatches": rep.replay_mismatches,
             "mismatched_requests": sorted(r for r in reference if rep.outputs.get(r) != reference[r]),
+            # when each instance (full or pipeline) started serving, and on which nodes
+            "instance_started_s": dict(rep.instance_started_s),
+            "instance_nodes": {k: list(v) for k, v in rep.instance_nodes.items()},
         })
         _progress(f"{system}: TTFT p99 {rows[-1]['ttft_p99_s']:.2f} s, exact {rows[-1]['exact']}")
     return rows

@@ -80,8 +80,9 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_agents_die_with_their_controller(sig: int) -> None:
-    ctl = subprocess.Popen([sys.executable, "-c", _CONTROLLER], stdout=subprocess.PIPE, text=True,
+def test_agents_die_with_their_controller(sig: int, tmp_path: Path) -> None:
+    err = open(tmp_path / "controller.err", "w+")
+    ctl = subprocess.Popen([sys.executable, "-c", _CONTROLLER], stdout=subprocess.PIPE, stderr=err, text=True,
                            cwd=Path(__file__).resolve().parents[2])
     pids: list[int] = []
     try:
@@ -90,7 +91,11 @@ def test_agents_die_with_their_controller(sig: int) -> None:
         pids = json.loads(line)
         assert len(pids) == 2 and not any(_gone(p) for p in pids)
         ctl.send_signal(sig)
-        ctl.wait(timeout=10)
+        try:  # a clean stop takes at most the launcher's 3 s grace; 30 s leaves room for a loaded box
+            ctl.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            err.seek(0)
+            pytest.fail(f"controller still running 30 s after {signal.Signals(sig).name}; its stderr:\n{err.read()[-4000:]}")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(_gone(p) for p in pids):
             time.sleep(0.05)
@@ -99,6 +104,7 @@ def test_agents_die_with_their_controller(sig: int) -> None:
         if ctl.poll() is None:
             ctl.kill()
             ctl.wait()
+        err.close()
         for p in pids:
             if not _gone(p):
                 os.kill(p, signal.SIGKILL)

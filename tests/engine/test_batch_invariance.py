@@ -51,14 +51,10 @@ def _requests() -> dict[str, TokenState]:
     return out
 
 
-def _run(dtype: str, invariant: bool, order: list[str], budget: int = 512) -> dict[str, list[torch.Tensor]]:
-    """Run ``order``'s requests together; every logits row each request sampled from, in order."""
-    eng = Engine.from_tensors(ARCH, TENSORS, None, EngineSettings(
-        device="cpu", dtype=dtype, batch_invariant=invariant, max_num_batched_tokens=budget, max_batch_size=8,
-        threads=2,
-    ))
-    reqs = _requests()
-    seen: dict[str, list[torch.Tensor]] = {r: [] for r in order}
+def logged_run(eng: Engine, states: dict[str, TokenState]) -> dict[str, list[torch.Tensor]]:
+    """Run ``states`` together on ``eng`` (in dict order); every logits row each request sampled
+    from, in order (the runner's results are recorded as they pass)."""
+    seen: dict[str, list[torch.Tensor]] = {r: [] for r in states}
     execute = eng.runner.execute
 
     def spy(sched, tokens):
@@ -68,9 +64,20 @@ def _run(dtype: str, invariant: bool, order: list[str], budget: int = 512) -> di
         return res
 
     eng.runner.execute = spy  # type: ignore[method-assign]
-    for rid in order:
-        eng.resume(reqs[rid], request_id=rid)
+    for rid, st in states.items():
+        eng.resume(st, request_id=rid)
     eng.run_to_completion()
+    return seen
+
+
+def _run(dtype: str, invariant: bool, order: list[str], budget: int = 512) -> dict[str, list[torch.Tensor]]:
+    """Run ``order``'s requests together; every logits row each request sampled from, in order."""
+    eng = Engine.from_tensors(ARCH, TENSORS, None, EngineSettings(
+        device="cpu", dtype=dtype, batch_invariant=invariant, max_num_batched_tokens=budget, max_batch_size=8,
+        threads=2,
+    ))
+    reqs = _requests()
+    seen = logged_run(eng, {rid: reqs[rid] for rid in order})
     assert all(len(v) == 4 for v in seen.values())
     return seen
 

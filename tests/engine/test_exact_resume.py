@@ -13,7 +13,7 @@ from lambdascale.engine.sampling import SamplingParams
 from lambdascale.engine.scheduler import SeqView, next_step_tokens, schedule
 from lambdascale.engine.sequence import TokenState
 from lambdascale.engine.settings import EngineSettings
-from tests.engine.test_batch_invariance import ARCH, TENSORS, _requests
+from tests.engine.test_batch_invariance import ARCH, TENSORS, _requests, logged_run
 
 # budget 16 with 8 sequences: prefill chunks of 8 tokens
 SETTINGS = EngineSettings(device="cpu", dtype="bfloat16", batch_invariant=True, max_num_batched_tokens=16,
@@ -22,21 +22,7 @@ SETTINGS = EngineSettings(device="cpu", dtype="bfloat16", batch_invariant=True, 
 
 def _logits(states: dict[str, TokenState], settings: EngineSettings = SETTINGS) -> dict[str, list[torch.Tensor]]:
     """Run ``states`` together; every logits row each request sampled from, in order."""
-    eng = Engine.from_tensors(ARCH, TENSORS, None, settings)
-    seen: dict[str, list[torch.Tensor]] = {r: [] for r in states}
-    execute = eng.runner.execute
-
-    def spy(sched, tokens):
-        res = execute(sched, tokens)
-        for i, rid in enumerate(res.request_ids):
-            seen[rid].append(res.logits[i].clone())
-        return res
-
-    eng.runner.execute = spy  # type: ignore[method-assign]
-    for rid, st in states.items():
-        eng.resume(st, request_id=rid)
-    eng.run_to_completion()
-    return seen
+    return logged_run(Engine.from_tensors(ARCH, TENSORS, None, settings), states)
 
 
 def _tokens(rows: list[torch.Tensor]) -> list[int]:

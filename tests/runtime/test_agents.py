@@ -82,8 +82,12 @@ asyncio.run(main())
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_agents_die_with_their_controller(sig: int, tmp_path: Path) -> None:
     err = open(tmp_path / "controller.err", "w+")
+    # A terminal's Ctrl-C reaches a foreground process whose SIGINT is at its default. A test run
+    # started in the background of a non-interactive shell inherits SIGINT ignored (POSIX), which
+    # Python keeps, so the controller would never see the signal: restore the default for it.
     ctl = subprocess.Popen([sys.executable, "-c", _CONTROLLER], stdout=subprocess.PIPE, stderr=err, text=True,
-                           cwd=Path(__file__).resolve().parents[2])
+                           cwd=Path(__file__).resolve().parents[2],
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids: list[int] = []
     try:
         line = ctl.stdout.readline()

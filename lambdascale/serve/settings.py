@@ -33,8 +33,9 @@ class ServeSettings(BaseModel):
         description="keys accepted for the admin API (and inference); with any key configured, admin needs one of these",
     )
     registry_path: Path = Field(
-        default=Path("lambdascale-registry.sqlite"),
-        description="SQLite file holding model registrations (deploy/update/delete survive restarts)",
+        default_factory=lambda: Path.home() / ".cache" / "lambdascale" / "registry.sqlite",
+        description="SQLite file holding model registrations (deploy/update/delete survive restarts); "
+        "default ~/.cache/lambdascale/registry.sqlite, beside the models cache, not the working directory",
     )
     max_queue_per_model: int = Field(
         default=64, ge=0, le=100_000,

@@ -97,3 +97,11 @@ def test_status_renders_for_the_cli(client) -> None:
     text = console.export_text()
     for fragment in ("node-0", MODEL, "full", "host/ssd", "scale events", "#1 m -> [1]"):
         assert fragment in text
+
+
+def test_default_registry_lives_beside_the_models_cache_not_in_the_working_directory(monkeypatch, tmp_path) -> None:
+    from lambdascale.serve.settings import ServeSettings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = ServeSettings().registry_path
+    assert path == tmp_path / ".cache" / "lambdascale" / "registry.sqlite"

@@ -176,10 +176,7 @@ class TcpTransport(Transport):
         where = f"node {self.node} <- node {peer} ({info.host}:{info.port}), buffer {name!r}"
         lock = self._out_locks.setdefault(peer, asyncio.Lock())
         async with lock:
-            sock = self._out.get(peer)
-            if sock is None:
-                sock = await self._connect(info)
-                self._out[peer] = sock
+            sock = await self._out_sock(peer, info)
             try:
                 nb = name.encode()
                 await asyncio.wait_for(loop.sock_sendall(sock, _HEADER.pack(_MAGIC_GET, self.node, offset, length, len(nb), 0) + nb), stall)
@@ -193,20 +190,30 @@ class TcpTransport(Transport):
             except TransferError:
                 raise
             except asyncio.TimeoutError:
-                self._out.pop(peer, None)
-                sock.close()
+                self._drop_out(peer, sock)
                 raise TransferError(f"{where}: peer stalled, no progress for {stall}s (transfer.stall_timeout_s)") from None
             except (ConnectionError, OSError) as e:
-                self._out.pop(peer, None)
-                sock.close()
+                self._drop_out(peer, sock)
                 raise TransferError(f"{where}: connection lost: {e}") from None
             except BaseException:
-                self._out.pop(peer, None)
-                sock.close()
+                self._drop_out(peer, sock)
                 raise
         self.bytes_received += length
 
     # ---- sending ---------------------------------------------------------------------------
+    async def _out_sock(self, peer: int, info: PeerInfo) -> socket.socket:
+        """The outgoing connection to ``peer`` (sends and fetches share it), opened on first use.
+        The caller holds the peer's lock in ``_out_locks``."""
+        sock = self._out.get(peer)
+        if sock is None:
+            sock = self._out[peer] = await self._connect(info)
+        return sock
+
+    def _drop_out(self, peer: int, sock: socket.socket) -> None:
+        """Forget and close a connection that failed mid-transfer; the next use reconnects."""
+        self._out.pop(peer, None)
+        sock.close()
+
     async def _connect(self, peer: PeerInfo) -> socket.socket:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -236,15 +243,11 @@ class TcpTransport(Transport):
         self._check_range(name, offset, length, len(src_view), f"sender node {self.node}")
         lock = self._out_locks.setdefault(peer, asyncio.Lock())
         async with lock:
-            sock = self._out.get(peer)
-            if sock is None:
-                sock = await self._connect(info)
-                self._out[peer] = sock
+            sock = await self._out_sock(peer, info)
             try:
                 await self._send_on(sock, info, src_view, name, offset, length, tag)
             except BaseException:
-                self._out.pop(peer, None)
-                sock.close()
+                self._drop_out(peer, sock)
                 raise
         self.bytes_sent += length
 

@@ -41,7 +41,7 @@ from lambdascale.errors import LambdaScaleError
 from lambdascale.model.manifest import Manifest, read_manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.messages import DropModel, HoldModel, Warmup
+from lambdascale.runtime.messages import DropModel, HoldModel
 from lambdascale.runtime.multicast import prepare_receivers, run_multicast
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.ratelimit import gbps_to_bytes_per_s
@@ -300,7 +300,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
     copies each block host -> GPU as its stage forms). ``batch_invariant``: engine.batch_invariant
     on every stage of every system (``reference`` must come from the same numerics).
     """
-    from lambdascale.runtime.scaleout import serve_scale_out
+    from lambdascale.runtime.scaleout import prepare_sources, serve_scale_out
 
     manifest = read_manifest(model_dir)
     eos = manifest.arch.eos_token_id
@@ -308,10 +308,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
     rows = []
     for system in systems:
         async with LocalCluster(nodes, transfer, runtime) as lc:
-            # engines imported before the burst: a real node has its runtime up before it scales
-            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(nodes)))
-            await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir), ssd_cap=False))
-                                   for s in range(sources)))
+            await prepare_sources(lc.cluster, nodes, list(range(sources)), model_dir)
             rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
                                         burst, system, eos_ids, max_seqs=max_seqs,
                                         emulate_device=runtime.emulate_device, device=device,

@@ -41,7 +41,7 @@ from lambdascale.pipe.multicast import Algo
 from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, NodeLostError
 from lambdascale.runtime.kvmove import KvMove, KvPolicy, RecomputeEstimate, choose_kv_move, kv_bytes_per_token, ship_kv
-from lambdascale.runtime.messages import ChunkHeld, HoldModel
+from lambdascale.runtime.messages import ChunkHeld, HoldModel, Warmup
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StageDtype, StagePlacement, pipeline_batch
 
@@ -95,6 +95,15 @@ class _Instance:
 
     def free_slots(self) -> int:
         return self.server.pipe.max_seqs - len(self.server.reqs) - self.reserved
+
+
+async def prepare_sources(cluster: Cluster, nodes: int, sources: list[int], model_dir: Path) -> None:
+    """Set-up before :func:`serve_scale_out`: every agent imports its engine (a real node has its
+    runtime up before it scales) and the sources hold the model. The sources' read is not paced
+    by the SSD cap: it is placement, not part of what a scale-out measures."""
+    await asyncio.gather(*(cluster.request(n, Warmup(req=0)) for n in range(nodes)))
+    await asyncio.gather(*(cluster.request(s, HoldModel(req=0, model_dir=str(model_dir), ssd_cap=False))
+                           for s in sources))
 
 
 async def serve_scale_out(

@@ -28,7 +28,7 @@ from lambdascale.model.manifest import read_manifest
 from lambdascale.runtime.cluster import AgentRequestError, NodeLostError
 from lambdascale.runtime.kvmove import ship_kv
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.messages import FormStage, HoldModel, Warmup
+from lambdascale.runtime.messages import FormStage, HoldModel
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement
 from lambdascale.runtime.settings import RuntimeSettings
 from tests.runtime.conftest import run_async
@@ -232,16 +232,15 @@ def test_moved_requests_stay_exact(model_dir: Path, references, move: str) -> No
 def test_burst_during_scale_out_is_exact_with_the_mode(model_dir: Path, references) -> None:
     """``serve_scale_out(batch_invariant=True)``: pipelines form during the multicast and dissolve
     with KV recomputed (replayed); every output equals the mode's one-at-a-time reference."""
-    from lambdascale.runtime.scaleout import serve_scale_out
+    from lambdascale.runtime.scaleout import prepare_sources, serve_scale_out
     from lambdascale.transfer.settings import TransferSettings
 
     link = TransferSettings(link_gbps=0.05, bucket_burst_bytes=32 << 10, io_slice_bytes=16 << 10)
 
     async def main():
         async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0)) as lc:
-            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(5)))
-            for s in (0, 1):  # two sources deal complementary blocks first, so pipelines form
-                await lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir)))
+            # two sources deal complementary blocks first, so pipelines form
+            await prepare_sources(lc.cluster, 5, [0, 1], model_dir)
             # 2 sequences per instance (the sources cannot take the whole burst) and a step budget
             # of 18: prefill chunks of 18 - 2 = 16 tokens, the same as the reference's 24 - 8
             return await serve_scale_out(lc.cluster, model_dir, read_manifest(model_dir), [0, 1], [2, 3, 4], BURST,

@@ -3,7 +3,6 @@ and every output equals a single-node run."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ from lambdascale.engine.sampling import SamplingParams
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import read_manifest
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.messages import HoldModel, Warmup
-from lambdascale.runtime.scaleout import SystemKind, serve_scale_out
+from lambdascale.runtime.scaleout import SystemKind, prepare_sources, serve_scale_out
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.settings import TransferSettings
 from tests.runtime.conftest import run_async
@@ -45,9 +43,7 @@ def test_burst_during_scale_out_is_exact(tiny_model: Path, burst_reference, syst
     async def main():
         async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0)) as lc:
             manifest = read_manifest(tiny_model)
-            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(5)))  # torch imported up front
-            for s in (0, 1):
-                await lc.cluster.request(s, HoldModel(req=0, model_dir=str(tiny_model)))
+            await prepare_sources(lc.cluster, 5, [0, 1], tiny_model)
             return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, system, max_seqs=2,
                                          kv_policy=kv, emulate_device="h200:llama2-7b:5")
 
@@ -75,9 +71,7 @@ def test_node_killed_inside_a_pipeline_requests_complete_elsewhere(tiny_model: P
     async def main():
         async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0)) as lc:
             manifest = read_manifest(tiny_model)
-            await asyncio.gather(*(lc.cluster.request(n, Warmup(req=0)) for n in range(5)))  # torch imported up front
-            for s in (0, 1):
-                await lc.cluster.request(s, HoldModel(req=0, model_dir=str(tiny_model)))
+            await prepare_sources(lc.cluster, 5, [0, 1], tiny_model)
 
             def formed(name: str, nodes: list[int]) -> None:
                 if not killed:

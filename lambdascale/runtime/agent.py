@@ -502,14 +502,16 @@ class NodeAgent:
             tag = hidden_tag(msg.pipeline, msg.step, msg.index)
             self.memory.touch(self._pipe_model.get(msg.pipeline, ""), time.monotonic())
             ready = None if host.stage.first or not msg.seqs else self._hidden_future(tag)
+            # with k steps in flight this step's input may queue behind k - 1 others upstream
+            wait_s = self.transfer_settings.stall_timeout_s * host.slots
             try:
                 if ready is not None:
-                    await asyncio.wait_for(asyncio.shield(ready), self.transfer_settings.stall_timeout_s)
+                    await asyncio.wait_for(asyncio.shield(ready), wait_s)
                 return await host.step(msg, ready)
             except asyncio.TimeoutError:
                 raise LambdaScaleError(
                     f"node {self.node}: no hidden states for pipeline {msg.pipeline!r} step {msg.step} "
-                    f"within {self.transfer_settings.stall_timeout_s}s"
+                    f"within {wait_s:g}s"
                 ) from None
             finally:
                 self._hidden.pop(tag, None)

@@ -180,8 +180,9 @@ class FormStage(_Msg):
     """Build stage ``index`` of pipeline ``pipeline`` from held blocks ``[blocks[0], blocks[1])``.
 
     Hidden states go to ``next_node`` (None for the last stage) over the transport, in buffers
-    named ``pipe/<pipeline>/h<i>`` (boundary i: out of stage i-1, into stage i), each holding up
-    to ``max_step_tokens`` rows of ``hidden_size`` values of ``dtype``.
+    named ``pipe/<pipeline>/h<i>`` (boundary i: out of stage i-1, into stage i), each holding
+    ``slots`` regions of up to ``max_step_tokens`` rows of ``hidden_size`` values of ``dtype``:
+    a pipeline keeps up to ``slots`` steps (micro-batches) in flight, each in its own region.
     """
 
     type: Literal["form_stage"] = "form_stage"
@@ -205,6 +206,7 @@ class FormStage(_Msg):
         description="engine.batch_invariant numerics: each row's result independent of the batch (one torch "
                     "thread on the agent, padded projections, per-sequence attention)",
     )
+    slots: int = Field(default=1, ge=1, le=64, description="steps the pipeline keeps in flight at most")
 
 
 class StageStep(_Msg):
@@ -215,7 +217,9 @@ class StageStep(_Msg):
     states ``[N, hidden]`` from their predecessor over the transport, tagged with ``step``. The
     last stage samples one token per sequence from ``sample`` = (SamplingParams as a dict,
     seed, token index) and replies ``{"tokens": [...]}``. ``release`` frees KV of finished or
-    moved sequences first.
+    moved sequences first. ``slot`` names the region of the hidden-state buffers this step uses
+    (the controller gives each step in flight its own; see ``FormStage.slots``). A stage runs its
+    steps one at a time; steps in flight hold disjoint sequences.
     """
 
     type: Literal["stage_step"] = "stage_step"
@@ -227,6 +231,7 @@ class StageStep(_Msg):
     token_ids: list[int] | None = None
     sample: list[tuple[dict[str, Any], int, int]] | None = None
     release: list[str] = Field(default_factory=list)
+    slot: int = Field(default=0, ge=0)
 
 
 class DissolveStage(_Msg):

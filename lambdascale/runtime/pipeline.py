@@ -1,9 +1,15 @@
 """Controller side of execute-while-load: execution pipelines across agents, and dissolution.
 
 :class:`RemotePipeline` forms stages on agents (stage i on a node that holds blocks
-``[b_i, b_{i+1})``) and runs one step at a time: the step's schedule goes to every stage at once,
-token ids enter stage 0, hidden states flow stage to stage over the transport, and the last
-stage returns one sampled token per sequence. A full instance is a pipeline of one stage.
+``[b_i, b_{i+1})``) and runs steps: a step's schedule goes to every stage at once, token ids
+enter stage 0, hidden states flow stage to stage over the transport, and the last stage returns
+one sampled token per sequence. A full instance is a pipeline of one stage.
+
+Micro-batches: a pipeline of k stages keeps up to ``slots`` steps in flight (``microbatches``;
+``runtime.pipeline_microbatches``, default one per stage), each over a disjoint set of its
+requests, so stage i computes one micro-batch while stage i+1 computes the one before. Without
+that a k-stage pipeline does one stage's work at a time: its prefill of a burst takes as long as
+a full instance's although each node holds only 1/k of the layers.
 
 :class:`PipelineServer` does continuous batching of requests on one pipeline from their token
 state (prompt ids, output ids, sampling params, seed). Because sampling is a pure function of
@@ -13,8 +19,7 @@ dissolving pipeline between steps and :meth:`PipelineServer.add` resume them on 
 mode by replaying the steps, see below): the client's stream is exactly an uninterrupted run's,
 no token lost or repeated.
 
-Limits of this first version: one step in flight per pipeline (no micro-batch overlap between
-stages), stop on token ids and ``max_tokens`` only (stop strings need the tokenizer, which lives
+Limits: stop on token ids and ``max_tokens`` only (stop strings need the tokenizer, which lives
 in the gateway). On dissolution the KV is recomputed by default; :mod:`lambdascale.runtime.kvmove`
 ships it instead when that is cheaper (``take_progress`` + ``add(..., computed=n)``).
 
@@ -100,13 +105,21 @@ def pipeline_batch(
     return seqs, max_step_tokens + (seqs - max_seqs)
 
 
+def microbatch_slots(n_stages: int, microbatches: int) -> int:
+    """Steps a pipeline of ``n_stages`` keeps in flight: ``microbatches``, or one per stage when 0."""
+    if microbatches < 0:
+        raise ValueError(f"microbatches must be >= 0 (0: one per stage), got {microbatches}")
+    return max(1, microbatches or n_stages)
+
+
 class RemotePipeline:
-    """Stages on agents, driven one step at a time.
+    """Stages on agents, driven step by step, up to ``slots`` steps in flight.
 
     ``dtype``: what every stage computes in (hidden states cross stages in it too, so a pipeline's
     step equals the one-stage step). ``batch_invariant``: the engine's batch-invariant numerics on
     every stage (``engine.batch_invariant``); the :class:`PipelineServer` then also chunks prefills
-    by the request alone.
+    by the request alone. ``microbatches``: steps in flight at most (0: one per stage; 1: one
+    step at a time).
     """
 
     _ids = itertools.count()
@@ -114,8 +127,9 @@ class RemotePipeline:
     def __init__(self, cluster: Cluster, manifest: Manifest, placements: Sequence[StagePlacement],
                  max_len: int = 512, max_seqs: int = 16, max_step_tokens: int = 512, name: str | None = None,
                  emulate_device: str | None = None, device: str = "cpu", dtype: StageDtype = "float32",
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, microbatches: int = 1) -> None:
         check_placements(placements, manifest.n_blocks)
+        self.slots = microbatch_slots(len(placements), microbatches)
         self.device = device
         self.dtype: StageDtype = dtype
         self.batch_invariant = batch_invariant
@@ -140,7 +154,7 @@ class RemotePipeline:
                 req=0, model=self.manifest.name, pipeline=self.name, index=i, blocks=p.blocks,
                 next_node=ps[i + 1].node if i + 1 < len(ps) else None, max_len=self.max_len,
                 max_seqs=self.max_seqs, max_step_tokens=self.max_step_tokens, emulate_device=self.emulate_device,
-                device=self.device, dtype=self.dtype, batch_invariant=self.batch_invariant,
+                device=self.device, dtype=self.dtype, batch_invariant=self.batch_invariant, slots=self.slots,
             ))
             for i, p in enumerate(ps)
         ))
@@ -148,8 +162,15 @@ class RemotePipeline:
             await self.cluster.broadcast_peers()  # one-sided backends need the new buffers' keys
 
     async def step(self, seqs: list[tuple[str, int, int]], token_ids: list[int],
-                   sample: list[tuple[SamplingParams, int, int]], release: Sequence[str] = ()) -> list[int]:
-        """Run one step; returns one sampled token per sequence (in ``seqs`` order)."""
+                   sample: list[tuple[SamplingParams, int, int]], release: Sequence[str] = (),
+                   slot: int = 0) -> list[int]:
+        """Run one step; returns one sampled token per sequence (in ``seqs`` order).
+
+        Steps in flight at once must use different ``slot`` values in ``[0, slots)`` and hold
+        disjoint sequences (:class:`PipelineServer` sees to both).
+        """
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is outside the pipeline's {self.slots} slots")
         step = self._step
         self._step += 1
         sample_d = [(asdict(p), seed, idx) for p, seed, idx in sample]
@@ -158,7 +179,7 @@ class RemotePipeline:
             self.cluster.request(p.node, StageStep(
                 req=0, pipeline=self.name, index=i, step=step, seqs=seqs,
                 token_ids=token_ids if i == 0 else None,
-                sample=sample_d if i == last else None, release=list(release),
+                sample=sample_d if i == last else None, release=list(release), slot=slot,
             ))
             for i, p in enumerate(self.placements)
         ))
@@ -188,8 +209,26 @@ class _Req:
 
 
 @dataclass
+class _Flight:
+    """A step in flight: its (request id, tokens) and hidden-state slot."""
+
+    batch: list[tuple[str, int]]
+    slot: int
+    ids: int  # token ids sent
+    t0: float
+    order: int  # start order
+
+
+@dataclass
 class PipelineServer:
-    """Continuous batching of token-state requests on one :class:`RemotePipeline`."""
+    """Continuous batching of token-state requests on one :class:`RemotePipeline`.
+
+    With ``pipe.slots`` > 1 it keeps that many steps in flight, each over its own requests (the
+    free slots share the requests not in flight evenly); :meth:`step`
+    returns when one of them is done. :meth:`take` and :meth:`take_progress` need none in
+    flight: :meth:`drain` first (:meth:`run` drains before it returns, and a :meth:`step` that
+    raises has drained).
+    """
 
     pipe: RemotePipeline
     eos_token_ids: frozenset[int] = frozenset()
@@ -205,6 +244,20 @@ class PipelineServer:
     replay_mismatches: int = 0
     #: seconds of a decode-only step measured on this instance (EMA); None until one ran
     decode_step_s: float | None = None
+    #: most steps this server has had in flight at once
+    max_in_flight: int = 0
+    _flights: dict["asyncio.Task[list[int]]", _Flight] = field(default_factory=dict)
+    _started: int = 0
+
+    @property
+    def depth(self) -> int:
+        """Steps this server keeps in flight at most (the pipeline's hidden-state slots)."""
+        return self.pipe.slots
+
+    @property
+    def in_flight(self) -> set[str]:
+        """Requests whose step is running now."""
+        return {rid for f in self._flights.values() for rid, _ in f.batch}
 
     def add(self, rid: str, state: TokenState, computed: int = 0) -> None:
         """Admit a request from its token state. ``computed`` > 0: its KV for that many tokens was
@@ -227,14 +280,24 @@ class PipelineServer:
 
     def take_progress(self) -> dict[str, tuple[TokenState, int]]:
         """Like :meth:`take`, with each request's tokens whose KV the stages hold (to ship it)."""
+        if self._flights:
+            raise RuntimeError(f"pipeline {self.pipe.name} has {len(self._flights)} step(s) in flight: drain() first")
         out = {r.rid: (TokenState(tuple(r.prompt), tuple(r.out), r.params, r.seed), r.computed) for r in self.reqs.values()}
         self._release.extend(self.reqs)
         self.reqs.clear()
         return out
 
+    def drop(self, rid: str) -> bool:
+        """Forget request ``rid`` (an abort); its KV is freed by a later step, once no step of it
+        is in flight. Returns whether it was here."""
+        if self.reqs.pop(rid, None) is None:
+            return False
+        self._release.append(rid)
+        return True
+
     @property
     def busy(self) -> bool:
-        return bool(self.reqs)
+        return bool(self.reqs) or bool(self._flights)
 
     @property
     def chunk_size(self) -> int | None:
@@ -255,15 +318,21 @@ class PipelineServer:
             return len(r.all_ids) - r.computed
         return next_step_tokens(r.computed, len(r.all_ids), len(r.prompt), chunk)
 
-    def plan_step(self) -> list[tuple[_Req, int]]:
+    def plan_step(self, parts: int = 1) -> list[tuple[_Req, int]]:
         """The next step's (request, tokens): single-token steps first, then prefills in admission
         order, within ``max_step_tokens``. A prefill that does not fit the budget left waits (it
-        never shrinks, so its chunks do not depend on its neighbours)."""
-        sized = [(r, self.next_tokens(r)) for r in self.reqs.values()]
+        never shrinks, so its chunks do not depend on its neighbours). Requests in flight wait for
+        their step; ``parts`` steps about to start share the others: this one takes at most
+        ``ceil(requests not in flight / parts)``."""
+        busy = self.in_flight
+        sized = [(r, self.next_tokens(r)) for r in self.reqs.values() if r.rid not in busy]
         ordered = [x for x in sized if x[1] == 1] + [x for x in sized if x[1] > 1]
         batch: list[tuple[_Req, int]] = []
         budget = self.pipe.max_step_tokens
+        cap = -(-len(sized) // max(1, parts))
         for r, n in ordered:
+            if len(batch) >= cap:
+                break
             if n <= budget:
                 batch.append((r, n))
                 budget -= n
@@ -275,30 +344,79 @@ class PipelineServer:
         return batch
 
     async def step(self) -> None:
-        """One step: decodes first (one token each), then prefills, within ``max_step_tokens``.
+        """Start steps while slots are free, then wait until one of them is done.
 
-        A request emits (streams) a token only when the step computed its last known token; a
+        A step: decodes first (one token each), then prefills, within ``max_step_tokens``. A
+        request emits (streams) a token only when its step computed its last known token; a
         prompt chunk or a replayed output samples too (the last stage samples every sequence),
         and that sample is dropped: for a replay it is checked against the known output
         (``replay_mismatches`` counts differences: zero when the numerics are batch-invariant).
+        If a step fails, the others in flight are waited for (what they computed is kept) and
+        the first error is raised: no token of the failed step was delivered, so every request's
+        token state is exact.
         """
-        batch = self.plan_step()
-        if not batch:
+        self._launch()
+        if not self._flights:
             return
-        seqs = [(r.rid, r.computed, n) for r, n in batch]
-        ids = [t for r, n in batch for t in r.all_ids[r.computed:r.computed + n]]
-        # index of the token each step samples: position computed + n, minus the prompt
-        sample = [(r.params, r.seed, max(0, r.computed + n - len(r.prompt))) for r, n in batch]
-        release, self._release = self._release, []
-        t0 = time.monotonic()
-        tokens = await self.pipe.step(seqs, ids, sample, release)
-        took = max(time.monotonic() - t0, 1e-6)
-        if all(n > 1 for _, _, n in seqs):  # a prefill-only step measures this instance's prefill rate
-            rate = len(ids) / took
+        done, _ = await asyncio.wait(list(self._flights), return_when=asyncio.FIRST_COMPLETED)
+        err = self._finish(done)
+        if err is not None:
+            await self.drain(suppress=True)
+            raise err
+
+    async def drain(self, suppress: bool = False) -> None:
+        """Wait for every step in flight and apply it; starts none. The first error is raised
+        after all are done, unless ``suppress``."""
+        err: BaseException | None = None
+        while self._flights:
+            done, _ = await asyncio.wait(list(self._flights))
+            e = self._finish(done)
+            err = err or e
+        if err is not None and not suppress:
+            raise err
+
+    def _launch(self) -> None:
+        free = sorted(set(range(self.depth)) - {f.slot for f in self._flights.values()})
+        for i, slot in enumerate(free):
+            batch = self.plan_step(parts=len(free) - i)
+            if not batch:
+                return
+            busy = self.in_flight | {r.rid for r, _ in batch}
+            release = [rid for rid in self._release if rid not in busy]  # freed once its step is done
+            self._release = [rid for rid in self._release if rid in busy]
+            seqs = [(r.rid, r.computed, n) for r, n in batch]
+            ids = [t for r, n in batch for t in r.all_ids[r.computed:r.computed + n]]
+            # index of the token each step samples: position computed + n, minus the prompt
+            sample = [(r.params, r.seed, max(0, r.computed + n - len(r.prompt))) for r, n in batch]
+            task = asyncio.ensure_future(self.pipe.step(seqs, ids, sample, release, slot=slot))
+            self._started += 1
+            self._flights[task] = _Flight([(r.rid, n) for r, n in batch], slot, len(ids), time.monotonic(), self._started)
+            self.max_in_flight = max(self.max_in_flight, len(self._flights))
+
+    def _finish(self, done: set["asyncio.Task[list[int]]"]) -> BaseException | None:
+        """Apply finished steps in the order they started; returns the first error."""
+        err: BaseException | None = None
+        mine = [t for t in done if t in self._flights]  # another drain may have applied some
+        for task in sorted(mine, key=lambda t: self._flights[t].order):
+            f = self._flights.pop(task)
+            if task.cancelled() or task.exception() is not None:
+                err = err or (task.exception() if not task.cancelled() else asyncio.CancelledError())
+                continue
+            self._apply(f, task.result())
+        return err
+
+    def _apply(self, f: _Flight, tokens: list[int]) -> None:
+        took = max(time.monotonic() - f.t0, 1e-6)
+        if self.depth == 1 and all(n > 1 for _, n in f.batch):  # prefill-only: this instance's prefill rate
+            rate = f.ids / took
             self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.5 * (self.prefill_tokens_per_s + rate)
-        elif all(n == 1 for _, _, n in seqs):  # a decode-only step: what one replayed token costs
+        elif self.depth == 1 and all(n == 1 for _, n in f.batch):  # decode-only: what one replayed token costs
             self.decode_step_s = took if self.decode_step_s is None else 0.5 * (self.decode_step_s + took)
-        for (r, n), t in zip(batch, tokens):
+        for (rid, n), t in zip(f.batch, tokens):
+            r = self.reqs.get(rid)
+            if r is None:  # dropped while its step ran: free its KV with the next step
+                self._release.append(rid)
+                continue
             r.computed += n
             if r.computed < len(r.all_ids):  # a prompt chunk, or a replayed output: nothing to emit
                 idx = r.computed - len(r.prompt)
@@ -317,7 +435,14 @@ class PipelineServer:
                 self._release.append(r.rid)
 
     async def run(self, max_steps: int | None = None) -> None:
+        """Step until no request is left (or ``max_steps`` steps finished); nothing is in flight
+        when it returns."""
         n = 0
-        while self.busy and (max_steps is None or n < max_steps):
-            await self.step()
-            n += 1
+        try:
+            while self.busy and (max_steps is None or n < max_steps):
+                await self.step()
+                n += 1
+        except BaseException:
+            await self.drain(suppress=True)
+            raise
+        await self.drain()

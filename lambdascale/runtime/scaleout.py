@@ -208,7 +208,8 @@ async def serve_scale_out(
         seqs, step_tokens = pipeline_batch(placements, manifest, max_seqs, max_step_tokens, rs.pipeline_batch)
         pipe = RemotePipeline(cluster, manifest, placements, max_len=max_len, max_seqs=seqs,
                               max_step_tokens=step_tokens, name=name, emulate_device=emulate_device,
-                              device=device, dtype=dtype, batch_invariant=batch_invariant)
+                              device=device, dtype=dtype, batch_invariant=batch_invariant,
+                              microbatches=rs.pipeline_microbatches)
         await pipe.form()
         inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)), reserved=reserve)
         servers.append(inst.server)
@@ -293,7 +294,11 @@ async def serve_scale_out(
             return
         async with inst.lock:  # between steps: no token of a step is half-delivered
             inst.closed = True
-            moved = inst.server.take_progress()
+            try:
+                await inst.server.drain()
+                moved = inst.server.take_progress()
+            except (NodeLostError, AgentRequestError):  # a stage's KV may be ahead of its request: recompute
+                moved = {rid: (st, 0) for rid, st in inst.server.take().items()}
         rep.pipelines_dissolved += 1
         rep.requests_moved += len(moved)
         try:

@@ -37,6 +37,11 @@ class RuntimeSettings(BaseModel):
         "running a fraction f of the layers keeps the KV of max_seqs/f sequences; the pipeline takes the "
         "smallest over its stages); instance gives it a full instance's max_seqs",
     )
+    pipeline_microbatches: int = Field(
+        default=0, ge=0, le=64,
+        description="steps an execution pipeline keeps in flight, each over its own requests, so its stages "
+        "compute at once (0: one per stage; 1: one step at a time, each stage idle while the others work)",
+    )
     kv_move: Literal["auto", "ship", "recompute"] = Field(
         default="auto",
         description="dissolution: auto ships a request's KV to its full instance when that is estimated faster "

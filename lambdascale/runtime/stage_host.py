@@ -6,7 +6,10 @@ states cross stage boundaries over the agent's transport: stage i copies its out
 ``[N, hidden]`` into buffer ``pipe/<pipeline>/h<i+1>`` and sends that byte range to the next
 stage's buffer of the same name; stage i+1 waits for the arrival tagged with the step number.
 The last stage samples with the engine's pure sampler, so a request's tokens depend only on its
-token state, whichever nodes computed them. With ``FormStage.batch_invariant`` the stage runs
+token state, whichever nodes computed them. A pipeline keeps up to ``FormStage.slots`` steps
+(micro-batches of disjoint sequences) in flight so its stages work at once: each buffer has one
+region per slot, and a stage runs one step at a time (a lock, taken once the step's input is
+there), its emulated-device floor included. With ``FormStage.batch_invariant`` the stage runs
 the engine's batch-invariant numerics on one torch thread: hidden states cross stages in the
 stage dtype's bytes, so a pipeline's step is bitwise the one-stage step.
 
@@ -82,13 +85,16 @@ class StageHost:
         self.next_node = msg.next_node
         self.hidden = m.arch.hidden_size
         self.row_bytes = self.hidden * torch.empty((), dtype=self.dtype).element_size()
-        nbytes = msg.max_step_tokens * self.row_bytes
+        self.slots = msg.slots
+        self.slot_bytes = msg.max_step_tokens * self.row_bytes
+        nbytes = msg.slots * self.slot_bytes
         self.in_name = hidden_buffer(msg.pipeline, msg.index) if msg.index > 0 else None
         self.out_name = hidden_buffer(msg.pipeline, msg.index + 1) if msg.next_node is not None else None
         for name in (self.in_name, self.out_name):
             if name is not None:
                 agent.transport.register(name, nbytes)
         self.max_step_tokens = msg.max_step_tokens
+        self._busy = asyncio.Lock()  # one step at a time on this stage (its device)
         self.timer = None
         if msg.emulate_device:
             from lambdascale.runtime.emulation import StepTimer, parse_profile
@@ -96,36 +102,48 @@ class StageHost:
             self.timer = StepTimer.build(parse_profile(msg.emulate_device), layers[1] - layers[0], m.arch.num_hidden_layers)
 
     async def step(self, msg: "StageStep", hidden_ready: "asyncio.Future[None] | None") -> dict:
-        for sid in msg.release:
-            self.stage.release(sid)
-        if not msg.seqs:
-            return {"tokens": []}
+        """Run ``msg`` once its input is here (``hidden_ready`` is None for stage 0).
+
+        The stage's lock covers the compute and the emulated floor only: the hidden states of
+        step s travel to the next stage while this one computes step s+1.
+        """
+        if not 0 <= msg.slot < self.slots:
+            raise LambdaScaleError(f"step {msg.step} uses slot {msg.slot}; the stage has {self.slots}")
         batch = StageBatch(tuple(SeqSlice(sid, start, n) for sid, start, n in msg.seqs))
         n = batch.num_tokens
         if n > self.max_step_tokens:
             raise LambdaScaleError(f"step of {n} tokens exceeds the stage's max_step_tokens={self.max_step_tokens}")
-        if self.stage.first:
-            if msg.token_ids is None or len(msg.token_ids) != n:
-                raise LambdaScaleError(f"first stage needs {n} token ids, got {msg.token_ids and len(msg.token_ids)}")
-            x = torch.tensor(msg.token_ids, dtype=torch.long, device=self.device)  # [N]
-        else:
-            assert hidden_ready is not None and self.in_name is not None
+        base = msg.slot * self.slot_bytes
+        if hidden_ready is not None:
             await hidden_ready
-            raw = np.frombuffer(self.agent.transport.buffer(self.in_name), dtype=np.uint8)[: n * self.row_bytes]
-            x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden).to(self.device)  # [N, hidden]
-        t0 = asyncio.get_running_loop().time()
-        out = await asyncio.to_thread(self.stage.forward, batch, x)
-        if self.timer is not None:  # emulated accelerator: the step lasts at least its GPU time
-            floor = self.timer.floor_s(sum(s.length for s in batch.seqs if s.length > 1),
-                                       sum(1 for s in batch.seqs if s.length == 1))
-            rest = floor - (asyncio.get_running_loop().time() - t0)
-            if rest > 0:
-                await asyncio.sleep(rest)
+        async with self._busy:
+            for sid in msg.release:
+                self.stage.release(sid)
+            if not msg.seqs:
+                return {"tokens": []}
+            if self.stage.first:
+                if msg.token_ids is None or len(msg.token_ids) != n:
+                    raise LambdaScaleError(f"first stage needs {n} token ids, got {msg.token_ids and len(msg.token_ids)}")
+                x = torch.tensor(msg.token_ids, dtype=torch.long, device=self.device)  # [N]
+            else:
+                assert hidden_ready is not None and self.in_name is not None
+                raw = np.frombuffer(self.agent.transport.buffer(self.in_name), dtype=np.uint8)[base : base + n * self.row_bytes]
+                x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden).to(self.device)  # [N, hidden]
+            t0 = asyncio.get_running_loop().time()
+            out = await asyncio.to_thread(self.stage.forward, batch, x)
+            if self.timer is not None:  # emulated accelerator: the step lasts at least its GPU time
+                floor = self.timer.floor_s(sum(s.length for s in batch.seqs if s.length > 1),
+                                           sum(1 for s in batch.seqs if s.length == 1))
+                rest = floor - (asyncio.get_running_loop().time() - t0)
+                if rest > 0:
+                    await asyncio.sleep(rest)
+            if not self.stage.last:
+                flat = out.contiguous().cpu().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
         if not self.stage.last:
             assert self.out_name is not None and self.next_node is not None
-            flat = out.contiguous().cpu().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
-            np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[: flat.size] = flat
-            await self.agent.transport.send(self.next_node, self.out_name, 0, flat.size, hidden_tag(self.pipeline, msg.step, self.index + 1))
+            np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[base : base + flat.size] = flat
+            await self.agent.transport.send(self.next_node, self.out_name, base, flat.size,
+                                            hidden_tag(self.pipeline, msg.step, self.index + 1))
             return {}
         # last stage: out is logits [n_seqs, vocab]
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)

@@ -24,9 +24,9 @@ start, every waiting request ends with :class:`BackendUnavailableError` (the gat
 Requests leave the FIFO only through :meth:`ClusterBackend._dispatch`, the control plane's
 late-binding ``dispatch`` (same policy as the simulator). The memory manager's plans (evictions,
 background copy-backs to host and the node's SSD) are applied on the agents by :meth:`apply_memory`,
-and the snapshot's per-node tiers come from the agents' reports. One instance per node (one GPU slot). ``PipelineServer`` has
-no per-request abort, so :func:`_drop` removes a request through the same fields ``take`` uses (an
-adapter to replace when it gains one).
+and the snapshot's per-node tiers come from the agents' reports. One instance per node (one GPU slot). An aborted
+request leaves its instance through ``PipelineServer.drop`` (its KV is freed once no step of it is
+in flight).
 """
 
 from __future__ import annotations
@@ -129,12 +129,6 @@ class _Model:
 def _stage_dtype(config: LambdaScaleConfig) -> Any:
     """What the agents' stages compute in: ``engine.dtype``, where ``auto`` is float32 (CPU stages)."""
     return "float32" if config.engine.dtype == "auto" else config.engine.dtype
-
-
-def _drop(server: Any, rid: str) -> None:
-    """Remove one request from a PipelineServer and free its KV on the next step (see module doc)."""
-    if server.reqs.pop(rid, None) is not None:
-        server._release.append(rid)
 
 
 class ClusterBackend:
@@ -451,7 +445,8 @@ class ClusterBackend:
                                            self.config.engine.max_num_batched_tokens, self.config.runtime.pipeline_batch)
         pipe = RemotePipeline(self.cluster, m.manifest, placements, max_len=m.codec.context_length,
                               max_seqs=seqs, max_step_tokens=step_tokens, name=name,
-                              dtype=_stage_dtype(self.config), batch_invariant=self.config.engine.batch_invariant)
+                              dtype=_stage_dtype(self.config), batch_invariant=self.config.engine.batch_invariant,
+                              microbatches=self.config.runtime.pipeline_microbatches)
         try:
             await pipe.form()
         except LambdaScaleError as e:
@@ -471,6 +466,7 @@ class ClusterBackend:
         """End a pipeline between steps; its requests resume elsewhere from their token state."""
         async with inst.lock:
             inst.alive = False
+            await inst.server.drain(suppress=True)  # a failed step leaves its requests' state as it was
             moved = list(inst.server.take())
         if inst in m.instances:
             m.instances.remove(inst)
@@ -721,11 +717,12 @@ class ClusterBackend:
                 budget = inst.pipe.max_step_tokens
                 for rid, rq in list(srv.reqs.items()):
                     if len(rq.all_ids) - rq.computed > budget:
-                        _drop(srv, rid)
+                        srv.drop(rid)
                         if rid in self._reqs:
                             self._reqs[rid].events.put_nowait(InvalidRequestError(str(e)))
                 continue
             except LambdaScaleError as e:  # node lost, agent error: the instance is gone
+                await srv.drain(suppress=True)
                 self._lose(m, inst, e)
                 return
             srv.finished.clear()
@@ -860,7 +857,7 @@ class ClusterBackend:
                 m.queue.remove(request_id)
             for inst in m.instances:
                 if inst.server is not None:
-                    _drop(inst.server, request_id)
+                    inst.server.drop(request_id)
         self._reqs.pop(request_id, None)
 
     # ---- observation ------------------------------------------------------------------------

@@ -67,9 +67,10 @@ class _FakePipe:
     max_seqs: int = 4
     max_len: int = 512
     name: str = "fake"
+    slots: int = 1
     steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
 
-    async def step(self, seqs, token_ids, sample, release=()):
+    async def step(self, seqs, token_ids, sample, release=(), slot=0):
         assert len(token_ids) == sum(n for _, _, n in seqs) <= self.max_step_tokens
         self.steps.append(list(seqs))
         return [7] * len(seqs)

@@ -85,6 +85,45 @@ def test_three_stage_pipeline_then_dissolve_to_full_instance(tiny_model: Path, r
     run_async(main(), timeout=120)
 
 
+def test_micro_batches_in_flight_on_agents_then_dissolve(tiny_model: Path, reference) -> None:
+    """One step in flight per stage: hidden states of different steps use their own buffer slots
+    (a mix-up would change the tokens), node 0 runs two of the stages, and the requests still move
+    to a full instance mid-stream without a token lost or changed."""
+    from lambdascale.runtime.cluster import AgentRequestError
+    from lambdascale.runtime.messages import StageStep
+
+    async def main() -> None:
+        async with LocalCluster(4, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
+            manifest = read_manifest(tiny_model)
+            for n in range(4):
+                await lc.cluster.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
+            pipe = RemotePipeline(lc.cluster, manifest, [StagePlacement(0, (0, 3)), StagePlacement(1, (3, 5)),
+                                                         StagePlacement(0, (5, 6)), StagePlacement(2, (6, 8))],
+                                  microbatches=0)
+            assert pipe.slots == 4
+            await pipe.form()
+            with pytest.raises(AgentRequestError, match="step 0 uses slot 4; the stage has 4"):
+                await lc.cluster.request(0, StageStep(req=0, pipeline=pipe.name, index=0, step=0, seqs=[], slot=4))
+            streamed: dict[str, list[int]] = {r: [] for r in REQS}
+            srv = PipelineServer(pipe, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
+            for rid, st in REQS.items():
+                srv.add(rid, st)
+            await srv.run(max_steps=6)
+            assert srv.max_in_flight == len(REQS)  # one request per micro-batch, all three at once
+            assert any(streamed.values()) and not all(len(v) == len(reference[r]) for r, v in streamed.items())
+            moved = srv.take()
+            await pipe.dissolve()
+            full = RemotePipeline(lc.cluster, manifest, [StagePlacement(3, (0, 8))])
+            await full.form()
+            srv2 = PipelineServer(full, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
+            for rid, st in moved.items():
+                srv2.add(rid, st)
+            await srv2.run()
+            assert streamed == reference
+
+    run_async(main(), timeout=120)
+
+
 def test_stage_needs_its_blocks(tiny_model: Path) -> None:
     from lambdascale.runtime.cluster import AgentRequestError
     from lambdascale.runtime.multicast import prepare_receivers

@@ -327,6 +327,8 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             # when each instance (full or pipeline) started serving, and on which nodes
             "instance_started_s": dict(rep.instance_started_s),
             "instance_nodes": {k: list(v) for k, v in rep.instance_nodes.items()},
+            "instance_forming_s": dict(rep.instance_forming_s),
+            "ttft_s": dict(rep.ttft), "first_token_by": dict(rep.first_token_by),
         })
         _progress(f"{system}: TTFT p99 {rows[-1]['ttft_p99_s']:.2f} s, exact {rows[-1]['exact']}")
     return rows

@@ -18,7 +18,9 @@ queue; what differs is how the other nodes get the model and when they start ser
 Instances (full or pipeline) pull requests from the queue up to their batch and run continuous
 batching steps. A full instance takes ``max_seqs``; a pipeline takes what its members' KV memory
 holds (``runtime.pipeline_batch``, :func:`~lambdascale.runtime.pipeline.pipeline_batch`: twice
-``max_seqs`` for two equal stages) (:class:`~lambdascale.runtime.pipeline.PipelineServer`).
+``max_seqs`` for two equal stages) (:class:`~lambdascale.runtime.pipeline.PipelineServer`) and
+keeps one micro-batch in flight per stage (``runtime.pipeline_microbatches``). A dissolving
+pipeline first finishes the steps in flight, then ships or recomputes each request's KV.
 
 Faults: an instance whose member dies mid-step hands its requests' token states back to the
 head of the queue (no token of the failed step was delivered, so nothing is lost or repeated);
@@ -74,6 +76,8 @@ class ScaleOutReport:
     multicast: MulticastResult | None = None
     nodes_lost_s: dict[int, float] = field(default_factory=dict)  # node -> when its loss reached the planner
     instance_started_s: dict[str, float] = field(default_factory=dict)  # instance name -> when it began serving
+    instance_forming_s: dict[str, float] = field(default_factory=dict)  # instance name -> seconds its stages took to form
+    first_token_by: dict[str, str] = field(default_factory=dict)  # request -> instance that gave its first token
     tokens_by_instance: dict[str, int] = field(default_factory=dict)  # instance name -> tokens it produced
     instance_nodes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # instance name -> its stages' nodes
     kv_shipped: int = 0  # requests whose KV moved to their full instance on dissolution
@@ -160,7 +164,9 @@ async def serve_scale_out(
 
     def token_sink(name: str) -> Callable[[str, int], None]:
         def on_token(rid: str, tok: int) -> None:
-            rep.ttft.setdefault(rid, time.monotonic() - t0)
+            if rid not in rep.ttft:
+                rep.ttft[rid] = time.monotonic() - t0
+                rep.first_token_by[rid] = name
             rep.outputs.setdefault(rid, []).append(tok)
             rep.tokens_by_instance[name] = rep.tokens_by_instance.get(name, 0) + 1
         return on_token
@@ -210,7 +216,9 @@ async def serve_scale_out(
                               max_step_tokens=step_tokens, name=name, emulate_device=emulate_device,
                               device=device, dtype=dtype, batch_invariant=batch_invariant,
                               microbatches=rs.pipeline_microbatches)
+        forming = time.monotonic()
         await pipe.form()
+        rep.instance_forming_s[name] = time.monotonic() - forming
         inst = _Instance(name, PipelineServer(pipe, eos_token_ids, on_token=token_sink(name)), reserved=reserve)
         servers.append(inst.server)
         instances[name] = inst

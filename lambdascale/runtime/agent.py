@@ -27,6 +27,7 @@ import asyncio
 import ctypes
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -72,7 +73,10 @@ from lambdascale.runtime.messages import (
     write_msg,
 )
 from lambdascale.runtime.agent_memory import GB, AgentMemory, MemoryRefusedError, MemTier
+from lambdascale.runtime.arena import Arena
 from lambdascale.runtime.settings import RuntimeSettings
+
+log = logging.getLogger("lambdascale.agent")
 
 #: ``(chunk, PACE)`` in a ``SendChunks`` list waits until the chunk is held and sends nothing
 #: (the multicast executor paces a node's sends by its own receives; runtime.multicast.PACE).
@@ -116,6 +120,7 @@ class ModelState:
     manifest: Manifest
     held: set[int] = field(default_factory=set)
     events: dict[int, asyncio.Event] = field(default_factory=dict)
+    arena_offset: int | None = None  # where its stream buffer sits in the agent's arena, if there
 
     def event(self, chunk: int) -> asyncio.Event:
         ev = self.events.get(chunk)
@@ -168,6 +173,7 @@ class NodeAgent:
                                   int(runtime.agent_ssd_capacity_gb * GB))
         self._pipe_model: dict[str, str] = {}  # pipeline -> model of its stages here
         self._copy_tasks: set[asyncio.Task] = set()
+        self._arena: asyncio.Task[Arena] | None = None  # resident landing-zone memory (runtime.device_arena_gb)
 
     # ---- plumbing --------------------------------------------------------------------------
     async def _report(self, msg) -> None:
@@ -200,12 +206,32 @@ class NodeAgent:
         """
         if manifest.name in self.models:
             return self.models[manifest.name]
-        arr = await asyncio.to_thread(Transport.allocate, manifest.total_bytes)
+        arena = await self._arena_ready()
+        carved = arena.take(manifest.total_bytes) if arena is not None else None
+        if carved is not None:  # resident already: no page to touch
+            offset, arr = carved
+        else:
+            offset, arr = None, await asyncio.to_thread(Transport.allocate, manifest.total_bytes)
         if manifest.name in self.models:  # a concurrent request allocated it meanwhile
+            if offset is not None and arena is not None:
+                arena.give(offset)
             return self.models[manifest.name]
         self.transport.adopt(buffer_name(manifest.name), arr)
-        st = self.models[manifest.name] = ModelState(manifest)
+        st = self.models[manifest.name] = ModelState(manifest, arena_offset=offset)
         return st
+
+    async def _arena_ready(self) -> Arena | None:
+        """The landing-zone arena once resident; None without one, or when it could not be made
+        (then every model gets a fresh buffer, as without an arena)."""
+        if self._arena is None:
+            return None
+        try:
+            return await self._arena
+        except (MemoryError, ValueError) as e:
+            log.warning("node %d: no %.2f GB arena (%s); models get fresh buffers", self.node,
+                        self.runtime.device_arena_gb, e)
+            self._arena = None
+            return None
 
     # ---- handlers --------------------------------------------------------------------------
     async def _hold_model(self, msg: HoldModel) -> dict:
@@ -298,6 +324,8 @@ class NodeAgent:
         st = self.models.pop(model, None)
         if st is not None:
             self.transport.unregister(buffer_name(model))
+            if st.arena_offset is not None and self._arena is not None:
+                self._arena.result().give(st.arena_offset)
 
     def _evict(self, msg: EvictModel) -> dict:
         evicted, free = self.memory.evict(msg.model, MemTier(msg.tier), self._receiving(msg.model),
@@ -465,6 +493,10 @@ class NodeAgent:
                 },
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
+                # landing-zone arena (runtime.device_arena_gb): None without one (or not made yet)
+                "arena_free_bytes": (self._arena.result().free_list.free_bytes
+                                     if self._arena is not None and self._arena.done() and not self._arena.exception()
+                                     else None),
             }
         if isinstance(msg, DropModel):
             self.memory.forget(msg.model)
@@ -525,7 +557,8 @@ class NodeAgent:
             return {"peer": self.transport.info().model_dump(mode="json")}
         if isinstance(msg, Warmup):
             await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
-            return {}
+            arena = await self._arena_ready()  # resident before any scale-out is timed
+            return {"arena_bytes": arena.free_list.size if arena is not None else 0}
         if isinstance(msg, ExportKv):
             host = self._stage(msg.pipeline, msg.index)
             return await asyncio.to_thread(host.export_kv, msg.seqs, msg.buffer)
@@ -580,6 +613,8 @@ class NodeAgent:
             await self._report(Heartbeat(node=self.node))
 
     async def run(self) -> None:
+        if self.runtime.device_arena_gb > 0:  # made resident in a worker thread while we register
+            self._arena = asyncio.ensure_future(asyncio.to_thread(Arena, int(self.runtime.device_arena_gb * GB)))
         await self.transport.start()
         host, port = self.controller
         reader, writer = await asyncio.wait_for(

@@ -86,6 +86,7 @@ class ScaleBenchResult:
     stage_dtype: str = "float32"
     #: engine.batch_invariant on every stage and on the single-node reference (``--batch-invariant``)
     batch_invariant: bool = False
+    device_arena_gb: float = 0.0  # resident landing-zone memory per agent (runtime.device_arena_gb)
 
 
 def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
@@ -191,6 +192,8 @@ def format_table(r: ScaleBenchResult) -> str:
         ("model", f"{r.model} ({r.model_bytes / 2**20:.1f} MiB, {r.n_blocks} blocks, {r.n_chunks} chunks)"),
         ("cluster", f"{r.nodes} agents, {r.sources} source(s), transport {r.transport}"),
         ("caps", f"link {r.link_gbps or 'none'} Gbit/s, ssd {r.ssd_gbps or 'none'} Gbit/s"),
+        ("landing zones", f"resident arena of {r.device_arena_gb:.2f} GB per agent" if r.device_arena_gb
+         else "fresh buffers touched during the scale-out"),
         ("source load from SSD tier", f"{r.source_load_s * 1e3:.1f} ms"),
         ("multicast completion (capped)", f"{r.multicast_s * 1e3:.1f} ms"),
         ("bound (k-1+ceil(log2 n))/k x size/link", f"{r.bound_s * 1e3:.1f} ms" if r.bound_s else "n/a (no link cap)"),
@@ -387,7 +390,13 @@ def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir
     model_dir = resolve_model(args.model, models_dir, args.layers, cfg.store.n_blocks, cfg.store.chunks_per_block)
     m = read_manifest(model_dir)
     transfer = paced_transfer(transfer, m.total_bytes // m.n_chunks)
-    result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, cfg.runtime, Algo(args.algo)))
+    runtime = cfg.runtime
+    if getattr(args, "device_arena", False) and not runtime.device_arena_gb:  # room for one copy, page-aligned
+        from lambdascale.runtime.arena import ALIGN
+
+        runtime = runtime.model_copy(update={"device_arena_gb": (m.total_bytes + 2 * ALIGN) / 1e9})
+    result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, runtime, Algo(args.algo)))
+    result.device_arena_gb = runtime.device_arena_gb
     _progress(f"data plane done: multicast {result.multicast_s:.2f} s (x{result.vs_bound or 0:.2f} of bound)")
     if args.burst > 0:
         vocab = m.arch.vocab_size
@@ -403,11 +412,11 @@ def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir
             result.emulate_device = parse_profile(cfg.runtime.emulate_device).spec
         systems = args.systems.split(",")
         result.systems = asyncio.run(run_systems(
-            model_dir, args.nodes, args.sources, transfer, cfg.runtime, burst, ref, systems,
+            model_dir, args.nodes, args.sources, transfer, runtime, burst, ref, systems,
             max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv))
         if args.also_without_emulation and cfg.runtime.emulate_device:
             result.systems_without_emulation = asyncio.run(run_systems(
-                model_dir, args.nodes, args.sources, transfer, cfg.runtime.model_copy(update={"emulate_device": None}),
+                model_dir, args.nodes, args.sources, transfer, runtime.model_copy(update={"emulate_device": None}),
                 burst, ref, systems, max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv))
     if args.json:
         print(json.dumps(asdict(result), indent=2))

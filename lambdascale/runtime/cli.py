@@ -32,6 +32,10 @@ def register_bench(bench_subparsers: Any) -> None:
                    help="dtype stages and the single-node reference compute in (default: float32)")
     p.add_argument("--also-without-emulation", action="store_true",
                    help="with --emulate-device: rerun the same burst with emulation off, in the same run")
+    p.add_argument("--device-arena", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="every agent keeps resident memory for one copy of the model, as a GPU node's memory is "
+                        "(runtime.device_arena_gb = the model's size unless the config sets it); "
+                        "--no-device-arena makes and touches a fresh buffer during each scale-out (default: on)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_scale)
 

@@ -69,6 +69,11 @@ class RuntimeSettings(BaseModel):
         description="directory under which each agent keeps its SSD tier (<dir>/node<N>/<model>); None = no SSD tier",
     )
     agent_ssd_capacity_gb: float = Field(default=64.0, gt=0, le=1e6, description="SSD-tier capacity of each agent, GB")
+    device_arena_gb: float = Field(
+        default=0.0, ge=0, le=1e5,
+        description="resident memory (GB) each agent makes at start for model landing zones, as a GPU's "
+        "memory is: receiving a model then touches no fresh page (runtime.arena); 0 = a fresh buffer per model",
+    )
     emulate_device: str | None = Field(
         default=None,
         description="CALIBRATION:MODEL[:SCALE]: engine steps on agents last at least the calibrated GPU time "

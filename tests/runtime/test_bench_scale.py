@@ -32,6 +32,8 @@ def test_bench_scale_cli_json(tmp_path, capsys, monkeypatch) -> None:
     assert not list(scratch_root.glob("lambdascale-bench-*")), "the scratch import was left behind"
     out = json.loads(capsys.readouterr().out)
     assert out["nodes"] == 3 and out["transport"] == "tcp" and out["n_chunks"] == 16
+    # by default every agent keeps a resident landing zone for one copy of the model
+    assert out["model_bytes"] / 1e9 < out["device_arena_gb"] < out["model_bytes"] / 1e9 + 1e-4
     # the link cap is honoured: no faster than ~the bound (a 64 KiB bucket allows a little head start)
     assert out["vs_bound"] > 0.7
     assert len(out["multicast_receiver_gbps"]) == 2 and out["p2p_gbps"] > 0 and out["efficiency"] > 0
@@ -61,6 +63,10 @@ def test_bench_scale_two_sources_bf16_with_and_without_emulation(tmp_path, capsy
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["stage_dtype"] == "bfloat16" and out["emulate_device"] == "h200:llama2-7b:1"
+    for row in out["systems"]:  # the timeline the JSON carries: a first token per request, from a named instance
+        assert set(row["ttft_s"]) == set(row["first_token_by"]) and len(row["ttft_s"]) == 4
+        assert set(row["first_token_by"].values()) <= set(row["instance_started_s"])
+        assert set(row["instance_forming_s"]) == set(row["instance_started_s"])
     # the single-source multicast ran capped in the same run: near or above its (larger) bound
     assert out["single_source_bound_s"] > out["bound_s"] and out["single_source_vs_bound"] > 0.7
     # the replayed plan with real chunk sizes is never faster than the equal-chunk formula

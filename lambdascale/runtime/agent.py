@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,12 @@ class NodeAgent:
         self._send_tasks: dict[str, list[tuple[int, asyncio.Task]]] = {}
         self._cancelled_epoch: dict[str, int] = {}
         self.stages: dict[tuple[str, int], Any] = {}  # (pipeline, stage index) -> StageHost (torch imported lazily)
+        # the node's one accelerator: steps of all its stages and instances run one at a time, so
+        # two stages here (non-adjacent stages of a pipeline; a pipeline stage beside a new solo
+        # instance while it dissolves) never overlap their emulated device time
+        self.device_lock = asyncio.Lock()
+        #: (start, end, pipeline, stage) of the latest device steps, monotonic seconds (GetStatus)
+        self.device_steps: deque[tuple[float, float, str, int]] = deque(maxlen=512)
         self._hidden: dict[str, asyncio.Future[None]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
@@ -491,6 +498,7 @@ class NodeAgent:
                     n: [xxhash.xxh64(self.block_view(n, b.index)).hexdigest() for b in s.manifest.blocks]
                     for n, s in self.models.items()
                 },
+                "device_steps": list(self.device_steps),
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
                 # landing-zone arena (runtime.device_arena_gb): None without one (or not made yet)

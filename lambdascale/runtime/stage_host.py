@@ -8,8 +8,9 @@ stage's buffer of the same name; stage i+1 waits for the arrival tagged with the
 The last stage samples with the engine's pure sampler, so a request's tokens depend only on its
 token state, whichever nodes computed them. A pipeline keeps up to ``FormStage.slots`` steps
 (micro-batches of disjoint sequences) in flight so its stages work at once: each buffer has one
-region per slot, and a stage runs one step at a time (a lock, taken once the step's input is
-there), its emulated-device floor included. With ``FormStage.batch_invariant`` the stage runs
+region per slot, and a node's device runs one step at a time, of whichever stage or instance it
+hosts (the agent's ``device_lock``, taken once the step's input is there), its emulated-device
+floor included. With ``FormStage.batch_invariant`` the stage runs
 the engine's batch-invariant numerics on one torch thread: hidden states cross stages in the
 stage dtype's bytes, so a pipeline's step is bitwise the one-stage step.
 
@@ -19,6 +20,7 @@ torch is imported here, not by the agent module, so agents that only move bytes 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -94,7 +96,7 @@ class StageHost:
             if name is not None:
                 agent.transport.register(name, nbytes)
         self.max_step_tokens = msg.max_step_tokens
-        self._busy = asyncio.Lock()  # one step at a time on this stage (its device)
+        self._busy = agent.device_lock  # one step at a time on this node's device, whichever stage
         self.timer = None
         if msg.emulate_device:
             from lambdascale.runtime.emulation import StepTimer, parse_profile
@@ -130,6 +132,7 @@ class StageHost:
                 raw = np.frombuffer(self.agent.transport.buffer(self.in_name), dtype=np.uint8)[base : base + n * self.row_bytes]
                 x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden).to(self.device)  # [N, hidden]
             t0 = asyncio.get_running_loop().time()
+            busy_from = time.monotonic()
             out = await asyncio.to_thread(self.stage.forward, batch, x)
             if self.timer is not None:  # emulated accelerator: the step lasts at least its GPU time
                 floor = self.timer.floor_s(sum(s.length for s in batch.seqs if s.length > 1),
@@ -139,6 +142,7 @@ class StageHost:
                     await asyncio.sleep(rest)
             if not self.stage.last:
                 flat = out.contiguous().cpu().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
+            self.agent.device_steps.append((busy_from, time.monotonic(), self.pipeline, self.index))
         if not self.stage.last:
             assert self.out_name is not None and self.next_node is not None
             np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[base : base + flat.size] = flat

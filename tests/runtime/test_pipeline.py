@@ -124,6 +124,35 @@ def test_micro_batches_in_flight_on_agents_then_dissolve(tiny_model: Path, refer
     run_async(main(), timeout=120)
 
 
+def test_a_node_runs_one_step_at_a_time_across_its_stages(tiny_model: Path, reference) -> None:
+    """Node 0 hosts stages 0 and 2 of a pipeline with three micro-batches in flight, under an
+    emulated device whose steps last long enough to overlap: its device steps never overlap
+    (one accelerator per node), and the tokens are still the single-node run's."""
+    from lambdascale.runtime.messages import GetStatus
+
+    async def main() -> None:
+        async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
+            manifest = read_manifest(tiny_model)
+            for n in range(2):
+                await lc.cluster.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
+            pipe = RemotePipeline(lc.cluster, manifest, [StagePlacement(0, (0, 3)), StagePlacement(1, (3, 5)),
+                                                         StagePlacement(0, (5, 8))],
+                                  microbatches=0, emulate_device="h200:llama2-7b:20")
+            await pipe.form()
+            streamed: dict[str, list[int]] = {r: [] for r in REQS}
+            srv = PipelineServer(pipe, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
+            for rid, st in REQS.items():
+                srv.add(rid, st)
+            await srv.run()
+            assert streamed == reference and srv.max_in_flight == 3
+            steps = sorted((a, b, i) for a, b, p, i in (await lc.cluster.request(0, GetStatus(req=0)))["device_steps"]
+                           if p == pipe.name)
+            assert {i for _, _, i in steps} == {0, 2}
+            assert all(b1 <= a2 for (_, b1, _), (a2, _, _) in zip(steps, steps[1:])), "two device steps overlapped"
+
+    run_async(main(), timeout=120)
+
+
 def test_stage_needs_its_blocks(tiny_model: Path) -> None:
     from lambdascale.runtime.cluster import AgentRequestError
     from lambdascale.runtime.multicast import prepare_receivers

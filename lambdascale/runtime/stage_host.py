@@ -147,7 +147,7 @@ class StageHost:
             assert self.out_name is not None and self.next_node is not None
             np.frombuffer(self.agent.transport.buffer(self.out_name), dtype=np.uint8)[base : base + flat.size] = flat
             await self.agent.transport.send(self.next_node, self.out_name, base, flat.size,
-                                            hidden_tag(self.pipeline, msg.step, self.index + 1))
+                                            hidden_tag(self.pipeline, msg.step, self.index + 1), urgent=True)
             return {}
         # last stage: out is logits [n_seqs, vocab]
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)

@@ -193,10 +193,13 @@ class Transport(ABC):
         """How peers reach this agent, including the current buffers."""
 
     @abstractmethod
-    async def send(self, peer: int, name: str, offset: int, length: int, tag: str) -> None:
+    async def send(self, peer: int, name: str, offset: int, length: int, tag: str, urgent: bool = False) -> None:
         """Copy ``[offset, offset+length)`` of local buffer ``name`` into the peer's buffer ``name``.
 
-        Returns when the peer holds the bytes; raises ``TransferError`` on any failure.
+        Returns when the peer holds the bytes; raises ``TransferError`` on any failure. ``urgent``:
+        a small, latency-bound transfer (a pipeline's hidden states) that must not wait behind a
+        bulk transfer to the same peer (tcp sends it on a second connection; it still counts
+        against the link cap).
         """
 
     @abstractmethod

@@ -63,8 +63,10 @@ class TcpTransport(Transport):
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._conn_tasks: set[asyncio.Task] = set()
-        self._out: dict[int, socket.socket] = {}
-        self._out_locks: dict[int, asyncio.Lock] = {}
+        # outgoing connections by (peer, lane): lane 0 carries bulk sends and fetches, lane 1
+        # urgent sends, so a pipeline's hidden states never queue behind a chunk to the same peer
+        self._out: dict[tuple[int, int], socket.socket] = {}
+        self._out_locks: dict[tuple[int, int], asyncio.Lock] = {}
         self._closed = False
 
     async def start(self) -> None:
@@ -174,9 +176,9 @@ class TcpTransport(Transport):
         loop = asyncio.get_running_loop()
         stall = self.settings.stall_timeout_s
         where = f"node {self.node} <- node {peer} ({info.host}:{info.port}), buffer {name!r}"
-        lock = self._out_locks.setdefault(peer, asyncio.Lock())
+        lock = self._out_locks.setdefault((peer, 0), asyncio.Lock())
         async with lock:
-            sock = await self._out_sock(peer, info)
+            sock = await self._out_sock(peer, info, 0)
             try:
                 nb = name.encode()
                 await asyncio.wait_for(loop.sock_sendall(sock, _HEADER.pack(_MAGIC_GET, self.node, offset, length, len(nb), 0) + nb), stall)
@@ -190,28 +192,28 @@ class TcpTransport(Transport):
             except TransferError:
                 raise
             except asyncio.TimeoutError:
-                self._drop_out(peer, sock)
+                self._drop_out(peer, sock, 0)
                 raise TransferError(f"{where}: peer stalled, no progress for {stall}s (transfer.stall_timeout_s)") from None
             except (ConnectionError, OSError) as e:
-                self._drop_out(peer, sock)
+                self._drop_out(peer, sock, 0)
                 raise TransferError(f"{where}: connection lost: {e}") from None
             except BaseException:
-                self._drop_out(peer, sock)
+                self._drop_out(peer, sock, 0)
                 raise
         self.bytes_received += length
 
     # ---- sending ---------------------------------------------------------------------------
-    async def _out_sock(self, peer: int, info: PeerInfo) -> socket.socket:
-        """The outgoing connection to ``peer`` (sends and fetches share it), opened on first use.
-        The caller holds the peer's lock in ``_out_locks``."""
-        sock = self._out.get(peer)
+    async def _out_sock(self, peer: int, info: PeerInfo, lane: int) -> socket.socket:
+        """The outgoing connection to ``peer`` on ``lane`` (0: sends and fetches; 1: urgent sends),
+        opened on first use. The caller holds that lane's lock in ``_out_locks``."""
+        sock = self._out.get((peer, lane))
         if sock is None:
-            sock = self._out[peer] = await self._connect(info)
+            sock = self._out[(peer, lane)] = await self._connect(info)
         return sock
 
-    def _drop_out(self, peer: int, sock: socket.socket) -> None:
+    def _drop_out(self, peer: int, sock: socket.socket, lane: int) -> None:
         """Forget and close a connection that failed mid-transfer; the next use reconnects."""
-        self._out.pop(peer, None)
+        self._out.pop((peer, lane), None)
         sock.close()
 
     async def _connect(self, peer: PeerInfo) -> socket.socket:
@@ -235,19 +237,20 @@ class TcpTransport(Transport):
             ) from None
         return sock
 
-    async def send(self, peer: int, name: str, offset: int, length: int, tag: str) -> None:
+    async def send(self, peer: int, name: str, offset: int, length: int, tag: str, urgent: bool = False) -> None:
         if self._closed:
             raise TransferError(f"transport of node {self.node} is closed")
         info = self._peer(peer)
         src_view = self.buffer(name)
         self._check_range(name, offset, length, len(src_view), f"sender node {self.node}")
-        lock = self._out_locks.setdefault(peer, asyncio.Lock())
+        lane = 1 if urgent else 0
+        lock = self._out_locks.setdefault((peer, lane), asyncio.Lock())
         async with lock:
-            sock = await self._out_sock(peer, info)
+            sock = await self._out_sock(peer, info, lane)
             try:
                 await self._send_on(sock, info, src_view, name, offset, length, tag)
             except BaseException:
-                self._drop_out(peer, sock)
+                self._drop_out(peer, sock, lane)
                 raise
         self.bytes_sent += length
 

@@ -297,3 +297,31 @@ def test_one_token_bucket_serves_store_and_transport() -> None:
     assert t.send_bucket.rate == pytest.approx(1e9)  # 8 Gbit/s = 1e9 bytes/s
     with pytest.raises(ValueError, match="negative"):
         t.send_bucket.reserve(-1)
+
+
+
+def test_tcp_urgent_send_does_not_wait_behind_a_bulk_send() -> None:
+    """A pipeline's hidden states (``urgent``) to a peer that is receiving a chunk from us land
+    before the chunk does: tcp gives them their own connection, and the link cap's bucket
+    interleaves them with the chunk's slices. On the bulk lane they would queue behind all of it."""
+
+    async def main() -> None:
+        settings = TransferSettings(link_gbps=0.064, io_slice_bytes=64 << 10, bucket_burst_bytes=64 << 10)  # 8 MB/s
+        a, b = await _pair("tcp", settings, size=4 << 20)
+        a.register("h", 4096)
+        b.register("h", 4096)
+        try:
+            bulk = asyncio.ensure_future(a.send(1, "blk0", 0, 4 << 20, "chunk"))  # ~0.5 s at the cap
+            await asyncio.sleep(0)  # a yield: the bulk send now holds the bulk lane
+            await a.send(1, "h", 0, 4096, "hidden", urgent=True)
+            assert not bulk.done()
+            first = await b.arrivals.get()
+            await bulk
+            second = await b.arrivals.get()
+            assert (first.tag, second.tag) == ("hidden", "chunk")
+            assert (first.name, first.length) == ("h", 4096)
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main())

@@ -75,6 +75,7 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.agent_memory import GB, AgentMemory, MemoryRefusedError, MemTier
 from lambdascale.runtime.arena import Arena
+from lambdascale.store.pool import Allocation
 from lambdascale.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("lambdascale.agent")
@@ -121,7 +122,7 @@ class ModelState:
     manifest: Manifest
     held: set[int] = field(default_factory=set)
     events: dict[int, asyncio.Event] = field(default_factory=dict)
-    arena_offset: int | None = None  # where its stream buffer sits in the agent's arena, if there
+    arena_range: Allocation | None = None  # its stream buffer's range of the agent's arena, if there
 
     def event(self, chunk: int) -> asyncio.Event:
         ev = self.events.get(chunk)
@@ -216,15 +217,15 @@ class NodeAgent:
         arena = await self._arena_ready()
         carved = arena.take(manifest.total_bytes) if arena is not None else None
         if carved is not None:  # resident already: no page to touch
-            offset, arr = carved
+            rng, arr = carved
         else:
-            offset, arr = None, await asyncio.to_thread(Transport.allocate, manifest.total_bytes)
+            rng, arr = None, await asyncio.to_thread(Transport.allocate, manifest.total_bytes)
         if manifest.name in self.models:  # a concurrent request allocated it meanwhile
-            if offset is not None and arena is not None:
-                arena.give(offset)
+            if rng is not None and arena is not None:
+                arena.give(rng)
             return self.models[manifest.name]
         self.transport.adopt(buffer_name(manifest.name), arr)
-        st = self.models[manifest.name] = ModelState(manifest, arena_offset=offset)
+        st = self.models[manifest.name] = ModelState(manifest, arena_range=rng)
         return st
 
     async def _arena_ready(self) -> Arena | None:
@@ -331,8 +332,8 @@ class NodeAgent:
         st = self.models.pop(model, None)
         if st is not None:
             self.transport.unregister(buffer_name(model))
-            if st.arena_offset is not None and self._arena is not None:
-                self._arena.result().give(st.arena_offset)
+            if st.arena_range is not None and self._arena is not None:
+                self._arena.result().give(st.arena_range)
 
     def _evict(self, msg: EvictModel) -> dict:
         evicted, free = self.memory.evict(msg.model, MemTier(msg.tier), self._receiving(msg.model),
@@ -502,7 +503,7 @@ class NodeAgent:
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
                 # landing-zone arena (runtime.device_arena_gb): None without one (or not made yet)
-                "arena_free_bytes": (self._arena.result().free_list.free_bytes
+                "arena_free_bytes": (self._arena.result().free_bytes
                                      if self._arena is not None and self._arena.done() and not self._arena.exception()
                                      else None),
             }
@@ -566,7 +567,7 @@ class NodeAgent:
         if isinstance(msg, Warmup):
             await asyncio.to_thread(importlib.import_module, "lambdascale.runtime.stage_host")
             arena = await self._arena_ready()  # resident before any scale-out is timed
-            return {"arena_bytes": arena.free_list.size if arena is not None else 0}
+            return {"arena_bytes": arena.size if arena is not None else 0}
         if isinstance(msg, ExportKv):
             host = self._stage(msg.pipeline, msg.index)
             return await asyncio.to_thread(host.export_kv, msg.seqs, msg.buffer)

@@ -1,15 +1,12 @@
-"""The landing-zone arena: the pure free list, and agents carving model buffers from it."""
+"""The landing-zone arena (the store's range allocator over resident memory), and agents carving
+model buffers from it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from lambdascale.model.manifest import read_manifest
-from lambdascale.runtime.arena import Arena, FreeList
+from lambdascale.runtime.arena import Arena
 from lambdascale.runtime.launcher import LocalCluster
 from lambdascale.runtime.messages import DropModel, GetStatus, HoldModel, Warmup
 from lambdascale.runtime.multicast import prepare_receivers, run_multicast
@@ -17,60 +14,18 @@ from lambdascale.runtime.settings import RuntimeSettings
 from tests.runtime.conftest import run_async
 
 
-def _check(fl: FreeList) -> None:
-    ranges = sorted(list(fl.used.items()) + fl._free)
-    pos = 0
-    for off, n in ranges:  # used and free ranges tile [0, usable) exactly, aligned
-        assert off == pos and n > 0 and off % fl.align == 0 and n % fl.align == 0
-        pos += n
-    assert pos == fl.size - fl.size % fl.align
-    free = fl._free
-    assert all(a[0] + a[1] < b[0] for a, b in zip(free, free[1:]))  # coalesced: no two free ranges touch
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9000)), max_size=60))
-def test_free_list_tiles_and_coalesces(ops: list[tuple[bool, int]]) -> None:
-    fl = FreeList(40_000, align=1024)
-    held: list[int] = []
-    for give, n in ops:
-        if give and held:
-            fl.give(held.pop(n % len(held)))
-        else:
-            before = fl.free_bytes
-            off = fl.take(n)
-            if off is None:  # first fit failed: no free range is long enough
-                assert all(length < -(-n // 1024) * 1024 for _, length in fl._free)
-            else:
-                held.append(off)
-                assert fl.free_bytes == before - -(-n // 1024) * 1024
-        _check(fl)
-    for off in held:
-        fl.give(off)
-    assert fl._free == [(0, 39_936)] and not fl.used
-
-
-def test_free_list_rejects_bad_calls() -> None:
-    fl = FreeList(8192, align=4096)
-    with pytest.raises(ValueError, match="must be > 0 bytes"):
-        fl.take(0)
-    off = fl.take(1)
-    assert off == 0 and fl.take(4097) is None and fl.take(4096) == 4096
-    with pytest.raises(ValueError, match="not an allocated range"):
-        fl.give(123)
-
-
 def test_arena_hands_out_views_of_its_memory() -> None:
     a = Arena(3 * 4096)
     got = a.take(5000)
     assert got is not None
-    off, view = got
+    rng, view = got
+    off = rng.offset
     assert len(view) == 5000 and view.base is not None
     view[:] = 7
     assert (a.memory[off:off + 5000] == 7).all() and a.memory[off + 5000:].sum() == 0
     assert a.take(8192) is None  # 5000 rounds up to two pages: one page left
-    a.give(off)
-    assert a.take(3 * 4096) is not None
+    a.give(rng)
+    assert a.free_bytes == a.size == 3 * 4096 and a.take(3 * 4096) is not None
 
 
 def test_agents_carve_models_from_the_arena_and_give_them_back(tiny_model: Path) -> None:

@@ -55,22 +55,49 @@ def test_placements_must_tile_blocks_without_adjacent_repeats() -> None:
     check_placements([StagePlacement(0, (0, 2)), StagePlacement(1, (2, 5)), StagePlacement(0, (5, 8))], 8)
 
 
-def test_three_stage_pipeline_then_dissolve_to_full_instance(tiny_model: Path, reference) -> None:
+#: node 0 runs two non-adjacent stages, as the planner may ask with several sources
+FOUR_STAGES = [StagePlacement(0, (0, 3)), StagePlacement(1, (3, 5)), StagePlacement(0, (5, 6)), StagePlacement(2, (6, 8))]
+
+
+async def _hold(lc: LocalCluster, model_dir: Path, nodes: range) -> None:
+    for n in nodes:
+        await lc.cluster.request(n, HoldModel(req=0, model_dir=str(model_dir)))
+
+
+def _serve(pipe: RemotePipeline, model_dir: Path, streamed: dict[str, list[int]]) -> PipelineServer:
+    """A server on ``pipe`` holding every request of REQS, streaming into ``streamed``."""
+    srv = PipelineServer(pipe, eos(model_dir), on_token=lambda r, t: streamed[r].append(t))
+    for rid, st in REQS.items():
+        srv.add(rid, st)
+    return srv
+
+
+@pytest.mark.parametrize("microbatches", [1, 0], ids=["one-step-at-a-time", "micro-batches"])
+def test_four_stage_pipeline_then_dissolve_to_full_instance(tiny_model: Path, reference, microbatches: int) -> None:
+    """Requests move from a pipeline to a full instance mid-stream, no token lost, repeated or
+    changed. With micro-batches (one step in flight per stage) the hidden states of different
+    steps use their own buffer slots: a mix-up would change the tokens."""
+    from lambdascale.runtime.cluster import AgentRequestError
+    from lambdascale.runtime.messages import StageStep
+
     async def main() -> None:
         async with LocalCluster(4, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
             manifest = read_manifest(tiny_model)
-            for n in range(4):
-                await lc.cluster.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
-            # node 0 runs two non-adjacent stages, as the planner may ask with several sources
-            pipe = RemotePipeline(lc.cluster, manifest, [StagePlacement(0, (0, 3)), StagePlacement(1, (3, 5)),
-                                                         StagePlacement(0, (5, 6)), StagePlacement(2, (6, 8))])
+            await _hold(lc, tiny_model, range(4))
+            pipe = RemotePipeline(lc.cluster, manifest, FOUR_STAGES, microbatches=microbatches)
             await pipe.form()
+            if microbatches == 0:
+                assert pipe.slots == 4
+                with pytest.raises(AgentRequestError, match="step 0 uses slot 4; the stage has 4"):
+                    await lc.cluster.request(0, StageStep(req=0, pipeline=pipe.name, index=0, step=0, seqs=[], slot=4))
             streamed: dict[str, list[int]] = {r: [] for r in REQS}
-            srv = PipelineServer(pipe, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
-            for rid, st in REQS.items():
-                srv.add(rid, st)
-            await srv.run(max_steps=3)  # prefill + 2 decodes on the pipeline
-            assert all(len(v) == 3 for v in streamed.values())
+            srv = _serve(pipe, tiny_model, streamed)
+            await srv.run(max_steps=3)
+            if microbatches == 1:  # prefill + 2 decodes, all requests in each step
+                assert all(len(v) == 3 for v in streamed.values())
+            else:  # one request per micro-batch, all three in flight at once
+                assert srv.max_in_flight == len(REQS)
+                assert any(streamed.values()) and not all(len(v) == len(reference[r]) for r, v in streamed.items())
             moved = srv.take()  # dissolve: token state moves, KV is recomputed on the full instance
             await pipe.dissolve()
             full = RemotePipeline(lc.cluster, manifest, [StagePlacement(3, (0, 8))])
@@ -79,47 +106,8 @@ def test_three_stage_pipeline_then_dissolve_to_full_instance(tiny_model: Path, r
             for rid, st in moved.items():
                 srv2.add(rid, st)
             await srv2.run()
-            assert streamed == reference  # no token lost, repeated or changed
-            assert srv2.finished == reference
-
-    run_async(main(), timeout=120)
-
-
-def test_micro_batches_in_flight_on_agents_then_dissolve(tiny_model: Path, reference) -> None:
-    """One step in flight per stage: hidden states of different steps use their own buffer slots
-    (a mix-up would change the tokens), node 0 runs two of the stages, and the requests still move
-    to a full instance mid-stream without a token lost or changed."""
-    from lambdascale.runtime.cluster import AgentRequestError
-    from lambdascale.runtime.messages import StageStep
-
-    async def main() -> None:
-        async with LocalCluster(4, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
-            manifest = read_manifest(tiny_model)
-            for n in range(4):
-                await lc.cluster.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
-            pipe = RemotePipeline(lc.cluster, manifest, [StagePlacement(0, (0, 3)), StagePlacement(1, (3, 5)),
-                                                         StagePlacement(0, (5, 6)), StagePlacement(2, (6, 8))],
-                                  microbatches=0)
-            assert pipe.slots == 4
-            await pipe.form()
-            with pytest.raises(AgentRequestError, match="step 0 uses slot 4; the stage has 4"):
-                await lc.cluster.request(0, StageStep(req=0, pipeline=pipe.name, index=0, step=0, seqs=[], slot=4))
-            streamed: dict[str, list[int]] = {r: [] for r in REQS}
-            srv = PipelineServer(pipe, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
-            for rid, st in REQS.items():
-                srv.add(rid, st)
-            await srv.run(max_steps=6)
-            assert srv.max_in_flight == len(REQS)  # one request per micro-batch, all three at once
-            assert any(streamed.values()) and not all(len(v) == len(reference[r]) for r, v in streamed.items())
-            moved = srv.take()
-            await pipe.dissolve()
-            full = RemotePipeline(lc.cluster, manifest, [StagePlacement(3, (0, 8))])
-            await full.form()
-            srv2 = PipelineServer(full, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
-            for rid, st in moved.items():
-                srv2.add(rid, st)
-            await srv2.run()
             assert streamed == reference
+            assert srv2.finished == reference
 
     run_async(main(), timeout=120)
 
@@ -132,17 +120,13 @@ def test_a_node_runs_one_step_at_a_time_across_its_stages(tiny_model: Path, refe
 
     async def main() -> None:
         async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
-            manifest = read_manifest(tiny_model)
-            for n in range(2):
-                await lc.cluster.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
-            pipe = RemotePipeline(lc.cluster, manifest, [StagePlacement(0, (0, 3)), StagePlacement(1, (3, 5)),
-                                                         StagePlacement(0, (5, 8))],
+            await _hold(lc, tiny_model, range(2))
+            pipe = RemotePipeline(lc.cluster, read_manifest(tiny_model), [StagePlacement(0, (0, 3)),
+                                  StagePlacement(1, (3, 5)), StagePlacement(0, (5, 8))],
                                   microbatches=0, emulate_device="h200:llama2-7b:20")
             await pipe.form()
             streamed: dict[str, list[int]] = {r: [] for r in REQS}
-            srv = PipelineServer(pipe, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
-            for rid, st in REQS.items():
-                srv.add(rid, st)
+            srv = _serve(pipe, tiny_model, streamed)
             await srv.run()
             assert streamed == reference and srv.max_in_flight == 3
             steps = sorted((a, b, i) for a, b, p, i in (await lc.cluster.request(0, GetStatus(req=0)))["device_steps"]

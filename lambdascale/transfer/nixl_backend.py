@@ -123,20 +123,35 @@ class NixlTransport(Transport):
         return info, rbuf
 
     async def send(self, peer: int, name: str, offset: int, length: int, tag: str, urgent: bool = False) -> None:
-        # UCX runs concurrent transfers side by side: nothing to do for ``urgent`` here
+        """One-sided WRITE(s) into the peer's buffer; the last carries the notification.
+
+        Uncapped, one WRITE moves the whole range. Under a link cap the range goes in
+        ``io_slice_bytes`` WRITEs, each after its grant from the send bucket, so other sends
+        (``urgent`` hidden states among them; UCX runs transfers side by side) wait for one
+        slice's debt, not a whole chunk's.
+        """
         info, rbuf = self._ranges(peer, name, offset, length, f"sender node {self.node}", "->", f"receiver node {peer}")
         where = f"node {self.node} -> node {peer} (nixl {info.agent_name}), tag {tag!r}"
-        await self.send_bucket.acquire_async(length)
-        local_addr = self._buffers[name].ctypes.data + offset
         notif = json.dumps({"tag": tag, "name": name, "offset": offset, "length": length, "src": self.node}).encode()
-        try:
-            ldesc = self._agent.get_xfer_descs([(local_addr, length, 0)], "DRAM")
-            rdesc = self._agent.get_xfer_descs([(rbuf.addr + offset, length, 0)], "DRAM")
-            handle = self._agent.initialize_xfer("WRITE", ldesc, rdesc, self._remote_name[peer], notif)
-            self._agent.transfer(handle)
-        except Exception as e:
-            raise TransferError(f"{where}: cannot start transfer: {e}") from None
-        await self._wait_done(handle, where)
+        step = self.settings.io_slice_bytes if self.send_bucket.rate is not None else length
+        pos = 0
+        while True:
+            n = min(step, length - pos)
+            await self.send_bucket.acquire_async(n)
+            last = pos + n >= length
+            local_addr = self._buffers[name].ctypes.data + offset + pos
+            try:
+                ldesc = self._agent.get_xfer_descs([(local_addr, n, 0)], "DRAM")
+                rdesc = self._agent.get_xfer_descs([(rbuf.addr + offset + pos, n, 0)], "DRAM")
+                handle = self._agent.initialize_xfer("WRITE", ldesc, rdesc, self._remote_name[peer],
+                                                     notif if last else b"")
+                self._agent.transfer(handle)
+            except Exception as e:
+                raise TransferError(f"{where}: cannot start transfer: {e}") from None
+            await self._wait_done(handle, where)
+            pos += n
+            if last:
+                break
         self.bytes_sent += length
 
     async def fetch(self, peer: int, name: str, offset: int, length: int) -> None:

@@ -300,16 +300,20 @@ def test_one_token_bucket_serves_store_and_transport() -> None:
 
 
 
-def test_tcp_urgent_send_does_not_wait_behind_a_bulk_send() -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_urgent_send_does_not_wait_behind_a_bulk_send(kind: str) -> None:
     """A pipeline's hidden states (``urgent``) to a peer that is receiving a chunk from us land
-    before the chunk does: tcp gives them their own connection, and the link cap's bucket
-    interleaves them with the chunk's slices. On the bulk lane they would queue behind all of it."""
+    before the chunk does, under a link cap: tcp gives them their own connection and nixl runs
+    them beside the chunk's WRITEs, and the cap's bucket interleaves them with the chunk's slices
+    (nixl too: a capped send goes in slices, so the bucket's debt is one slice, not the chunk)."""
 
     async def main() -> None:
         settings = TransferSettings(link_gbps=0.064, io_slice_bytes=64 << 10, bucket_burst_bytes=64 << 10)  # 8 MB/s
-        a, b = await _pair("tcp", settings, size=4 << 20)
+        a, b = await _pair(kind, settings, size=4 << 20)
         a.register("h", 4096)
         b.register("h", 4096)
+        a.add_peer(b.info())  # one-sided backends learn the new buffer's address
+        b.add_peer(a.info())
         try:
             bulk = asyncio.ensure_future(a.send(1, "blk0", 0, 4 << 20, "chunk"))  # ~0.5 s at the cap
             await asyncio.sleep(0)  # a yield: the bulk send now holds the bulk lane

@@ -105,11 +105,16 @@ def pipeline_batch(
     return seqs, max_step_tokens + (seqs - max_seqs)
 
 
+#: most steps a pipeline keeps in flight (``FormStage.slots``' limit)
+MAX_SLOTS = 64
+
+
 def microbatch_slots(n_stages: int, microbatches: int) -> int:
-    """Steps a pipeline of ``n_stages`` keeps in flight: ``microbatches``, or one per stage when 0."""
+    """Steps a pipeline of ``n_stages`` keeps in flight: ``microbatches``, or one per stage when 0
+    (at most :data:`MAX_SLOTS`)."""
     if microbatches < 0:
         raise ValueError(f"microbatches must be >= 0 (0: one per stage), got {microbatches}")
-    return max(1, microbatches or n_stages)
+    return min(MAX_SLOTS, max(1, microbatches or n_stages))
 
 
 class RemotePipeline:

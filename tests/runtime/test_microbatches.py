@@ -81,6 +81,7 @@ def test_slots_default_to_one_per_stage() -> None:
     assert microbatch_slots(4, 0) == 4
     assert microbatch_slots(1, 0) == 1
     assert microbatch_slots(4, 2) == 2
+    assert microbatch_slots(100, 0) == 64  # FormStage.slots' limit
     with pytest.raises(ValueError, match="microbatches must be >= 0"):
         microbatch_slots(4, -1)
 

@@ -106,8 +106,8 @@ class StageHost:
     async def step(self, msg: "StageStep", hidden_ready: "asyncio.Future[None] | None") -> dict:
         """Run ``msg`` once its input is here (``hidden_ready`` is None for stage 0).
 
-        The stage's lock covers the compute and the emulated floor only: the hidden states of
-        step s travel to the next stage while this one computes step s+1.
+        The node's device lock covers the compute and the emulated floor only: the hidden states
+        of step s travel to the next stage while this node computes step s+1.
         """
         if not 0 <= msg.slot < self.slots:
             raise LambdaScaleError(f"step {msg.step} uses slot {msg.slot}; the stage has {self.slots}")

@@ -138,9 +138,7 @@ def _header_from_specs(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]])
     pos = 0
     codes = {v: k for k, v in _ST_DTYPES.items()}
     for name, (dtype, shape) in specs.items():
-        n = torch.empty((), dtype=dtype).element_size()
-        for d in shape:
-            n *= d
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -411,13 +409,11 @@ class Checkpoint:
             for c in m.chunks_of_block(b):
                 ch = m.chunk(c)
                 h = xxhash.xxh64()
-                for bb in m.blocks_of_chunk(c):
+                for bb, off, ln in m.chunk_parts(c):
                     if bb != b and not verify:
                         continue
-                    nb = m.blocks[bb]
-                    s, e = max(ch.offset, nb.offset), min(ch.end, nb.end)
-                    view = out[s - nb.offset : e - nb.offset] if bb == b else memoryview(bytearray(e - s))
-                    read_exact_into(self._open(bb, fds, check_size=False), view, s - nb.offset, str(self.block_path(bb)))
+                    view = out[off : off + ln] if bb == b else memoryview(bytearray(ln))
+                    read_exact_into(self._open(bb, fds, check_size=False), view, off, str(self.block_path(bb)))
                     if verify:
                         h.update(view)
                 if verify:

@@ -213,6 +213,17 @@ class Manifest(BaseModel):
         """Every block chunk ``c`` overlaps (two when it spans a block boundary)."""
         return self.layout.blocks_of_chunk(c)
 
+    def chunk_parts(self, c: int) -> list[tuple[int, int, int]]:
+        """Where chunk ``c``'s bytes lie in the block files, in stream order: (block, offset in
+        that block's file, length), one part per block it overlaps."""
+        ch = self.chunk(c)
+        parts = []
+        for b in self.blocks_of_chunk(c):
+            blk = self.blocks[b]
+            s, e = max(ch.offset, blk.offset), min(ch.end, blk.end)
+            parts.append((b, s - blk.offset, e - s))
+        return parts
+
 
 def read_manifest(model_dir: str | Path) -> Manifest:
     """Read and validate ``<model_dir>/manifest.json``.

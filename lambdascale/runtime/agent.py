@@ -40,6 +40,7 @@ from pathlib import Path
 import xxhash
 
 from lambdascale.errors import LambdaScaleError, TransferError
+from lambdascale.model.checkpoint import read_exact_into
 from lambdascale.model.manifest import Manifest, read_manifest
 from lambdascale.runtime.messages import (
     CancelSends,
@@ -297,12 +298,9 @@ class NodeAgent:
             for ch in manifest.chunks:
                 if capped:
                     await self.ssd_bucket.acquire_async(ch.length)
-                for b in manifest.blocks_of_chunk(ch.index):
-                    blk = manifest.blocks[b]
-                    s, e = max(ch.offset, blk.offset), min(ch.end, blk.end)
-                    n = await asyncio.to_thread(os.preadv, fds[b], [view[s:e]], s - blk.offset)
-                    if n != e - s:
-                        raise LambdaScaleError(f"{src / blk.file}: short read at byte {s - blk.offset} ({n} of {e - s})")
+                for b, off, ln in manifest.chunk_parts(ch.index):
+                    s = manifest.blocks[b].offset + off
+                    await asyncio.to_thread(read_exact_into, fds[b], view[s : s + ln], off, str(src / manifest.blocks[b].file))
                 part = view[ch.offset : ch.end]
                 if xxhash.xxh64(part).hexdigest() != ch.xxh64:
                     files = ", ".join(manifest.blocks[b].file for b in manifest.blocks_of_chunk(ch.index))

@@ -182,18 +182,15 @@ def load_from_ssd(
         for b in order:
             open_block(b)
         for c in chunk_order:
-            ch = m.chunk(c)
             parts[c] = []
-            for bb in m.blocks_of_chunk(c):
-                nb = m.blocks[bb]
-                s0, e0 = max(ch.offset, nb.offset) - nb.offset, min(ch.end, nb.end) - nb.offset
+            for bb, s0, ln in m.chunk_parts(c):
                 if bb in views:
-                    dst = views[bb][s0:e0]
+                    dst = views[bb][s0 : s0 + ln]
                 else:  # neighbour not loaded: read its part only to verify the chunk
                     if bb not in fds:
                         open_block(bb)
-                    dst = memoryview(bytearray(e0 - s0))
-                parts[c].append((bb, s0, e0 - s0, dst))
+                    dst = memoryview(bytearray(ln))
+                parts[c].append((bb, s0, ln, dst))
     except BaseException:
         for fd, dfd in fds.values():
             os.close(fd)

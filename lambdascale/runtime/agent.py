@@ -43,6 +43,7 @@ from lambdascale.errors import LambdaScaleError, TransferError
 from lambdascale.model.checkpoint import read_exact_into
 from lambdascale.model.manifest import Manifest, read_manifest
 from lambdascale.runtime.messages import (
+    PACE,
     CancelSends,
     ChunkCorrupt,
     CopyBackModel,
@@ -80,10 +81,6 @@ from lambdascale.store.pool import Allocation
 from lambdascale.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("lambdascale.agent")
-
-#: ``(chunk, PACE)`` in a ``SendChunks`` list waits until the chunk is held and sends nothing
-#: (the multicast executor paces a node's sends by its own receives; runtime.multicast.PACE).
-PACE = -1
 from lambdascale.transfer.base import Arrival, Transport, make_transport
 from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings

@@ -70,10 +70,15 @@ class PrepareReceive(_Msg):
     manifest: dict[str, Any]
 
 
+#: Destination of a pacing entry in a :class:`SendChunks` list: ``(chunk, PACE)`` sends nothing,
+#: it waits until the agent holds ``chunk`` (runtime.multicast.node_send_lists writes them).
+PACE = -1
+
+
 class SendChunks(_Msg):
     """Send chunks in order; each waits until this agent holds (has verified) the chunk.
 
-    ``sends`` is a list of (chunk, destination node). A destination of ``-1`` (PACE) sends
+    ``sends`` is a list of (chunk, destination node). A destination of ``-1`` (:data:`PACE`) sends
     nothing: it only waits until the chunk is held, so a node does not forward into a peer still
     receiving its previous round's chunk. ``epoch`` lets the controller cancel a whole generation
     of lists at once after a re-plan.

@@ -29,8 +29,7 @@ from lambdascale.errors import TransferError
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo, MulticastPlan, plan_multicast
 from lambdascale.runtime.cluster import Cluster, ClusterEvent, NodeLost, NodeLostError
-from lambdascale.runtime.agent import PACE as _AGENT_PACE
-from lambdascale.runtime.messages import CancelSends, ChunkCorrupt, ChunkHeld, PrepareReceive, SendChunks, SendFailed
+from lambdascale.runtime.messages import PACE, CancelSends, ChunkCorrupt, ChunkHeld, PrepareReceive, SendChunks, SendFailed
 from lambdascale.runtime.repair import plan_repair
 
 
@@ -80,12 +79,6 @@ class MulticastResult:
 
 
 EventHook = Callable[[ClusterEvent, MulticastProgress], Awaitable[None] | None]
-
-
-#: Destination of a pacing entry in a send list: ``(chunk, PACE)`` sends nothing, it waits until
-#: the agent holds ``chunk`` (see :func:`node_send_lists`).
-PACE = -1
-assert PACE == _AGENT_PACE
 
 
 def node_send_lists(plan: MulticastPlan, ids: list[int], pace: bool = True) -> dict[int, list[tuple[int, int]]]:

@@ -79,11 +79,11 @@ from lambdascale.runtime.agent_memory import GB, AgentMemory, MemoryRefusedError
 from lambdascale.runtime.arena import Arena
 from lambdascale.store.pool import Allocation
 from lambdascale.runtime.settings import RuntimeSettings
-
-log = logging.getLogger("lambdascale.agent")
 from lambdascale.transfer.base import Arrival, Transport, make_transport
 from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings
+
+log = logging.getLogger("lambdascale.agent")
 
 PR_SET_PDEATHSIG = 1
 

@@ -65,3 +65,19 @@ def test_agents_carve_models_from_the_arena_and_give_them_back(tiny_model: Path)
             assert (await lc.cluster.request(0, GetStatus(req=0)))["arena_free_bytes"] is None
 
     run_async(main())
+
+
+def test_an_arena_that_cannot_be_made_leaves_models_on_fresh_buffers(tiny_model: Path) -> None:
+    """100 TB of arena cannot be allocated: the agent logs a warning, reports no arena, and
+    holds a model in a fresh buffer as if none had been asked for."""
+    manifest = read_manifest(tiny_model)
+
+    async def main() -> None:
+        async with LocalCluster(1, runtime=RuntimeSettings(heartbeat_s=0.5, device_arena_gb=1e5)) as lc:
+            assert (await lc.cluster.request(0, Warmup(req=0)))["arena_bytes"] == 0
+            ok = await lc.cluster.request(0, HoldModel(req=0, model_dir=str(tiny_model)))
+            assert ok["held"] == list(range(manifest.n_chunks))
+            st = await lc.cluster.request(0, GetStatus(req=0))
+            assert st["arena_free_bytes"] is None and st["models"][manifest.name] == ok["held"]
+
+    run_async(main())

@@ -13,6 +13,7 @@ The forward is a minimal Llama forward written here (RMSNorm, rotate-half RoPE, 
 SwiGLU), with no KV cache (decode recomputes the sequence: fine for a handful of tokens).
 
 --smoke runs the same code on a tiny shape (CPU or GPU) in a second or two; a test runs it.
+--dry-run only checks the arguments (the shape exists, --blocks fits its layers) and prints the plan.
 Prints a table; exit code 1 if the tokens differ.
 """
 
@@ -135,9 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, run nothing")
     args = ap.parse_args(argv)
     if args.smoke:
         args.shape, args.blocks, args.prompt_len, args.repeat = "tiny-llama", 4, 16, 2
+    try:
+        layers = args.layers or get_shape(args.shape).num_hidden_layers
+    except Exception as e:  # unknown shape: the registry's message names the known ones
+        print(f"--shape {args.shape}: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= args.blocks <= layers or args.repeat < 1 or args.tokens < 1 or args.prompt_len < 1:
+        print(f"--blocks must be in [1, {layers}] and --repeat, --tokens, --prompt-len >= 1", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"plan: {args.shape} ({layers} layers) in {args.blocks} blocks, prompt {args.prompt_len}, "
+              f"{args.tokens} tokens, best of {args.repeat}")
+        return 0
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     arch = get_shape(args.shape)

@@ -21,7 +21,7 @@ def test_scaleout_smoke_runs_on_cpu_and_is_exact(tmp_path: Path, capsys) -> None
     out = tmp_path / "r.json"
     assert _load("scaleout").main(["--smoke", "--device", "cpu", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["device"] == "cpu" and r["all_exact"] is True and r["nodes"] == 3
+    assert r["device"] == "cpu" and r["all_exact"] is True and r["nodes"] == 3 and r["finished"] is True
     (row,) = r["systems"]
     assert row["system"] == "lambdascale" and row["exact"] is True and row["mismatched_requests"] == []
     assert row["bytes_moved"] == 2 * r["model_bytes"]  # every byte of the model reached both receivers once
@@ -45,3 +45,19 @@ def test_run_all_times_out_a_script_and_rejects_bad_input(tmp_path: Path, capsys
     assert json.loads((tmp_path / "summary.json").read_text())["load_and_ewl"]["skipped"] == "budget spent"
     assert run_all.main(["--only", "nope"]) == 2
     assert "unknown scripts ['nope']" in capsys.readouterr().err
+
+
+def test_run_all_check_accepts_every_full_run_and_dry_run_rejects_bad_arguments(capsys) -> None:
+    # the device session runs the full-run arguments blind: a typo there (8 blocks of a 4-layer
+    # model, once) must show up here, on CPU, in seconds
+    assert _load("run_all").main(["--check"]) == 0
+    assert "all accepted" in capsys.readouterr().out
+    scaleout, ewl = _load("scaleout"), _load("load_and_ewl")
+    assert scaleout.main(["--dry-run", "--model", "synthetic:llama2-7b", "--layers", "4", "--blocks", "8"]) == 2
+    assert "--blocks 8 must be in [1, 4]" in capsys.readouterr().err
+    assert scaleout.main(["--dry-run", "--systems", "lambdascale,ring"]) == 2
+    assert "unknown ['ring']" in capsys.readouterr().err
+    assert scaleout.main(["--dry-run", "--nodes", "2", "--sources", "2"]) == 2
+    assert scaleout.main(["--dry-run", "--model", "synthetic:no-such-shape"]) == 2
+    assert ewl.main(["--dry-run", "--shape", "tiny-llama", "--blocks", "9"]) == 2
+    assert ewl.main(["--dry-run", "--shape", "tiny-llama", "--blocks", "8"]) == 0

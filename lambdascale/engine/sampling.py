@@ -6,8 +6,14 @@ the batch, on how many steps ran before, or on a generator's hidden state, so a 
 state (prompt ids, output ids, params, seed) fully determines its continuation: it can move to
 another instance mid-stream and continue exactly as an uninterrupted run would.
 
-The uniform draw comes from SplitMix64 of ``(seed, index)``, computed in Python integers, so it
-is the same on every device and every torch version.
+The draw is Gumbel-max over the tokens that temperature, top-k and top-p keep: the token with the
+largest ``logit / temperature + g`` wins, where ``g`` is Gumbel noise keyed by ``(seed, index,
+token id)`` (a SplitMix64 stream in numpy's wrapping uint64 arithmetic, the same on every machine).
+That samples exactly from the filtered softmax, and it tolerates logits that differ in their last
+bits, as a GPU's kernels make them when a row shares its batch with different rows: the winner
+changes only if the best two scores are that close, which at float32 precision almost never
+happens. An inverse-CDF draw does not tolerate it: near-equal logits swap places in the sorted
+order, and the draw lands on the other one (measured: ``bench/bench_sampler.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from lambdascale.errors import InvalidRequestError
 
-if TYPE_CHECKING:  # torch is imported where sampling happens, so the CLI parser stays light
+if TYPE_CHECKING:  # numpy and torch are imported where sampling happens, so the CLI parser stays light
+    import numpy as np
     import torch
 
 _MASK64 = (1 << 64) - 1
@@ -74,35 +81,73 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def uniform(seed: int, index: int) -> float:
-    """A deterministic draw in [0, 1) for token ``index`` of a request seeded with ``seed``."""
-    return (_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 11) / float(1 << 53)
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's stream increment
+
+
+def gumbel_noise(seed: int, index: int, tokens: np.ndarray) -> np.ndarray:
+    """Gumbel(0, 1) noise for ``tokens`` (int ids) at output ``index`` of a request seeded ``seed``.
+
+    Token ``t`` gets the ``t + 1``-th value of a SplitMix64 stream started from ``(seed, index)``,
+    so the noise of a token does not depend on which other tokens are asked for. float64, [len].
+    """
+    import numpy as np
+    base = np.uint64(_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)))
+    x = base + (tokens.astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)  # uint64 arrays wrap silently
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    u = ((x >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1), never 0 or 1
+    return -np.log(-np.log(u))
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, seed: int, index: int) -> int:
     """Pick one token from ``logits`` [vocab] (pure: same inputs, same token).
 
-    Order: temperature, top-k, top-p (on the tempered distribution), then inverse-CDF with
-    :func:`uniform`. Greedy ties break to the lowest token id (as ``argmax`` does).
+    Order: temperature, then top-k and top-p as thresholds on the tempered logits (top-p on the
+    distribution top-k left; tokens tied with the last one kept are kept too), then Gumbel-max
+    with :func:`gumbel_noise`. Greedy ties break to the lowest token id (as ``argmax`` does).
     """
+    import numpy as np
     import torch
     if params.greedy:
         return int(torch.argmax(logits))
-    x = logits.to(torch.float64) / params.temperature  # [V]
-    vals, idx = torch.sort(x, descending=True)  # stable enough: ties keep index order
-    if params.top_k and params.top_k < vals.numel():
-        vals, idx = vals[: params.top_k], idx[: params.top_k]
-    probs = torch.softmax(vals, dim=0)  # [K]
+    x = logits.detach().to("cpu", torch.float64) / params.temperature  # [V]
+    keep: torch.Tensor | None = None  # None: every token
+    if params.top_k and params.top_k < x.numel():
+        keep = x >= torch.topk(x, params.top_k).values[-1]
     if params.top_p < 1.0:
-        cum = torch.cumsum(probs, dim=0)
-        # keep the smallest prefix whose mass reaches top_p (at least one token)
-        keep = int(torch.searchsorted(cum, torch.tensor(params.top_p, dtype=cum.dtype))) + 1
-        probs, idx = probs[:keep], idx[:keep]
-        probs = probs / probs.sum()
-    cum = torch.cumsum(probs, dim=0)
-    u = uniform(seed, index) * float(cum[-1])
-    pick = min(int(torch.searchsorted(cum, torch.tensor(u, dtype=cum.dtype), right=True)), cum.numel() - 1)
-    return int(idx[pick])
+        kept = x if keep is None else x[keep]
+        vals = _nucleus_candidates(kept, params.top_p)
+        cum = torch.cumsum(torch.exp(vals - torch.logsumexp(kept, dim=0)), dim=0)
+        # the smallest prefix whose mass reaches top_p (at least one token)
+        n = min(int(torch.searchsorted(cum, torch.tensor(params.top_p, dtype=cum.dtype))) + 1, vals.numel())
+        above = x >= vals[n - 1]
+        keep = above if keep is None else keep & above
+    if keep is None:
+        idx = np.arange(x.numel())
+        scores = x.numpy() + gumbel_noise(seed, index, idx)
+    else:
+        idx = keep.nonzero().squeeze(1).numpy()  # [K] token ids
+        scores = x.numpy()[idx] + gumbel_noise(seed, index, idx)
+    return int(idx[int(np.argmax(scores))])
+
+
+#: tokens looked at first for the nucleus; a flatter distribution falls back to a full sort
+_NUCLEUS_FIRST_LOOK = 1024
+
+
+def _nucleus_candidates(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The largest values of ``x``, descending, enough of them to hold ``top_p`` of the mass.
+
+    A trained model's nucleus is a few hundred tokens at most: a top-k of 1024 finds it without
+    sorting the vocabulary. Only a flatter distribution (a random-weight model's) pays the sort.
+    """
+    import torch
+    if x.numel() > _NUCLEUS_FIRST_LOOK:
+        vals = torch.topk(x, _NUCLEUS_FIRST_LOOK).values
+        if float(torch.exp(vals - torch.logsumexp(x, dim=0)).sum()) >= top_p:
+            return vals
+    return torch.sort(x, descending=True).values
 
 
 def sample_batch(

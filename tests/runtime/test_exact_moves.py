@@ -159,8 +159,14 @@ def _pipe(lc: LocalCluster, model_dir: Path, placements: list[StagePlacement], i
 SPLIT = [StagePlacement(0, (0, 2)), StagePlacement(1, (2, 4))]
 
 
-def test_pipeline_exact_with_the_mode_and_not_without(model_dir: Path, references) -> None:
-    """The same burst through a 2-stage pipeline on agents, everything admitted at once."""
+def test_pipeline_outputs_equal_the_reference_in_both_numerics(model_dir: Path, references) -> None:
+    """The same burst through a 2-stage pipeline on agents, everything admitted at once.
+
+    With the mode, every logit is bitwise the reference's, so the tokens are too. Without it the
+    logits differ in their last bits (asserted on logits in tests/engine/test_batch_invariance.py),
+    and the Gumbel-max sampler keeps the tokens anyway: with the inverse-CDF sampler it replaced,
+    this burst's default-numerics outputs differed from the reference.
+    """
 
     async def main() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
@@ -178,8 +184,8 @@ def test_pipeline_exact_with_the_mode_and_not_without(model_dir: Path, reference
             return out[False], out[True]
 
     default, invariant = run_async(main(), timeout=120)
-    assert default != references[False], "the default numerics should depend on the batch for this model"
     assert invariant == references[True]
+    assert default == references[False]
 
 
 @pytest.mark.parametrize("move", ["recompute", "ship", "node-dies"])

@@ -495,6 +495,7 @@ class NodeAgent:
                     for n, s in self.models.items()
                 },
                 "device_steps": list(self.device_steps),
+                "switch_interval_ms": sys.getswitchinterval() * 1e3,
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,
                 # landing-zone arena (runtime.device_arena_gb): None without one (or not made yet)
@@ -658,11 +659,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None and os.getppid() != args.parent_pid:
         return 1  # the launcher died before we armed the death signal
     host, _, port = args.controller.rpartition(":")
+    runtime = RuntimeSettings.model_validate(json.loads(args.runtime_json))
+    # the engine thread (stage steps) and the event loop (sends, control) share one interpreter lock
+    sys.setswitchinterval(runtime.agent_switch_interval_ms / 1e3)
     agent = NodeAgent(
         args.node,
         (host, int(port)),
         TransferSettings.model_validate(json.loads(args.transfer_json)),
-        RuntimeSettings.model_validate(json.loads(args.runtime_json)),
+        runtime,
         parent_pid=args.parent_pid,
     )
     try:

@@ -74,6 +74,12 @@ class RuntimeSettings(BaseModel):
         description="resident memory (GB) each agent makes at start for model landing zones, as a GPU's "
         "memory is: receiving a model then touches no fresh page (runtime.arena); 0 = a fresh buffer per model",
     )
+    agent_switch_interval_ms: float = Field(
+        default=1.0, ge=0.05, le=100,
+        description="sys.setswitchinterval of each agent process, ms: how long its engine thread may hold "
+        "the interpreter lock while the event loop waits to send; CPython's 5 ms halved a capped tcp "
+        "send beside an engine-like thread (bench/bench_transport.py --busy-sender)",
+    )
     emulate_device: str | None = Field(
         default=None,
         description="CALIBRATION:MODEL[:SCALE]: engine steps on agents last at least the calibrated GPU time "

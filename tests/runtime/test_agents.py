@@ -35,6 +35,8 @@ def test_agents_register_answer_and_report_loss(tiny_model: Path) -> None:
             assert c.alive() == [0, 1]
             st = await c.request(1, GetStatus(req=0))
             assert st["node"] == 1 and st["pid"] == lc.launcher.pids()[1]
+            # runtime.agent_switch_interval_ms, not CPython's 5 ms (the engine thread and the sends share the lock)
+            assert st["switch_interval_ms"] == pytest.approx(1.0)
             data = await c.request(0, HoldModel(req=0, model_dir=str(tiny_model)))
             assert data["held"] == list(range(16))
             assert data["peer"]["backend"] == "tcp" and data["peer"]["port"] > 0
@@ -49,6 +51,14 @@ def test_agents_register_answer_and_report_loss(tiny_model: Path) -> None:
             with pytest.raises(NodeLostError, match="node 1 is not up"):
                 await c.request(1, GetStatus(req=0))
         assert all(_gone(p) for p in lc.launcher.pids().values())
+
+    run_async(main())
+
+
+def test_agents_take_the_configured_switch_interval() -> None:
+    async def main() -> None:
+        async with LocalCluster(1, runtime=RuntimeSettings(heartbeat_s=0.5, agent_switch_interval_ms=0.25)) as lc:
+            assert (await lc.cluster.request(0, GetStatus(req=0)))["switch_interval_ms"] == pytest.approx(0.25)
 
     run_async(main())
 

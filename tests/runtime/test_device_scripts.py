@@ -1,10 +1,12 @@
-"""bench/device scripts: the scale-out GPU script's --smoke mode on CPU, and the run-all driver."""
+"""bench/device scripts on CPU: the scale-out and multicast scripts' --smoke modes, --dry-run, and the run-all driver."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,3 +63,17 @@ def test_run_all_check_accepts_every_full_run_and_dry_run_rejects_bad_arguments(
     assert scaleout.main(["--dry-run", "--model", "synthetic:no-such-shape"]) == 2
     assert ewl.main(["--dry-run", "--shape", "tiny-llama", "--blocks", "9"]) == 2
     assert ewl.main(["--dry-run", "--shape", "tiny-llama", "--blocks", "8"]) == 0
+
+
+def test_multicast_script_smoke_measures_each_receiver_against_point_to_point(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.json"
+    mc = _load("multicast")
+    assert mc.main(["--smoke", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["receivers"] for row in r["rows"]] == [1, 2]
+    for row in r["rows"]:
+        assert row["p2p_gbps"] > 0 and len(row["receiver_gbps"]) == row["receivers"]
+        assert row["efficiency"] == pytest.approx(sum(row["receiver_gbps"]) / row["receivers"] / row["p2p_gbps"])
+    assert r["capped"]["sources"] == 2 and r["capped"]["bound_s"] > 0 and "wall_s" in r
+    assert mc.main(["--dry-run", "--receivers", "1,x"]) == 2
+    assert "comma list of integers" in capsys.readouterr().err

@@ -4,7 +4,8 @@ the stream of agent events, and loss detection.
 :class:`Cluster` listens on 127.0.0.1 (or a given host); launchers tell each agent this address.
 Agents register, then every request (``await cluster.request(node, Msg(req=0, ...))``) is matched
 to its :class:`~lambdascale.runtime.messages.Reply` by id. Unsolicited reports (chunk held /
-corrupt, send failed) and :class:`NodeLost` land in :attr:`Cluster.events`. An agent is lost when
+corrupt, send failed) and :class:`NodeLost` go to every queue open from :meth:`Cluster.subscribe`
+(each multicast reads its own, so multicasts of different models run side by side). An agent is lost when
 its control connection closes or it misses ``heartbeat_misses`` heartbeats; pending requests to it
 fail with :class:`NodeLostError` at once, never hang.
 """
@@ -12,8 +13,10 @@ fail with :class:`NodeLostError` at once, never hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -83,7 +86,7 @@ class Cluster:
         self.settings = runtime or RuntimeSettings()
         self.host = host
         self.agents: dict[int, AgentHandle] = {}
-        self.events: asyncio.Queue[ClusterEvent] = asyncio.Queue()
+        self._subscribers: set[asyncio.Queue[ClusterEvent]] = set()
         self._server: asyncio.Server | None = None
         self._req_ids = itertools.count(1)
         self._registered = asyncio.Condition()
@@ -95,6 +98,25 @@ class Cluster:
         self._server = await asyncio.start_server(self._on_agent, self.host, 0)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
         return self.address
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[ClusterEvent]]:
+        """A queue that receives every event from now until the block exits.
+
+        Every open queue gets every event, so concurrent readers (one multicast per model) each see
+        their own chunk reports and every :class:`NodeLost`. Events with no queue open are dropped:
+        a node's state stays readable from :meth:`alive`.
+        """
+        q: asyncio.Queue[ClusterEvent] = asyncio.Queue()
+        self._subscribers.add(q)
+        try:
+            yield q
+        finally:
+            self._subscribers.discard(q)
+
+    def _publish(self, ev: ClusterEvent) -> None:
+        for q in self._subscribers:
+            q.put_nowait(ev)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -144,7 +166,7 @@ class Cluster:
                 elif isinstance(msg, Heartbeat):
                     pass
                 else:
-                    self.events.put_nowait(msg)  # ChunkHeld, ChunkCorrupt, SendFailed
+                    self._publish(msg)  # ChunkHeld, ChunkCorrupt, SendFailed
         except (ConnectionError, ControlError) as e:
             reason = f"control channel error: {e}"
         finally:
@@ -160,7 +182,7 @@ class Cluster:
                 fut.set_exception(NodeLostError(f"node {handle.node} lost: {reason}"))
         handle.pending.clear()
         handle.writer.close()
-        self.events.put_nowait(NodeLost(handle.node, reason))
+        self._publish(NodeLost(handle.node, reason))
 
     async def _watch_heartbeats(self) -> None:
         limit = self.settings.heartbeat_s * self.settings.heartbeat_misses

@@ -187,46 +187,54 @@ async def run_multicast(
                 lists[src].append((c, dst))
         await dispatch(dict(lists))
 
-    await dispatch(node_send_lists(plan, ids))
-    deadline = prog.t0 + timeout_s
-    while not prog.done():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            missing = {r: k - len(prog.holdings[r]) for r in prog.targets_alive() if len(prog.holdings[r]) < k}
-            raise TransferError(f"multicast of {model!r} timed out after {timeout_s}s; chunks missing per node: {missing}")
-        try:
-            ev = await asyncio.wait_for(cluster.events.get(), remaining)
-        except asyncio.TimeoutError:
-            continue
-        now = time.monotonic() - prog.t0
-        if isinstance(ev, ChunkHeld) and ev.model == model:
-            if ev.chunk not in prog.holdings[ev.node]:
-                prog.holdings[ev.node].add(ev.chunk)
-                prog.arrivals[ev.node][ev.chunk] = now
+    # our own queue of the cluster's events: a multicast of another model runs beside this one
+    with cluster.subscribe() as events:
+        up = set(cluster.alive())
+        for n in ids:  # down before we listened: their NodeLost went to nobody
+            if n not in up:
+                events.put_nowait(NodeLost(n, "not up when the multicast started"))
+        await dispatch(node_send_lists(plan, ids))
+        deadline = prog.t0 + timeout_s
+        while not prog.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = {r: k - len(prog.holdings[r]) for r in prog.targets_alive() if len(prog.holdings[r]) < k}
+                raise TransferError(f"multicast of {model!r} timed out after {timeout_s}s; chunks missing per node: {missing}")
+            try:
+                ev = await asyncio.wait_for(events.get(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            if not isinstance(ev, NodeLost) and (ev.model != model or ev.node not in prog.holdings):
+                continue  # another multicast's report
+            now = time.monotonic() - prog.t0
+            if isinstance(ev, ChunkHeld):
+                if ev.chunk not in prog.holdings[ev.node]:
+                    prog.holdings[ev.node].add(ev.chunk)
+                    prog.arrivals[ev.node][ev.chunk] = now
+                    prog.bytes_moved += manifest.chunk(ev.chunk).length
+                    if len(prog.holdings[ev.node]) == k:
+                        prog.node_full_s[ev.node] = now
+            elif isinstance(ev, ChunkCorrupt):
+                prog.corrupt += 1
                 prog.bytes_moved += manifest.chunk(ev.chunk).length
-                if len(prog.holdings[ev.node]) == k:
-                    prog.node_full_s[ev.node] = now
-        elif isinstance(ev, ChunkCorrupt) and ev.model == model:
-            prog.corrupt += 1
-            prog.bytes_moved += manifest.chunk(ev.chunk).length
-            await resend(ev.chunk, ev.node, prefer=ev.src)
-        elif isinstance(ev, SendFailed) and ev.model == model:
-            if ev.epoch == prog.epoch and ev.dst not in prog.lost and cluster.agents[ev.dst].status.value == "up":
-                if ev.chunk not in prog.holdings[ev.dst]:
-                    await resend(ev.chunk, ev.dst, prefer=None)
-        elif isinstance(ev, NodeLost) and ev.node in prog.holdings and ev.node not in prog.lost:
-            prog.lost.add(ev.node)
+                await resend(ev.chunk, ev.node, prefer=ev.src)
+            elif isinstance(ev, SendFailed):
+                if ev.epoch == prog.epoch and ev.dst not in prog.lost and cluster.agents[ev.dst].status.value == "up":
+                    if ev.chunk not in prog.holdings[ev.dst]:
+                        await resend(ev.chunk, ev.dst, prefer=None)
+            elif isinstance(ev, NodeLost) and ev.node in prog.holdings and ev.node not in prog.lost:
+                prog.lost.add(ev.node)
+                if on_event is not None:
+                    r = on_event(ev, prog)
+                    if r is not None:
+                        await r
+                if not prog.done():
+                    await replan()
+                continue
             if on_event is not None:
                 r = on_event(ev, prog)
                 if r is not None:
                     await r
-            if not prog.done():
-                await replan()
-            continue
-        if on_event is not None:
-            r = on_event(ev, prog)
-            if r is not None:
-                await r
     completion = max(prog.node_full_s.values(), default=0.0)
     return MulticastResult(
         model=model, algo=algo, sources=tuple(sources), receivers=tuple(receivers), completion_s=completion,

@@ -44,10 +44,12 @@ def test_agents_register_answer_and_report_loss(tiny_model: Path) -> None:
                 await c.request(1, HoldModel(req=0, model_dir=str(tiny_model.parent / "nope")))
             with pytest.raises(AgentRequestError, match=r"node 1 holds no model 'ghost'"):
                 await c.request(1, SendChunks(req=0, model="ghost", epoch=0, sends=[(0, 0)]))
-            lc.launcher.kill(1)
-            ev = await c.events.get()
-            assert isinstance(ev, NodeLost) and ev.node == 1
-            assert c.alive() == [0]
+            with c.subscribe() as events, c.subscribe() as other:
+                lc.launcher.kill(1)
+                ev = await events.get()
+                assert isinstance(ev, NodeLost) and ev.node == 1
+                assert await other.get() == ev  # every open queue gets every event
+            assert c.alive() == [0] and not c._subscribers
             with pytest.raises(NodeLostError, match="node 1 is not up"):
                 await c.request(1, GetStatus(req=0))
         assert all(_gone(p) for p in lc.launcher.pids().values())
@@ -145,10 +147,11 @@ def test_agent_keeps_heartbeating_while_it_makes_large_buffers_resident(tiny_mod
         rt = RuntimeSettings(heartbeat_s=0.05, heartbeat_misses=3)  # lost after 0.15 s of silence
         async with LocalCluster(1, runtime=rt) as lc:
             c = lc.cluster
-            t0 = time.monotonic()
-            await c.request(0, PrepareReceive(req=0, manifest=huge.model_dump(mode="json")))
-            took = time.monotonic() - t0
-            lost = [ev for ev in _drain(c.events) if isinstance(ev, NodeLost)]
+            with c.subscribe() as events:
+                t0 = time.monotonic()
+                await c.request(0, PrepareReceive(req=0, manifest=huge.model_dump(mode="json")))
+                took = time.monotonic() - t0
+                lost = [ev for ev in _drain(events) if isinstance(ev, NodeLost)]
             assert lost == [], f"agent declared lost while preparing buffers ({took:.2f}s): {lost}"
             assert c.alive() == [0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from pathlib import Path
 
@@ -61,6 +62,28 @@ def test_binomial_multicast_delivers_every_byte(tiny_model: Path, backend: str) 
             assert res.corrupt == res.resends == res.replans == 0
             assert res.plan_rounds == 16 - 1 + 2  # binomial meets the k - 1 + ceil(log2 n) bound
             await _assert_full(lc, tiny_model, [1, 2, 3])
+
+    run_async(main())
+
+
+def test_multicasts_of_two_models_run_side_by_side(tiny_model: Path, tmp_path: Path) -> None:
+    """Two models spread at once, from different sources over the same receivers: each multicast
+    reads its own queue of the cluster's events, so neither takes the other's chunk reports."""
+    from lambdascale.model.importers import import_model
+
+    other = import_model("synthetic:tiny-llama", tmp_path, name="tiny-b", n_blocks=8, chunks_per_block=2, seed=1).dir
+
+    async def main() -> None:
+        async with LocalCluster(4, SLOW, FAST_HB) as lc:
+            ma = await _setup(lc, tiny_model, [0], [2, 3])
+            mb = await _setup(lc, other, [1], [2, 3])
+            ra, rb = await asyncio.gather(run_multicast(lc.cluster, ma, [0], [2, 3], timeout_s=30),
+                                          run_multicast(lc.cluster, mb, [1], [2, 3], timeout_s=30))
+            for res, m in ((ra, ma), (rb, mb)):
+                assert set(res.node_full_s) == {2, 3} and res.bytes_moved == 2 * m.total_bytes
+            await _assert_full(lc, tiny_model, [2, 3])
+            await _assert_full(lc, other, [2, 3])
+            assert not lc.cluster._subscribers  # each multicast closed its queue
 
     run_async(main())
 

@@ -35,6 +35,7 @@ from lambdascale.runtime.messages import ExportKv, ImportKv, RegisterBuffer, Sen
 
 if TYPE_CHECKING:
     from lambdascale.runtime.cluster import Cluster
+    from lambdascale.runtime.settings import RuntimeSettings
     from lambdascale.runtime.pipeline import RemotePipeline
 
 
@@ -128,6 +129,46 @@ class RecomputeEstimate:
         if self.cost is not None:
             step = max(step, self.cost.floor_s(0, 1))  # type: ignore[attr-defined]
         return t + replay * step
+
+
+@dataclass(frozen=True)
+class KvMoveChooser:
+    """Ship-or-recompute for the requests of dissolving pipelines, the same for every caller (the
+    scale-out benchmark and the gateway): the model's KV bytes per token, the link, the policy, and
+    how recompute is costed on a destination."""
+
+    kv_per_token: int
+    link_bytes_per_s: float
+    policy: KvPolicy
+    ship_overhead_s: float
+    default_tokens_per_s: float  # recompute rate before a destination measured its own
+    device_cost: object | None = None  # emulated full-model StepTimer, when agents emulate a device
+    batch_invariant: bool = False  # recompute is then a replay: outputs fed back one decode step each
+
+    @classmethod
+    def build(cls, runtime: "RuntimeSettings", arch: ModelArch, dtype: str, link_gbps: float | None,
+              emulate_device: str | None = None, batch_invariant: bool = False) -> "KvMoveChooser":
+        """From ``runtime`` (``kv_move``, ``kv_link_gbps`` when links are not capped, the recompute
+        rate, the overhead) and the stages' ``dtype``."""
+        cost = None
+        if emulate_device:
+            from lambdascale.runtime.emulation import StepTimer, parse_profile
+
+            L = arch.num_hidden_layers
+            cost = StepTimer.build(parse_profile(emulate_device), L, L)
+        return cls(kv_bytes_per_token(arch, dtype), (link_gbps or runtime.kv_link_gbps) * 1e9 / 8,
+                   KvPolicy(runtime.kv_move), runtime.kv_ship_overhead_s, runtime.kv_recompute_tokens_per_s,
+                   cost, batch_invariant)
+
+    def choose(self, prompt_len: int, computed: int, dest_tokens_per_s: float | None = None,
+               dest_decode_step_s: float | None = None) -> KvMoveCost:
+        """For one request with ``computed`` cached tokens (``prompt_len`` of them its prompt),
+        moving to a destination that measured ``dest_tokens_per_s`` prefill and
+        ``dest_decode_step_s`` per decode step (None: not yet)."""
+        replay = max(0, computed - prompt_len) if self.batch_invariant else 0
+        est = RecomputeEstimate(dest_tokens_per_s or self.default_tokens_per_s, self.device_cost, dest_decode_step_s)
+        return choose_kv_move(computed, computed * self.kv_per_token, self.link_bytes_per_s,
+                              est.seconds(computed, replay), self.policy, self.ship_overhead_s)
 
 
 _ids = itertools.count()

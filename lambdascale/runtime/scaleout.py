@@ -42,7 +42,7 @@ from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo
 from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLost, NodeLostError
-from lambdascale.runtime.kvmove import KvMove, KvPolicy, RecomputeEstimate, choose_kv_move, kv_bytes_per_token, ship_kv
+from lambdascale.runtime.kvmove import KvMove, KvMoveChooser, KvPolicy, ship_kv
 from lambdascale.runtime.messages import ChunkHeld, HoldModel, Warmup
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StageDtype, StagePlacement, pipeline_batch
@@ -143,14 +143,8 @@ async def serve_scale_out(
     system = SystemKind(system)
     rs = cluster.settings
     kv_policy = KvPolicy(kv_policy if kv_policy is not None else rs.kv_move)
-    link_bps = (link_gbps or rs.kv_link_gbps) * 1e9 / 8
-    kv_per_token = kv_bytes_per_token(manifest.arch, dtype)
-    emu_timer = None
-    if emulate_device:
-        from lambdascale.runtime.emulation import StepTimer, parse_profile
-
-        L = manifest.arch.num_hidden_layers
-        emu_timer = StepTimer.build(parse_profile(emulate_device), L, L)
+    kv = KvMoveChooser.build(rs.model_copy(update={"kv_move": kv_policy.value}), manifest.arch, dtype, link_gbps,
+                             emulate_device, batch_invariant)
     rep = ScaleOutReport(system, batch_invariant=batch_invariant)
     servers: list[PipelineServer] = []  # every instance's server, for the replay counters
     queue: deque[tuple[str, TokenState]] = deque(requests.items())
@@ -256,12 +250,7 @@ async def serve_scale_out(
             dest = next((i for i in fulls if holds.get(i.name, 0) > 0 or i.free_slots() > 0), None)
             if dest is None:
                 break
-            rate = dest.server.prefill_tokens_per_s or rs.kv_recompute_tokens_per_s
-            # batch-invariant recompute replays the outputs already generated one decode step each
-            replay = max(0, computed - len(st.prompt_ids)) if batch_invariant else 0
-            est = RecomputeEstimate(rate, emu_timer, dest.server.decode_step_s)
-            cost = choose_kv_move(computed, computed * kv_per_token, link_bps, est.seconds(computed, replay),
-                                  kv_policy, rs.kv_ship_overhead_s)
+            cost = kv.choose(len(st.prompt_ids), computed, dest.server.prefill_tokens_per_s, dest.server.decode_step_s)
             if cost.choice is KvMove.SHIP:
                 if holds.get(dest.name, 0) > 0:
                     holds[dest.name] -= 1  # a kept slot: already counted in dest.reserved

@@ -614,6 +614,8 @@ def create_app(
             "admitted": dict(state.admitted),
             "deployments": [s.model_dump() for s in state.specs.values()],
             "bytes_multicast": st.bytes_multicast,
+            "kv_moves": st.kv_moves,
+            "kv_bytes_shipped": st.kv_bytes_shipped,
             "scale_events": st.scale_events,
             "tier_hits": st.tier_hits,
             "timeline": [format_timeline(t) for t in st.timeline],

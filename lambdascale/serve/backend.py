@@ -126,6 +126,8 @@ class BackendStatus:
     instances: tuple[InstanceInfo, ...] = ()
     queues: dict[str, int] = field(default_factory=dict)       # model -> queued requests
     bytes_multicast: int = 0                                      # cumulative
+    kv_moves: dict[str, int] = field(default_factory=dict)       # "shipped"/"recomputed" -> requests, cumulative
+    kv_bytes_shipped: int = 0                                     # cumulative
     scale_events: dict[str, int] = field(default_factory=dict)   # "up"/"down" -> cumulative count
     tier_hits: dict[str, int] = field(default_factory=dict)      # tier name -> cumulative starts served from it
     timeline: tuple[ScaleTimeline, ...] = ()                      # recent scale-outs, oldest first

@@ -144,6 +144,9 @@ class ClusterBackend:
         self._reqs: dict[str, _Request] = {}
         self._held: dict[int, set[str]] = {}
         self.moves = 0
+        #: dissolution's KV moves (runtime.kv_move): requests whose KV went to a full instance, or were requeued
+        self.kv_moves: dict[str, int] = {"shipped": 0, "recomputed": 0}
+        self.kv_bytes_shipped = 0
         self.autoscale = autoscale
         self._controller: Any = None
         self._ctl_task: asyncio.Task[None] | None = None
@@ -357,8 +360,10 @@ class ClusterBackend:
         Milestones: first chunk, each node full, first pipeline. With execute-while-load (``ewl``)
         the incremental λPipe planner sees every verified chunk; pipelines across receivers form as
         soon as the receivers together hold every block and serve from the shared queue; when a
-        member holds the whole model the planner dissolves them: their requests go back to the
-        head of the queue with their token state and resume on a full instance (exact outputs).
+        member holds the whole model its full instance starts and the planner dissolves them:
+        their requests' KV ships to full instances with free slots where that is cheaper than
+        recomputing, the rest go back to the head of the queue with their token state (exact
+        outputs either way).
         """
         from lambdascale.pipe.pipelines import PipelinePlanner
         from lambdascale.runtime.messages import ChunkHeld
@@ -377,13 +382,14 @@ class ClusterBackend:
                 return
             now = self._clock.now()
             timeline.mark_first_chunk(now)
+            if len(prog.holdings.get(ev.node, ())) == k:
+                timeline.mark_node_full(ev.node, now)
+                # the node's full instance first: a pipeline this dissolves ships its requests' KV there
+                actions.put_nowait(ev.node)
             if planner is not None:
                 p = planner.on_chunk(ev.node, ev.chunk)
                 if p is not None:
                     actions.put_nowait(p)
-            if len(prog.holdings.get(ev.node, ())) == k:
-                timeline.mark_node_full(ev.node, now)
-                actions.put_nowait(ev.node)
 
         async def act() -> None:
             while True:
@@ -464,11 +470,16 @@ class ClusterBackend:
         return inst
 
     async def _dissolve(self, m: _Model, inst: _Instance) -> None:
-        """End a pipeline between steps; its requests resume elsewhere from their token state."""
+        """End a pipeline between steps. Each request's KV goes to a full instance with a free slot
+        when shipping it is estimated cheaper than recomputing (``runtime.kv_move``); the others
+        resume from their token state through the queue."""
         async with inst.lock:
             inst.alive = False
             await inst.server.drain(suppress=True)  # a failed step leaves its requests' state as it was
-            moved = list(inst.server.take())
+            progress = inst.server.take_progress()
+            shipped = await self._ship_kv(m, inst, progress) if progress else set()
+        moved = [rid for rid in progress if rid not in shipped]
+        self.kv_moves["recomputed"] += sum(1 for rid in moved if progress[rid][1] > 0)
         if inst in m.instances:
             m.instances.remove(inst)
         if moved:
@@ -483,7 +494,55 @@ class ClusterBackend:
         except Exception:  # a member may be gone; nothing left to free there
             pass
         self.pipelines_dissolved += 1
-        log.info("pipeline %s of %s dissolved; %d request(s) moved", inst.id, m.name, len(moved))
+        log.info("pipeline %s of %s dissolved; %d request(s) requeued, %d with their KV shipped",
+                 inst.id, m.name, len(moved), len(shipped))
+
+    async def _ship_kv(self, m: _Model, src: _Instance, progress: dict[str, tuple[Any, int]]) -> set[str]:
+        """Ship the KV of the dissolving ``src``'s requests for which that beats recomputing, to
+        full instances of ``m`` with free slots, while ``src``'s stages still hold it. Returns the
+        requests placed (each continues with a decode step there); a failure leaves the rest to
+        recompute."""
+        from lambdascale.runtime.cluster import AgentRequestError, NodeLostError
+        from lambdascale.runtime.kvmove import KvMove, KvMoveChooser, KvPolicy, ship_kv
+
+        if KvPolicy(self.config.runtime.kv_move) is KvPolicy.RECOMPUTE:
+            return set()
+        chooser = KvMoveChooser.build(self.config.runtime, m.manifest.arch, _stage_dtype(self.config),
+                                      self.config.transfer.link_gbps, self.config.runtime.emulate_device,
+                                      self.config.engine.batch_invariant)
+        fulls = [i for i in m.serving if i.alive and i.server is not None and not i.pipelined]
+        free = {i.id: i.pipe.max_seqs - len(i.server.reqs) for i in fulls}
+        plan: dict[str, list[str]] = {}
+        for rid, (st, computed) in progress.items():
+            r = self._reqs.get(rid)
+            dest = max(fulls, key=lambda i: free[i.id], default=None)
+            if r is None or r.done or dest is None or free[dest.id] <= 0:
+                continue
+            cost = chooser.choose(len(st.prompt_ids), computed, dest.server.prefill_tokens_per_s,
+                                  dest.server.decode_step_s)
+            if cost.choice is KvMove.SHIP:
+                plan.setdefault(dest.id, []).append(rid)
+                free[dest.id] -= 1
+        placed: set[str] = set()
+        for dest in (i for i in fulls if i.id in plan):
+            rids = plan[dest.id]
+            try:
+                async with dest.lock:  # between the destination's steps: its KV cache is ours
+                    if not dest.alive:
+                        continue
+                    self.kv_bytes_shipped += await ship_kv(self.cluster, src.pipe, dest.pipe, rids)
+                    for rid in rids:
+                        st, computed = progress[rid]
+                        dest.server.add(rid, st, computed=computed)
+                        self.dispatch_log.append((m.name, rid, dest.id))
+                    placed.update(rids)
+            except (NodeLostError, AgentRequestError) as e:  # these requests recompute elsewhere
+                log.warning("shipping KV of %d request(s) of %s to %s failed (%s); they recompute", len(rids), m.name,
+                            dest.id, e)
+        self.kv_moves["shipped"] += len(placed)
+        if placed:
+            m.wakeup.set()
+        return placed
 
     def remove_instances(self, model: str, instance_ids: tuple[str, ...]) -> None:
         """Drain: stop admitting; the worker dissolves the pipeline once its requests finished."""
@@ -751,6 +810,7 @@ class ClusterBackend:
         if not insts:
             return 0
         views, waiting = [], {}
+        kept = self._kept_for_pipelines(m, insts.values())
         for i in insts.values():
             reqs = list(i.server.reqs.values())
             fresh = [r for r in reqs if r.computed == 0]
@@ -758,8 +818,8 @@ class ClusterBackend:
             todo = sum(len(r.all_ids) - r.computed + max(r.params.max_tokens - len(r.out), 0) for r in reqs)
             stages = tuple(Stage(n, a, b) for n, a, b in i.stages) or (Stage(i.node, 0, m.manifest.n_blocks),)
             views.append(InstanceView(id=i.id, model=m.name, state=CState.PIPELINED if i.pipelined else CState.FULL,
-                                      stages=stages, capacity=i.pipe.max_seqs, outstanding_requests=len(reqs),
-                                      outstanding_tokens=todo))
+                                      stages=stages, capacity=i.pipe.max_seqs,
+                                      outstanding_requests=len(reqs) + kept.get(i.id, 0), outstanding_tokens=todo))
         queue = []
         for rid in m.queue:
             r = self._reqs.get(rid)
@@ -777,6 +837,27 @@ class ClusterBackend:
         if res.assignments:
             m.wakeup.set()  # an instance that was idle has work now
         return len(res.assignments)
+
+    def _kept_for_pipelines(self, m: _Model, insts: Any) -> dict[str, int]:
+        """Slots of full instances kept for the requests of a live pipeline over their node.
+
+        When a pipeline dissolves its requests' KV can only ship to a full instance with a free
+        slot, so while it runs, each of its members' full instances keeps its share (the
+        pipeline's requests over its nodes, rounded up) away from the queue. With
+        ``runtime.kv_move: recompute`` nothing is kept: moved requests go to the queue's head.
+        """
+        if self.config.runtime.kv_move == "recompute":
+            return {}
+        full_on = {i.node: i.id for i in insts if not i.pipelined}
+        kept: dict[str, int] = {}
+        for p in m.instances:
+            if not (p.pipelined and p.alive and p.server is not None and p.server.reqs):
+                continue
+            share = -(-len(p.server.reqs) // len(p.nodes))
+            for n in p.nodes:
+                if n in full_on:
+                    kept[full_on[n]] = kept.get(full_on[n], 0) + share
+        return kept
 
     def _lose(self, m: _Model, inst: _Instance, err: Exception) -> None:
         """An instance's node died: requeue its requests with their token state, or fail them."""
@@ -893,6 +974,8 @@ class ClusterBackend:
                 for m in self._models.values() for i in m.instances if all(n in alive for n in i.nodes)),
             queues={m.name: len(m.queue) for m in self._models.values()},
             bytes_multicast=self.bytes_multicast,
+            kv_moves=dict(self.kv_moves),
+            kv_bytes_shipped=self.kv_bytes_shipped,
             scale_events=dict(self.scale_events),
             tier_hits=dict(self.tier_hits),
             timeline=tuple(self._controller.timelines)[-50:] if self._controller is not None else (),

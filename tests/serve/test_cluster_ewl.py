@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from lambdascale.config import load_config
 from lambdascale.serve.app import create_app
@@ -22,7 +23,12 @@ PROMPT = [1, 5, 9, 13]
 N_TOKENS = 150
 
 
-def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("kv_move", ["ship", "recompute"])
+def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Path, caplog, kv_move: str) -> None:
+    """On dissolution the requests' KV goes to the new full instances where they have free slots
+    (ship) or the requests re-prefill from their token state (recompute): either way every text
+    equals a single engine's. (How many ship here depends on timing; tests/serve/
+    test_cluster_kv_ship.py checks the ship path deterministically.)"""
     import logging
 
     caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
@@ -39,7 +45,7 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     cfg = load_config(None, {
         "runtime.nodes": 4, "runtime.register_timeout_s": 240, "engine.max_batch_size": 2,
         "engine.max_model_len": 256, "control.autoscale_interval_s": 2.0, "transfer.link_gbps": 0.003,
-        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384})
+        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384, "runtime.kv_move": kv_move})
     backend = ClusterBackend(cfg, tmp_path)
     reg = ModelRegistry(":memory:")
     # Two full instances (two holders), then a burst at target concurrency 1 asks for four. The 2 s
@@ -77,4 +83,6 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     assert backend.pipelines_formed >= 1, ("no pipeline formed across the receivers",
                                            [r.getMessage() for r in caplog.records])
     assert backend.pipelines_dissolved == backend.pipelines_formed
+    if kv_move == "recompute":
+        assert backend.kv_moves["shipped"] == 0 and backend.kv_bytes_shipped == 0
     assert not [i for i in st["instances"] if i["state"] == "pipelined"]

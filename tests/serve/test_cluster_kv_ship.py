@@ -1,0 +1,104 @@
+"""Dissolving a pipeline in the gateway ships its requests' KV to a full instance (runtime.kv_move):
+they continue with a decode step there, no token recomputed, and every stream equals a single
+engine's; with ``recompute`` they go back through the queue instead."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from lambdascale.config import load_config
+from lambdascale.control.timeline import ScaleTimeline
+from lambdascale.pipe.pipelines import Pipeline
+from lambdascale.runtime.messages import HoldModel
+from lambdascale.serve.backend import GenerationRequest, SamplingSpec
+from lambdascale.serve.cluster_backend import ClusterBackend
+from lambdascale.serve.schemas import DeploySpec
+
+PROMPTS = [(1, 5, 9, 13), (2, 4, 6, 8, 10, 12)]
+N_TOKENS = 40
+
+
+@pytest.mark.parametrize("kv_move", ["ship", "recompute"])
+def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str) -> None:
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.sampling import SamplingParams
+    from lambdascale.model.importers import import_model
+
+    ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
+    name = ck.dir.name
+    eng = Engine.from_checkpoint(ck.dir)
+    want = [[t for o in eng.generate(list(p), SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True))
+             for t in o.token_ids] for p in PROMPTS]
+    cfg = load_config(None, {"runtime.nodes": 3, "engine.max_batch_size": 2, "engine.max_model_len": 128,
+                             "runtime.kv_move": kv_move})
+
+    async def main() -> tuple[list[list[int]], ClusterBackend]:
+        backend = ClusterBackend(cfg, tmp_path, autoscale=False)
+        await backend.start()
+        try:
+            await backend.deploy(DeploySpec(name=name, min_instances=1))  # a full instance on node 0
+            m = backend._models[name]
+            (first,) = m.instances
+            first.draining = True  # leaves once idle: the requests below can only go to the pipeline
+            m.wakeup.set()
+            while first in m.instances:
+                await asyncio.sleep(0.01)
+            for n in (1, 2):
+                await backend.cluster.request(n, HoldModel(req=0, model_dir=str(ck.dir)))
+            tl = ScaleTimeline(event_id=0, model=name, decided_at=backend._clock.now())
+            pipe = await backend._start_pipeline(m, Pipeline((1, 1, 2, 2)), tl)
+            assert pipe is not None and pipe.pipelined
+
+            async def stream(i: int, started: asyncio.Event) -> list[int]:
+                req = GenerationRequest(f"r{i}", name, PROMPTS[i], SamplingSpec(max_tokens=N_TOKENS, temperature=0,
+                                                                                  ignore_eos=True))
+                out = []
+                async for ev in backend.generate(req):
+                    out.append(ev.token_id)
+                    if len(out) == 3:
+                        started.set()
+                return out
+
+            started = [asyncio.Event() for _ in PROMPTS]
+            tasks = [asyncio.create_task(stream(i, started[i])) for i in range(len(PROMPTS))]
+            await asyncio.gather(*(e.wait() for e in started))  # both are decoding on the pipeline
+            await backend._start_instance(m, 2)  # node 2 now serves alone; its slots are kept for the pipeline
+            assert len(pipe.server.reqs) == 2
+            await backend._dissolve(m, pipe)
+            outs = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            return outs, backend
+        finally:
+            await backend.close()
+
+    outs, backend = asyncio.run(asyncio.wait_for(main(), 180))
+    assert outs == want
+    if kv_move == "ship":
+        assert backend.kv_moves == {"shipped": 2, "recomputed": 0} and backend.kv_bytes_shipped > 0
+        assert backend.moves == 0  # nothing went back through the queue
+    else:
+        assert backend.kv_moves == {"shipped": 0, "recomputed": 2} and backend.moves == 2
+    assert backend.status().kv_moves == backend.kv_moves
+
+
+def test_full_instances_keep_slots_for_the_pipeline_over_their_node(tmp_path: Path) -> None:
+    """A live pipeline over nodes 1 and 2 with 3 requests: node 1's full instance keeps 2 slots
+    (3 over 2 nodes, rounded up) away from the queue; node 3's keeps none; with recompute, none."""
+    from types import SimpleNamespace
+
+    from lambdascale.serve.cluster_backend import _Instance, _Model
+
+    def inst(node: int, stages: tuple = (), reqs: int = 0) -> _Instance:
+        return _Instance("m", node, None, SimpleNamespace(reqs=dict.fromkeys(range(reqs))), id=f"i{node}{len(stages)}",
+                         stages=stages)
+
+    pipe = inst(1, ((1, 0, 2), (2, 2, 4)), reqs=3)
+    full1, full3 = inst(1), inst(3)
+    m = _Model("m", None, tmp_path, None, None, frozenset(), instances=[pipe, full1, full3])  # type: ignore[arg-type]
+    for kv_move, want in (("ship", {full1.id: 2}), ("auto", {full1.id: 2}), ("recompute", {})):
+        b = ClusterBackend(load_config(None, {"runtime.kv_move": kv_move}), tmp_path, n_nodes=4, autoscale=False)
+        assert b._kept_for_pipelines(m, [pipe, full1, full3]) == want
+    pipe.server.reqs.clear()  # nothing left on the pipeline: nothing kept
+    assert ClusterBackend(load_config(None, {}), tmp_path, n_nodes=4)._kept_for_pipelines(m, [pipe, full1, full3]) == {}

@@ -26,7 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lambdascale.errors import LambdaScaleError, ModelNotFoundError
-from lambdascale.model.arch import SHAPES, ModelArch
+from lambdascale.model.arch import SHAPES, ModelArch, plan_blocks
+from lambdascale.pipe.layout import ChunkLayout
 
 
 class ClusterError(LambdaScaleError):
@@ -106,7 +107,13 @@ ALIASES = {"llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b", "llama-2-70b"
 
 @dataclass(frozen=True)
 class SimModel:
-    """A model as the simulator sees it: shape, bytes, GPUs per instance, blocks and chunks."""
+    """A model as the simulator sees it: shape, bytes, GPUs per instance, blocks and chunks.
+
+    ``layout`` maps chunks to blocks and gives each chunk's bytes: equal-byte chunks over the
+    blocks' real sizes (block 0 holds the embedding, the last block the LM head), as the
+    checkpoint format cuts them; ``None`` is the uniform rule (chunk c in block c*B//K, every chunk
+    nbytes/K), kept for comparison (``sim.chunk_layout: uniform``).
+    """
 
     name: str
     arch: ModelArch
@@ -114,28 +121,54 @@ class SimModel:
     tp: int
     n_blocks: int
     n_chunks: int
+    layout: ChunkLayout | None = None
 
     @property
-    def chunk_bytes(self) -> float:
-        return self.nbytes / self.n_chunks
+    def chunk_bytes(self) -> tuple[float, ...]:
+        """Bytes of each chunk, in chunk order."""
+        if self.layout is None:
+            return (self.nbytes / self.n_chunks,) * self.n_chunks
+        return tuple(float(n) for n in self.layout.chunk_lengths())
+
+    def blocks_held(self, chunks: set[int]) -> frozenset[int]:
+        """Blocks whose every chunk is in ``chunks``."""
+        lay = self.layout or ChunkLayout.uniform(self.n_blocks, self.n_chunks)
+        return frozenset(lay.blocks_held(chunks))
+
+
+def block_nbytes(arch: ModelArch, n_blocks: int, dtype_bytes: int = 2) -> list[int]:
+    """Bytes of each execution block of ``arch`` cut by :func:`plan_blocks` (headers left out)."""
+    ranges = plan_blocks(arch.num_hidden_layers, n_blocks)
+    out = []
+    for b, (l0, l1) in enumerate(ranges):
+        params = (l1 - l0) * arch.layer_params()
+        params += arch.embed_params() if b == 0 else 0
+        params += arch.head_params() if b == len(ranges) - 1 else 0
+        out.append(params * dtype_bytes)
+    return out
 
 
 def resolve_model(name: str, n_blocks: int = 8, n_chunks: int = 16, gpu_memory_gib: float = 80.0,
-                  dtype_bytes: int = 2) -> SimModel:
+                  dtype_bytes: int = 2, chunk_layout: str = "equal-bytes") -> SimModel:
     """A registered shape (``llama2-13b``, aliases like ``llama-2-13b``) or a manifest directory.
 
     GPUs per instance: the fewest powers of two whose memory holds the weights with 25% to spare
-    for KV cache (Llama-2 70B -> 4 on 80 GiB GPUs, as in the λScale testbed).
+    for KV cache (Llama-2 70B -> 4 on 80 GiB GPUs, as in the λScale testbed). ``chunk_layout``:
+    ``equal-bytes`` (the checkpoint format's; a manifest directory's own blocks are re-cut to
+    ``n_blocks`` only when it has that many) or ``uniform``.
     """
+    if chunk_layout not in ("equal-bytes", "uniform"):
+        raise LambdaScaleError(f"chunk_layout must be equal-bytes or uniform, got {chunk_layout!r}")
     key = ALIASES.get(name.lower(), name.lower())
     p = Path(name)
+    manifest_blocks: list[int] | None = None
     if key in SHAPES:
-        arch, nbytes, canonical = SHAPES[key], SHAPES[key].total_bytes(dtype_bytes), key
+        arch, canonical = SHAPES[key], key
     elif (p / "manifest.json").is_file():
         try:
             man = json.loads((p / "manifest.json").read_text())
             arch = ModelArch.model_validate(man["arch"])
-            nbytes = int(sum(b["nbytes"] for b in man["blocks"]))
+            manifest_blocks = [int(b["nbytes"]) for b in man["blocks"]]
             canonical = str(man.get("name", p.name))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ModelNotFoundError(f"{p / 'manifest.json'}: not a lambdascale manifest ({e})") from None
@@ -144,7 +177,17 @@ def resolve_model(name: str, n_blocks: int = 8, n_chunks: int = 16, gpu_memory_g
     if n_blocks > arch.num_hidden_layers:
         n_blocks = arch.num_hidden_layers
     n_chunks = max(n_chunks, n_blocks)
+    if manifest_blocks is not None and len(manifest_blocks) == n_blocks:
+        blocks = manifest_blocks
+    elif manifest_blocks is not None:  # another block count than the checkpoint's: scale the shape's cut to its bytes
+        shape = block_nbytes(arch, n_blocks, dtype_bytes)
+        scale = sum(manifest_blocks) / sum(shape)
+        blocks = [max(1, round(n * scale)) for n in shape]
+    else:
+        blocks = block_nbytes(arch, n_blocks, dtype_bytes)
+    nbytes = sum(blocks)
+    layout = ChunkLayout.equal_bytes(blocks, n_chunks) if chunk_layout == "equal-bytes" else None
     tp = 1
     while nbytes * 1.25 > tp * gpu_memory_gib * 2**30 and tp < 64:
         tp *= 2
-    return SimModel(canonical, arch, nbytes, tp, n_blocks, n_chunks)
+    return SimModel(canonical, arch, nbytes, tp, n_blocks, n_chunks, layout)

@@ -25,7 +25,8 @@ from lambdascale.sim.workload import Workload
 def setup(settings: SimSettings) -> tuple[ClusterSpec, SimModel, CostModel]:
     """Cluster preset, model and calibrated cost model for these settings."""
     cluster = load_cluster(settings.cluster)
-    model = resolve_model(settings.model, settings.n_blocks, settings.n_chunks, cluster.gpu.memory_gib)
+    model = resolve_model(settings.model, settings.n_blocks, settings.n_chunks, cluster.gpu.memory_gib,
+                          chunk_layout=settings.chunk_layout)
     cal = load_calibration(cluster.gpu.calibration)
     cost = CostModel.build(cal, model.name, model.arch, prefill_scale=cluster.gpu.prefill_scale,
                            decode_scale=cluster.gpu.decode_scale, tp=model.tp, tp_overhead=cluster.gpu.tp_overhead)

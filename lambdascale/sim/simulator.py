@@ -329,20 +329,14 @@ class Simulation:
             last_request_at=self.last_request_at, last_scale_at=self.last_scale_at)
 
     def _holdings(self, node: NodeState) -> tuple[Holding, ...]:
-        m, nb, B, K = self.model.name, self.model.nbytes, self.model.n_blocks, self.model.n_chunks
+        m, nb, K = self.model.name, self.model.nbytes, self.model.n_chunks
         out: list[Holding] = []
         if node.inst is not None:
             if len(node.chunks) == K:
                 out.append(Holding(m, Tier.GPU, nb, node.gpu_last_used, pinned=node.source_busy > 0))
             else:
-                counts = [0] * B
-                for c in node.chunks:
-                    counts[c * B // K] += 1
-                per = [0] * B
-                for c in range(K):
-                    per[c * B // K] += 1
-                blocks = frozenset(b for b in range(B) if counts[b] == per[b])
-                out.append(Holding(m, Tier.GPU, int(nb * len(node.chunks) / K), node.gpu_last_used, blocks=blocks))
+                held = int(sum(self.model.chunk_bytes[c] for c in node.chunks))
+                out.append(Holding(m, Tier.GPU, held, node.gpu_last_used, blocks=self.model.blocks_held(node.chunks)))
         if node.host:
             out.append(Holding(m, Tier.HOST, nb, node.host_last_used, pinned=node.source_busy > 0))
         elif node.host_partial:
@@ -663,7 +657,8 @@ class Simulation:
 
     def _multicast(self, plan: ScalePlan, tl: ScaleTimeline) -> None:
         order = plan.multicast_nodes()
-        mc = plan_multicast(plan.algo.value, len(order), len(plan.sources), self.model.n_blocks, self.model.n_chunks)
+        mc = plan_multicast(plan.algo.value, len(order), len(plan.sources), self.model.n_blocks, self.model.n_chunks,
+                            layout=self.model.layout)
         receivers = [order[i] for i in mc.receiver_nodes]
         for s in plan.sources:
             self.nodes[s.node].source_busy += 1
@@ -671,7 +666,7 @@ class Simulation:
                 self.nodes[s.node].host_last_used = self.loop.now()
         planner = None
         if self.system.execute_while_load and plan.execute_while_load:
-            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks)
+            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks, layout=self.model.layout)
             self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
         srcs = [s.node for s in plan.sources]
         if self.s.multicast_mode == "chunk":
@@ -831,7 +826,7 @@ class _MulticastRun:
         self.outstanding = len(sends)
         for snd in sends:
             a, b = self.order[snd.src], self.order[snd.dst]
-            self.sim.net.start((("out", a), ("in", b)), self.chunk_bytes, self._landed,
+            self.sim.net.start((("out", a), ("in", b)), self.chunk_bytes[snd.chunk], self._landed,
                                tag=(b, snd.chunk), latency_s=self.sim.nic_latency)
 
     def _landed(self, f: Flow) -> None:
@@ -894,7 +889,7 @@ class _ChunkMulticastRun(_MulticastRun):
     def _go(self, i: int) -> None:
         snd = self.sends[i]
         a, b = self.order[snd.src], self.order[snd.dst]
-        self.sim.net.start((("out", a), ("in", b)), self.chunk_bytes, self._chunk_landed,
+        self.sim.net.start((("out", a), ("in", b)), self.chunk_bytes[snd.chunk], self._chunk_landed,
                            tag=i, latency_s=self.sim.nic_latency, sent=self._sent)
 
     def _sent(self, f: Flow) -> None:

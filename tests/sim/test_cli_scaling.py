@@ -28,11 +28,11 @@ def _main(argv: list[str]) -> int:
 
 
 def test_execute_while_load_serves_before_any_node_is_full() -> None:
-    s = SimSettings(model="llama2-13b", nodes=8)
+    s = SimSettings(model="llama2-13b", nodes=8, chunk_layout="uniform")  # DESIGN's example: chunk c in block c*B//K
     cluster, model, cost = setup(s)
     res = {k: simulate_scaling(cluster, model, SYSTEMS[k], s, ControlSettings(), cost, 8, 4, Tier.GPU)
            for k in (SystemKind.LAMBDASCALE, SystemKind.FAASNET, SystemKind.SERVERLESSLLM)}
-    chunk_s = model.chunk_bytes / (cluster.links.nic_gbps / 8 * 1e9) + cluster.links.nic_latency_us * 1e-6
+    chunk_s = model.chunk_bytes[0] / (cluster.links.nic_gbps / 8 * 1e9) + cluster.links.nic_latency_us * 1e-6
     lam = res[SystemKind.LAMBDASCALE]
     # 4 sources, 4 receivers, 16 chunks / 8 blocks: every block exists whole somewhere after 4 ticks
     # (DESIGN.md), so the first 4-stage pipeline serves after 4 chunk times.
@@ -124,3 +124,24 @@ def test_config_file_sets_sim_and_control_sections(tmp_path: Path, capsys: pytes
     bad.write_text("sim:\n  nodes: 0\n")
     with pytest.raises(LambdaScaleError, match="sim.nodes"):
         _main(["simulate", "--config", str(bad), "--trace", "synthetic:poisson,duration_s=5"])
+
+
+def test_equal_byte_chunks_follow_the_checkpoint_layout() -> None:
+    """Chunks cut at equal bytes over the blocks' real sizes, as the checkpoint format cuts them:
+    block 0 (embedding) and the last (LM head) span more chunks, so a pipeline needs more chunks
+    before every block is whole somewhere; the multicast itself moves the same bytes in the same time."""
+    out = {}
+    for lay in ("uniform", "equal-bytes"):
+        s = SimSettings(model="llama2-7b", nodes=8, chunk_layout=lay)
+        cluster, model, cost = setup(s)
+        out[lay] = (model, simulate_scaling(cluster, model, SYSTEMS[SystemKind.LAMBDASCALE], s, ControlSettings(),
+                                            cost, 8, 4, Tier.GPU))
+    (um, ur), (em, er) = out["uniform"], out["equal-bytes"]
+    assert em.nbytes == um.nbytes and max(em.chunk_bytes) - min(em.chunk_bytes) <= 1
+    size = [em.layout.block_bounds[b + 1] - em.layout.block_bounds[b] for b in range(em.n_blocks)]
+    assert size[0] > size[1] and size[-1] > size[1]  # the embedding, the LM head
+    assert 0 not in em.blocks_held({0, 1}) and um.blocks_held({0, 1}) == {0}  # block 0 is more than 2 chunks now
+    assert er.all_full_s == pytest.approx(ur.all_full_s, rel=1e-9)
+    assert er.first_serve_s > ur.first_serve_s
+    assert _main(["simulate", "scaling", "--model", "llama2-7b", "--nodes", "4", "--chunk-layout", "uniform",
+                  "--systems", "lambdascale"]) == 0

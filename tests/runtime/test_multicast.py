@@ -127,6 +127,24 @@ def test_receiver_killed_mid_multicast_survivors_complete(tiny_model: Path) -> N
     run_async(main())
 
 
+def test_receiver_dead_before_the_multicast_starts_counts_as_lost(tiny_model: Path) -> None:
+    """Its NodeLost went out before the multicast listened: the multicast still plans around it
+    at once (no waiting for chunks it will never report)."""
+    async def main() -> None:
+        async with LocalCluster(4, SLOW, FAST_HB) as lc:
+            manifest = await _setup(lc, tiny_model, [0], [1, 2, 3])
+            with lc.cluster.subscribe() as events:
+                lc.launcher.kill(3)
+                while not isinstance(ev := await events.get(), NodeLost):
+                    pass
+            assert ev.node == 3 and 3 not in lc.cluster.alive()
+            res = await run_multicast(lc.cluster, manifest, [0], [1, 2, 3], timeout_s=20)
+            assert res.lost == (3,) and set(res.node_full_s) == {1, 2}
+            await _assert_full(lc, tiny_model, [1, 2])
+
+    run_async(main())
+
+
 def test_source_killed_mid_multicast_other_holders_take_over(tiny_model: Path) -> None:
     async def main() -> None:
         async with LocalCluster(5, SLOW, FAST_HB) as lc:

@@ -21,19 +21,24 @@ PROMPTS = [(1, 5, 9, 13), (2, 4, 6, 8, 10, 12)]
 N_TOKENS = 40
 
 
-@pytest.mark.parametrize("kv_move", ["ship", "recompute"])
-def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str) -> None:
+@pytest.mark.parametrize("kv_move, sampled", [("ship", False), ("recompute", False), ("ship", True), ("recompute", True)])
+def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str, sampled: bool) -> None:
+    """Greedy with default numerics; sampled (temperature 0.8, seeded) with engine.batch_invariant,
+    where a moved request's tokens must equal a single engine's bitwise whichever way it moved."""
     from lambdascale.engine.engine import Engine
     from lambdascale.engine.sampling import SamplingParams
+    from lambdascale.engine.settings import EngineSettings
     from lambdascale.model.importers import import_model
 
     ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
     name = ck.dir.name
-    eng = Engine.from_checkpoint(ck.dir)
-    want = [[t for o in eng.generate(list(p), SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True))
-             for t in o.token_ids] for p in PROMPTS]
+    temp = 0.8 if sampled else 0.0
+    eng = Engine.from_checkpoint(ck.dir, EngineSettings(batch_invariant=sampled, max_batch_size=2))
+    want = [[t for o in eng.generate(list(p), SamplingParams(max_tokens=N_TOKENS, temperature=temp, seed=7 + i,
+                                                             ignore_eos=True))
+             for t in o.token_ids] for i, p in enumerate(PROMPTS)]
     cfg = load_config(None, {"runtime.nodes": 3, "engine.max_batch_size": 2, "engine.max_model_len": 128,
-                             "runtime.kv_move": kv_move})
+                             "runtime.kv_move": kv_move, "engine.batch_invariant": sampled})
 
     async def main() -> tuple[list[list[int]], ClusterBackend]:
         backend = ClusterBackend(cfg, tmp_path, autoscale=False)
@@ -53,8 +58,8 @@ def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str) -
             assert pipe is not None and pipe.pipelined
 
             async def stream(i: int, started: asyncio.Event) -> list[int]:
-                req = GenerationRequest(f"r{i}", name, PROMPTS[i], SamplingSpec(max_tokens=N_TOKENS, temperature=0,
-                                                                                  ignore_eos=True))
+                req = GenerationRequest(f"r{i}", name, PROMPTS[i], SamplingSpec(max_tokens=N_TOKENS, temperature=temp,
+                                                                                  seed=7 + i, ignore_eos=True))
                 out = []
                 async for ev in backend.generate(req):
                     out.append(ev.token_id)

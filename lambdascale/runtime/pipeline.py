@@ -314,33 +314,40 @@ class PipelineServer:
     def next_tokens(self, r: _Req) -> int:
         """Tokens ``r`` computes in its next step.
 
-        Outside the mode: everything pending at once (a prompt, or prompt + outputs of a resumed
-        request). In batch-invariant mode: a prompt chunk, else one token (a decode, or the replay
-        of an output already known), a function of the request alone.
+        Outside the mode: everything pending (a prompt, or prompt + outputs of a resumed request)
+        up to the step budget; a longer prefill takes several steps. In batch-invariant mode: a
+        prompt chunk, else one token (a decode, or the replay of an output already known), a
+        function of the request alone.
         """
         chunk = self.chunk_size
         if chunk is None:
-            return len(r.all_ids) - r.computed
+            return min(len(r.all_ids) - r.computed, self.pipe.max_step_tokens)
         return next_step_tokens(r.computed, len(r.all_ids), len(r.prompt), chunk)
 
     def plan_step(self, parts: int = 1) -> list[tuple[_Req, int]]:
         """The next step's (request, tokens): single-token steps first, then prefills in admission
-        order, within ``max_step_tokens``. A prefill that does not fit the budget left waits (it
-        never shrinks, so its chunks do not depend on its neighbours). Requests in flight wait for
-        their step; ``parts`` steps about to start share the others: this one takes at most
-        ``ceil(requests not in flight / parts)``."""
+        order, within ``max_step_tokens``. In batch-invariant mode a prefill that does not fit the
+        budget left waits (it never shrinks, so its chunks do not depend on its neighbours);
+        outside it the prefill takes what is left of the budget and continues next step (so a
+        long prompt, or a moved request's prompt + outputs, is never starved by decodes). Requests
+        in flight wait for their step; ``parts`` steps about to start share the others: this one
+        takes at most ``ceil(requests not in flight / parts)``."""
         busy = self.in_flight
         sized = [(r, self.next_tokens(r)) for r in self.reqs.values() if r.rid not in busy]
         ordered = [x for x in sized if x[1] == 1] + [x for x in sized if x[1] > 1]
         batch: list[tuple[_Req, int]] = []
         budget = self.pipe.max_step_tokens
         cap = -(-len(sized) // max(1, parts))
+        shrink = self.chunk_size is None
         for r, n in ordered:
-            if len(batch) >= cap:
+            if len(batch) >= cap or budget == 0:
                 break
             if n <= budget:
                 batch.append((r, n))
                 budget -= n
+            elif shrink:
+                batch.append((r, budget))
+                budget = 0
         if not batch and ordered:
             r, n = ordered[0]
             raise InvalidRequestError(

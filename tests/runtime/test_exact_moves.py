@@ -104,12 +104,17 @@ def test_invariant_prefill_chunks_depend_only_on_the_request() -> None:
         solo = _FakePipe()
         _drive(solo, {rid: _st(n)})
         assert _chunks_of(crowded, rid) == _chunks_of(solo, rid), rid
-    # without the mode a whole prompt goes in one step (and one over the budget is refused)
+    # without the mode a whole prompt goes in one step when it fits; a longer one is cut to the
+    # budget, and one that meets decodes takes what they leave
     plain = _FakePipe(batch_invariant=False)
     _drive(plain, {"c": _st(13)})
     assert _chunks_of(plain, "c")[0] == (0, 13)
-    with pytest.raises(Exception, match="exceeds the pipeline's step budget 20"):
-        _drive(_FakePipe(batch_invariant=False), {"b": _st(40)})
+    long = _FakePipe(batch_invariant=False)
+    assert _drive(long, {"b": _st(40)})["b"] and _chunks_of(long, "b")[:2] == [(0, 20), (20, 20)]
+    mixed = _FakePipe(batch_invariant=False)
+    _drive(mixed, {"c": _st(13), "b": _st(40)})
+    assert _chunks_of(mixed, "b")[0] == (0, 7)  # c's 13 first, b the 7 left
+    assert sum(n for _, n in _chunks_of(mixed, "b")) == 40 + 2  # its prompt, then two decodes
 
 
 def test_resume_replays_outputs_one_step_each_and_streams_only_new_tokens() -> None:

@@ -112,6 +112,43 @@ def test_four_stage_pipeline_then_dissolve_to_full_instance(tiny_model: Path, re
     run_async(main(), timeout=120)
 
 
+def test_prompts_longer_than_the_step_budget_prefill_in_chunks(tiny_model: Path) -> None:
+    """A 50-token prompt through a pipeline whose steps hold 16 tokens (default numerics): it
+    prefills in chunks beside another request's decodes, instead of being refused."""
+    from lambdascale.engine.settings import EngineSettings
+
+    reqs = {"long": TokenState(tuple(range(3, 53)), (), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), 0),
+            "short": TokenState((1, 5, 9), (), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), 1)}
+    eng = Engine.from_checkpoint(tiny_model, EngineSettings(max_num_batched_tokens=16))
+    want = {rid: [t for o in eng.stream(eng.resume(st, request_id=rid)) for t in o.token_ids] for rid, st in reqs.items()}
+
+    async def main() -> tuple[dict[str, list[int]], list]:
+        async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
+            await _hold(lc, tiny_model, range(2))
+            pipe = RemotePipeline(lc.cluster, read_manifest(tiny_model), [StagePlacement(0, (0, 4)), StagePlacement(1, (4, 8))],
+                                  max_step_tokens=16)
+            await pipe.form()
+            steps: list = []
+            step = pipe.step
+
+            async def spy(seqs, *a, **kw):  # type: ignore[no-untyped-def]
+                steps.append([(sid, n) for sid, _, n in seqs])
+                return await step(seqs, *a, **kw)
+
+            pipe.step = spy  # type: ignore[method-assign]
+            srv = PipelineServer(pipe, eos(tiny_model))
+            srv.add("short", reqs["short"])
+            await srv.run(max_steps=1)  # "short" is decoding when "long" arrives
+            srv.add("long", reqs["long"])
+            await srv.run()
+            return srv.finished, steps
+
+    got, steps = run_async(main(), timeout=120)
+    assert got == want
+    long_chunks = [n for st in steps for sid, n in st if sid == "long"]
+    assert long_chunks[:4] == [15, 15, 15, 5] and all(sum(n for _, n in st) <= 16 for st in steps)
+
+
 def test_a_node_runs_one_step_at_a_time_across_its_stages(tiny_model: Path, reference) -> None:
     """Node 0 hosts stages 0 and 2 of a pipeline with three micro-batches in flight, under an
     emulated device whose steps last long enough to overlap: its device steps never overlap

@@ -142,6 +142,8 @@ class StageHost:
                     await asyncio.sleep(rest)
             if not self.stage.last:
                 flat = out.contiguous().cpu().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
+            else:
+                logits = out.float().cpu()  # [n_seqs, vocab]: the device-to-host copy is device time too
             self.agent.device_steps.append((busy_from, time.monotonic(), self.pipeline, self.index))
         if not self.stage.last:
             assert self.out_name is not None and self.next_node is not None
@@ -152,7 +154,9 @@ class StageHost:
         # last stage: out is logits [n_seqs, vocab]
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)
         params = [SamplingParams(**p) for p, _, _ in msg.sample]
-        tokens = sample_batch(out.float().cpu(), params, [s for _, s, _ in msg.sample], [i for _, _, i in msg.sample])
+        # off the event loop: a draw over a large vocabulary takes milliseconds per sampled row
+        tokens = await asyncio.to_thread(sample_batch, logits, params, [s for _, s, _ in msg.sample],
+                                         [i for _, _, i in msg.sample])
         return {"tokens": tokens}
 
     def export_kv(self, seqs: list[str], buffer: str) -> dict:

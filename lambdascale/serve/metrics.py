@@ -59,6 +59,9 @@ class GatewayMetrics:
             "lambdascale_scale_events_total", "scale events by direction", ["direction"], registry=r
         )
         self.tier_hits = Gauge("lambdascale_tier_hits_total", "instance starts served from each tier", ["tier"], registry=r)
+        self.kv_moves = Gauge("lambdascale_kv_moves_total", "requests moved off dissolving pipelines, by how their KV "
+                              "moved (shipped, recomputed)", ["how"], registry=r)
+        self.kv_bytes_shipped = Gauge("lambdascale_kv_bytes_shipped_total", "KV bytes shipped on dissolution", registry=r)
 
     def refresh(self, status: BackendStatus, models: list[str]) -> None:
         """Copy the serving side's state into the gauges (called on every scrape)."""
@@ -74,6 +77,9 @@ class GatewayMetrics:
             self.scale_events.labels(direction).set(n)
         for tier, n in status.tier_hits.items():
             self.tier_hits.labels(tier).set(n)
+        for how, n in status.kv_moves.items():
+            self.kv_moves.labels(how).set(n)
+        self.kv_bytes_shipped.set(status.kv_bytes_shipped)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

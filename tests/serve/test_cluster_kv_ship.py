@@ -15,6 +15,7 @@ from lambdascale.pipe.pipelines import Pipeline
 from lambdascale.runtime.messages import HoldModel
 from lambdascale.serve.backend import GenerationRequest, SamplingSpec
 from lambdascale.serve.cluster_backend import ClusterBackend
+from lambdascale.serve.metrics import GatewayMetrics
 from lambdascale.serve.schemas import DeploySpec
 
 PROMPTS = [(1, 5, 9, 13), (2, 4, 6, 8, 10, 12)]
@@ -86,6 +87,11 @@ def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str, s
     else:
         assert backend.kv_moves == {"shipped": 0, "recomputed": 2} and backend.moves == 2
     assert backend.status().kv_moves == backend.kv_moves
+    metrics = GatewayMetrics()
+    metrics.refresh(backend.status(), [name])
+    text = metrics.render().decode()
+    assert f'lambdascale_kv_moves_total{{how="shipped"}} {float(backend.kv_moves["shipped"])}' in text
+    assert f"lambdascale_kv_bytes_shipped_total {float(backend.kv_bytes_shipped)}" in text
 
 
 def test_full_instances_keep_slots_for_the_pipeline_over_their_node(tmp_path: Path) -> None:

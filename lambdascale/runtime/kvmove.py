@@ -35,8 +35,8 @@ from lambdascale.runtime.messages import ExportKv, ImportKv, RegisterBuffer, Sen
 
 if TYPE_CHECKING:
     from lambdascale.runtime.cluster import Cluster
-    from lambdascale.runtime.settings import RuntimeSettings
     from lambdascale.runtime.pipeline import RemotePipeline
+    from lambdascale.runtime.settings import RuntimeSettings
 
 
 class KvPolicy(str, Enum):

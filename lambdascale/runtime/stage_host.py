@@ -207,10 +207,18 @@ class StageHost:
                     per_seq[sid].append((k.to(self.device), v.to(self.device)))
             if pos > raw.size:
                 raise LambdaScaleError(f"node {self.agent.node}: KV buffer {name!r} holds {raw.size} bytes, needs {pos}")
-        for sid, _ in seqs:
-            if sid in self.stage.kv:
-                raise LambdaScaleError(f"node {self.agent.node}: sequence {sid!r} already cached on stage {self.index}")
-            self.stage.import_kv(sid, per_seq[sid])
+        dup = [sid for sid, _ in seqs if sid in self.stage.kv]
+        if dup:
+            raise LambdaScaleError(f"node {self.agent.node}: sequences {dup} already cached on stage {self.index}")
+        installed: list[str] = []
+        try:
+            for sid, _ in seqs:
+                self.stage.import_kv(sid, per_seq[sid])
+                installed.append(sid)
+        except Exception:  # all or nothing: a failed import leaves no slot taken (the requests recompute)
+            for sid in installed:
+                self.stage.release(sid)
+            raise
 
     def close(self) -> None:
         for name in (self.in_name, self.out_name):

@@ -110,3 +110,40 @@ def test_ship_and_recompute_give_identical_streams(tiny_model: Path, reference) 
     per_layer_tok = kv_bytes_per_token(arch, "float32") // arch.num_hidden_layers
     computed = res["computed"]
     assert res["bytes"] == sum(computed.values()) * per_layer_tok * 4
+
+
+def test_a_failed_kv_import_takes_no_slot(tiny_model: Path, reference) -> None:  # noqa: F811
+    """Three requests' KV shipped to a full instance with room for two: the import fails whole
+    (no slot kept for the first two), so shipping two of them then works and their streams are exact."""
+    from lambdascale.runtime.cluster import AgentRequestError
+
+    async def main() -> tuple[dict[str, list[int]], list[str]]:
+        async with LocalCluster(3, runtime=RuntimeSettings(heartbeat_s=1.0)) as lc:
+            manifest = read_manifest(tiny_model)
+            for n in range(3):
+                await lc.cluster.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
+            pipe = RemotePipeline(lc.cluster, manifest, [StagePlacement(0, (0, 4)), StagePlacement(1, (4, 8))])
+            await pipe.form()
+            streamed: dict[str, list[int]] = {r: [] for r in REQS}
+            srv = PipelineServer(pipe, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
+            for rid, st in REQS.items():
+                srv.add(rid, st)
+            await srv.run(max_steps=2)
+            moved = srv.take_progress()
+            full = RemotePipeline(lc.cluster, manifest, [StagePlacement(2, (0, 8))], max_seqs=2)
+            await full.form()
+            with pytest.raises(AgentRequestError):
+                await ship_kv(lc.cluster, pipe, full, list(moved))
+            two = list(moved)[:2]
+            await ship_kv(lc.cluster, pipe, full, two)  # would fail if the first attempt had kept slots
+            srv2 = PipelineServer(full, eos(tiny_model), on_token=lambda r, t: streamed[r].append(t))
+            for rid in two:
+                st, computed = moved[rid]
+                srv2.add(rid, st, computed=computed)
+            await srv2.run()
+            await pipe.dissolve()
+            await full.dissolve()
+            return streamed, two
+
+    streamed, two = run_async(main(), timeout=120)
+    assert {r: streamed[r] for r in two} == {r: reference[r] for r in two}

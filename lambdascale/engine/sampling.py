@@ -117,8 +117,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seed: int, index:
         keep = x >= torch.topk(x, params.top_k).values[-1]
     if params.top_p < 1.0:
         kept = x if keep is None else x[keep]
-        vals = _nucleus_candidates(kept, params.top_p)
-        cum = torch.cumsum(torch.exp(vals - torch.logsumexp(kept, dim=0)), dim=0)
+        lse = torch.logsumexp(kept, dim=0)
+        vals = _nucleus_candidates(kept, lse, params.top_p)
+        cum = torch.cumsum(torch.exp(vals - lse), dim=0)
         # the smallest prefix whose mass reaches top_p (at least one token)
         n = min(int(torch.searchsorted(cum, torch.tensor(params.top_p, dtype=cum.dtype))) + 1, vals.numel())
         above = x >= vals[n - 1]
@@ -136,8 +137,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seed: int, index:
 _NUCLEUS_FIRST_LOOK = 1024
 
 
-def _nucleus_candidates(x: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The largest values of ``x``, descending, enough of them to hold ``top_p`` of the mass.
+def _nucleus_candidates(x: torch.Tensor, lse: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The largest values of ``x`` (whose logsumexp is ``lse``), descending, enough of them to hold
+    ``top_p`` of the mass.
 
     A trained model's nucleus is a few hundred tokens at most: a top-k of 1024 finds it without
     sorting the vocabulary. Only a flatter distribution (a random-weight model's) pays the sort.
@@ -145,7 +147,7 @@ def _nucleus_candidates(x: torch.Tensor, top_p: float) -> torch.Tensor:
     import torch
     if x.numel() > _NUCLEUS_FIRST_LOOK:
         vals = torch.topk(x, _NUCLEUS_FIRST_LOOK).values
-        if float(torch.exp(vals - torch.logsumexp(x, dim=0)).sum()) >= top_p:
+        if float(torch.exp(vals - lse).sum()) >= top_p:
             return vals
     return torch.sort(x, descending=True).values
 

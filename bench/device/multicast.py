@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.startswith("synthetic:"):
         print("--model must be synthetic:SHAPE", file=sys.stderr)
         return 2
-    from lambdascale.model.arch import get_shape
+    from lambdascale.errors import LambdaScaleError
+    from lambdascale.model.arch import synthetic_arch
 
     try:
-        layers = get_shape(args.model.split(":", 1)[1]).num_hidden_layers
-    except Exception as e:  # unknown shape: the registry's message names the known ones
+        layers = synthetic_arch(args.model).num_hidden_layers
+    except LambdaScaleError as e:  # unknown shape: the message lists the known ones
         print(f"--model {args.model}: {e}", file=sys.stderr)
         return 2
     if not 1 <= args.blocks <= layers:

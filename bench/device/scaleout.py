@@ -139,11 +139,12 @@ def check_args(args: argparse.Namespace, systems: list[str]) -> str | None:
     if args.burst < 1 or args.max_tokens < 1 or args.max_seqs < 1:
         return "--burst, --max-tokens and --max-seqs must be >= 1"
     if args.model.startswith("synthetic:"):
-        from lambdascale.model.arch import get_shape
+        from lambdascale.errors import LambdaScaleError
+        from lambdascale.model.arch import synthetic_arch
 
         try:
-            layers = args.layers or get_shape(args.model.split(":", 1)[1]).num_hidden_layers
-        except Exception as e:  # unknown shape: the registry says which exist
+            layers = synthetic_arch(args.model, args.layers).num_hidden_layers
+        except LambdaScaleError as e:  # unknown shape (the message lists the known ones), --layers < 1
             return f"--model {args.model}: {e}"
         if not 1 <= args.blocks <= layers:
             return f"--blocks {args.blocks} must be in [1, {layers}] (the model's layers)"

@@ -243,3 +243,24 @@ def get_shape(name: str) -> ModelArch:
         return SHAPES[name]
     except KeyError:
         raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(sorted(SHAPES))}") from None
+
+
+def synthetic_arch(shape: str, layers: int | None = None) -> ModelArch:
+    """The shape named ``shape`` (``synthetic:`` prefix allowed), cut to ``layers`` decoder layers.
+
+    Raises ``ModelNotFoundError`` for an unknown shape (the message lists the known ones) and
+    ``CheckpointError`` for ``layers < 1``: what ``lambdascale import synthetic:SHAPE`` checks
+    before it writes anything.
+    """
+    from lambdascale.errors import CheckpointError, ModelNotFoundError
+
+    name = shape.split(":", 1)[1] if shape.startswith("synthetic:") else shape
+    try:
+        arch = get_shape(name)
+    except ValueError as e:
+        raise ModelNotFoundError(str(e)) from None
+    if layers is None:
+        return arch
+    if layers < 1:
+        raise CheckpointError(f"--layers must be at least 1, got {layers}")
+    return arch.with_layers(layers)

@@ -318,6 +318,8 @@ def test_synthetic_layers_and_unknown_shape(tmp_path: Path) -> None:
     assert ck.name == "synthetic-tiny-llama-3l" and ck.arch.num_hidden_layers == 3 and ck.manifest.n_blocks == 3
     with pytest.raises(ModelNotFoundError, match="unknown model shape 'nope'; known shapes:"):
         import_model("synthetic:nope", tmp_path)
+    with pytest.raises(CheckpointError, match="--layers must be at least 1, got 0"):
+        import_model("synthetic:tiny-llama", tmp_path, layers=0)
     with pytest.raises(CheckpointError, match="--blocks 9 exceeds"):
         import_model("synthetic:tiny-llama", tmp_path, n_blocks=9, name="x")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lambdascale.errors import CheckpointError, ModelNotFoundError
-from lambdascale.model.arch import ModelArch, get_shape
+from lambdascale.model.arch import ModelArch, synthetic_arch
 from lambdascale.model.checkpoint import BlockSource, Checkpoint, model_tensor_bytes, write_checkpoint
 from lambdascale.model.manifest import MANIFEST_NAME, DType
 
@@ -97,14 +97,7 @@ def import_model(
         from lambdascale.model.importers.tokenizer import synthetic_tokenizer_files
 
         shape = spec.split(":", 1)[1]
-        try:
-            arch = get_shape(shape)
-        except ValueError as e:
-            raise ModelNotFoundError(str(e)) from None
-        if layers is not None:
-            if layers < 1:
-                raise CheckpointError(f"--layers must be at least 1, got {layers}")
-            arch = arch.with_layers(layers)
+        arch = synthetic_arch(shape, layers)
         out_dtype = DType(dtype) if dtype else (DType.FLOAT32 if shape.startswith("tiny") else DType.BFLOAT16)
         tok = synthetic_tokenizer_files(arch.vocab_size, arch.bos_token_id if isinstance(arch.bos_token_id, int) else None,
                                         arch.eos_token_id if isinstance(arch.eos_token_id, int) else None,

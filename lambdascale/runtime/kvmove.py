@@ -147,9 +147,10 @@ class KvMoveChooser:
 
     @classmethod
     def build(cls, runtime: "RuntimeSettings", arch: ModelArch, dtype: str, link_gbps: float | None,
-              emulate_device: str | None = None, batch_invariant: bool = False) -> "KvMoveChooser":
-        """From ``runtime`` (``kv_move``, ``kv_link_gbps`` when links are not capped, the recompute
-        rate, the overhead) and the stages' ``dtype``."""
+              emulate_device: str | None = None, batch_invariant: bool = False,
+              policy: KvPolicy | str | None = None) -> "KvMoveChooser":
+        """From ``runtime`` (``kv_move`` unless ``policy`` is given, ``kv_link_gbps`` when links are
+        not capped, the recompute rate, the overhead) and the stages' ``dtype``."""
         cost = None
         if emulate_device:
             from lambdascale.runtime.emulation import StepTimer, parse_profile
@@ -157,7 +158,7 @@ class KvMoveChooser:
             L = arch.num_hidden_layers
             cost = StepTimer.build(parse_profile(emulate_device), L, L)
         return cls(kv_bytes_per_token(arch, dtype), (link_gbps or runtime.kv_link_gbps) * 1e9 / 8,
-                   KvPolicy(runtime.kv_move), runtime.kv_ship_overhead_s, runtime.kv_recompute_tokens_per_s,
+                   KvPolicy(policy if policy is not None else runtime.kv_move), runtime.kv_ship_overhead_s, runtime.kv_recompute_tokens_per_s,
                    cost, batch_invariant)
 
     def choose(self, prompt_len: int, computed: int, dest_tokens_per_s: float | None = None,

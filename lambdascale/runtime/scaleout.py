@@ -143,8 +143,7 @@ async def serve_scale_out(
     system = SystemKind(system)
     rs = cluster.settings
     kv_policy = KvPolicy(kv_policy if kv_policy is not None else rs.kv_move)
-    kv = KvMoveChooser.build(rs.model_copy(update={"kv_move": kv_policy.value}), manifest.arch, dtype, link_gbps,
-                             emulate_device, batch_invariant)
+    kv = KvMoveChooser.build(rs, manifest.arch, dtype, link_gbps, emulate_device, batch_invariant, kv_policy)
     rep = ScaleOutReport(system, batch_invariant=batch_invariant)
     servers: list[PipelineServer] = []  # every instance's server, for the replay counters
     queue: deque[tuple[str, TokenState]] = deque(requests.items())

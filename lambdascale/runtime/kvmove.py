@@ -158,8 +158,8 @@ class KvMoveChooser:
             L = arch.num_hidden_layers
             cost = StepTimer.build(parse_profile(emulate_device), L, L)
         return cls(kv_bytes_per_token(arch, dtype), (link_gbps or runtime.kv_link_gbps) * 1e9 / 8,
-                   KvPolicy(policy if policy is not None else runtime.kv_move), runtime.kv_ship_overhead_s, runtime.kv_recompute_tokens_per_s,
-                   cost, batch_invariant)
+                   KvPolicy(policy if policy is not None else runtime.kv_move), runtime.kv_ship_overhead_s,
+                   runtime.kv_recompute_tokens_per_s, cost, batch_invariant)
 
     def choose(self, prompt_len: int, computed: int, dest_tokens_per_s: float | None = None,
                dest_decode_step_s: float | None = None) -> KvMoveCost:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -123,17 +124,20 @@ class SimModel:
     n_chunks: int
     layout: ChunkLayout | None = None
 
-    @property
+    @cached_property
     def chunk_bytes(self) -> tuple[float, ...]:
         """Bytes of each chunk, in chunk order."""
         if self.layout is None:
             return (self.nbytes / self.n_chunks,) * self.n_chunks
         return tuple(float(n) for n in self.layout.chunk_lengths())
 
+    @cached_property
+    def _blocks_of(self) -> ChunkLayout:
+        return self.layout or ChunkLayout.uniform(self.n_blocks, self.n_chunks)
+
     def blocks_held(self, chunks: set[int]) -> frozenset[int]:
         """Blocks whose every chunk is in ``chunks``."""
-        lay = self.layout or ChunkLayout.uniform(self.n_blocks, self.n_chunks)
-        return frozenset(lay.blocks_held(chunks))
+        return frozenset(self._blocks_of.blocks_held(chunks))
 
 
 def block_nbytes(arch: ModelArch, n_blocks: int, dtype_bytes: int = 2) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import TextIO
+from typing import Callable, TextIO
 
 from lambdascale.config import LambdaScaleConfig, dump_config
 from lambdascale.errors import LambdaScaleError
@@ -79,6 +79,21 @@ def openai_example(url: str, model: str, key: str) -> str:
     return run
 
 
+def signal_flag() -> tuple[list[int], Callable[[int, object], None]]:
+    """A list and a signal handler that appends the signal to it, and does nothing else.
+
+    Python runs a handler on the main thread between bytecodes, possibly inside ``Event.wait``,
+    which holds the event's lock there: a handler that called ``stop.set()`` then waited for that
+    lock forever, and Ctrl-C hung ``lambdascale serve`` now and then. The serve loop polls the list.
+    """
+    got: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    return got, on_signal
+
+
 def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: TextIO | None = None,
                   stop: threading.Event | None = None) -> int:
     """Run until Ctrl-C / SIGTERM (or ``stop`` is set); returns the exit code."""
@@ -114,15 +129,12 @@ def serve_forever(cfg: LambdaScaleConfig, explicit_cluster: bool = False, out: T
           + f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", file=out)
     print("  " + openai_example(url, model, "KEY" if key != "none" else "none"), file=out, flush=True)
     stop = stop or threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
+    signalled, on_signal = signal_flag()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
     try:
-        while not stop.wait(0.5):
+        while not signalled and not stop.wait(0.5):
             if not server._thread.is_alive():
                 log.error("gateway stopped unexpectedly")
                 return 1

@@ -74,3 +74,44 @@ def test_ctrl_c_of_serve_stops_agents_without_tracebacks(tmp_path: Path) -> None
     while _agents_of(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _agents_of(proc.pid) == []
+
+
+def test_serve_handler_runs_while_the_stop_lock_is_held(tmp_path: Path) -> None:
+    """Python runs a signal handler on the main thread, possibly inside ``stop.wait`` where that
+    event's lock is held. ``lambdascale serve``'s handler must then return at once, and the serve
+    loop still stop: a handler that called ``stop.set()`` waited for the lock forever (Ctrl-C hung
+    ``lambdascale serve`` now and then). The handler serve installs is called with the lock held."""
+    import io
+    import threading
+
+    from lambdascale.config import load_config
+    from lambdascale.serve.launch import serve_forever
+
+    cfg = load_config(None, {"serve.backend": "fake", "serve.port": 0,
+                             "serve.registry_path": str(tmp_path / "reg.sqlite"), "paths.runs_dir": str(tmp_path)})
+    out, stop, checked = io.StringIO(), threading.Event(), []
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while "Ctrl-C to stop" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handler = signal.getsignal(signal.SIGINT)
+        with stop._cond:  # type: ignore[attr-defined]
+            t = threading.Thread(target=handler, args=(signal.SIGINT, None), daemon=True)
+            t.start()
+            t.join(5)
+            checked.append(not t.is_alive())
+        if not checked[0]:
+            stop.set()  # unblock the old handler so the test ends
+
+    helper = threading.Thread(target=interrupt, daemon=True)
+    helper.start()
+    try:
+        assert serve_forever(cfg, out=out, stop=stop) == 0
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+    helper.join(10)
+    assert checked == [True] and not stop.is_set()  # the handler returned; the loop stopped on its flag
+    assert "stopped cleanly" in out.getvalue()

@@ -20,6 +20,18 @@ Policy (pure function of holdings, capacity and the pipelines already running):
    blocks round-robin, so early holdings interleave), blocks are assigned freely and a node may
    run several non-adjacent stages of one pipeline.
 
+4. *Helpers* (optional): nodes that already serve the model in full (the multicast's sources)
+   and may lend their device to pipelines, ``helpers[node]`` blocks at most over all pipelines.
+   When a planned size cannot be built from receivers alone, an *assisted* pipeline is built:
+   up to ``size`` receivers carry what they can (at most ``ceil(B/size)`` blocks each, every one at
+   least one), and helpers run the blocks no free receiver holds yet, each contiguous run on one
+   helper where room allows; no assisted pipeline forms once a receiver can serve alone. An
+   assisted pipeline may have fewer receivers than its planned size when no more hold a block.
+   Receivers hold every block no sooner than K/S chunk-times after the
+   multicast starts (every block must leave one of S sources once); helpers let a pipeline form
+   once the receivers hold part of the model. A pipeline's *size* counts its receivers only, and
+   an assisted pipeline is kept, like any other, until a receiver in it can serve alone.
+
 ``capacity[node]`` is the node's free capacity in blocks: the most blocks it can execute (KV-cache
 memory for their layers); 0 takes the node out. Nodes missing from ``capacity`` are unlimited.
 
@@ -349,6 +361,93 @@ def _build(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, in
     return None
 
 
+def _cover_partial(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> list[int]:
+    """Up to ``size`` nodes from ``pool`` (poorest first) covering the most blocks, greedily, each
+    counted for at most ``ceil(B/size)`` blocks; nodes adding nothing are taken last, in pool order."""
+    hi = -(-n_blocks // size)
+    covered = 0
+    chosen: list[int] = []
+    while len(chosen) < size:
+        best, gain = -1, 0
+        for v in pool:
+            if v in chosen:
+                continue
+            g = min(hi, (masks[v] & ~covered).bit_count())
+            if g > gain:
+                best, gain = v, g
+        if best < 0:
+            break
+        chosen.append(best)
+        covered |= masks[best]
+    chosen += [v for v in pool if v not in chosen][: size - len(chosen)]
+    return chosen
+
+
+def _match_capped(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], hi: int) -> list[int]:
+    """Blocks on ``nodes`` (each holding what it gets), at most ``hi`` per node: first one
+    distinct block for as many nodes as possible (Kuhn), then as many more blocks as augmenting
+    paths place. Unplaced blocks are -1; a node that got no block is not in the answer."""
+    owner = [-1] * n_blocks
+    of_node = {v: [b for b in range(n_blocks) if (masks[v] >> b) & 1] for v in nodes}
+
+    def first(v: int, seen: set[int]) -> bool:
+        for b in of_node[v]:
+            if b in seen:
+                continue
+            seen.add(b)
+            if owner[b] == -1 or first(owner[b], seen):
+                owner[b] = v
+                return True
+        return False
+
+    if hi < 1:
+        return owner
+    placed = [v for v in nodes if first(v, set())]
+    load = {v: 1 for v in placed}
+    holders = [[v for v in placed if (masks[v] >> b) & 1] for b in range(n_blocks)]
+    for b in range(n_blocks):
+        if owner[b] == -1:
+            _place_block(b, owner, load, holders, of_node, hi)  # loads never drop; may fail
+    return owner
+
+
+def _build_assisted(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, int],
+                    cap: Mapping[int, int], room: Mapping[int, int]) -> Pipeline | None:
+    """A pipeline on up to ``size`` free receivers (at least one, each carrying one block or more
+    and at most ``ceil(B/size)``, or the smallest capacity among them) plus helpers (``room``:
+    helper -> blocks it may still run) for the blocks the receivers cannot take, or None when the
+    helpers lack the room. Each run of consecutive helper blocks goes to the helper with the most
+    room (lowest id on ties), split only when no helper can take all of it.
+    """
+    hi = -(-n_blocks // size)
+    pool = [v for v in free if cap.get(v, n_blocks) >= 1 and masks[v]]
+    if not pool or sum(room.values()) == 0:
+        return None
+    nodes = pool if len(pool) <= size else _cover_partial(size, n_blocks, pool, masks)
+    owner = _match_capped(n_blocks, nodes, masks, min([hi] + [cap.get(v, n_blocks) for v in nodes]))
+    missing = [b for b in range(n_blocks) if owner[b] == -1]
+    if len(missing) == n_blocks or len(missing) > sum(room.values()):
+        return None
+    left = dict(room)
+    runs: list[list[int]] = []
+    for b in missing:
+        if runs and runs[-1][-1] == b - 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    for run in runs:
+        while run:
+            h = min((v for v in left if left[v] > 0), key=lambda v: (-min(left[v], len(run)), -left[v], v))
+            take = min(left[h], len(run))
+            for b in run[:take]:
+                owner[b] = h
+            left[h] -= take
+            run = run[take:]
+    full = (1 << n_blocks) - 1
+    _fewer_hops(owner, {**{h: full for h in room}, **{v: masks[v] for v in nodes}})
+    return Pipeline(tuple(owner))
+
+
 def _to_masks(holdings: Mapping[int, Iterable[int]], n_blocks: int) -> dict[int, int]:
     masks: dict[int, int] = {}
     for node, blocks in holdings.items():
@@ -367,33 +466,47 @@ def _plan_masks(
     cap: Mapping[int, int],
     current: Sequence[Pipeline],
     sizes: Sequence[int],
+    helpers: Mapping[int, int] | None = None,
 ) -> PipelinePlan:
     full_mask = (1 << n_blocks) - 1
     solo = sorted(v for v, m in masks.items() if m == full_mask and cap.get(v, n_blocks) >= n_blocks)
     solo_set = set(solo)
+    room = dict(helpers or {})  # helper -> blocks it may still run
     keep: list[Pipeline] = []
     dissolve: list[Pipeline] = []
     used: set[int] = set()
     for p in current:
         if len(p.assignment) != n_blocks:
             raise PlanError(f"current pipeline {p.assignment} does not cover {n_blocks} blocks")
+        loads = p.loads()
         ok = all(
-            v in masks and v not in solo_set and v not in used
-            and (masks[v] >> b) & 1 for b, v in enumerate(p.assignment)
-        ) and all(cap.get(v, n_blocks) >= n for v, n in p.loads().items())
+            v in room or (v in masks and v not in solo_set and v not in used and (masks[v] >> b) & 1)
+            for b, v in enumerate(p.assignment)
+        ) and all(
+            room[v] >= n if v in room else cap.get(v, n_blocks) >= n for v, n in loads.items()
+        )
         if ok:
             keep.append(p)
-            used.update(p.nodes)
+            used.update(v for v in p.nodes if v not in room)
+            for v, n in loads.items():
+                if v in room:
+                    room[v] -= n
         else:
             dissolve.append(p)
     want = _pipe_counts(sizes)
-    have = Counter(p.size for p in keep)
+    have = Counter(_slot(p, room, want) for p in keep)
     free = [v for v in masks if v not in solo_set and v not in used and cap.get(v, n_blocks) >= 1]
     free.sort(key=lambda v: (masks[v].bit_count(), v))
     form: list[Pipeline] = []
     for s in sorted(want, reverse=True):
         while have[s] < want[s]:
             built = _build(s, n_blocks, free, masks, cap)
+            if built is None and room and not solo:  # helpers bridge the time before any node is full
+                built = _build_assisted(s, n_blocks, free, masks, cap, room)
+                if built is not None:
+                    for v, n in built.loads().items():
+                        if v in room:
+                            room[v] -= n
             if built is None:
                 break  # fewer free nodes will not do better for this size
             form.append(built)
@@ -401,6 +514,13 @@ def _plan_masks(
             taken = set(built.nodes)
             free = [v for v in free if v not in taken]
     return PipelinePlan(tuple(form), tuple(keep), tuple(dissolve), tuple(solo), tuple(sizes))
+
+
+def _slot(p: Pipeline, helpers: Mapping[int, int], want: Mapping[int, int]) -> int:
+    """The planned size a running pipeline fills: its receivers (nodes that are not helpers), or,
+    for an assisted pipeline with fewer, the smallest planned size that holds them."""
+    n = sum(1 for v in p.nodes if v not in helpers)
+    return min((s for s in want if s >= n), default=n) if n < p.size else n
 
 
 def _pipe_counts(sizes: Sequence[int]) -> Counter[int]:
@@ -413,6 +533,17 @@ def _check_sizes(sizes: Sequence[int], n_blocks: int) -> tuple[int, ...]:
     if bad:
         raise PlanError(f"pipeline sizes {bad} outside 1..n_blocks={n_blocks}")
     return tuple(sorted(sizes, reverse=True))
+
+
+def _check_helpers(helpers: Mapping[int, int] | None, nodes: Iterable[int]) -> dict[int, int]:
+    out = dict(helpers or {})
+    both = sorted(set(out) & set(nodes))
+    if both:
+        raise PlanError(f"nodes {both} are both helpers and receivers")
+    bad = {v: n for v, n in out.items() if n < 0}
+    if bad:
+        raise PlanError(f"helper room must be >= 0 blocks, got {bad}")
+    return out
 
 
 def _check_common(n_blocks: int, capacity: Mapping[int, int] | None) -> dict[int, int]:
@@ -432,6 +563,7 @@ def plan_pipelines(
     current: Sequence[Pipeline] = (),
     sizes: Sequence[int] | None = None,
     layout: ChunkLayout | None = None,
+    helpers: Mapping[int, int] | None = None,
 ) -> PipelinePlan:
     """Decide pipelines for nodes ``holdings`` (node -> blocks held). Pure and deterministic.
 
@@ -439,7 +571,8 @@ def plan_pipelines(
     doc); ``sizes`` overrides :func:`planned_sizes` over all nodes in ``holdings`` (each in
     ``1..n_blocks``; tried largest first). With ``layout``, ``holdings`` maps each node to the
     *chunks* it holds, and a block counts as held when every chunk overlapping it is
-    (:meth:`ChunkLayout.blocks_held`).
+    (:meth:`ChunkLayout.blocks_held`). ``helpers`` (node -> blocks it may run for pipelines) are
+    nodes serving the whole model already, not in ``holdings`` (rule 4 of the module doc).
     """
     if layout is not None:
         if layout.n_blocks != n_blocks:
@@ -452,7 +585,7 @@ def plan_pipelines(
     cap = _check_common(n_blocks, capacity)
     masks = _to_masks(holdings, n_blocks)
     sz = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(masks))
-    return _plan_masks(masks, n_blocks, cap, current, sz)
+    return _plan_masks(masks, n_blocks, cap, current, sz, _check_helpers(helpers, masks))
 
 
 class PipelinePlanner:
@@ -470,6 +603,7 @@ class PipelinePlanner:
         sizes: Sequence[int] | None = None,
         holdings: Mapping[int, Iterable[int]] | None = None,
         layout: ChunkLayout | None = None,
+        helpers: Mapping[int, int] | None = None,
     ) -> None:
         self.n_blocks = n_blocks
         if n_chunks is None:
@@ -484,6 +618,7 @@ class PipelinePlanner:
         self._cap = _check_common(n_blocks, capacity)
         node_list = list(nodes)
         self._masks = _to_masks({v: (holdings or {}).get(v, ()) for v in node_list}, n_blocks)
+        self._helpers = _check_helpers(helpers, node_list)
         self._explicit_sizes = sizes is not None
         self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
         self._want = _pipe_counts(self.sizes)
@@ -492,7 +627,7 @@ class PipelinePlanner:
         self._per_block = self.layout.block_chunk_counts()
         self._missing: dict[tuple[int, int], int] = {}
         self._seen: set[tuple[int, int]] = set()
-        self.plan = _plan_masks(self._masks, B, self._cap, (), self.sizes)
+        self.plan = _plan_masks(self._masks, B, self._cap, (), self.sizes, self._helpers)
 
     @property
     def active(self) -> tuple[Pipeline, ...]:
@@ -501,6 +636,11 @@ class PipelinePlanner:
     @property
     def solo(self) -> tuple[int, ...]:
         return self.plan.solo
+
+    @property
+    def helpers(self) -> dict[int, int]:
+        """helper -> blocks it may run for pipelines (rule 4 of the module doc)."""
+        return dict(self._helpers)
 
     def holdings(self) -> dict[int, set[int]]:
         """node -> blocks held, as the planner sees it."""
@@ -538,10 +678,10 @@ class PipelinePlanner:
             return None
         self._masks[node] = m
         became_full = m == (1 << self.n_blocks) - 1
-        have = Counter(p.size for p in self.plan.active)
+        have = Counter(_slot(p, self._helpers, self._want) for p in self.plan.active)
         if not became_full and all(have[s] >= n for s, n in self._want.items()):
             return None  # every planned pipeline runs and no member can leave: nothing to do
-        new = _plan_masks(self._masks, self.n_blocks, self._cap, self.plan.active, self.sizes)
+        new = _plan_masks(self._masks, self.n_blocks, self._cap, self.plan.active, self.sizes, self._helpers)
         old_solo = self.plan.solo
         self.plan = new
         if new.changed or new.solo != old_solo:
@@ -559,6 +699,11 @@ class PipelinePlanner:
         new plan when something changed (always, when a pipeline ran through ``node`` or it was
         solo), else None. Removing an unknown or already removed node raises :class:`PlanError`.
         """
+        if node in self._helpers:  # a helper left: pipelines through it dissolve and are re-planned
+            del self._helpers[node]
+            old = self.plan
+            self.plan = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes, self._helpers)
+            return self.plan if self.plan.changed else None
         if node not in self._masks:
             raise PlanError(f"node {node} is not one of the planner's nodes (or was already removed)")
         del self._masks[node]
@@ -568,7 +713,7 @@ class PipelinePlanner:
             self.sizes = planned_sizes(self.n_blocks, len(self._masks))
             self._want = _pipe_counts(self.sizes)
         old = self.plan
-        new = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes)
+        new = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes, self._helpers)
         self.plan = new
         if new.changed or new.solo != old.solo:
             return new

@@ -275,3 +275,121 @@ def test_incremental_equals_pure_with_removals(n: int, s: int, b: int, kills, ex
             assert planner.holdings() == holdings
             assert all(v not in p.nodes for p in planner.plan.active)
             _check_valid(planner.plan, holdings, b)
+
+
+# ---- helpers: sources lend their device to pipelines ------------------------------------------
+
+def _check_assisted(plan, holdings, helpers, n_blocks) -> None:
+    """Every pipeline covers the blocks in order on nodes holding them (helpers hold all), helpers
+    stay within their room summed over pipelines, receivers are in one pipeline at most."""
+    used: dict[int, int] = {}
+    seen: set[int] = set()
+    for p in plan.active:
+        assert len(p.assignment) == n_blocks
+        for b, v in enumerate(p.assignment):
+            assert v in helpers or b in holdings[v]
+        receivers = {v for v in p.nodes if v not in helpers}
+        assert receivers and not seen & receivers
+        seen |= receivers
+        for v, n in p.loads().items():
+            if v in helpers:
+                used[v] = used.get(v, 0) + n
+    assert all(used[v] <= helpers[v] for v in used)
+
+
+def test_helpers_run_the_blocks_no_receiver_holds_yet() -> None:
+    # two sources dealt complementary blocks; the receivers hold six of eight between them
+    h = {2: {0, 1}, 3: {0}, 4: {4, 5, 6}, 5: {4, 5, 6}}
+    assert plan_pipelines(h, 8).active == ()  # blocks 2, 3 and 7 are on no receiver
+    plan = plan_pipelines(h, 8, helpers={0: 2, 1: 2})
+    (p,) = plan.form
+    _check_assisted(plan, h, {0: 2, 1: 2}, 8)
+    assert {v for v in p.nodes if v not in (0, 1)} == {2, 3, 4, 5}  # the planned size counts receivers
+    assert sorted(b for b, v in enumerate(p.assignment) if v in (0, 1)) == [2, 3, 7]
+    assert p.assignment[2] == p.assignment[3]  # a run of helper blocks stays on one helper
+    # too little room: 3 blocks missing, 2 lent
+    assert plan_pipelines(h, 8, helpers={0: 1, 1: 1}).active == ()
+    # a receiver-only pipeline is preferred whenever one exists
+    full = {2: {0, 1, 2, 3}, 3: {0, 1, 2, 3}, 4: {4, 5, 6, 7}, 5: {4, 5, 6, 7}}
+    (q,) = plan_pipelines(full, 8, helpers={0: 4, 1: 4}).form
+    assert not {0, 1} & set(q.nodes)
+
+
+def test_an_assisted_pipeline_is_kept_until_a_receiver_can_serve_alone() -> None:
+    helpers = {0: 2, 1: 2}
+    h = {2: {0, 1}, 3: {0}, 4: {4, 5, 6}, 5: {4, 5, 6}}
+    (p,) = plan_pipelines(h, 8, helpers=helpers).form
+    more = {**h, 3: {0, 1, 2, 3}, 5: {4, 5, 6, 7}}  # a receiver-only pipeline would fit now
+    again = plan_pipelines(more, 8, helpers=helpers, current=(p,))
+    assert again.keep == (p,) and again.form == ()
+    done = {**more, 2: set(range(8))}
+    last = plan_pipelines(done, 8, helpers=helpers, current=(p,))
+    assert last.dissolve == (p,) and last.solo == (2,)
+
+
+def test_kept_pipelines_use_up_the_helpers_room() -> None:
+    h = {2: {0}, 3: {1}, 4: {0}, 5: {1}}
+    plan = plan_pipelines(h, 4, sizes=(2, 2), helpers={0: 2})
+    assert len(plan.form) == 1  # 2 blocks missing per pipeline, 2 lent in all
+    _check_assisted(plan, h, {0: 2}, 4)
+    plan2 = plan_pipelines(h, 4, sizes=(2, 2), helpers={0: 4})
+    assert len(plan2.form) == 2
+    _check_assisted(plan2, h, {0: 4}, 4)
+    # fed back with less room, one of them no longer fits and dissolves
+    plan3 = plan_pipelines(h, 4, sizes=(2, 2), helpers={0: 2}, current=plan2.active)
+    assert len(plan3.keep) == 1 and len(plan3.dissolve) == 1
+
+
+def test_removing_a_helper_dissolves_its_pipelines() -> None:
+    planner = PipelinePlanner([2, 3], 4, helpers={0: 2}, holdings={2: {0}, 3: {1}})
+    (p,) = planner.plan.active
+    assert 0 in p.nodes
+    out = planner.remove_node(0)
+    assert out is not None and out.dissolve == (p,) and out.active == ()
+    assert planner.helpers == {}
+    with pytest.raises(PlanError, match="not one of the planner's nodes"):
+        planner.remove_node(0)
+
+
+def test_bad_helpers_are_refused() -> None:
+    with pytest.raises(PlanError, match="both helpers and receivers"):
+        plan_pipelines({2: {0}}, 2, helpers={2: 1})
+    with pytest.raises(PlanError, match=">= 0"):
+        PipelinePlanner([2], 2, helpers={0: -1})
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(3, 16), s=st.integers(1, 3), b=st.sampled_from([2, 4, 8]), room=st.integers(0, 4))
+def test_incremental_equals_pure_with_helpers(n: int, s: int, b: int, room: int) -> None:
+    s = min(s, n - 1)
+    plan = plan_multicast("binomial", n, s, b, 2 * b)
+    helpers = {v: room for v in range(s)}
+    planner = PipelinePlanner(plan.receiver_nodes, b, 2 * b, helpers=helpers)
+    chunks: dict[int, set[int]] = {v: set() for v in plan.receiver_nodes}
+    for rnd in plan.rounds:
+        for snd in rnd:  # each arrival: the incremental answer is the pure one on the holdings now
+            prev = planner.plan.active
+            planner.on_chunk(snd.dst, snd.chunk)
+            chunks[snd.dst].add(snd.chunk)
+            holdings = {v: set(planner.layout.blocks_held(cs)) for v, cs in chunks.items()}
+            pure = plan_pipelines(holdings, b, current=prev, helpers=helpers)
+            assert pure.active == planner.plan.active and pure.solo == planner.plan.solo
+            _check_assisted(planner.plan, holdings, helpers, b)
+    if plan.receiver_nodes:
+        assert planner.plan.solo == plan.receiver_nodes and planner.plan.active == ()
+
+
+def test_an_assisted_pipeline_may_use_fewer_receivers_and_none_forms_once_one_is_full() -> None:
+    # the first ticks of the reference two-source plan: one receiver still holds nothing
+    h = {2: {0}, 3: set(), 4: {4, 5, 6}, 5: {4, 5}}
+    (p,) = plan_pipelines(h, 8, helpers={0: 2, 1: 2}).form
+    receivers = [v for v in p.nodes if v not in (0, 1)]
+    assert sorted(receivers) == [2, 4, 5]
+    assert sorted(b for b, v in enumerate(p.assignment) if v in (0, 1)) == [1, 2, 3, 7]
+    # fed back, it fills the planned 4-node slot: no second pipeline from node 3 and helpers
+    again = plan_pipelines({**h, 3: {0}}, 8, helpers={0: 4, 1: 4}, current=(p,))
+    assert again.keep == (p,) and again.form == ()
+    # a full receiver ends the helpers' part: no assisted pipeline forms any more
+    late = {2: set(range(8)), 3: {0, 1}, 4: {4, 5}, 5: {6, 7}}
+    assert plan_pipelines(late, 8, helpers={0: 4, 1: 4}).active == ()
+    assert len(plan_pipelines({**late, 2: {0}}, 8, helpers={0: 4, 1: 4}).form) == 1

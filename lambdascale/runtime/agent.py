@@ -77,6 +77,7 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.agent_memory import GB, AgentMemory, MemoryRefusedError, MemTier
 from lambdascale.runtime.arena import Arena
+from lambdascale.runtime.device import Device
 from lambdascale.store.pool import Allocation
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.base import Arrival, Transport, make_transport
@@ -165,9 +166,9 @@ class NodeAgent:
         self._cancelled_epoch: dict[str, int] = {}
         self.stages: dict[tuple[str, int], Any] = {}  # (pipeline, stage index) -> StageHost (torch imported lazily)
         # the node's one accelerator: steps of all its stages and instances run one at a time, so
-        # two stages here (non-adjacent stages of a pipeline; a pipeline stage beside a new solo
-        # instance while it dissolves) never overlap their emulated device time
-        self.device_lock = asyncio.Lock()
+        # two stages here (non-adjacent stages of a pipeline; a pipeline stage beside a solo
+        # instance) never overlap their compute; cross-node stages go first (runtime.device)
+        self.device = Device()
         #: (start, end, pipeline, stage) of the latest device steps, monotonic seconds (GetStatus)
         self.device_steps: deque[tuple[float, float, str, int]] = deque(maxlen=512)
         self._hidden: dict[str, asyncio.Future[None]] = {}
@@ -495,6 +496,7 @@ class NodeAgent:
                     for n, s in self.models.items()
                 },
                 "device_steps": list(self.device_steps),
+                "device_preemptions": self.device.preemptions,
                 "switch_interval_ms": sys.getswitchinterval() * 1e3,
                 "bytes_sent": self.transport.bytes_sent,
                 "bytes_received": self.transport.bytes_received,

@@ -9,8 +9,9 @@ The last stage samples with the engine's pure sampler, so a request's tokens dep
 token state, whichever nodes computed them. A pipeline keeps up to ``FormStage.slots`` steps
 (micro-batches of disjoint sequences) in flight so its stages work at once: each buffer has one
 region per slot, and a node's device runs one step at a time, of whichever stage or instance it
-hosts (the agent's ``device_lock``, taken once the step's input is there), its emulated-device
-floor included. With ``FormStage.batch_invariant`` the stage runs
+hosts (the agent's ``device``, taken once the step's input is there), its emulated-device
+floor included. Steps of a pipeline that spans several nodes go first, and may run inside the
+emulated wait of a full instance's step (:mod:`lambdascale.runtime.device`). With ``FormStage.batch_invariant`` the stage runs
 the engine's batch-invariant numerics on one torch thread: hidden states cross stages in the
 stage dtype's bytes, so a pipeline's step is bitwise the one-stage step.
 
@@ -31,6 +32,7 @@ from lambdascale.engine.stage import SeqSlice, Stage, StageBatch
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.checkpoint import tensors_from_block_bytes
 from lambdascale.model.llama import StageModel
+from lambdascale.runtime.device import NORMAL, URGENT
 
 if TYPE_CHECKING:
     from lambdascale.runtime.agent import ModelState, NodeAgent
@@ -96,7 +98,9 @@ class StageHost:
             if name is not None:
                 agent.transport.register(name, nbytes)
         self.max_step_tokens = msg.max_step_tokens
-        self._busy = agent.device_lock  # one step at a time on this node's device, whichever stage
+        # one step at a time on this node's device, whichever stage; other nodes wait on the
+        # stages of a cross-node pipeline, so those go first
+        self.priority = URGENT if msg.index > 0 or msg.next_node is not None else NORMAL
         self.timer = None
         if msg.emulate_device:
             from lambdascale.runtime.emulation import StepTimer, parse_profile
@@ -118,7 +122,7 @@ class StageHost:
         base = msg.slot * self.slot_bytes
         if hidden_ready is not None:
             await hidden_ready
-        async with self._busy:
+        async with self.agent.device.step(self.priority) as dev:
             for sid in msg.release:
                 self.stage.release(sid)
             if not msg.seqs:
@@ -139,7 +143,7 @@ class StageHost:
                                            sum(1 for s in batch.seqs if s.length == 1))
                 rest = floor - (asyncio.get_running_loop().time() - t0)
                 if rest > 0:
-                    await asyncio.sleep(rest)
+                    await dev.hold_until(rest)
             if not self.stage.last:
                 flat = out.contiguous().cpu().view(torch.uint8).reshape(-1).numpy()  # [N * hidden * itemsize]
             else:

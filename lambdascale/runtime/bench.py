@@ -87,6 +87,8 @@ class ScaleBenchResult:
     #: engine.batch_invariant on every stage and on the single-node reference (``--batch-invariant``)
     batch_invariant: bool = False
     device_arena_gb: float = 0.0  # resident landing-zone memory per agent (runtime.device_arena_gb)
+    #: blocks each source may run as stages of execute-while-load pipelines (runtime.pipeline_helper_blocks)
+    pipeline_helper_blocks: int = 0
 
 
 def multicast_bound_s(n_nodes: int, n_sources: int, k: int, model_bytes: int, link_bps: float) -> float:
@@ -194,6 +196,8 @@ def format_table(r: ScaleBenchResult) -> str:
         ("caps", f"link {r.link_gbps or 'none'} Gbit/s, ssd {r.ssd_gbps or 'none'} Gbit/s"),
         ("landing zones", f"resident arena of {r.device_arena_gb:.2f} GB per agent" if r.device_arena_gb
          else "fresh buffers touched during the scale-out"),
+        ("sources' stages in pipelines", f"up to {r.pipeline_helper_blocks} blocks each" if r.pipeline_helper_blocks
+         else "none (receivers only)"),
         ("source load from SSD tier", f"{r.source_load_s * 1e3:.1f} ms"),
         ("multicast completion (capped)", f"{r.multicast_s * 1e3:.1f} ms"),
         ("bound (k-1+ceil(log2 n))/k x size/link", f"{r.bound_s * 1e3:.1f} ms" if r.bound_s else "n/a (no link cap)"),
@@ -231,14 +235,15 @@ def format_table(r: ScaleBenchResult) -> str:
 def _systems_table(systems: list[dict[str, Any]]) -> str:
     """One row per system plus lambdascale's p99 TTFT over each other system's (goal: <= 0.5 vs
     faasnet and nccl, < 1 vs local)."""
-    hdr = f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} " \
-          f"{'MiB moved':>9} {'pipes':>5} {'exact':>5} {'ls p99 / this':>13}"
+    hdr = f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'last done ms':>12} " \
+          f"{'all solo ms':>11} {'MiB moved':>9} {'pipes':>5} {'exact':>5} {'ls p99 / this':>13}"
     ls = next((x["ttft_p99_s"] for x in systems if x["system"] == "lambdascale"), None)
     lines = [hdr]
     for x in systems:
         ratio = f"{ls / x['ttft_p99_s']:.2f}" if ls is not None and x["ttft_p99_s"] > 0 else "n/a"
         lines.append(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
-                     f"{x['last_first_token_s'] * 1e3:>15.1f} {x['all_solo_s'] * 1e3:>11.1f} "
+                     f"{x['last_first_token_s'] * 1e3:>15.1f} {x.get('last_done_s', 0.0) * 1e3:>12.1f} "
+                     f"{x['all_solo_s'] * 1e3:>11.1f} "
                      f"{x['bytes_moved'] / 2**20:>9.1f} {x['pipelines_formed']:>5} {str(x['exact']):>5} {ratio:>13}")
     return "\n".join(lines)
 
@@ -332,6 +337,8 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             "instance_nodes": {k: list(v) for k, v in rep.instance_nodes.items()},
             "instance_forming_s": dict(rep.instance_forming_s),
             "ttft_s": dict(rep.ttft), "first_token_by": dict(rep.first_token_by),
+            # when each request's last token came: what lending the sources' devices costs their own requests
+            "finish_s": dict(rep.finish), "last_done_s": max(rep.finish.values(), default=0.0),
         })
         _progress(f"{system}: TTFT p99 {rows[-1]['ttft_p99_s']:.2f} s, exact {rows[-1]['exact']}")
     return rows
@@ -397,6 +404,7 @@ def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir
         runtime = runtime.model_copy(update={"device_arena_gb": (m.total_bytes + 2 * ALIGN) / 1e9})
     result = asyncio.run(run_scale_bench(model_dir, args.nodes, args.sources, transfer, runtime, Algo(args.algo)))
     result.device_arena_gb = runtime.device_arena_gb
+    result.pipeline_helper_blocks = runtime.pipeline_helper_blocks
     _progress(f"data plane done: multicast {result.multicast_s:.2f} s (x{result.vs_bound or 0:.2f} of bound)")
     if args.burst > 0:
         vocab = m.arch.vocab_size

@@ -378,8 +378,9 @@ async def serve_scale_out(
             rep.bytes_moved = 0
         else:
             await prepare_receivers(cluster, manifest, receivers)
-            planner = PipelinePlanner(receivers, manifest.n_blocks, manifest.n_chunks, layout=manifest.layout) \
-                if system is SystemKind.LAMBDASCALE else None
+            helpers = {s: rs.pipeline_helper_blocks for s in sources} if rs.pipeline_helper_blocks else None
+            planner = PipelinePlanner(receivers, manifest.n_blocks, manifest.n_chunks, layout=manifest.layout,
+                                      helpers=helpers) if system is SystemKind.LAMBDASCALE else None
             k = manifest.n_chunks
 
             def hook(ev, prog: MulticastProgress) -> None:
@@ -388,7 +389,7 @@ async def serve_scale_out(
                     # requests are already back in the queue if a step failed) and a replacement
                     # is built from the survivors' holdings at once.
                     rep.nodes_lost_s.setdefault(ev.node, time.monotonic() - t0)
-                    if planner is not None and ev.node in planner.holdings():
+                    if planner is not None and (ev.node in planner.holdings() or ev.node in planner.helpers):
                         plan = planner.remove_node(ev.node)
                         if plan is not None:
                             plans.put_nowait(plan)

@@ -42,6 +42,12 @@ class RuntimeSettings(BaseModel):
         description="steps an execution pipeline keeps in flight, each over its own requests, so its stages "
         "compute at once (0: one per stage; 1: one step at a time, each stage idle while the others work)",
     )
+    pipeline_helper_blocks: int = Field(
+        default=0, ge=0, le=1024,
+        description="blocks each node already serving the model (a multicast source) may run as stages of "
+        "execution pipelines, for blocks no receiver holds yet, so a pipeline forms before the receivers "
+        "hold every block between them (0: receivers only); its stage steps go before its own (runtime.device)",
+    )
     kv_move: Literal["auto", "ship", "recompute"] = Field(
         default="auto",
         description="dissolution: auto ships a request's KV to its full instance when that is estimated faster "

@@ -359,7 +359,8 @@ class ClusterBackend:
 
         Milestones: first chunk, each node full, first pipeline. With execute-while-load (``ewl``)
         the incremental λPipe planner sees every verified chunk; pipelines across receivers form as
-        soon as the receivers together hold every block and serve from the shared queue; when a
+        soon as the receivers together hold every block (or, with ``runtime.pipeline_helper_blocks``,
+        once the sources can run the blocks they lack) and serve from the shared queue; when a
         member holds the whole model its full instance starts and the planner dissolves them:
         their requests' KV ships to full instances with free slots where that is cheaper than
         recomputing, the rest go back to the head of the queue with their token state (exact
@@ -372,7 +373,10 @@ class ClusterBackend:
         receivers = [n for n, _ in targets]
         placeholder = dict(targets)
         k = m.manifest.n_chunks
-        planner = PipelinePlanner(receivers, m.manifest.n_blocks, k, layout=m.manifest.layout) if ewl and len(receivers) > 1 else None
+        lend = self.config.runtime.pipeline_helper_blocks  # sources may run stages of early pipelines
+        planner = PipelinePlanner(receivers, m.manifest.n_blocks, k, layout=m.manifest.layout,
+                                  helpers={s: lend for s in sources} if lend else None) \
+            if ewl and len(receivers) > 1 else None
         actions: asyncio.Queue[Any] = asyncio.Queue()
         pipes: dict[tuple[int, ...], _Instance] = {}
         started: set[int] = set()

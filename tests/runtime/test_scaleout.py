@@ -94,3 +94,26 @@ def test_node_killed_inside_a_pipeline_requests_complete_elsewhere(tiny_model: P
     later = [n for n, t in rep.instance_started_s.items() if t >= lost_at and rep.tokens_by_instance.get(n, 0) > 0]
     assert later, f"no instance started after the loss served: {rep.instance_started_s} {rep.tokens_by_instance}"
     assert all(killed[0] not in rep.instance_nodes[n] for n, t in rep.instance_started_s.items() if t >= lost_at)
+
+
+def test_sources_lend_stages_to_an_early_pipeline_and_outputs_stay_exact(tiny_model: Path, burst_reference) -> None:
+    """With ``runtime.pipeline_helper_blocks`` the sources run the blocks no receiver holds yet:
+    the first pipeline has a stage on a source, and every output still equals the single-node
+    run (the source's stage runs beside its own full instance, on the same device)."""
+    link = TransferSettings(link_gbps=0.02, bucket_burst_bytes=32 << 10, io_slice_bytes=16 << 10)
+
+    async def main():
+        async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0, pipeline_helper_blocks=4)) as lc:
+            manifest = read_manifest(tiny_model)
+            await prepare_sources(lc.cluster, 5, [0, 1], tiny_model)
+            return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, "lambdascale",
+                                         max_seqs=2, emulate_device="h200:llama2-7b:5")
+
+    rep = run_async(main(), timeout=180)
+    assert rep.outputs == burst_reference
+    pipes = [n for n in rep.instance_started_s if n.startswith("pipe")]
+    assert pipes, "no pipeline formed"
+    first = min(pipes, key=lambda n: rep.instance_started_s[n])
+    assert set(rep.instance_nodes[first]) & {0, 1}, f"the first pipeline {rep.instance_nodes[first]} has no source stage"
+    assert rep.pipelines_dissolved == rep.pipelines_formed
+    assert set(rep.node_serving_s) == {2, 3, 4}

@@ -23,12 +23,14 @@ PROMPT = [1, 5, 9, 13]
 N_TOKENS = 150
 
 
-@pytest.mark.parametrize("kv_move", ["ship", "recompute"])
-def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Path, caplog, kv_move: str) -> None:
+@pytest.mark.parametrize("kv_move,lend", [("ship", 0), ("recompute", 0), ("auto", 2)])
+def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Path, caplog, kv_move: str,
+                                                                     lend: int) -> None:
     """On dissolution the requests' KV goes to the new full instances where they have free slots
     (ship) or the requests re-prefill from their token state (recompute): either way every text
     equals a single engine's. (How many ship here depends on timing; tests/serve/
-    test_cluster_kv_ship.py checks the ship path deterministically.)"""
+    test_cluster_kv_ship.py checks the ship path deterministically.) With ``lend`` blocks per
+    source (``runtime.pipeline_helper_blocks``) the first pipeline runs a stage on a holder."""
     import logging
 
     caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
@@ -45,7 +47,8 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     cfg = load_config(None, {
         "runtime.nodes": 4, "runtime.register_timeout_s": 240, "engine.max_batch_size": 2,
         "engine.max_model_len": 256, "control.autoscale_interval_s": 2.0, "transfer.link_gbps": 0.003,
-        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384, "runtime.kv_move": kv_move})
+        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384, "runtime.kv_move": kv_move,
+        "runtime.pipeline_helper_blocks": lend})
     backend = ClusterBackend(cfg, tmp_path)
     reg = ModelRegistry(":memory:")
     # Two full instances (two holders), then a burst at target concurrency 1 asks for four. The 2 s
@@ -85,4 +88,10 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     assert backend.pipelines_dissolved == backend.pipelines_formed
     if kv_move == "recompute":
         assert backend.kv_moves["shipped"] == 0 and backend.kv_bytes_shipped == 0
+    formed = [r.args[2] for r in caplog.records if r.getMessage().startswith("pipeline ") and "serving across" in r.getMessage()]
+    on_holders = [nodes for nodes in formed if set(nodes) - set(tl["targets"])]
+    if lend:
+        assert on_holders and on_holders[0] == formed[0], f"the first pipeline ran on receivers only: {formed}"
+    else:
+        assert not on_holders, formed
     assert not [i for i in st["instances"] if i["state"] == "pipelined"]

@@ -30,6 +30,10 @@ class SimSettings(BaseModel):
         description="how chunks tile the blocks: equal-byte chunks over the blocks' real sizes (block 0 holds the "
         "embedding, the last the LM head), as the checkpoint format cuts them; uniform: chunk c in block c*B//K, "
         "each model/K bytes (the simulator's rule before 2026-11-28)")
+    pipeline_helper_blocks: int = Field(
+        default=0, ge=0, le=1024,
+        description="blocks each multicast source serving the model may run as stages of execute-while-load "
+        "pipelines (as runtime.pipeline_helper_blocks); the device time they take delays the source's own steps")
     min_instances: int = Field(default=0, ge=0, le=4096, description="instances always kept; 0 = scale to zero (serverless, as DeploymentSpec)")
     target_concurrency: int = Field(default=8, ge=1, le=100_000, description="requests per instance the autoscaler sizes for")
     keep_alive_s: float = Field(default=30.0, ge=0, le=86400, description="idle time before an instance may be removed")

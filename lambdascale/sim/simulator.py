@@ -123,6 +123,7 @@ class Inst:
     event: EventHandle | None = None
     remove_when_full: bool = False
     busy_s: float = 0.0
+    helper_share: dict[int, float] = field(default_factory=dict)  # helper node -> share of the blocks it runs
 
     view: InstanceView | None = None  # cached contract view; None after any change
 
@@ -269,6 +270,9 @@ class Simulation:
         self.gpu_seconds = 0.0
         self._copying: set[tuple[int, Tier]] = set()
         self._pipelines: dict[int, tuple[PipelinePlanner, ScaleTimeline, dict[Pipeline, Inst], set[int]]] = {}
+        # device time a node lent to pipeline stages (sim.pipeline_helper_blocks), not yet taken out
+        # of its own instance's steps: a device does one thing at a time
+        self._lent_s: dict[int, float] = {}
         self.series: list[tuple[float, int, int, int]] = []
         self._arrivals_in_sample = 0
         self._finished = False
@@ -288,6 +292,11 @@ class Simulation:
             inst.comm_latency_s = hops * self.nic_latency
         self.insts[inst.id] = inst
         return inst
+
+    @staticmethod
+    def _serving(node: NodeState) -> bool:
+        """The node runs a full instance of the model (it may lend its device to pipeline stages)."""
+        return node.inst is not None and node.inst.state is InstanceState.FULL
 
     def _alloc_gpu(self, node: NodeState) -> None:
         node.gpus_free -= self.model.tp
@@ -467,14 +476,20 @@ class Simulation:
             inst.event = None
             self._maybe_release(inst)
             return
-        inst.seg_start, inst.seg_dt, inst.seg_k, inst.seg_new = now, dt, max(1, k), new
-        inst.event = self.loop.schedule(now + dt * inst.seg_k, Priority.STEP, self._step_done, inst)
+        start = now
+        if inst.helper_share:  # helpers' stages take their share of every step off the helpers' devices
+            for n, share in inst.helper_share.items():
+                self._lent_s[n] = self._lent_s.get(n, 0.0) + share * dt * max(1, k)
+        elif self._lent_s and len(inst.stages) == 1:
+            start += self._lent_s.pop(inst.stages[0][0], 0.0)  # the node's own work waits for what it lent
+        inst.seg_start, inst.seg_dt, inst.seg_k, inst.seg_new = start, dt, max(1, k), new
+        inst.event = self.loop.schedule(start + dt * inst.seg_k, Priority.STEP, self._step_done, inst)
 
     def _cut_segment(self, inst: Inst) -> None:
         """New work arrived during a multi-step decode segment: end it at the next step boundary."""
         if inst.seg_new or inst.seg_k <= 1 or len(inst.running) >= inst.capacity:
             return
-        done = int((self.loop.now() - inst.seg_start) / inst.seg_dt) + 1
+        done = max(1, int((self.loop.now() - inst.seg_start) / inst.seg_dt) + 1)  # seg_start may lie ahead (lent time)
         if done < inst.seg_k:
             self.loop.cancel(inst.event)
             inst.seg_k = done
@@ -666,7 +681,10 @@ class Simulation:
                 self.nodes[s.node].host_last_used = self.loop.now()
         planner = None
         if self.system.execute_while_load and plan.execute_while_load:
-            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks, layout=self.model.layout)
+            lend = self.s.pipeline_helper_blocks  # sources serving the model may run stages
+            helpers = {s.node: lend for s in plan.sources if lend and self._serving(self.nodes[s.node])}
+            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks, layout=self.model.layout,
+                                      helpers=helpers or None)
             self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
         srcs = [s.node for s in plan.sources]
         if self.s.multicast_mode == "chunk":
@@ -693,9 +711,11 @@ class Simulation:
             inst = running.pop(p, None)
             if inst is not None:
                 self._dissolve(inst)
+        planner = self._pipelines[event_id][0]
         for p in form:
             stages = tuple((s.node, s.start, s.end) for s in p.stages)
             inst = self._new_inst(InstanceState.PIPELINED, stages, pipeline=p)
+            inst.helper_share = {n: k / self.model.n_blocks for n, k in p.loads().items() if n in planner.helpers}
             running[p] = inst
             tl.mark_first_pipeline(self.loop.now())
         if form:

@@ -145,3 +145,34 @@ def test_equal_byte_chunks_follow_the_checkpoint_layout() -> None:
     assert er.first_serve_s > ur.first_serve_s
     assert _main(["simulate", "scaling", "--model", "llama2-7b", "--nodes", "4", "--chunk-layout", "uniform",
                   "--systems", "lambdascale"]) == 0
+
+
+def test_sources_lending_stages_serve_the_burst_sooner_and_pay_with_their_own_steps() -> None:
+    """``sim.pipeline_helper_blocks``: serving sources run the blocks no receiver holds yet, so the
+    first pipeline forms before the receivers hold every block between them (the issue-6 cluster:
+    2 sources, 4 receivers, 8 blocks, 16 equal-byte chunks); the device time the sources lend
+    delays their own requests, by no more than that time."""
+    from lambdascale.sim.scaling import scale_once
+    from lambdascale.sim.workload import Workload
+
+    n = 48
+    w = Workload("burst", np.zeros(n), np.full(n, 64), np.full(n, 8))
+    out = {}
+    for lend in (0, 2):
+        s = SimSettings(model="llama2-7b", cluster="h200-ib400", nodes=6, multicast_mode="chunk", max_batch=8,
+                        pipeline_helper_blocks=lend)
+        cluster, model, cost = setup(s)
+        out[lend] = scale_once(cluster, model, SYSTEMS[SystemKind.LAMBDASCALE], s, ControlSettings(), cost,
+                               6, 2, Tier.GPU, workload=w)
+    (plain, sim0), (lent, sim2) = out[0], out[2]
+    assert lent.first_serve_s < plain.first_serve_s * 0.7
+    assert lent.all_full_s == pytest.approx(plain.all_full_s)  # the multicast itself is the same
+    # more of the burst has its first token by the time receivers alone could form a pipeline
+    early = {k: sum(r.first_token < plain.first_serve_s for r in sim.reqs) for k, sim in ((0, sim0), (2, sim2))}
+    assert early[2] > early[0]
+    assert all(r.generated == r.out for r in sim2.reqs)
+    # the sources' own requests (first tokens before any pipeline) finish later when they lend their devices
+    own = [r.idx for r in sim0.reqs if r.first_token < lent.first_serve_s]
+    assert len(own) >= 2 and {r.idx for r in sim2.reqs if r.first_token < lent.first_serve_s} == set(own)
+    done = {k: max(sim.reqs[i].finish for i in own) for k, sim in ((0, sim0), (2, sim2))}
+    assert done[2] > done[0]

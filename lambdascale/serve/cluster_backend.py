@@ -373,9 +373,12 @@ class ClusterBackend:
         receivers = [n for n, _ in targets]
         placeholder = dict(targets)
         k = m.manifest.n_chunks
-        lend = self.config.runtime.pipeline_helper_blocks  # sources may run stages of early pipelines
+        # sources serving the model alone may run stages of early pipelines (runtime.pipeline_helper_blocks)
+        lend = self.config.runtime.pipeline_helper_blocks
+        serving = {i.node for i in m.serving if not i.pipelined}
+        helpers = {s: lend for s in sources if s in serving} if lend else {}
         planner = PipelinePlanner(receivers, m.manifest.n_blocks, k, layout=m.manifest.layout,
-                                  helpers={s: lend for s in sources} if lend else None) \
+                                  helpers=helpers or None) \
             if ewl and len(receivers) > 1 else None
         actions: asyncio.Queue[Any] = asyncio.Queue()
         pipes: dict[tuple[int, ...], _Instance] = {}

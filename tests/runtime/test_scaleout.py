@@ -117,3 +117,31 @@ def test_sources_lend_stages_to_an_early_pipeline_and_outputs_stay_exact(tiny_mo
     assert set(rep.instance_nodes[first]) & {0, 1}, f"the first pipeline {rep.instance_nodes[first]} has no source stage"
     assert rep.pipelines_dissolved == rep.pipelines_formed
     assert set(rep.node_serving_s) == {2, 3, 4}
+
+
+def test_a_source_killed_while_it_runs_a_stage_loses_nothing(tiny_model: Path, burst_reference) -> None:
+    """The source lending a stage to the first pipeline dies: the pipeline's requests, and the
+    source's own, resume elsewhere with exact outputs, and the multicast finishes from the other
+    source."""
+    link = TransferSettings(link_gbps=0.02, bucket_burst_bytes=32 << 10, io_slice_bytes=16 << 10)
+    killed: list[int] = []
+
+    async def main():
+        async with LocalCluster(5, link, RuntimeSettings(heartbeat_s=1.0, pipeline_helper_blocks=4)) as lc:
+            manifest = read_manifest(tiny_model)
+            await prepare_sources(lc.cluster, 5, [0, 1], tiny_model)
+
+            def formed(name: str, nodes: list[int]) -> None:
+                lenders = [n for n in nodes if n in (0, 1)]
+                if lenders and not killed:
+                    killed.append(lenders[0])
+                    lc.launcher.kill(lenders[0])
+
+            return await serve_scale_out(lc.cluster, tiny_model, manifest, [0, 1], [2, 3, 4], BURST, "lambdascale",
+                                         max_seqs=2, on_pipeline_formed=formed, emulate_device="h200:llama2-7b:5")
+
+    rep = run_async(main(), timeout=240)
+    assert len(killed) == 1, "no pipeline ran a stage on a source"
+    assert rep.outputs == burst_reference
+    assert set(rep.node_serving_s) == {2, 3, 4}
+    assert rep.instances_failed >= 1 and rep.requests_moved >= 1

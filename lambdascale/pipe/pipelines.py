@@ -253,36 +253,35 @@ def _place_block(b: int, owner: list[int], load: dict[int, int], holders, of_nod
     return False
 
 
-def _choose_nodes(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> list[int] | None:
-    """Greedy cover: repeatedly take the node adding the most uncovered blocks, counting at most
-    ``ceil(B/size)`` per node (what it can carry), poorer nodes first on ties; then fill up to
-    ``size`` from ``pool`` in order."""
+def _greedy_cover(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> tuple[list[int], int]:
+    """Up to ``size`` nodes, each time the one adding the most uncovered blocks (counting at most
+    ``ceil(B/size)`` per node: what it can carry), poorer nodes first on ties, until none adds
+    any; returns them and the blocks they cover (a bit mask)."""
     hi = -(-n_blocks // size)
-    full = (1 << n_blocks) - 1
     covered = 0
     chosen: list[int] = []
-    taken: set[int] = set()
-    while covered != full:
-        if len(chosen) == size:
-            return None
+    while len(chosen) < size:
         best, gain = -1, 0
         for v in pool:  # pool is poorest-first, so strict '>' keeps the poorer node on ties
-            if v in taken:
+            if v in chosen:
                 continue
             g = min(hi, (masks[v] & ~covered).bit_count())
             if g > gain:
                 best, gain = v, g
         if best < 0:
-            return None
-        chosen.append(best)
-        taken.add(best)
-        covered |= masks[best]
-    for v in pool:
-        if len(chosen) == size:
             break
-        if v not in taken:
-            chosen.append(v)
-            taken.add(v)
+        chosen.append(best)
+        covered |= masks[best]
+    return chosen, covered
+
+
+def _choose_nodes(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> list[int] | None:
+    """Greedy cover of every block (:func:`_greedy_cover`), then fill up to ``size`` from ``pool``
+    in order; None when ``size`` nodes cannot cover every block."""
+    chosen, covered = _greedy_cover(size, n_blocks, pool, masks)
+    if covered != (1 << n_blocks) - 1:
+        return None
+    chosen += [v for v in pool if v not in chosen][: size - len(chosen)]
     return chosen if len(chosen) == size else None
 
 
@@ -361,28 +360,6 @@ def _build(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, in
     return None
 
 
-def _cover_partial(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> list[int]:
-    """Up to ``size`` nodes from ``pool`` (poorest first) covering the most blocks, greedily, each
-    counted for at most ``ceil(B/size)`` blocks; nodes adding nothing are taken last, in pool order."""
-    hi = -(-n_blocks // size)
-    covered = 0
-    chosen: list[int] = []
-    while len(chosen) < size:
-        best, gain = -1, 0
-        for v in pool:
-            if v in chosen:
-                continue
-            g = min(hi, (masks[v] & ~covered).bit_count())
-            if g > gain:
-                best, gain = v, g
-        if best < 0:
-            break
-        chosen.append(best)
-        covered |= masks[best]
-    chosen += [v for v in pool if v not in chosen][: size - len(chosen)]
-    return chosen
-
-
 def _match_capped(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], hi: int) -> list[int]:
     """Blocks on ``nodes`` (each holding what it gets), at most ``hi`` per node: first one
     distinct block for as many nodes as possible (Kuhn), then as many more blocks as augmenting
@@ -423,7 +400,7 @@ def _build_assisted(size: int, n_blocks: int, free: Sequence[int], masks: Mappin
     pool = [v for v in free if cap.get(v, n_blocks) >= 1 and masks[v]]
     if not pool or sum(room.values()) == 0:
         return None
-    nodes = pool if len(pool) <= size else _cover_partial(size, n_blocks, pool, masks)
+    nodes = pool if len(pool) <= size else _greedy_cover(size, n_blocks, pool, masks)[0]
     owner = _match_capped(n_blocks, nodes, masks, min([hi] + [cap.get(v, n_blocks) for v in nodes]))
     missing = [b for b in range(n_blocks) if owner[b] == -1]
     if len(missing) == n_blocks or len(missing) > sum(room.values()):

@@ -20,17 +20,16 @@ Policy (pure function of holdings, capacity and the pipelines already running):
    blocks round-robin, so early holdings interleave), blocks are assigned freely and a node may
    run several non-adjacent stages of one pipeline.
 
-4. *Helpers* (optional): nodes that already serve the model in full (the multicast's sources)
-   and may lend their device to pipelines, ``helpers[node]`` blocks at most over all pipelines.
-   When a planned size cannot be built from receivers alone, an *assisted* pipeline is built:
-   up to ``size`` receivers carry what they can (at most ``ceil(B/size)`` blocks each, every one at
-   least one), and helpers run the blocks no free receiver holds yet, each contiguous run on one
-   helper where room allows; no assisted pipeline forms once a receiver can serve alone. An
-   assisted pipeline may have fewer receivers than its planned size when no more hold a block.
-   Receivers hold every block no sooner than K/S chunk-times after the
-   multicast starts (every block must leave one of S sources once); helpers let a pipeline form
-   once the receivers hold part of the model. A pipeline's *size* counts its receivers only, and
-   an assisted pipeline is kept, like any other, until a receiver in it can serve alone.
+4. *Helpers* (optional): nodes that already serve the whole model (the multicast's sources) and
+   may lend their device to pipelines, ``helpers[node]`` blocks at most over all pipelines.
+   Receivers alone hold every block no sooner than K/S chunk-times after the multicast starts
+   (every block must leave one of S sources once); helpers let a pipeline form as soon as the
+   receivers hold part of the model. When a planned size cannot be built from receivers alone, an
+   *assisted* pipeline is built: up to ``size`` free receivers (fewer when no more hold a block)
+   carry one block or more each, at most ``ceil(B/size)``, and helpers run the blocks they lack,
+   each run of consecutive blocks on one helper where room allows. It fills the smallest planned
+   size that holds its receivers. No assisted pipeline forms once a receiver can serve alone; a
+   formed one is kept, like any pipeline, until a receiver in it can serve alone.
 
 ``capacity[node]`` is the node's free capacity in blocks: the most blocks it can execute (KV-cache
 memory for their layers); 0 takes the node out. Nodes missing from ``capacity`` are unlimited.
@@ -675,6 +674,7 @@ class PipelinePlanner:
         at once, so a replacement pipeline forms without waiting for another arrival. Returns the
         new plan when something changed (always, when a pipeline ran through ``node`` or it was
         solo), else None. Removing an unknown or already removed node raises :class:`PlanError`.
+        A helper may be removed too: the pipelines it runs stages of dissolve.
         """
         if node in self._helpers:  # a helper left: pipelines through it dissolve and are re-planned
             del self._helpers[node]

@@ -23,8 +23,8 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 URGENT = 0
 _RESUME = 1  # a normal step taking the device back after an urgent one
@@ -75,7 +75,7 @@ class Device:
         self._held = False
 
     @asynccontextmanager
-    async def step(self, priority: int = NORMAL) -> AsyncIterator["DeviceStep"]:
+    async def step(self, priority: int = NORMAL) -> AsyncIterator[DeviceStep]:
         """Hold the device for one step (``URGENT`` or ``NORMAL``)."""
         if priority not in (URGENT, NORMAL):
             raise ValueError(f"device step priority must be URGENT or NORMAL, got {priority}")

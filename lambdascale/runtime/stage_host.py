@@ -11,9 +11,10 @@ token state, whichever nodes computed them. A pipeline keeps up to ``FormStage.s
 region per slot, and a node's device runs one step at a time, of whichever stage or instance it
 hosts (the agent's ``device``, taken once the step's input is there), its emulated-device
 floor included. Steps of a pipeline that spans several nodes go first, and may run inside the
-emulated wait of a full instance's step (:mod:`lambdascale.runtime.device`). With ``FormStage.batch_invariant`` the stage runs
-the engine's batch-invariant numerics on one torch thread: hidden states cross stages in the
-stage dtype's bytes, so a pipeline's step is bitwise the one-stage step.
+emulated wait of a full instance's step (:mod:`lambdascale.runtime.device`). With
+``FormStage.batch_invariant`` the stage runs the engine's batch-invariant numerics on one torch
+thread: hidden states cross stages in the stage dtype's bytes, so a pipeline's step is bitwise the
+one-stage step.
 
 torch is imported here, not by the agent module, so agents that only move bytes start fast.
 """

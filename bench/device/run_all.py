@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 #: name -> (share of the budget, extra arguments for a full run on a GPU). Seen on an H200
-#: (2026-11-28, 16 cores): load_and_ewl 22 s, scaleout 170 s; multicast not run yet.
+#: (2026-11-28, 16 cores): load_and_ewl 22 s, scaleout 170 s (four systems; lambdascale-lend, added
+#: since, is a fifth and runs second, local last); multicast not run yet.
 SCRIPTS: dict[str, tuple[float, list[str]]] = {
     "load_and_ewl": (0.10, ["--shape", "llama3-8b", "--repeat", "3"]),
     # the issue's cluster (6 agents, 2 holders, a ~1 GB model in 8 blocks / 16 chunks) on one shared
@@ -34,7 +35,7 @@ SCRIPTS: dict[str, tuple[float, list[str]]] = {
     # holders alone cannot absorb the burst
     "scaleout": (0.50, ["--model", "synthetic:qwen2-0.5b", "--nodes", "6", "--sources", "2", "--burst", "48",
                         "--max-tokens", "16", "--max-seqs", "2", "--link-gbps", "4",
-                        "--systems", "lambdascale,faasnet,nccl,local"]),
+                        "--systems", "lambdascale,lambdascale-lend,nccl,faasnet,local"]),
     # issue 6's uncapped multicast / point-to-point with a core per agent (the VM has two for six)
     "multicast": (0.40, ["--receivers", "1,2,3,5", "--link-gbps", "8"]),
 }

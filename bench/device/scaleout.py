@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-seqs", type=int, default=8)
-    ap.add_argument("--systems", default="lambdascale,faasnet", help="comma list of lambdascale,faasnet,nccl,local")
+    ap.add_argument("--systems", default="lambdascale,faasnet",
+                    help="comma list of lambdascale,lambdascale-lend,faasnet,nccl,local (lambdascale-lend: the "
+                         "sources run --helper-blocks blocks each of the early pipelines)")
+    ap.add_argument("--helper-blocks", type=int, default=2,
+                    help="runtime.pipeline_helper_blocks of the lambdascale-lend system")
     ap.add_argument("--link-gbps", type=float, default=None, help="cap each agent's link (Gbit/s); none by default")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--transport", default="tcp", choices=["tcp", "nixl"])
@@ -106,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.nodes} agents, {args.sources} source(s), burst {args.burst} x {args.max_tokens} tokens, "
               f"link {args.link_gbps or 'uncapped'} Gbit/s, stages {args.stage_dtype}; reference {ref_s:.1f} s", flush=True)
         for system in systems:  # one at a time, so a run cut short keeps what it finished
-            rows = asyncio.run(run_systems(model_dir, args.nodes, args.sources, transfer, runtime, burst, ref, [system],
+            lend = system == "lambdascale-lend"
+            rt = runtime.model_copy(update={"pipeline_helper_blocks": args.helper_blocks}) if lend else runtime
+            rows = asyncio.run(run_systems(model_dir, args.nodes, args.sources, transfer, rt, burst, ref,
+                                           ["lambdascale" if lend else system],
                                            max_seqs=args.max_seqs, device=device, dtype=args.stage_dtype))
+            for r in rows:
+                r["system"] = system
             result["systems"] += rows
             result["all_exact"] = all(r["exact"] for r in result["systems"])
             result["wall_s"] = time.monotonic() - t_start
@@ -116,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     result["finished"] = True
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
-    print(f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} "
+    print(f"{'system':16} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} "
           f"{'MiB moved':>9} {'pipes':>5} {'1st pipe ms':>11} {'exact':>5}")
     for x in result["systems"]:
         pipes = [t for name, t in x["instance_started_s"].items() if name.startswith("pipe")]
         first_pipe = f"{min(pipes) * 1e3:.1f}" if pipes else "-"
-        print(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
+        print(f"{x['system']:16} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
               f"{x['last_first_token_s'] * 1e3:>15.1f} {x['all_solo_s'] * 1e3:>11.1f} "
               f"{x['bytes_moved'] / 2**20:>9.1f} {x['pipelines_formed']:>5} {first_pipe:>11} {str(x['exact']):>5}")
         if x["mismatched_requests"]:
@@ -131,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_args(args: argparse.Namespace, systems: list[str]) -> str | None:
     """Why these arguments cannot run, or None. Reads only the shape registry (no torch work)."""
-    known = {"lambdascale", "faasnet", "nccl", "local"}
+    known = {"lambdascale", "lambdascale-lend", "faasnet", "nccl", "local"}
     if not systems or set(systems) - known:
         return f"--systems: unknown {sorted(set(systems) - known) or 'empty list'}; known: {sorted(known)}"
     if not 1 <= args.sources < args.nodes:
         return f"--sources must be in [1, nodes-1] = [1, {args.nodes - 1}], got {args.sources}"
     if args.burst < 1 or args.max_tokens < 1 or args.max_seqs < 1:
         return "--burst, --max-tokens and --max-seqs must be >= 1"
+    if args.helper_blocks < 0:
+        return f"--helper-blocks must be >= 0, got {args.helper_blocks}"
     if args.model.startswith("synthetic:"):
         from lambdascale.errors import LambdaScaleError
         from lambdascale.model.arch import synthetic_arch

@@ -63,6 +63,9 @@ def test_run_all_check_accepts_every_full_run_and_dry_run_rejects_bad_arguments(
     assert scaleout.main(["--dry-run", "--model", "synthetic:no-such-shape"]) == 2
     assert scaleout.main(["--dry-run", "--layers", "0"]) == 2
     assert "--layers must be at least 1" in capsys.readouterr().err
+    assert scaleout.main(["--dry-run", "--systems", "lambdascale-lend", "--helper-blocks", "-1"]) == 2
+    assert "--helper-blocks must be >= 0" in capsys.readouterr().err
+    assert scaleout.main(["--dry-run", "--systems", "lambdascale,lambdascale-lend"]) == 0
     assert ewl.main(["--dry-run", "--shape", "tiny-llama", "--blocks", "9"]) == 2
     assert ewl.main(["--dry-run", "--shape", "tiny-llama", "--blocks", "8"]) == 0
 

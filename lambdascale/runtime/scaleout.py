@@ -10,7 +10,9 @@ queue; what differs is how the other nodes get the model and when they start ser
   shipped there when that is estimated cheaper (:mod:`lambdascale.runtime.kvmove`), else they go
   back to the head of the queue and resume elsewhere (KV recomputed: one prefill, or in
   batch-invariant mode a step-by-step replay, see :mod:`lambdascale.runtime.pipeline`); outputs
-  stay exact.
+  stay exact. With ``runtime.pipeline_helper_blocks`` the sources are the planner's helpers: they
+  run the blocks no receiver holds yet, beside their own full instances, so the first pipeline
+  forms before the receivers hold every block between them.
 * ``faasnet``: tree multicast, a node serves once it holds the full model.
 * ``nccl``: ring broadcast, a node serves once it holds the full model.
 * ``local``: every new node loads the model from its own SSD tier (``ssd_gbps`` cap).

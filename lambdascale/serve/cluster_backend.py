@@ -96,6 +96,7 @@ class _Instance:
     draining: bool = False
     id: str = ""
     stages: tuple[tuple[int, int, int], ...] = ()  # (node, first block, end block) of a λPipe pipeline
+    helpers: frozenset[int] = frozenset()  # nodes lending it a stage while serving alone
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held for a step; dissolution waits for it
 
     @property
@@ -414,7 +415,7 @@ class ClusterBackend:
                                 await self._dissolve(m, inst)
                         for pl in item.form:
                             if all(n in self.cluster.alive() for n in pl.nodes):
-                                inst = await self._start_pipeline(m, pl, timeline)
+                                inst = await self._start_pipeline(m, pl, timeline, frozenset(helpers))
                                 if inst is not None:
                                     pipes[pl.assignment] = inst
                 finally:
@@ -444,8 +445,10 @@ class ClusterBackend:
             if node not in started and inst in m.instances:
                 m.instances.remove(inst)  # lost during the multicast
 
-    async def _start_pipeline(self, m: _Model, pl: Any, timeline: Any) -> _Instance | None:
-        """Form one λPipe pipeline (stage i on a node holding blocks of stage i) and serve on it."""
+    async def _start_pipeline(self, m: _Model, pl: Any, timeline: Any,
+                              helpers: frozenset[int] = frozenset()) -> _Instance | None:
+        """Form one λPipe pipeline (stage i on a node holding blocks of stage i, or on one of the
+        ``helpers`` serving the model alone) and serve on it."""
         from lambdascale.runtime.pipeline import (
             PipelineServer,
             RemotePipeline,
@@ -468,7 +471,8 @@ class ClusterBackend:
             return None
         timeline.mark_first_pipeline(self._clock.now())
         inst = _Instance(m.name, placements[0].node, pipe, PipelineServer(pipe, m.eos, on_token=self._on_token),
-                         id=name, stages=tuple((p.node, p.blocks[0], p.blocks[1]) for p in placements))
+                         id=name, stages=tuple((p.node, p.blocks[0], p.blocks[1]) for p in placements),
+                         helpers=helpers & {p.node for p in placements})
         m.instances.append(inst)
         inst.task = asyncio.get_running_loop().create_task(self._worker(m, inst))
         m.wakeup.set()
@@ -849,8 +853,9 @@ class ClusterBackend:
         """Slots of full instances kept for the requests of a live pipeline over their node.
 
         When a pipeline dissolves its requests' KV can only ship to a full instance with a free
-        slot, so while it runs, each of its members' full instances keeps its share (the
-        pipeline's requests over its nodes, rounded up) away from the queue. With
+        slot, so while it runs, each of its receivers' full instances keeps its share (the
+        pipeline's requests over its receivers, rounded up) away from the queue. Helpers (sources
+        lending a stage) keep nothing: their instances serve the queue the whole time. With
         ``runtime.kv_move: recompute`` nothing is kept: moved requests go to the queue's head.
         """
         if self.config.runtime.kv_move == "recompute":
@@ -860,8 +865,9 @@ class ClusterBackend:
         for p in m.instances:
             if not (p.pipelined and p.alive and p.server is not None and p.server.reqs):
                 continue
-            share = -(-len(p.server.reqs) // len(p.nodes))
-            for n in p.nodes:
+            receivers = [n for n in p.nodes if n not in p.helpers]
+            share = -(-len(p.server.reqs) // max(1, len(receivers)))
+            for n in receivers:
                 if n in full_on:
                     kept[full_on[n]] = kept.get(full_on[n], 0) + share
         return kept

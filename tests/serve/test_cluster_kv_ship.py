@@ -111,5 +111,11 @@ def test_full_instances_keep_slots_for_the_pipeline_over_their_node(tmp_path: Pa
     for kv_move, want in (("ship", {full1.id: 2}), ("auto", {full1.id: 2}), ("recompute", {})):
         b = ClusterBackend(load_config(None, {"runtime.kv_move": kv_move}), tmp_path, n_nodes=4, autoscale=False)
         assert b._kept_for_pipelines(m, [pipe, full1, full3]) == want
+    # node 3 lends a stage while serving alone: it keeps nothing, the share is over the receivers
+    lent = _Instance("m", 1, None, SimpleNamespace(reqs=dict.fromkeys(range(3))), id="lent",
+                     stages=((1, 0, 2), (2, 2, 3), (3, 3, 4)), helpers=frozenset({3}))
+    m2 = _Model("m", None, tmp_path, None, None, frozenset(), instances=[lent, full1, full3])  # type: ignore[arg-type]
+    b = ClusterBackend(load_config(None, {}), tmp_path, n_nodes=4, autoscale=False)
+    assert b._kept_for_pipelines(m2, [lent, full1, full3]) == {full1.id: 2}
     pipe.server.reqs.clear()  # nothing left on the pipeline: nothing kept
     assert ClusterBackend(load_config(None, {}), tmp_path, n_nodes=4)._kept_for_pipelines(m, [pipe, full1, full3]) == {}

@@ -28,7 +28,8 @@ FIFO of admitted requests and, whenever capacity may have appeared (a step start
 finished, an instance or pipeline became routable), asks ``dispatch`` which queued requests go
 where. An instance takes a request only while it has a free slot *and* could start it in its next
 step (the prompt tokens dispatched to it but not yet started stay within
-``router_max_waiting_tokens``), so a burst waits at the gateway rather than behind one instance's
+``router_max_waiting_tokens``, once per step the instance runs at once: a pipeline's
+micro-batches), so a burst waits at the gateway rather than behind one instance's
 prefills, and a new instance drains the backlog the moment it is routable. Among the instances that
 qualify, the choice is the same least-outstanding-work rule as :func:`route_model`.
 
@@ -164,8 +165,10 @@ def _can_take(inst: InstanceView, w: Waiting, req: QueuedRequest, cfg: ControlSe
     if not cfg.router_late_binding:
         return True
     # The next step starts whatever is waiting; one more request fits if the step's prefill
-    # budget allows it. An instance with nothing waiting always takes one (a long prompt runs alone).
-    return w.prompt_tokens == 0 or w.prompt_tokens + req.prompt_tokens <= cfg.router_max_waiting_tokens
+    # budget allows it (a pipeline starts a step per micro-batch, each with a budget). An instance
+    # with nothing waiting always takes one (a long prompt runs alone).
+    budget = cfg.router_max_waiting_tokens * inst.step_slots
+    return w.prompt_tokens == 0 or w.prompt_tokens + req.prompt_tokens <= budget
 
 
 def dispatch(

@@ -269,7 +269,9 @@ class InstanceView:
     ``stages`` is one stage over every block for a loading or full instance and several for a λPipe
     pipeline. ``capacity`` is how many requests it admits at once (a pipeline: at least its stage
     count). ``outstanding_tokens`` counts prompt tokens not yet prefilled plus tokens still to
-    generate (max_tokens minus generated) over its admitted requests.
+    generate (max_tokens minus generated) over its admitted requests. ``step_slots`` is how many
+    steps it runs at once, each over its own requests with its own prefill budget (a pipeline's
+    micro-batches; 1 for a full instance).
     """
 
     id: str
@@ -279,6 +281,7 @@ class InstanceView:
     capacity: int = 1
     outstanding_requests: int = 0
     outstanding_tokens: int = 0
+    step_slots: int = 1
 
     def __post_init__(self) -> None:
         w = f"InstanceView({self.id!r})"
@@ -286,6 +289,7 @@ class InstanceView:
         _require(self.capacity >= 1, w, f"capacity={self.capacity} must be >= 1")
         _require(self.outstanding_requests >= 0, w, f"outstanding_requests={self.outstanding_requests} must be >= 0")
         _require(self.outstanding_tokens >= 0, w, f"outstanding_tokens={self.outstanding_tokens} must be >= 0")
+        _require(self.step_slots >= 1, w, f"step_slots={self.step_slots} must be >= 1")
         for a, b in zip(self.stages, self.stages[1:]):
             _require(a.block_end == b.block_start, w, "stages must cover contiguous block ranges in order")
 

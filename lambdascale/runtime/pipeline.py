@@ -49,6 +49,7 @@ from lambdascale.engine.scheduler import next_step_tokens, prefill_chunk_size
 from lambdascale.engine.sequence import TokenState
 from lambdascale.errors import InvalidRequestError
 from lambdascale.model.manifest import Manifest
+from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs
 from lambdascale.runtime.cluster import Cluster
 from lambdascale.runtime.messages import DissolveStage, FormStage, StageStep
 
@@ -86,35 +87,16 @@ def pipeline_batch(
 ) -> tuple[int, int]:
     """(max_seqs, max_step_tokens) of a pipeline whose full instances take ``max_seqs`` sequences.
 
-    ``max_seqs`` is what one node's KV memory holds for the whole model. A stage running a fraction
-    f of the layers keeps 1/f times as many sequences in the same memory, so with ``rule="kv"`` a
-    pipeline takes ``floor(max_seqs / max f)`` over its stages (two equal stages: twice a full
-    instance). The step budget grows by the extra sequences, so the prefill chunk of
-    batch-invariant mode (``max_step_tokens - max_seqs``, :func:`prefill_chunk_size`) stays the
-    same wherever a request runs. ``rule="instance"`` (or a one-stage pipeline) returns the
-    inputs unchanged.
+    The sequences follow :func:`lambdascale.pipe.serving.pipeline_seqs` over the stages' layers
+    (``rule="kv"``: as many as the widest stage's KV memory holds; ``"instance"``: ``max_seqs``).
+    The step budget grows by the extra sequences, so the prefill chunk of batch-invariant mode
+    (``max_step_tokens - max_seqs``, :func:`prefill_chunk_size`) stays the same wherever a
+    request runs.
     """
-    if rule not in ("kv", "instance"):
-        raise ValueError(f"pipeline batch rule must be 'kv' or 'instance', got {rule!r}")
-    if rule == "instance" or len(placements) <= 1:
-        return max_seqs, max_step_tokens
     blocks = manifest.blocks
-    total = manifest.arch.num_hidden_layers
     widest = max(blocks[p.blocks[1] - 1].layers[1] - blocks[p.blocks[0]].layers[0] for p in placements)
-    seqs = max(max_seqs, max_seqs * total // max(1, widest))
+    seqs = pipeline_seqs(max_seqs, manifest.arch.num_hidden_layers, widest, len(placements), rule)
     return seqs, max_step_tokens + (seqs - max_seqs)
-
-
-#: most steps a pipeline keeps in flight (``FormStage.slots``' limit)
-MAX_SLOTS = 64
-
-
-def microbatch_slots(n_stages: int, microbatches: int) -> int:
-    """Steps a pipeline of ``n_stages`` keeps in flight: ``microbatches``, or one per stage when 0
-    (at most :data:`MAX_SLOTS`)."""
-    if microbatches < 0:
-        raise ValueError(f"microbatches must be >= 0 (0: one per stage), got {microbatches}")
-    return min(MAX_SLOTS, max(1, microbatches or n_stages))
 
 
 class RemotePipeline:

@@ -830,7 +830,8 @@ class ClusterBackend:
             stages = tuple(Stage(n, a, b) for n, a, b in i.stages) or (Stage(i.node, 0, m.manifest.n_blocks),)
             views.append(InstanceView(id=i.id, model=m.name, state=CState.PIPELINED if i.pipelined else CState.FULL,
                                       stages=stages, capacity=i.pipe.max_seqs,
-                                      outstanding_requests=len(reqs) + kept.get(i.id, 0), outstanding_tokens=todo))
+                                      outstanding_requests=len(reqs) + kept.get(i.id, 0), outstanding_tokens=todo,
+                                      step_slots=i.pipe.slots))
         queue = []
         for rid in m.queue:
             r = self._reqs.get(rid)

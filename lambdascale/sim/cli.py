@@ -15,9 +15,10 @@ _RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duratio
                "slo_ttft", "lengths_from", "min_instances", "target_concurrency", "keep_alive_s",
                "host_pool_gib", "host_cache_nodes", "keepalive_baseline_keep_alive_s", "max_batch",
                "max_prefill_tokens", "multicast_mode", "n_blocks", "n_chunks", "chunk_layout", "late_binding", "kick_from_zero",
-               "pipeline_helper_blocks"]
+               "pipeline_helper_blocks", "pipeline_microbatches", "pipeline_batch"]
 _SCALING_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "multicast_mode", "n_blocks", "n_chunks",
-                   "chunk_layout", "pipeline_helper_blocks"]
+                   "chunk_layout", "pipeline_helper_blocks", "pipeline_microbatches", "pipeline_batch",
+                   "max_batch", "max_prefill_tokens"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_config_args(s, "sim", _SCALING_FIELDS)
     s.add_argument("--sources", type=int, default=1, help="nodes that already hold the model (default: 1)")
     s.add_argument("--tier", choices=["gpu", "host", "ssd"], default="gpu", help="where the sources hold it (default: gpu)")
+    s.add_argument("--burst", type=int, default=0,
+                   help="requests arriving with the scale-out decision (as `bench scale` fires them); adds "
+                        "TTFT p50/p99, the last first token and the last request done to the table (default: 0)")
+    s.add_argument("--prompt-tokens", type=int, default=24, help="prompt tokens of every burst request (default: 24)")
+    s.add_argument("--max-tokens", type=int, default=8, help="output tokens of every burst request (default: 8)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_scaling)
 
@@ -102,17 +108,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_scaling(args: argparse.Namespace) -> int:
     from lambdascale.control.snapshot import Tier
     from lambdascale.sim.run import scaling_table
+    from lambdascale.sim.scaling import Burst
 
     cfg = _config(args)
     s = cfg.sim
     if not 1 <= args.sources < s.nodes:
         raise LambdaScaleError(f"--sources must be in [1, --nodes - 1] = [1, {s.nodes - 1}], got {args.sources}")
-    rows = scaling_table(s, [m.strip() for m in s.model.split(",")], s.nodes, args.sources, Tier(args.tier), cfg.control)
+    if args.burst < 0 or args.prompt_tokens < 1 or args.max_tokens < 1:
+        raise LambdaScaleError(f"--burst must be >= 0 and --prompt-tokens, --max-tokens >= 1; got {args.burst}, "
+                               f"{args.prompt_tokens}, {args.max_tokens}")
+    burst = Burst(args.burst, args.prompt_tokens, args.max_tokens)
+    rows = scaling_table(s, [m.strip() for m in s.model.split(",")], s.nodes, args.sources, Tier(args.tier), cfg.control,
+                         burst)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], indent=1))
         return 0
-    print(f"one scale-out on {s.cluster}: {args.sources} source(s) holding it in {args.tier} -> {s.nodes} nodes serving")
-    print(f"{'model':<12}{'system':<15}{'first serves':>13}{'all serve alone':>17}  how")
+    print(f"one scale-out on {s.cluster}: {args.sources} source(s) holding it in {args.tier} -> {s.nodes} nodes serving"
+          + (f"; a burst of {burst.requests} requests ({burst.prompt_tokens} prompt, {burst.max_tokens} output tokens) "
+             f"arrives with it" if burst.requests else ""))
+    extra = f"{'TTFT p50':>10}{'TTFT p99':>10}{'last first':>12}{'last done':>11}" if burst.requests else ""
+    print(f"{'model':<12}{'system':<15}{'first serves':>13}{'all serve alone':>17}{extra}  how")
     for r in rows:
-        print(f"{r.model:<12}{r.system:<15}{r.first_serve_s:>12.3f}s{r.all_full_s:>16.3f}s  {r.how}")
+        cells = (f"{r.ttft_p50_s:>9.3f}s{r.ttft_p99_s:>9.3f}s{r.last_first_token_s:>11.3f}s{r.last_done_s:>10.3f}s"
+                 if burst.requests else "")
+        print(f"{r.model:<12}{r.system:<15}{r.first_serve_s:>12.3f}s{r.all_full_s:>16.3f}s{cells}  {r.how}")
     return 0

@@ -5,7 +5,8 @@ The loop knows nothing about clusters or policies. Ordering is total and determi
 **Tie-break rule (the only one):** events are ordered by ``(time, priority, seq)``. Events at the
 same simulated time run in increasing :class:`Priority` (completions before decisions before
 arrivals, so a decision sees every transfer and step that finished at that instant, and a request
-arriving at that instant sees the decision's result); equal priorities run in the order they were
+arriving at that instant sees the decision's result; the gateway dispatches after every arrival of
+the instant, so requests arriving together start together); equal priorities run in the order they were
 scheduled (``seq`` is a per-loop counter, never a global one, so two loops in one process never
 interfere).
 
@@ -30,7 +31,8 @@ class Priority(IntEnum):
     STATE = 2      # an instance / pipeline changes state (ready, dissolved, released)
     CONTROL = 3    # the controller observes and decides
     ARRIVAL = 4    # a request arrives
-    REPORT = 5     # sampling for plots and progress
+    DISPATCH = 5   # the gateway dispatches what arrived at this instant (arriving together, batched together)
+    REPORT = 6     # sampling for plots and progress
 
 
 @dataclass(order=False, eq=False)

@@ -14,7 +14,7 @@ from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import Tier
 from lambdascale.sim.cluster import ClusterSpec, SimModel, load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel, load_calibration
-from lambdascale.sim.scaling import ScalingResult, simulate_scaling
+from lambdascale.sim.scaling import Burst, ScalingResult, simulate_scaling
 from lambdascale.sim.settings import SimSettings
 from lambdascale.sim.simulator import SimResult, Simulation
 from lambdascale.sim.systems import get_systems
@@ -54,12 +54,12 @@ def simulate(settings: SimSettings, trace: str | Workload, control: ControlSetti
 
 
 def scaling_table(settings: SimSettings, models: list[str], nodes: int, sources: int, tier: Tier,
-                  control: ControlSettings | None = None) -> list[ScalingResult]:
-    """One scale-out per (model, system)."""
+                  control: ControlSettings | None = None, burst: Burst | None = None) -> list[ScalingResult]:
+    """One scale-out per (model, system), each with the same burst if given."""
     control = control or ControlSettings()
     rows = []
     for name in models:
         cluster, model, cost = setup(settings.model_copy(update={"model": name}))
         for system in get_systems(settings.systems):
-            rows.append(simulate_scaling(cluster, model, system, settings, control, cost, nodes, sources, tier))
+            rows.append(simulate_scaling(cluster, model, system, settings, control, cost, nodes, sources, tier, burst))
     return rows

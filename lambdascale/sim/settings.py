@@ -34,6 +34,14 @@ class SimSettings(BaseModel):
         default=0, ge=0, le=1024,
         description="blocks each multicast source serving the model may run as stages of execute-while-load "
         "pipelines (as runtime.pipeline_helper_blocks); the device time they take delays the source's own steps")
+    pipeline_microbatches: int = Field(
+        default=0, ge=0, le=64,
+        description="steps a λPipe pipeline keeps in flight, each over its own requests, so its stages compute at "
+        "once (as runtime.pipeline_microbatches; 0: one per stage; 1: one step at a time through every stage)")
+    pipeline_batch: Literal["kv", "instance"] = Field(
+        default="kv",
+        description="sequences a λPipe pipeline takes (as runtime.pipeline_batch): kv: max_batch x blocks / its "
+        "widest stage's blocks (a stage keeps the KV of its own layers only); instance: max_batch")
     min_instances: int = Field(default=0, ge=0, le=4096, description="instances always kept; 0 = scale to zero (serverless, as DeploymentSpec)")
     target_concurrency: int = Field(default=8, ge=1, le=100_000, description="requests per instance the autoscaler sizes for")
     keep_alive_s: float = Field(default=30.0, ge=0, le=86400, description="idle time before an instance may be removed")

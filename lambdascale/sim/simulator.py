@@ -13,16 +13,25 @@ comes from the shared policies in ``lambdascale.control`` and ``lambdascale.pipe
 
 The gateway binds late (``sim.late_binding``): requests wait in its FIFO until an instance or
 pipeline can start them in its next step, so capacity that appears later drains the backlog; an
-arrival that finds no instance runs a controller pass at once (``sim.kick_from_zero``).
+arrival that finds no instance runs a controller pass at once (``sim.kick_from_zero``). Requests
+arriving at one instant are dispatched together, after the last of them, so a burst starts as one
+batch.
 
 Batch execution is iteration-level continuous batching, fast-forwarded: while an instance's batch
-does not change, its decode steps all last the same, so one event covers the ``k`` steps until the
-first sequence finishes. A request routed to a busy instance joins at the next step boundary
-(the segment is cut there). A step that admits new sequences prefills all their prompt tokens and
+does not change, its decode steps all last the same, so one event covers the ``k`` passes until
+the first sequence finishes. A request routed to a busy instance joins at the next pass boundary
+(the segment is cut there). A pass that admits new sequences prefills all their prompt tokens and
 decodes one token for the running ones (prefill produces each new sequence's first token).
+A λPipe pipeline serves as the runtime's does (:mod:`lambdascale.pipe.serving`): it takes as many
+sequences as its widest stage's KV memory holds and runs each pass as one micro-batch per stage
+(``sim.pipeline_microbatches``), micro-batch j entering after j others cleared the busiest node,
+so its sequences get their tokens at staggered times and passes follow each other at the pace of
+the slower of one micro-batch's latency and the busiest node's work. A full instance is the
+one-micro-batch case.
 Requests on a pipeline that is dissolved move, with their token state, to a full instance, which
 recomputes their KV cache (a prefill of prompt + generated tokens) and continues the stream; their
-TTFT is unchanged, as the client saw its first token already.
+TTFT is unchanged, as the client saw its first token already (a micro-batch whose prefill ended
+before the dissolution keeps its first token; one still in progress is prefilled again).
 
 Costs: GPU-seconds = GPUs held by instances (from the moment a node is picked as a target, so
 loading counts) integrated over time, until the simulation ends.
@@ -59,6 +68,7 @@ from lambdascale.control.snapshot import (
 from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.pipe.multicast import MulticastPlan, plan_multicast
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
+from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs
 from lambdascale.sim.cluster import ClusterSpec, SimModel
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.events import EventHandle, EventLoop, Priority
@@ -115,14 +125,20 @@ class Inst:
     running: list[Req] = field(default_factory=list)
     pending: deque[Req] = field(default_factory=deque)
     kv_used: int = 0
-    # current segment: start, step duration, steps, sequences being prefilled in it
+    # λPipe micro-batching: steps in flight at once, and the busiest node's share of the blocks
+    slots: int = 1
+    bottleneck_share: float = 1.0
+    # current segment of seg_k passes (every sequence advances one token per pass): pass i ends at
+    # seg_start + seg_fill + (i - 1) * seg_period; seg_new are prefilled in its first pass, seg_first
+    # their first tokens' offsets from seg_start
     seg_start: float = 0.0
-    seg_dt: float = 0.0
+    seg_fill: float = 0.0
+    seg_period: float = 0.0
     seg_k: int = 0
     seg_new: list[Req] = field(default_factory=list)
+    seg_first: list[float] = field(default_factory=list)
     event: EventHandle | None = None
     remove_when_full: bool = False
-    busy_s: float = 0.0
     helper_share: dict[int, float] = field(default_factory=dict)  # helper node -> share of the blocks it runs
 
     view: InstanceView | None = None  # cached contract view; None after any change
@@ -134,6 +150,17 @@ class Inst:
     @property
     def nodes(self) -> tuple[int, ...]:
         return tuple(s[0] for s in self.stages)
+
+    def seg_end(self, passes: int) -> float:
+        """When the segment's first ``passes`` passes have ended."""
+        return self.seg_start + self.seg_fill + (passes - 1) * self.seg_period
+
+    def passes_done(self, now: float) -> int:
+        """Passes of the current segment that ended by ``now``."""
+        t = now - self.seg_start - self.seg_fill
+        if t < 0:
+            return 0
+        return min(self.seg_k, int(t / self.seg_period) + 1 if self.seg_period > 0 else self.seg_k)
 
 
 @dataclass(eq=False)
@@ -255,6 +282,7 @@ class Simulation:
         self.reqs = [Req(i, float(a), int(x), int(y)) for i, (a, x, y) in
                      enumerate(zip(workload.arrival_s, workload.input_tokens, workload.output_tokens))]
         self.held: deque[Req] = deque()
+        self._dispatch: EventHandle | None = None  # the pending dispatch of this instant's arrivals
         self.insts: dict[str, Inst] = {}
         self._inst_seq = 0
         self._event_seq = 0
@@ -290,6 +318,17 @@ class Simulation:
             hops = len(stages) - 1
             inst.comm_s_per_token = hops * self.act_bytes / self.nic_Bps
             inst.comm_latency_s = hops * self.nic_latency
+            # As the runtime's pipelines: one step in flight per stage, each over its own requests,
+            # and a batch as large as the widest stage's KV memory holds (blocks stand for layers).
+            B = self.model.n_blocks
+            inst.slots = microbatch_slots(len(stages), self.s.pipeline_microbatches)
+            widest = max(b - a for _, a, b in stages)
+            inst.capacity = pipeline_seqs(self.s.max_batch, B, widest, len(stages), self.s.pipeline_batch)
+            inst.kv_capacity = self.kv_capacity * inst.capacity // self.s.max_batch
+            load: dict[int, int] = {}
+            for n, a, b in stages:
+                load[n] = load.get(n, 0) + b - a
+            inst.bottleneck_share = max(load.values()) / B
         self.insts[inst.id] = inst
         return inst
 
@@ -322,7 +361,7 @@ class Simulation:
             inst.view = InstanceView(inst.id, self.model.name, inst.state,
                                      tuple(Stage(n, a, b) for n, a, b in inst.stages),
                                      capacity=inst.capacity, outstanding_requests=inst.outstanding,
-                                     outstanding_tokens=toks)
+                                     outstanding_tokens=toks, step_slots=inst.slots)
         return inst.view
 
     def _model_view(self) -> ModelView:
@@ -390,6 +429,11 @@ class Simulation:
             # The gateway runs an out-of-band controller pass when a request finds no instance at
             # all (scale from zero), as the real gateway does, instead of waiting for the next tick.
             self._control_pass()
+        if self._dispatch is None:  # once every request of this instant is queued: a burst starts as one batch
+            self._dispatch = self.loop.schedule(now, Priority.DISPATCH, self._dispatch_arrivals)
+
+    def _dispatch_arrivals(self) -> None:
+        self._dispatch = None
         self._pump()
 
     def _pump(self) -> None:
@@ -413,7 +457,7 @@ class Simulation:
             if i.pending:
                 w = Waiting(len(i.pending), sum(_prefill_tokens(r) for r in i.pending))
                 waiting[i.id] = w
-                ready = ready or not late or w.prompt_tokens < budget
+                ready = ready or not late or w.prompt_tokens < budget * i.slots
             else:
                 ready = True
         # A pure shortcut: when no instance could take even a one-token request, dispatch would
@@ -452,71 +496,102 @@ class Simulation:
         return inst.comm_latency_s + tokens * inst.comm_s_per_token if inst.comm_s_per_token else 0.0
 
     def _start_step(self, inst: Inst) -> None:
+        """Start the instance's next segment: a pass that prefills what fits (and decodes the
+        running sequences), or ``k`` identical decode passes until the first sequence finishes.
+
+        A pass of a λPipe pipeline runs as ``m`` micro-batches (``inst.slots``, at most one per
+        sequence), each through every stage in turn: micro-batch j enters after j others took the
+        busiest node (its share of the blocks times a micro-batch's compute) and its sequences get
+        their token a micro-batch's latency later. A pass ends when the last micro-batch has left;
+        passes follow each other every ``max(latency, m x busiest node's time)``. A full instance
+        is the case m = 1 (every pass lasts one step).
+        """
         now = self.loop.now()
         new: list[Req] = []
         tokens = 0
+        budget = self.s.max_prefill_tokens * inst.slots  # every step in flight has its own budget
         while inst.pending and len(inst.running) + len(new) < inst.capacity:
             r = inst.pending[0]
             if inst.kv_used + r.kv_tokens > inst.kv_capacity and (inst.running or new):
                 break
-            if new and tokens + r.inp + (r.generated if r.resume else 0) > self.s.max_prefill_tokens:
+            if new and tokens + _prefill_tokens(r) > budget:
                 break  # step token budget (like vLLM's max_num_batched_tokens); the rest waits a step
             inst.pending.popleft()
             inst.kv_used += r.kv_tokens
-            tokens += r.inp + (r.generated if r.resume else 0)
+            tokens += _prefill_tokens(r)
             new.append(r)
         nrun = len(inst.running)
-        if new:
-            dt = self.cost.prefill_s(tokens) + self.cost.decode_s(nrun) + self._comm(inst, tokens + nrun)
-            k = 1
-        elif inst.running:
-            k = min(r.out - r.generated for r in inst.running)
-            dt = self.cost.decode_s(nrun) + self._comm(inst, nrun)
-        else:
+        if not new and not nrun:
             inst.event = None
             self._maybe_release(inst)
             return
+        k = 1 if new else min(r.out - r.generated for r in inst.running)
+        m = min(inst.slots, nrun + len(new))
+        lat: list[float] = []  # per micro-batch: compute through every stage plus the hops
+        work = 0.0  # device time of one pass summed over micro-batches (the helpers lend a share of it)
+        cuts = [j * len(new) // m for j in range(m + 1)]
+        for j in range(m):
+            toks = sum(_prefill_tokens(r) for r in new[cuts[j]:cuts[j + 1]])
+            n_run = nrun // m + (1 if j < nrun % m else 0)
+            c = self.cost.prefill_s(toks) + self.cost.decode_s(n_run)
+            work += c
+            lat.append(c + self._comm(inst, toks + n_run))
+        busiest = inst.bottleneck_share * max(lat)
+        period = max(max(lat), m * busiest)
+        ends = [j * busiest + lat[j] for j in range(m)]
+        # a prefill pass starts every micro-batch afresh; decode passes continue staggered ones
+        fill = max(ends) if new else period
         start = now
         if inst.helper_share:  # helpers' stages take their share of every step off the helpers' devices
             for n, share in inst.helper_share.items():
-                self._lent_s[n] = self._lent_s.get(n, 0.0) + share * dt * max(1, k)
+                self._lend(n, share * work * k)
         elif self._lent_s and len(inst.stages) == 1:
             start += self._lent_s.pop(inst.stages[0][0], 0.0)  # the node's own work waits for what it lent
-        inst.seg_start, inst.seg_dt, inst.seg_k, inst.seg_new = start, dt, max(1, k), new
-        inst.event = self.loop.schedule(start + dt * inst.seg_k, Priority.STEP, self._step_done, inst)
+        inst.seg_start, inst.seg_fill, inst.seg_period, inst.seg_k, inst.seg_new = start, fill, period, k, new
+        inst.seg_first = [ends[j] for j in range(m) for _ in range(cuts[j], cuts[j + 1])]
+        inst.event = self.loop.schedule(inst.seg_end(k), Priority.STEP, self._step_done, inst)
+
+    def _lend(self, node: int, seconds: float) -> None:
+        """``node``'s device runs pipeline stages for ``seconds`` (``sim.pipeline_helper_blocks``):
+        its own instance's segment in progress ends that much later, as the runtime's device lends
+        a running step's time to cross-node steps (``runtime.device``); an idle instance starts its
+        next segment that much later."""
+        own = self.nodes[node].inst
+        if own is not None and own.event is not None and len(own.stages) == 1:
+            self.loop.cancel(own.event)
+            own.seg_start += seconds
+            own.event = self.loop.schedule(own.seg_end(own.seg_k), Priority.STEP, self._step_done, own)
+        else:
+            self._lent_s[node] = self._lent_s.get(node, 0.0) + seconds
 
     def _cut_segment(self, inst: Inst) -> None:
         """New work arrived during a multi-step decode segment: end it at the next step boundary."""
         if inst.seg_new or inst.seg_k <= 1 or len(inst.running) >= inst.capacity:
             return
-        done = max(1, int((self.loop.now() - inst.seg_start) / inst.seg_dt) + 1)  # seg_start may lie ahead (lent time)
+        done = inst.passes_done(self.loop.now()) + 1  # seg_start may lie ahead (lent time)
         if done < inst.seg_k:
             self.loop.cancel(inst.event)
             inst.seg_k = done
-            inst.event = self.loop.schedule(inst.seg_start + done * inst.seg_dt, Priority.STEP, self._step_done, inst)
+            inst.event = self.loop.schedule(inst.seg_end(done), Priority.STEP, self._step_done, inst)
 
     def _step_done(self, inst: Inst) -> None:
         now = self.loop.now()
         inst.event = None
-        inst.busy_s += inst.seg_dt * inst.seg_k
         k = inst.seg_k
         for r in inst.running:
             r.generated += k
-        for r in inst.seg_new:
+        for r, first in zip(inst.seg_new, inst.seg_first):
             if r.resume:
                 r.resume = False
             else:
-                r.first_token = now
+                r.first_token = inst.seg_start + first  # its micro-batch left the last stage then
             r.generated += 1
             inst.running.append(r)
-        inst.seg_new = []
+        inst.seg_new, inst.seg_first = [], []
         still: list[Req] = []
         for r in inst.running:
             if r.generated >= r.out:
-                r.finish = now
-                inst.kv_used -= r.kv_tokens
-                self.done += 1
-                self._svc_ewma = 0.9 * self._svc_ewma + 0.1 * (now - r.arrival) if self._svc_ewma else now - r.arrival
+                self._finish(inst, r, now)
             else:
                 still.append(r)
         freed = len(still) < len(inst.running)
@@ -529,6 +604,12 @@ class Simulation:
         self._start_step(inst)
         if freed or (self.held and self.cfg.router_late_binding):
             self._pump()
+
+    def _finish(self, inst: Inst, r: Req, at: float) -> None:
+        r.finish = at
+        inst.kv_used -= r.kv_tokens
+        self.done += 1
+        self._svc_ewma = 0.9 * self._svc_ewma + 0.1 * (at - r.arrival) if self._svc_ewma else at - r.arrival
 
     def _maybe_release(self, inst: Inst) -> None:
         """Free a drained instance's GPUs, unless its copy still feeds a multicast (then the
@@ -726,11 +807,23 @@ class Simulation:
         self.loop.cancel(inst.event)
         inst.event = None
         moved: list[Req] = []
-        for r in inst.seg_new:  # a prefill step in progress is lost: redo it elsewhere
-            moved.append(r)
+        now = self.loop.now()
+        for r, first in zip(inst.seg_new, inst.seg_first):
+            if inst.seg_start + first <= now:  # its micro-batch's prefill is done: the token was streamed
+                if r.resume:
+                    r.resume = False
+                else:
+                    r.first_token = inst.seg_start + first
+                r.generated += 1
+                if r.generated < r.out:
+                    inst.running.append(r)
+                else:
+                    self._finish(inst, r, inst.seg_start + first)
+            else:
+                moved.append(r)  # a prefill in progress is lost: redo it elsewhere
         if inst.seg_k > 1 and not inst.seg_new and inst.running:
             # Credit the decode steps finished before the cut.
-            steps = int((self.loop.now() - inst.seg_start) / inst.seg_dt) if inst.seg_dt > 0 else 0
+            steps = inst.passes_done(now)
             for r in inst.running:
                 r.generated += min(steps, inst.seg_k - 1)
         for r in inst.running:
@@ -739,7 +832,7 @@ class Simulation:
             moved.append(r)
         moved.extend(inst.pending)
         self.migrations += len(inst.running)
-        inst.running, inst.pending, inst.seg_new = [], deque(), []
+        inst.running, inst.pending, inst.seg_new, inst.seg_first = [], deque(), [], []
         self.insts.pop(inst.id, None)
         for r in reversed(moved):
             self.held.appendleft(r)

@@ -42,6 +42,19 @@ def test_idle_instance_takes_a_prompt_longer_than_the_budget_alone() -> None:
     assert [a.request_id for a in out.assignments] == ["r0"] and out.held == 1
 
 
+def test_a_pipeline_has_a_prefill_budget_per_step_in_flight() -> None:
+    from dataclasses import replace
+
+    pipe = replace(inst("p", nodes=(1, 2, 3, 4), state=InstanceState.PIPELINED, capacity=32), step_slots=4)
+    out = dispatch(_q(*[400] * 12), model(instances=(pipe,)), LATE, 0.0)
+    # four micro-batches each start up to 1000 prompt tokens: ten 400-token prompts fit, not two
+    assert len(out.assignments) == 10 and out.held == 2
+    one = dispatch(_q(*[400] * 12), model(instances=(replace(pipe, step_slots=1),)), LATE, 0.0)
+    assert len(one.assignments) == 2
+    with pytest.raises(ValueError, match="step_slots=0 must be >= 1"):
+        replace(pipe, step_slots=0)
+
+
 def test_fifo_no_overtaking() -> None:
     m = model(instances=(inst("a", capacity=8, busy=1),))
     out = dispatch(_q(900, 50), m, LATE, 0.0, waiting={"a": Waiting(1, 200)})

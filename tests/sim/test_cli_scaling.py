@@ -54,6 +54,37 @@ def test_scaling_cli_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(r["all_full_s"] >= r["first_serve_s"] > 0 for r in rows)
 
 
+def test_scaling_cli_with_a_burst_reports_how_it_was_served(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["simulate", "scaling", "--cluster", "h200-ib400", "--model", "llama2-7b", "--nodes", "6", "--sources", "2",
+            "--multicast-mode", "chunk", "--max-batch", "8", "--burst", "48", "--systems", "lambdascale,nccl"]
+    assert _main(base) == 0
+    out = capsys.readouterr().out
+    assert "a burst of 48 requests (24 prompt, 8 output tokens)" in out and "TTFT p99" in out and "last done" in out
+    assert _main(base + ["--json"]) == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out)}
+    for r in rows.values():
+        assert r["burst"] == 48
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["last_first_token_s"] < r["last_done_s"]
+    # the burst outlasts what the 2 sources serve alone: pipelines take it before nccl's new instances
+    assert rows["lambdascale"]["ttft_p99_s"] < rows["nccl"]["ttft_p99_s"]
+    assert rows["lambdascale"]["last_first_token_s"] < rows["nccl"]["first_serve_s"]
+    # Prompts of a few hundred tokens make a micro-batch's prefill compute-bound: with one step in
+    # flight at a time a pipeline's stages no longer overlap and the burst waits longer. (24-token
+    # prompts cost the GPU about the same whatever their number, so there one step of the whole
+    # burst comes sooner than four micro-batches.)
+    p99 = {}
+    for mb in ("0", "1"):
+        assert _main(base + ["--json", "--systems", "lambdascale", "--prompt-tokens", "256",
+                             "--pipeline-microbatches", mb]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        p99[mb] = row["ttft_p99_s"]
+    assert p99["1"] > p99["0"] * 1.2
+    with pytest.raises(LambdaScaleError, match="--burst must be >= 0"):
+        _main(base + ["--burst", "-1"])
+    with pytest.raises(LambdaScaleError, match="--prompt-tokens, --max-tokens >= 1"):
+        _main(base + ["--max-tokens", "0"])
+
+
 def test_simulate_cli_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "t.csv"
     rng = np.random.default_rng(0)

@@ -27,7 +27,8 @@ class _Checked(Simulation):
         late = self.cfg.router_late_binding
         assert inst.outstanding <= inst.capacity
         if late and len(inst.pending) > 1:
-            assert sum(_prefill_tokens(r) for r in inst.pending) <= self.cfg.router_max_waiting_tokens
+            # one step's budget per step in flight (a pipeline's micro-batches)
+            assert sum(_prefill_tokens(r) for r in inst.pending) <= self.cfg.router_max_waiting_tokens * inst.slots
         super()._start_step(inst)
         for r in inst.seg_new:
             self.served_by.setdefault(r.idx, inst.id)

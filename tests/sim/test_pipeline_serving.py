@@ -1,0 +1,126 @@
+"""How the simulator serves on λPipe pipelines and instances: micro-batches through the stages,
+the pipeline's batch, a burst arriving at one instant, and sources lending their devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lambdascale.control.settings import ControlSettings
+from lambdascale.control.snapshot import InstanceState
+from lambdascale.pipe.pipelines import Pipeline
+from lambdascale.sim.cluster import load_cluster, resolve_model
+from lambdascale.sim.costmodel import CostModel
+from lambdascale.sim.settings import SimSettings
+from lambdascale.sim.simulator import Inst, Req, Simulation
+from lambdascale.sim.systems import SYSTEMS, SystemKind
+from lambdascale.sim.workload import Workload
+
+LAYERS = 32
+PREFILL_PER_TOKEN = 1e-5  # seconds per layer and prompt token: prefill cost grows with its tokens
+DECODE = 2e-4  # seconds per layer, whatever the batch
+
+
+def _linear() -> CostModel:
+    # points (1, 1e-5) and (1000, 1e-2): per-layer prefill time = tokens x 1e-5
+    return CostModel(((1.0, 1000.0), (PREFILL_PER_TOKEN, 1000 * PREFILL_PER_TOKEN)), ((1.0,), (DECODE,)), LAYERS)
+
+
+def _sim(w: Workload | None = None, **kw: object) -> Simulation:
+    w = w or Workload("none", np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+    settings = SimSettings(**{"nodes": 6, "min_instances": 0, "max_batch": 8, **kw})  # type: ignore[arg-type]
+    return Simulation(w, load_cluster("h200-ib400"), resolve_model("llama2-7b"), SYSTEMS[SystemKind.LAMBDASCALE],
+                      settings, ControlSettings(), _linear())
+
+
+def _pipeline(sim: Simulation, assignment: tuple[int, ...]) -> Inst:
+    p = Pipeline(assignment)
+    stages = tuple((s.node, s.start, s.end) for s in p.stages)
+    return sim._new_inst(InstanceState.PIPELINED, stages, pipeline=p)
+
+
+def _burst_on(sim: Simulation, inst: Inst, n: int, inp: int, out: int) -> list[Req]:
+    reqs = [Req(i, 0.0, inp, out) for i in range(n)]
+    for r in reqs:
+        inst.pending.append(r)
+    sim._start_step(inst)
+    sim.loop.run()
+    return reqs
+
+
+def test_a_pipeline_pass_runs_one_microbatch_per_stage_through_the_stages() -> None:
+    sim = _sim()
+    inst = _pipeline(sim, (2, 2, 3, 3, 4, 4, 5, 5))  # four stages of two blocks
+    assert inst.slots == 4 and inst.bottleneck_share == pytest.approx(0.25)
+    n, inp = 32, 100
+    reqs = _burst_on(sim, inst, n, inp, 1)
+    # each micro-batch prefills 8 prompts through all 32 layers, plus three hops of hidden states
+    c = LAYERS * PREFILL_PER_TOKEN * 8 * inp
+    lat = c + sim._comm(inst, 8 * inp)
+    firsts = sorted({round(r.first_token, 12) for r in reqs})
+    # micro-batch j enters once j others have cleared the busiest node: its first tokens come j x (lat / 4) later
+    assert firsts == pytest.approx([lat + j * 0.25 * lat for j in range(4)])
+    assert [sum(r.first_token == pytest.approx(f) for r in reqs) for f in firsts] == [8, 8, 8, 8]
+    # one step in flight at a time: the whole burst leaves the last stage together, 4 x later
+    one = _sim(pipeline_microbatches=1)
+    inst1 = _pipeline(one, (2, 2, 3, 3, 4, 4, 5, 5))
+    assert inst1.slots == 1
+    reqs1 = _burst_on(one, inst1, n, inp, 1)
+    whole = LAYERS * PREFILL_PER_TOKEN * n * inp + one._comm(inst1, n * inp)
+    assert all(r.first_token == pytest.approx(whole) for r in reqs1)
+    assert max(firsts) < 0.5 * whole
+
+
+def test_decode_passes_follow_each_other_at_the_pipelines_pace() -> None:
+    sim = _sim()
+    inst = _pipeline(sim, (2, 2, 3, 3, 4, 4, 5, 5))
+    reqs = _burst_on(sim, inst, 8, 10, 6)
+    lat_prefill = LAYERS * PREFILL_PER_TOKEN * 2 * 10 + sim._comm(inst, 20)
+    fill = lat_prefill + 3 * 0.25 * lat_prefill
+    # five decode passes: every micro-batch of 2 decodes through 32 layers and 3 hops; flat decode
+    # cost makes each pass as long as one micro-batch's latency (stages never wait for each other)
+    lat_decode = LAYERS * DECODE + sim._comm(inst, 2)
+    assert all(r.finish == pytest.approx(fill + 5 * lat_decode) for r in reqs)
+    assert all(r.generated == r.out == 6 for r in reqs)
+
+
+def test_a_pipeline_takes_what_its_widest_stage_keeps_in_kv_memory() -> None:
+    sim = _sim()
+    assert _pipeline(sim, (2, 2, 3, 3, 4, 4, 5, 5)).capacity == 8 * 8 // 2
+    assert _pipeline(sim, (2, 2, 2, 3, 3, 3, 4, 4)).capacity == 8 * 8 // 3
+    assert _pipeline(sim, (2, 3, 2, 3, 2, 3, 2, 3)).bottleneck_share == pytest.approx(0.5)  # a node's blocks add up
+    assert _pipeline(_sim(pipeline_batch="instance"), (2, 2, 3, 3, 4, 4, 5, 5)).capacity == 8
+    whole = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    assert whole.capacity == 8 and whole.slots == 1 and whole.bottleneck_share == 1.0
+
+
+def test_requests_arriving_at_one_instant_start_as_one_batch() -> None:
+    n, inp = 6, 50
+    w = Workload("burst", np.full(n, 1.0), np.full(n, inp), np.full(n, 3))
+    sim = _sim(w, min_instances=1)
+    res = sim.run()
+    # one prefill step of all six prompts, not one prompt first and five at the next boundary
+    assert res.ttft == pytest.approx(np.full(n, LAYERS * PREFILL_PER_TOKEN * n * inp))
+    assert np.all(res.finish == res.finish[0])
+
+
+def test_a_lending_source_finishes_its_running_segment_later_by_what_it_lent() -> None:
+    sim = _sim(pipeline_helper_blocks=4)
+    src = sim.nodes[0]
+    sim._alloc_gpu(src)
+    src.inst = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    own = [Req(i, 0.0, 10, 5) for i in range(2)]
+    src.inst.pending.extend(own)
+    sim._start_step(src.inst)
+    sim.loop.run(until=LAYERS * PREFILL_PER_TOKEN * 20 + 1e-9)  # its prefill pass is over, 4 decode passes run
+    alone = sim.loop.now() + 4 * LAYERS * DECODE
+    assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone)
+    pipe = _pipeline(sim, (1, 1, 1, 1, 0, 0, 0, 0))  # the source runs the second half
+    pipe.helper_share = {0: 0.5}
+    guest = [Req(10 + i, sim.loop.now(), 100, 1) for i in range(2)]
+    pipe.pending.extend(guest)
+    sim._start_step(pipe)
+    lent = 0.5 * 2 * LAYERS * PREFILL_PER_TOKEN * 100  # half the blocks of two micro-batches' prefill
+    sim.loop.run()
+    assert all(r.finish == pytest.approx(alone + lent) for r in own)
+    assert all(r.generated == r.out for r in own + guest)

@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from lambdascale.config import ConfigError
+
     try:
         rc = args.func(args)
-    except LambdaScaleError as e:
+    except (LambdaScaleError, ConfigError) as e:  # bad input: a clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

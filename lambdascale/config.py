@@ -108,6 +108,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    if overrides:
+        source = "command-line flags" if path is None else f"{source} and command-line flags"
     try:
         return LambdaScaleConfig.model_validate(data)
     except ValidationError as e:

@@ -30,6 +30,21 @@ def test_bad_config_value_names_the_field(tmp_path) -> None:
         load_config(None, {"unknown_section.x": 1})
 
 
+def test_every_command_reports_bad_config_as_an_error_not_a_traceback(tmp_path, capsys) -> None:
+    from lambdascale.cli import main
+
+    assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "error: cannot read config file" in capsys.readouterr().err
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"runtime": {"nodes": 0}}))
+    assert main(["generate", "m", "hi", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration in {p}" in err and "runtime.nodes" in err
+    assert main(["bench", "scale", "--pipeline-helper-blocks", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid configuration in command-line flags" in err and "runtime.pipeline_helper_blocks" in err
+
+
 def test_config_round_trips_through_dump(tmp_path) -> None:
     cfg = load_config(None, {"runtime.nodes": 6, "store.keep_alive_s": 3})
     path = dump_config(cfg, tmp_path / "run" / "config.yaml")

@@ -21,7 +21,7 @@ def register_bench(bench_subparsers: Any) -> None:
     p.add_argument("--transport", dest="cfg__transfer__backend", choices=["tcp", "nixl"], default=None,
                    help="data-plane transport (default: config transfer.backend)")
     add_config_args(p, "transfer", ["link_gbps", "ssd_gbps"])
-    add_config_args(p, "runtime", ["emulate_device"])
+    add_config_args(p, "runtime", ["emulate_device", "pipeline_helper_blocks", "pipeline_microbatches"])
     add_config_args(p, "engine", ["batch_invariant"])  # every system's stages and the exactness reference
     p.add_argument("--burst", type=int, default=32, help="requests fired as the scale-out starts; 0 skips the systems table (default: 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per burst request (default: 16)")

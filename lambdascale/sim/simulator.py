@@ -140,6 +140,7 @@ class Inst:
     event: EventHandle | None = None
     remove_when_full: bool = False
     helper_share: dict[int, float] = field(default_factory=dict)  # helper node -> share of the blocks it runs
+    lent_per_pass: dict[int, float] = field(default_factory=dict)  # helper node -> device time one pass takes from it
 
     view: InstanceView | None = None  # cached contract view; None after any change
 
@@ -543,8 +544,9 @@ class Simulation:
         fill = max(ends) if new else period
         start = now
         if inst.helper_share:  # helpers' stages take their share of every step off the helpers' devices
-            for n, share in inst.helper_share.items():
-                self._lend(n, share * work * k)
+            inst.lent_per_pass = {n: share * work for n, share in inst.helper_share.items()}
+            for n, per in inst.lent_per_pass.items():
+                self._lend(n, per * k)
         elif self._lent_s and len(inst.stages) == 1:
             start += self._lent_s.pop(inst.stages[0][0], 0.0)  # the node's own work waits for what it lent
         inst.seg_start, inst.seg_fill, inst.seg_period, inst.seg_k, inst.seg_new = start, fill, period, k, new
@@ -555,14 +557,22 @@ class Simulation:
         """``node``'s device runs pipeline stages for ``seconds`` (``sim.pipeline_helper_blocks``):
         its own instance's segment in progress ends that much later, as the runtime's device lends
         a running step's time to cross-node steps (``runtime.device``); an idle instance starts its
-        next segment that much later."""
+        next segment that much later. Negative ``seconds`` give back time charged for passes that
+        did not run (never ending a segment before now)."""
         own = self.nodes[node].inst
         if own is not None and own.event is not None and len(own.stages) == 1:
+            shift = max(seconds, self.loop.now() - own.seg_end(own.seg_k))
             self.loop.cancel(own.event)
-            own.seg_start += seconds
+            own.seg_start += shift
             own.event = self.loop.schedule(own.seg_end(own.seg_k), Priority.STEP, self._step_done, own)
         else:
-            self._lent_s[node] = self._lent_s.get(node, 0.0) + seconds
+            self._lent_s[node] = max(0.0, self._lent_s.get(node, 0.0) + seconds)
+
+    def _refund(self, inst: Inst, passes: int) -> None:
+        """The pipeline's segment runs ``passes`` fewer passes than its helpers were charged for."""
+        if passes > 0:
+            for n, per in inst.lent_per_pass.items():
+                self._lend(n, -per * passes)
 
     def _cut_segment(self, inst: Inst) -> None:
         """New work arrived during a multi-step decode segment: end it at the next step boundary."""
@@ -571,6 +581,7 @@ class Simulation:
         done = inst.passes_done(self.loop.now()) + 1  # seg_start may lie ahead (lent time)
         if done < inst.seg_k:
             self.loop.cancel(inst.event)
+            self._refund(inst, inst.seg_k - done)
             inst.seg_k = done
             inst.event = self.loop.schedule(inst.seg_end(done), Priority.STEP, self._step_done, inst)
 
@@ -826,6 +837,8 @@ class Simulation:
             steps = inst.passes_done(now)
             for r in inst.running:
                 r.generated += min(steps, inst.seg_k - 1)
+            # the helpers finish the pass in progress (the runtime drains steps in flight); the rest never runs
+            self._refund(inst, inst.seg_k - min(steps + 1, inst.seg_k))
         for r in inst.running:
             r.resume = True
             r.migrations += 1

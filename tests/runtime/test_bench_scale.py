@@ -27,11 +27,13 @@ def test_bench_scale_cli_json(tmp_path, capsys, monkeypatch) -> None:
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
-    rc = main(["bench", "scale", "--nodes", "3", "--link-gbps", "0.1", "--burst", "0", "--json"])
+    rc = main(["bench", "scale", "--nodes", "3", "--link-gbps", "0.1", "--burst", "0", "--json",
+               "--pipeline-helper-blocks", "2"])
     assert rc == 0
     assert not list(scratch_root.glob("lambdascale-bench-*")), "the scratch import was left behind"
     out = json.loads(capsys.readouterr().out)
     assert out["nodes"] == 3 and out["transport"] == "tcp" and out["n_chunks"] == 16
+    assert out["pipeline_helper_blocks"] == 2  # the flag reaches runtime.pipeline_helper_blocks
     # by default every agent keeps a resident landing zone for one copy of the model
     assert out["model_bytes"] / 1e9 < out["device_arena_gb"] < out["model_bytes"] / 1e9 + 1e-4
     # the link cap is honoured: no faster than ~the bound (a 64 KiB bucket allows a little head start)
@@ -98,3 +100,5 @@ def test_bench_scale_rejects_no_emulation_rerun_without_emulation(capsys) -> Non
     assert "--also-without-emulation needs --emulate-device" in capsys.readouterr().err
     assert main(["bench", "scale", "--max-seqs", "0"]) == 2
     assert "--max-seqs must be in [1, 1024], got 0" in capsys.readouterr().err
+    assert main(["bench", "scale", "--pipeline-helper-blocks", "-1"]) == 2
+    assert "pipeline_helper_blocks" in capsys.readouterr().err

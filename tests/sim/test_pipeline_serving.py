@@ -124,3 +124,30 @@ def test_a_lending_source_finishes_its_running_segment_later_by_what_it_lent() -
     sim.loop.run()
     assert all(r.finish == pytest.approx(alone + lent) for r in own)
     assert all(r.generated == r.out for r in own + guest)
+
+
+def test_a_dissolved_pipeline_gives_back_the_time_charged_for_passes_it_never_ran() -> None:
+    sim = _sim(pipeline_helper_blocks=4)
+    src = sim.nodes[0]
+    sim._alloc_gpu(src)
+    src.inst = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    src.inst.pending.extend(Req(i, 0.0, 10, 40) for i in range(2))
+    sim._start_step(src.inst)
+    prefill_end = LAYERS * PREFILL_PER_TOKEN * 20
+    sim.loop.run(until=prefill_end + 1e-9)
+    alone = src.inst.seg_end(src.inst.seg_k)
+    assert alone == pytest.approx(prefill_end + 39 * LAYERS * DECODE)
+    pipe = _pipeline(sim, (1, 1, 1, 1, 0, 0, 0, 0))
+    pipe.helper_share = {0: 0.5}
+    pipe.pending.extend(Req(10 + i, sim.loop.now(), 100, 6) for i in range(2))
+    sim._start_step(pipe)
+    lent_prefill = 0.5 * 2 * LAYERS * PREFILL_PER_TOKEN * 100
+    sim.loop.run(until=pipe.seg_end(1) + 1e-9)  # its prefill pass is over: 5 decode passes charged
+    per_pass = 0.5 * 2 * LAYERS * DECODE  # half the blocks of two micro-batches' decode step
+    assert pipe.seg_k == 5 and pipe.lent_per_pass == {0: pytest.approx(per_pass)}
+    assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone + lent_prefill + 5 * per_pass)
+    sim.loop.run(until=pipe.seg_start + pipe.seg_fill + 0.5 * pipe.seg_period)  # mid second pass
+    sim._dissolve(pipe)
+    # one pass ran, the one in flight drains; the other three are given back
+    assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone + lent_prefill + 2 * per_pass)
+    assert all(r.generated == 2 and r.resume for r in sim.held)

@@ -162,8 +162,9 @@ class NodeAgent:
         self.ssd_bucket = TokenBucket(
             gbps_to_bytes_per_s(transfer.ssd_gbps) if transfer.ssd_gbps else None, transfer.bucket_burst_bytes
         )
-        self._send_tasks: dict[str, list[tuple[int, asyncio.Task]]] = {}
-        self._cancelled_epoch: dict[str, int] = {}
+        # model -> (multicast run, epoch, task) of its send lists; (model, run) -> last cancelled epoch
+        self._send_tasks: dict[str, list[tuple[int, int, asyncio.Task]]] = {}
+        self._cancelled_epoch: dict[tuple[str, int], int] = {}
         self.stages: dict[tuple[str, int], Any] = {}  # (pipeline, stage index) -> StageHost (torch imported lazily)
         # the node's one accelerator: steps of all its stages and instances run one at a time, so
         # two stages here (non-adjacent stages of a pipeline; a pipeline stage beside a solo
@@ -315,7 +316,7 @@ class NodeAgent:
         return st is not None and len(st.held) < st.manifest.n_chunks
 
     def _sending(self, model: str) -> bool:
-        return any(not t.done() for _, t in self._send_tasks.get(model, []))
+        return any(not t.done() for _, _, t in self._send_tasks.get(model, []))
 
     def holdings(self) -> HoldingsReport:
         """This node's tiers now (see :class:`~lambdascale.runtime.messages.HoldingsReport`)."""
@@ -396,15 +397,15 @@ class NodeAgent:
             r.ssd_alloc, r.ssd_complete = None, False
             raise
 
-    async def _run_sends(self, model: str, sends: list[tuple[int, int]], epoch: int) -> None:
+    async def _run_sends(self, model: str, sends: list[tuple[int, int]], epoch: int, run: int = 0) -> None:
         st = self._model(model)
         for chunk, dst in sends:
             # The flag, not only Task.cancel(): on Python 3.11 asyncio.wait_for can swallow a
             # cancellation that races with completion, and the list would run on.
-            if epoch <= self._cancelled_epoch.get(model, -1):
+            if epoch <= self._cancelled_epoch.get((model, run), -1):
                 return
             await st.event(chunk).wait()
-            if epoch <= self._cancelled_epoch.get(model, -1):
+            if epoch <= self._cancelled_epoch.get((model, run), -1):
                 return
             if dst == PACE:  # pacing entry: only wait until this node holds the chunk
                 continue
@@ -412,7 +413,8 @@ class NodeAgent:
             try:
                 await self.transport.send(dst, buffer_name(model), ch.offset, ch.length, chunk_tag(model, chunk))
             except TransferError as e:
-                await self._report(SendFailed(node=self.node, model=model, chunk=chunk, dst=dst, epoch=epoch, error=str(e)))
+                await self._report(SendFailed(node=self.node, model=model, chunk=chunk, dst=dst, epoch=epoch,
+                                              error=str(e), run=run))
 
     def _hidden_future(self, tag: str) -> asyncio.Future[None]:
         fut = self._hidden.get(tag)
@@ -467,19 +469,20 @@ class NodeAgent:
             return {"peer": self.transport.info().model_dump(mode="json"), "held": sorted(st.held)}
         if isinstance(msg, SendChunks):
             self._model(msg.model)
-            task = asyncio.get_running_loop().create_task(self._run_sends(msg.model, msg.sends, msg.epoch))
-            self._send_tasks.setdefault(msg.model, []).append((msg.epoch, task))
+            task = asyncio.get_running_loop().create_task(self._run_sends(msg.model, msg.sends, msg.epoch, msg.run))
+            self._send_tasks.setdefault(msg.model, []).append((msg.run, msg.epoch, task))
             return {}
-        if isinstance(msg, CancelSends):
+        if isinstance(msg, CancelSends):  # one multicast's lists; another multicast of the model runs on
             keep = []
             stopping = []
-            self._cancelled_epoch[msg.model] = max(msg.epoch, self._cancelled_epoch.get(msg.model, -1))
-            for ep, t in self._send_tasks.get(msg.model, []):
-                if ep <= msg.epoch:
+            key = (msg.model, msg.run)
+            self._cancelled_epoch[key] = max(msg.epoch, self._cancelled_epoch.get(key, -1))
+            for run, ep, t in self._send_tasks.get(msg.model, []):
+                if run == msg.run and ep <= msg.epoch:
                     t.cancel()
                     stopping.append(t)
                 elif not t.done():
-                    keep.append((ep, t))
+                    keep.append((run, ep, t))
             if stopping:
                 await asyncio.wait(stopping, timeout=self.transfer_settings.stall_timeout_s)
             self._send_tasks[msg.model] = keep
@@ -641,7 +644,7 @@ class NodeAgent:
             for t in loops:
                 t.cancel()
             for lst in self._send_tasks.values():
-                for _, t in lst:
+                for _, _, t in lst:
                     t.cancel()
             for t in list(self._copy_tasks):
                 t.cancel()

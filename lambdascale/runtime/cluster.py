@@ -103,7 +103,7 @@ class Cluster:
     def subscribe(self) -> Iterator[asyncio.Queue[ClusterEvent]]:
         """A queue that receives every event from now until the block exits.
 
-        Every open queue gets every event, so concurrent readers (one multicast per model) each see
+        Every open queue gets every event, so concurrent readers (one per multicast) each see
         their own chunk reports and every :class:`NodeLost`. Events with no queue open are dropped:
         a node's state stays readable from :meth:`alive`.
         """

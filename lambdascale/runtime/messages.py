@@ -81,7 +81,8 @@ class SendChunks(_Msg):
     ``sends`` is a list of (chunk, destination node). A destination of ``-1`` (:data:`PACE`) sends
     nothing: it only waits until the chunk is held, so a node does not forward into a peer still
     receiving its previous round's chunk. ``epoch`` lets the controller cancel a whole generation
-    of lists at once after a re-plan.
+    of lists at once after a re-plan; ``run`` names the multicast, so two multicasts of one model
+    (disjoint receivers, shared sources) keep their lists and cancellations apart.
     """
 
     type: Literal["send_chunks"] = "send_chunks"
@@ -89,15 +90,18 @@ class SendChunks(_Msg):
     model: str
     epoch: int = Field(ge=0)
     sends: list[tuple[int, int]]
+    run: int = Field(default=0, ge=0)
 
 
 class CancelSends(_Msg):
-    """Stop every send list with ``epoch <= epoch``; the reply carries the chunks held now."""
+    """Stop every send list of multicast ``run`` with ``epoch <= epoch``; the reply carries the
+    chunks held now."""
 
     type: Literal["cancel_sends"] = "cancel_sends"
     req: int
     model: str
     epoch: int
+    run: int = Field(default=0, ge=0)
 
 
 class GetStatus(_Msg):
@@ -352,6 +356,7 @@ class SendFailed(_Msg):
     dst: int
     epoch: int
     error: str
+    run: int = 0
 
 
 class Reply(_Msg):

@@ -20,6 +20,7 @@ Faults:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from lambdascale.pipe.multicast import Algo, MulticastPlan, plan_multicast
 from lambdascale.runtime.cluster import Cluster, ClusterEvent, NodeLost, NodeLostError
 from lambdascale.runtime.messages import PACE, CancelSends, ChunkCorrupt, ChunkHeld, PrepareReceive, SendChunks, SendFailed
 from lambdascale.runtime.repair import plan_repair
+
+#: ids of multicasts in this process (``SendChunks.run``), so two of one model never share lists
+_RUNS = itertools.count(1)
 
 
 @dataclass
@@ -143,12 +147,13 @@ async def run_multicast(
         holdings={n: (set(range(k)) if n in sources else set()) for n in ids},
     )
     model = manifest.name
+    run = next(_RUNS)  # this multicast's send lists and cancellations, apart from another of the model
     timeout_s = cluster.settings.multicast_timeout_s if timeout_s is None else timeout_s
 
     async def dispatch(lists: dict[int, list[tuple[int, int]]]) -> None:
         async def one(node: int, sends: list[tuple[int, int]]) -> None:
             try:
-                await cluster.request(node, SendChunks(req=0, model=model, epoch=prog.epoch, sends=sends))
+                await cluster.request(node, SendChunks(req=0, model=model, epoch=prog.epoch, sends=sends, run=run))
             except NodeLostError:
                 pass  # its NodeLost event triggers a re-plan
         await asyncio.gather(*(one(n, s) for n, s in lists.items() if s and n not in prog.lost))
@@ -173,7 +178,7 @@ async def run_multicast(
 
         async def cancel(n: int) -> None:
             try:
-                data = await cluster.request(n, CancelSends(req=0, model=model, epoch=old))
+                data = await cluster.request(n, CancelSends(req=0, model=model, epoch=old, run=run))
                 prog.holdings[n] |= set(data["held"])
             except NodeLostError:
                 pass
@@ -206,6 +211,8 @@ async def run_multicast(
                 continue
             if not isinstance(ev, NodeLost) and (ev.model != model or ev.node not in prog.holdings):
                 continue  # another multicast's report
+            if isinstance(ev, SendFailed) and ev.run != run:
+                continue  # a shared source's send for another multicast of this model
             now = time.monotonic() - prog.t0
             if isinstance(ev, ChunkHeld):
                 if ev.chunk not in prog.holdings[ev.node]:

@@ -158,8 +158,6 @@ class ClusterBackend:
         self.bytes_multicast = 0
         self.pipelines_formed = 0
         self.pipelines_dissolved = 0
-        #: one multicast per model at a time (a model's agents keep one send epoch); models spread side by side
-        self._mc_locks: dict[str, asyncio.Lock] = {}
         self.tier_hits: dict[str, int] = {}
         # memory manager (runtime/agent_memory.py): each agent's last HoldingsReport, and the memory tasks
         self._tiers: dict[int, Any] = {}
@@ -423,9 +421,9 @@ class ClusterBackend:
 
         actor = asyncio.get_running_loop().create_task(act())
         try:
-            async with self._mc_locks.setdefault(m.name, asyncio.Lock()):
-                await prepare_receivers(self.cluster, m.manifest, receivers)
-                res = await run_multicast(self.cluster, m.manifest, sources, receivers, algo=algo, on_event=hook)
+            # no lock: multicasts of one model (disjoint receivers) run side by side, each its own run
+            await prepare_receivers(self.cluster, m.manifest, receivers)
+            res = await run_multicast(self.cluster, m.manifest, sources, receivers, algo=algo, on_event=hook)
             self.bytes_multicast += res.bytes_moved
             for node in receivers:  # full nodes whose event was missed, if any
                 if node not in res.lost:

@@ -88,6 +88,34 @@ def test_multicasts_of_two_models_run_side_by_side(tiny_model: Path, tmp_path: P
     run_async(main())
 
 
+def test_multicasts_of_one_model_from_a_shared_source_keep_their_sends_apart(tiny_model: Path) -> None:
+    """Two scale-outs of one model at once, both fed by node 0. A receiver of the first dies: the
+    first re-plans and cancels its own send lists on node 0, and the second runs on without a
+    re-plan. A later scale-out of the model, after that cancellation, is not taken for cancelled."""
+    async def main() -> None:
+        async with LocalCluster(6, SLOW, FAST_HB) as lc:
+            manifest = await _setup(lc, tiny_model, [0], [1, 2, 3, 4])
+            killed: list[int] = []
+
+            def hook(ev, prog: MulticastProgress) -> None:
+                if isinstance(ev, ChunkHeld) and not killed and sum(len(prog.holdings[r]) for r in (1, 2)) >= 4:
+                    killed.append(2)
+                    lc.launcher.kill(2)
+
+            ra, rb = await asyncio.gather(
+                run_multicast(lc.cluster, manifest, [0], [1, 2], on_event=hook, timeout_s=30),
+                run_multicast(lc.cluster, manifest, [0], [3, 4], timeout_s=30))
+            assert killed == [2] and ra.lost == (2,) and ra.replans == 1 and set(ra.node_full_s) == {1}
+            assert rb.replans == 0 and rb.lost == () and set(rb.node_full_s) == {3, 4}
+            assert rb.bytes_moved == 2 * manifest.total_bytes
+            await prepare_receivers(lc.cluster, manifest, [5])
+            rc = await run_multicast(lc.cluster, manifest, [0], [5], timeout_s=30)
+            assert set(rc.node_full_s) == {5}
+            await _assert_full(lc, tiny_model, [1, 3, 4, 5])
+
+    run_async(main())
+
+
 def test_corrupted_chunks_are_caught_refetched_and_never_forwarded(tiny_model: Path) -> None:
     async def main() -> None:
         async with LocalCluster(4, TransferSettings(), FAST_HB) as lc:

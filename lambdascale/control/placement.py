@@ -15,8 +15,11 @@ Pure function of (snapshot, decision, config, now). Rules:
   sources too: host memory can feed the NIC while it feeds the local GPU.
 - ``placement_peer_fetch=False`` (baselines without multicast) plans no sources at all: targets
   load from their own copy, SSD included, or from the model store.
-- ``execute_while_load`` is set when configured and at least two network targets receive blocks
-  (a pipeline needs several receivers that together hold every block).
+- ``execute_while_load`` is set when configured and network targets receive blocks from sources.
+  It permits pipelines; the data plane forms what the holdings allow: several receivers that
+  together hold every block, or one receiver with sources that serve the model lending it their
+  devices for the blocks it lacks (``runtime.pipeline_helper_blocks``). One receiver without
+  lending forms none.
 
 Example::
 
@@ -115,7 +118,7 @@ def place_model(
         targets=tuple(targets),
         sources=sources,
         algo=cfg.placement_multicast_algo,
-        execute_while_load=cfg.placement_execute_while_load and bool(sources) and n_network >= 2,
+        execute_while_load=cfg.placement_execute_while_load and bool(sources),
         unplaced=unplaced,
     )
 

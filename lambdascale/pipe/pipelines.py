@@ -28,8 +28,11 @@ Policy (pure function of holdings, capacity and the pipelines already running):
    *assisted* pipeline is built: up to ``size`` free receivers (fewer when no more hold a block)
    carry one block or more each, at most ``ceil(B/size)``, and helpers run the blocks they lack,
    each run of consecutive blocks on one helper where room allows. It fills the smallest planned
-   size that holds its receivers. No assisted pipeline forms once a receiver can serve alone; a
-   formed one is kept, like any pipeline, until a receiver in it can serve alone.
+   size that holds its receivers. A planned size of 1 (a receiver that would serve alone: the one
+   receiver of a 1 -> 2 scale-out, or the odd one out of 5) takes an assisted pipeline too: that
+   receiver runs the blocks it holds and the helpers the rest. No assisted pipeline forms once a
+   receiver can serve alone; a formed one is kept, like any pipeline, until a receiver in it can
+   serve alone.
 
 ``capacity[node]`` is the node's free capacity in blocks: the most blocks it can execute (KV-cache
 memory for their layers); 0 takes the node out. Nodes missing from ``capacity`` are unlimited.
@@ -469,7 +472,7 @@ def _plan_masks(
                     room[v] -= n
         else:
             dissolve.append(p)
-    want = _pipe_counts(sizes)
+    want = _pipe_counts(sizes, assisted=bool(room))
     have = Counter(_slot(p, room, want) for p in keep)
     free = [v for v in masks if v not in solo_set and v not in used and cap.get(v, n_blocks) >= 1]
     free.sort(key=lambda v: (masks[v].bit_count(), v))
@@ -499,9 +502,10 @@ def _slot(p: Pipeline, helpers: Mapping[int, int], want: Mapping[int, int]) -> i
     return min((s for s in want if s >= n), default=n) if n < p.size else n
 
 
-def _pipe_counts(sizes: Sequence[int]) -> Counter[int]:
-    """How many pipelines of each size >= 2 the plan wants (size 1 = solo nodes)."""
-    return Counter(s for s in sizes if s >= 2)
+def _pipe_counts(sizes: Sequence[int], assisted: bool = False) -> Counter[int]:
+    """How many pipelines of each size >= 2 the plan wants (size 1 = solo nodes); with helpers
+    (``assisted``) a size-1 slot wants an assisted pipeline until its receiver can serve alone."""
+    return Counter(s for s in sizes if s >= 2 or assisted)
 
 
 def _check_sizes(sizes: Sequence[int], n_blocks: int) -> tuple[int, ...]:
@@ -597,7 +601,7 @@ class PipelinePlanner:
         self._helpers = _check_helpers(helpers, node_list)
         self._explicit_sizes = sizes is not None
         self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
-        self._want = _pipe_counts(self.sizes)
+        self._want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
         # chunks still missing per (node, block): a block completes when its count reaches 0
         B = n_blocks
         self._per_block = self.layout.block_chunk_counts()
@@ -678,6 +682,7 @@ class PipelinePlanner:
         """
         if node in self._helpers:  # a helper left: pipelines through it dissolve and are re-planned
             del self._helpers[node]
+            self._want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
             old = self.plan
             self.plan = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes, self._helpers)
             return self.plan if self.plan.changed else None
@@ -688,7 +693,7 @@ class PipelinePlanner:
         self._missing = {k: v for k, v in self._missing.items() if k[0] != node}
         if not self._explicit_sizes:
             self.sizes = planned_sizes(self.n_blocks, len(self._masks))
-            self._want = _pipe_counts(self.sizes)
+            self._want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
         old = self.plan
         new = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes, self._helpers)
         self.plan = new

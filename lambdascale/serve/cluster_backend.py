@@ -376,9 +376,10 @@ class ClusterBackend:
         lend = self.config.runtime.pipeline_helper_blocks
         serving = {i.node for i in m.serving if not i.pipelined}
         helpers = {s: lend for s in sources if s in serving} if lend else {}
+        # one receiver forms a pipeline only with a helper (it runs what the receiver lacks)
         planner = PipelinePlanner(receivers, m.manifest.n_blocks, k, layout=m.manifest.layout,
                                   helpers=helpers or None) \
-            if ewl and len(receivers) > 1 else None
+            if ewl and (len(receivers) > 1 or helpers) else None
         actions: asyncio.Queue[Any] = asyncio.Queue()
         pipes: dict[tuple[int, ...], _Instance] = {}
         started: set[int] = set()

@@ -58,10 +58,12 @@ def test_sources_capped_by_targets_and_setting() -> None:
     assert len(plan.sources) == 1 and plan.execute_while_load
 
 
-def test_single_network_target_gets_no_execute_while_load() -> None:
-    s = snap((node(0, free=0, holdings=(hold("m", Tier.HOST),)), node(1)), (model("m"),))
+def test_a_single_network_target_may_execute_while_load_too() -> None:
+    # permission only: one receiver forms a pipeline with a source lending its device, none alone
+    s = snap((node(0, free=0, holdings=(hold("m", Tier.GPU),)), node(1)), (model("m"),))
     plan = place_model(s, s.models[0], 1, CFG, 0.0)
-    assert plan.network_targets == (1,) and not plan.execute_while_load
+    assert plan.network_targets == (1,) and plan.execute_while_load
+    assert not place_model(s, s.models[0], 1, ControlSettings(placement_execute_while_load=False), 0.0).execute_while_load
 
 
 def test_ssd_target_uses_network_when_a_memory_holder_exists() -> None:

@@ -393,3 +393,32 @@ def test_an_assisted_pipeline_may_use_fewer_receivers_and_none_forms_once_one_is
     late = {2: set(range(8)), 3: {0, 1}, 4: {4, 5}, 5: {6, 7}}
     assert plan_pipelines(late, 8, helpers={0: 4, 1: 4}).active == ()
     assert len(plan_pipelines({**late, 2: {0}}, 8, helpers={0: 4, 1: 4}).form) == 1
+
+
+def test_one_receiver_forms_a_pipeline_only_with_a_lending_helper() -> None:
+    # a 1 -> 2 scale-out: the receiver holds blocks 0-2 of 8; the serving source lends its device
+    h = {1: {0, 1, 2}}
+    assert plan_pipelines(h, 8).active == ()  # a planned size of 1 is the node serving alone
+    plan = plan_pipelines(h, 8, helpers={0: 8})
+    (p,) = plan.form
+    _check_assisted(plan, h, {0: 8}, 8)
+    assert p.assignment == (1, 1, 1, 0, 0, 0, 0, 0)  # the receiver runs what it holds, the helper the rest
+    assert plan_pipelines(h, 8, helpers={0: 4}).active == ()  # five blocks missing, four lent
+    planner = PipelinePlanner([1], 8, helpers={0: 8})
+    assert planner.on_block(1, 0) is not None and planner.plan.active[0].assignment == (1,) + (0,) * 7
+    for b in range(1, 7):
+        planner.on_block(1, b)
+    assert len(planner.plan.active) == 1  # kept while the receiver cannot serve alone
+    last = planner.on_block(1, 7)
+    assert last is not None and last.dissolve and last.active == () and last.solo == (1,)
+
+
+def test_the_odd_receiver_out_gets_its_own_assisted_pipeline() -> None:
+    # five receivers plan sizes (4, 1): with room, the fifth runs a pipeline with the helpers
+    h = {2: {0, 1}, 3: {2, 3}, 4: {4, 5}, 5: {6, 7}, 6: {0, 1, 2}}
+    plan = plan_pipelines(h, 8, helpers={0: 8})
+    assert sorted(p.size for p in plan.form) == [2, 4]
+    (odd,) = [p for p in plan.form if 6 in p.nodes]
+    assert odd.assignment == (6, 6, 6, 0, 0, 0, 0, 0)
+    _check_assisted(plan, h, {0: 8}, 8)
+    assert len(plan_pipelines(h, 8).form) == 1  # receivers only: the fifth waits to serve alone

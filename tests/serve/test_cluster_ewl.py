@@ -95,3 +95,54 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     else:
         assert not on_holders, formed
     assert not [i for i in st["instances"] if i["state"] == "pipelined"]
+
+
+def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder(tmp_path: Path, caplog) -> None:
+    """One holder, one receiver: receivers alone never form a pipeline, but with the holder lending
+    its device (``runtime.pipeline_helper_blocks``) the receiver runs the blocks it already holds
+    and the holder the rest, before the receiver is full; texts stay exact."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.sampling import SamplingParams
+    from lambdascale.model.importers import import_model
+
+    ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
+    name = ck.dir.name
+    eng = Engine.from_checkpoint(ck.dir)
+    want_ids = [t for o in eng.generate(PROMPT, SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True))
+                for t in o.token_ids]
+    cfg = load_config(None, {
+        "runtime.nodes": 2, "runtime.register_timeout_s": 240, "engine.max_batch_size": 2,
+        "engine.max_model_len": 256, "control.autoscale_interval_s": 2.0, "transfer.link_gbps": 0.003,
+        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384, "runtime.pipeline_helper_blocks": 4})
+    backend = ClusterBackend(cfg, tmp_path)
+    reg = ModelRegistry(":memory:")
+    reg.put(DeploySpec(name=name, min_instances=1, max_instances=2, target_concurrency=1))
+    server = ServerThread(create_app(cfg, backend, registry=reg)).start(timeout_s=300)
+    try:
+        want = backend.codec(name).decode(want_ids)
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=180) as c:
+                body = {"model": name, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
+                return list(await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(6))))
+
+        responses = asyncio.run(burst())
+        deadline = time.monotonic() + 120
+        st = httpx.get(server.url + "/admin/status").json()
+        while time.monotonic() < deadline and not (
+                backend.scale_outs_in_progress == 0 and not any(i["state"] == "pipelined" for i in st["instances"])
+                and any(t["targets"] == [1] and len(t["node_full_at"]) == 1 for t in st["scale_timelines"])):
+            time.sleep(0.1)
+            st = httpx.get(server.url + "/admin/status").json()
+    finally:
+        server.stop(timeout_s=60)
+    assert [r.status_code for r in responses] == [200] * 6
+    assert all(r.json()["choices"][0]["text"] == want for r in responses)
+    formed = [r.args[2] for r in caplog.records if r.getMessage().startswith("pipeline ") and "serving across" in r.getMessage()]
+    assert formed and set(formed[0]) == {0, 1}, formed  # the receiver (1) and the holder (0)
+    tl = next(t for t in st["scale_timelines"] if t["targets"] == [1])
+    assert tl["first_pipeline_at"] is not None and tl["first_pipeline_at"] < tl["node_full_at"]["1"]
+    assert backend.pipelines_dissolved == backend.pipelines_formed >= 1

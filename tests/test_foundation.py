@@ -40,9 +40,10 @@ def test_every_command_reports_bad_config_as_an_error_not_a_traceback(tmp_path, 
     assert main(["generate", "m", "hi", "--config", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"invalid configuration in {p}" in err and "runtime.nodes" in err
-    assert main(["bench", "scale", "--pipeline-helper-blocks", "-1"]) == 2
-    err = capsys.readouterr().err
-    assert "invalid configuration in command-line flags" in err and "runtime.pipeline_helper_blocks" in err
+    for cmd in (["bench", "scale"], ["serve"]):
+        assert main([*cmd, "--pipeline-helper-blocks", "-1"]) == 2
+        err = capsys.readouterr().err
+        assert "invalid configuration in command-line flags" in err and "runtime.pipeline_helper_blocks" in err
 
 
 def test_config_round_trips_through_dump(tmp_path) -> None:

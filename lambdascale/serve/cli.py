@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the controller and the OpenAI-compatible gateway until Ctrl-C")
     p.add_argument("--config", default=None, help="config file (YAML/JSON); `lambdascale config` lists the fields")
     add_config_args(p, "serve", ["host", "port", "backend", "registry_path", "max_queue_per_model"])
-    add_config_args(p, "runtime", ["nodes", "launcher", "address"])
+    add_config_args(p, "runtime", ["nodes", "launcher", "address", "pipeline_helper_blocks"])
     p.add_argument("--model", action="append", default=None,
                    help="model to deploy at startup (repeatable; default: the demo model smollm2-135m)")
     p.add_argument("--api-key", action="append", default=None, help="accept this key for inference (repeatable)")

@@ -1,7 +1,8 @@
 """Moving a request's KV cache when its pipeline dissolves: ship it, or let the destination recompute.
 
 DESIGN.md: "the destination recomputes the KV cache, or receives it when transfer is cheaper".
-The choice is a pure function (:func:`choose_kv_move`) of the request's cached tokens, the model
+The choice is a pure function (:func:`~lambdascale.pipe.serving.choose_kv_move`, shared with the
+simulator) of the request's cached tokens, the model
 shape, the link rate and the destination's prefill rate:
 
 * ship: ``kv_bytes / link_rate + overhead`` with ``kv_bytes = tokens x 2 x layers x kv_heads x
@@ -26,30 +27,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Sequence
 
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.arch import ModelArch
+from lambdascale.pipe.serving import KvMove, KvMoveCost, KvPolicy, choose_kv_move
 from lambdascale.runtime.messages import ExportKv, ImportKv, RegisterBuffer, SendBuffer
 
 if TYPE_CHECKING:
     from lambdascale.runtime.cluster import Cluster
     from lambdascale.runtime.pipeline import RemotePipeline
     from lambdascale.runtime.settings import RuntimeSettings
-
-
-class KvPolicy(str, Enum):
-    """How dissolution moves KV: decide per request by cost, or always one way."""
-
-    AUTO = "auto"
-    SHIP = "ship"
-    RECOMPUTE = "recompute"
-
-
-class KvMove(str, Enum):
-    SHIP = "ship"
-    RECOMPUTE = "recompute"
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -60,46 +48,6 @@ def kv_bytes_per_token(arch: ModelArch, dtype: str = "float32") -> int:
     if dtype not in _DTYPE_BYTES:
         raise LambdaScaleError(f"KV dtype {dtype!r} not one of {sorted(_DTYPE_BYTES)}")
     return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.dim_per_head * _DTYPE_BYTES[dtype]
-
-
-@dataclass(frozen=True)
-class KvMoveCost:
-    """The two estimates for moving one request's ``tokens`` cached tokens, and the choice."""
-
-    tokens: int
-    kv_bytes: int
-    ship_s: float
-    recompute_s: float
-    choice: KvMove
-
-
-def choose_kv_move(
-    tokens: int,
-    kv_bytes: int,
-    link_bytes_per_s: float,
-    recompute_s: float,
-    policy: KvPolicy | str = KvPolicy.AUTO,
-    ship_overhead_s: float = 0.0,
-) -> KvMoveCost:
-    """Pure: ship when ``kv_bytes / link + overhead < recompute_s`` (ties recompute), unless forced.
-
-    A request with nothing cached (``tokens == 0``) always "recomputes" (there is nothing to ship).
-    """
-    policy = KvPolicy(policy)
-    if tokens < 0 or kv_bytes < 0:
-        raise LambdaScaleError(f"KV move of {tokens} tokens / {kv_bytes} bytes: both must be >= 0")
-    if not link_bytes_per_s > 0:
-        raise LambdaScaleError(f"KV move: link rate must be > 0 bytes/s, got {link_bytes_per_s}")
-    if recompute_s < 0 or ship_overhead_s < 0:
-        raise LambdaScaleError(f"KV move: times must be >= 0 (recompute {recompute_s}, overhead {ship_overhead_s})")
-    ship_s = kv_bytes / link_bytes_per_s + ship_overhead_s
-    if tokens == 0 or policy is KvPolicy.RECOMPUTE:
-        choice = KvMove.RECOMPUTE
-    elif policy is KvPolicy.SHIP:
-        choice = KvMove.SHIP
-    else:
-        choice = KvMove.SHIP if ship_s < recompute_s else KvMove.RECOMPUTE
-    return KvMoveCost(tokens, kv_bytes, ship_s, recompute_s, choice)
 
 
 @dataclass(frozen=True)
@@ -211,3 +159,8 @@ async def ship_kv(cluster: "Cluster", src: "RemotePipeline", dst: "RemotePipelin
         parts=[(names[i], int(e["layers"])) for i, e in enumerate(exports)], dtype=exports[0]["dtype"],
     ))
     return moved
+
+
+# the pure choice lives in pipe.serving (shared with the simulator); callers may import it from here
+__all__ = ["KvMove", "KvMoveChooser", "KvMoveCost", "KvPolicy", "RecomputeEstimate", "choose_kv_move",
+           "kv_bytes_per_token", "ship_kv"]

@@ -34,6 +34,7 @@ def summarize(r: SimResult, slo_s: float) -> dict[str, Any]:
         "scale_all_full_mean_s": float(np.mean(full)) if full else math.nan,
         "scale_all_full_max_s": float(np.max(full)) if full else math.nan,
         "migrations": r.migrations,
+        "kv_shipped": r.kv_shipped,
         "sim_events": r.events,
     }
 

@@ -42,6 +42,13 @@ class SimSettings(BaseModel):
         default="kv",
         description="sequences a λPipe pipeline takes (as runtime.pipeline_batch): kv: max_batch x blocks / its "
         "widest stage's blocks (a stage keeps the KV of its own layers only); instance: max_batch")
+    kv_move: Literal["auto", "ship", "recompute"] = Field(
+        default="auto",
+        description="a dissolving pipeline's requests (as runtime.kv_move): auto ships a request's KV cache to a "
+        "full instance with a free slot when that is estimated faster than recomputing it there; ship/recompute "
+        "force one way (recompute: the request re-prefills prompt + outputs wherever the router puts it)")
+    kv_ship_overhead_s: float = Field(default=0.005, ge=0, le=10.0,
+                                      description="fixed cost of one KV move (as runtime.kv_ship_overhead_s)")
     min_instances: int = Field(default=0, ge=0, le=4096, description="instances always kept; 0 = scale to zero (serverless, as DeploymentSpec)")
     target_concurrency: int = Field(default=8, ge=1, le=100_000, description="requests per instance the autoscaler sizes for")
     keep_alive_s: float = Field(default=30.0, ge=0, le=86400, description="idle time before an instance may be removed")

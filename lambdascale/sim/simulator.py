@@ -28,10 +28,12 @@ sequences as its widest stage's KV memory holds and runs each pass as one micro-
 so its sequences get their tokens at staggered times and passes follow each other at the pace of
 the slower of one micro-batch's latency and the busiest node's work. A full instance is the
 one-micro-batch case.
-Requests on a pipeline that is dissolved move, with their token state, to a full instance, which
-recomputes their KV cache (a prefill of prompt + generated tokens) and continues the stream; their
-TTFT is unchanged, as the client saw its first token already (a micro-batch whose prefill ended
-before the dissolution keeps its first token; one still in progress is prefilled again).
+Requests on a pipeline that is dissolved move, with their token state, to a full instance: their
+KV cache ships there over the network when that is cheaper than recomputing it (the runtime's
+rule, ``sim.kv_move``), else the instance the router picks recomputes it (a prefill of prompt +
+generated tokens); either way the stream continues and TTFT is unchanged, as the client saw its
+first token already (a micro-batch whose prefill ended before the dissolution keeps its first
+token; one still in progress is prefilled again).
 
 Costs: GPU-seconds = GPUs held by instances (from the moment a node is picked as a target, so
 loading counts) integrated over time, until the simulation ends.
@@ -68,7 +70,7 @@ from lambdascale.control.snapshot import (
 from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.pipe.multicast import MulticastPlan, plan_multicast
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
-from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs
+from lambdascale.pipe.serving import KvMove, choose_kv_move, microbatch_slots, pipeline_seqs
 from lambdascale.sim.cluster import ClusterSpec, SimModel
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.events import EventHandle, EventLoop, Priority
@@ -84,7 +86,9 @@ GIB = float(1 << 30)
 
 def _prefill_tokens(r: "Req") -> int:
     """Tokens the request's first step on an instance prefills (a resumed request recomputes its
-    generated tokens too)."""
+    generated tokens too; one whose KV cache was shipped there prefills nothing)."""
+    if r.kv_ready:
+        return 0
     return r.inp + (r.generated if r.resume else 0)
 
 
@@ -104,6 +108,7 @@ class Req:
     finish: float = math.nan
     migrations: int = 0
     resume: bool = False  # migrated: next prefill recomputes prompt + generated tokens
+    kv_ready: bool = False  # migrated with its KV cache shipped to its instance: it decodes on, no prefill
 
     @property
     def kv_tokens(self) -> int:
@@ -125,6 +130,7 @@ class Inst:
     running: list[Req] = field(default_factory=list)
     pending: deque[Req] = field(default_factory=deque)
     kv_used: int = 0
+    incoming: int = 0  # requests whose KV cache is being shipped here (slot and KV reserved)
     # λPipe micro-batching: steps in flight at once, and the busiest node's share of the blocks
     slots: int = 1
     bottleneck_share: float = 1.0
@@ -146,7 +152,7 @@ class Inst:
 
     @property
     def outstanding(self) -> int:
-        return len(self.running) + len(self.pending) + len(self.seg_new)
+        return len(self.running) + len(self.pending) + len(self.seg_new) + self.incoming
 
     @property
     def nodes(self) -> tuple[int, ...]:
@@ -216,6 +222,7 @@ class SimResult:
     migrations: int
     events: int
     unfinished: int
+    kv_shipped: int = 0  # migrations whose KV cache was shipped (the others recomputed it)
 
     def slo_attainment(self, slo_s: float) -> float:
         ok = np.sum(np.nan_to_num(self.ttft, nan=np.inf) <= slo_s)
@@ -279,6 +286,7 @@ class Simulation:
         kv_tok = model.arch.kv_bytes_per_token()
         spare = tp * cluster.gpu.memory_gib * GIB - model.nbytes
         self.kv_capacity = max(1, int(spare * settings.kv_memory_fraction / kv_tok))
+        self.kv_tok = kv_tok
         self.act_bytes = model.arch.activation_bytes_per_token()
         self.reqs = [Req(i, float(a), int(x), int(y)) for i, (a, x, y) in
                      enumerate(zip(workload.arrival_s, workload.input_tokens, workload.output_tokens))]
@@ -296,6 +304,7 @@ class Simulation:
         self.arrived = 0
         self.rejected = 0
         self.migrations = 0
+        self.kv_shipped = 0
         self.gpu_seconds = 0.0
         self._copying: set[tuple[int, Tier]] = set()
         self._pipelines: dict[int, tuple[PipelinePlanner, ScaleTimeline, dict[Pipeline, Inst], set[int]]] = {}
@@ -513,6 +522,11 @@ class Simulation:
         budget = self.s.max_prefill_tokens * inst.slots  # every step in flight has its own budget
         while inst.pending and len(inst.running) + len(new) < inst.capacity:
             r = inst.pending[0]
+            if r.kv_ready:  # its KV cache was shipped here (slot and KV reserved): it decodes on
+                inst.pending.popleft()
+                r.kv_ready = False
+                inst.running.append(r)
+                continue
             if inst.kv_used + r.kv_tokens > inst.kv_capacity and (inst.running or new):
                 break
             if new and tokens + _prefill_tokens(r) > budget:
@@ -790,12 +804,15 @@ class Simulation:
         if node.inst is None:
             return
         node.chunks.add(chunk)
-        if planner is not None:
+        full = len(node.chunks) == self.model.n_chunks
+        if full:  # its instance serves before the planner dissolves a pipeline: KV can ship to it
+            self._node_full(node, pump=False)
+        if planner is not None and tl.event_id in self._pipelines:
             p = planner.on_chunk(node_id, chunk)
             if p is not None:
                 self._apply_pipelines(tl.event_id, p.form, p.dissolve)
-        if len(node.chunks) == self.model.n_chunks:
-            self._node_full(node)
+        if full:
+            self._pump()
 
     def _apply_pipelines(self, event_id: int, form: tuple[Pipeline, ...], dissolve: tuple[Pipeline, ...]) -> None:
         _, tl, running, _ = self._pipelines[event_id]
@@ -840,9 +857,10 @@ class Simulation:
             # the helpers finish the pass in progress (the runtime drains steps in flight); the rest never runs
             self._refund(inst, inst.seg_k - min(steps + 1, inst.seg_k))
         for r in inst.running:
-            r.resume = True
             r.migrations += 1
-            moved.append(r)
+            if not self._ship_kv(inst, r):
+                r.resume = True
+                moved.append(r)
         moved.extend(inst.pending)
         self.migrations += len(inst.running)
         inst.running, inst.pending, inst.seg_new, inst.seg_first = [], deque(), [], []
@@ -850,7 +868,67 @@ class Simulation:
         for r in reversed(moved):
             self.held.appendleft(r)
 
-    def _node_full(self, node: NodeState) -> None:
+    def _ship_kv(self, inst: Inst, r: Req) -> bool:
+        """Ship ``r``'s KV cache from the dissolving pipeline ``inst`` to a full instance with a free
+        slot when that beats recomputing it there (``pipe.serving.choose_kv_move``, the runtime's
+        rule; ``sim.kv_move``). Each stage node sends its layers' share as a flow to the destination;
+        the request joins the destination's next pass as a running sequence. False: recompute."""
+        tokens = r.inp + r.generated
+        fits = [i for i in self.insts.values() if i.state is InstanceState.FULL and len(i.stages) == 1
+                and i.outstanding < i.capacity and i.kv_used + r.kv_tokens <= i.kv_capacity]
+        if not fits:
+            return False
+        members = set(inst.nodes) - set(inst.helper_share)
+        dest = min(fits, key=lambda i: (i.stages[0][0] not in members, i.outstanding, i.id))  # the gateway keeps slots there
+        move = choose_kv_move(tokens, tokens * self.kv_tok, self.nic_Bps, self.cost.prefill_s(tokens),
+                              self.s.kv_move, self.s.kv_ship_overhead_s)
+        if move.choice is not KvMove.SHIP:
+            return False
+        dest.incoming += 1
+        dest.kv_used += r.kv_tokens
+        dest.view = None
+        self.kv_shipped += 1
+        dn = dest.stages[0][0]
+        share: dict[int, float] = {}
+        for n, a, b in inst.stages:
+            if n != dn:
+                share[n] = share.get(n, 0.0) + (b - a) / self.model.n_blocks
+        left = [len(share)]
+
+        def landed(_: Flow | None = None) -> None:
+            left[0] -= 1
+            if left[0] <= 0:
+                self._kv_landed(dest, r)
+
+        if not share:  # every stage ran on the destination node: nothing crosses the network
+            left[0] = 1
+            self.loop.after(self.s.kv_ship_overhead_s, Priority.TRANSFER, landed)
+        for n, sh in share.items():
+            self.net.start((("out", n), ("in", dn)), move.kv_bytes * sh, landed,
+                           latency_s=self.nic_latency + self.s.kv_ship_overhead_s)
+        return True
+
+    def _kv_landed(self, dest: Inst, r: Req) -> None:
+        dest.incoming -= 1
+        dest.view = None
+        if self.insts.get(dest.id) is not dest or dest.state not in _ROUTABLE:  # gone meanwhile: recompute
+            dest.kv_used -= r.kv_tokens
+            r.resume = True
+            self.held.appendleft(r)
+            self._pump()
+            return
+        r.kv_ready = True
+        dest.pending.appendleft(r)
+        if dest.event is None:  # once every cache landing at this instant is here: they start together
+            self.loop.schedule(self.loop.now(), Priority.DISPATCH, self._start_idle, dest)
+        else:
+            self._cut_segment(dest)
+
+    def _start_idle(self, inst: Inst) -> None:
+        if inst.event is None and self.insts.get(inst.id) is inst:  # nothing started it meanwhile
+            self._start_step(inst)
+
+    def _node_full(self, node: NodeState, pump: bool = True) -> None:
         now = self.loop.now()
         inst = node.inst
         if inst is None or inst.state is not InstanceState.LOADING:
@@ -871,7 +949,8 @@ class Simulation:
                 tl.mark_dissolved(now)
         if inst.remove_when_full:
             self._remove(inst.id)
-        self._pump()
+        if pump:
+            self._pump()
 
     # ---- sampling and run -------------------------------------------------------------------
 
@@ -922,7 +1001,7 @@ class Simulation:
             end_time=end, scale_events=self.scale_events, series_t=s[:, 0], series_instances=s[:, 1],
             series_pipelines=s[:, 2], series_rate=s[:, 3] / self.s.sample_interval_s,
             migrations=self.migrations, events=self.loop.processed,
-            unfinished=int(np.sum(np.isnan(fin))))
+            unfinished=int(np.sum(np.isnan(fin))), kv_shipped=self.kv_shipped)
 
 
 class _MulticastRun:

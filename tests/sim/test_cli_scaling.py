@@ -190,8 +190,9 @@ def test_sources_lending_stages_serve_the_burst_sooner_and_pay_with_their_own_st
     w = Workload("burst", np.zeros(n), np.full(n, 64), np.full(n, 8))
     out = {}
     for lend in (0, 2):
+        # KV recomputed on dissolution: no KV flows share the NICs, so both runs multicast alike
         s = SimSettings(model="llama2-7b", cluster="h200-ib400", nodes=6, multicast_mode="chunk", max_batch=8,
-                        pipeline_helper_blocks=lend)
+                        pipeline_helper_blocks=lend, kv_move="recompute")
         cluster, model, cost = setup(s)
         out[lend] = scale_once(cluster, model, SYSTEMS[SystemKind.LAMBDASCALE], s, ControlSettings(), cost,
                                6, 2, Tier.GPU, workload=w)

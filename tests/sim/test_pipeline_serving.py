@@ -151,3 +151,40 @@ def test_a_dissolved_pipeline_gives_back_the_time_charged_for_passes_it_never_ra
     # one pass ran, the one in flight drains; the other three are given back
     assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone + lent_prefill + 2 * per_pass)
     assert all(r.generated == 2 and r.resume for r in sim.held)
+
+
+def _dissolving_pipeline(**kw: object) -> tuple[Simulation, Inst, Inst, list[Req]]:
+    """Four requests decoding on a 4-stage pipeline over nodes 2-5, and node 2's new full instance."""
+    sim = _sim(**kw)
+    pipe = _pipeline(sim, (2, 2, 3, 3, 4, 4, 5, 5))
+    reqs = [Req(i, 0.0, 100, 10) for i in range(4)]
+    pipe.pending.extend(reqs)
+    sim._start_step(pipe)
+    sim.loop.run(until=pipe.seg_end(1) + 1e-9)  # prefilled: each has its first token
+    dest = sim._new_inst(InstanceState.FULL, ((2, 0, 8),))
+    return sim, pipe, dest, reqs
+
+
+def test_a_dissolving_pipeline_ships_its_requests_kv_to_a_full_instance() -> None:
+    sim, pipe, dest, reqs = _dissolving_pipeline()
+    assert all(r.generated == 1 for r in reqs)
+    t0 = sim.loop.now()
+    sim._dissolve(pipe)
+    assert sim.kv_shipped == 4 and not sim.held and dest.incoming == 4 and dest.outstanding == 4
+    # the stages on nodes 3-5 send their three quarters of each cache into node 2's one NIC
+    nbytes = 4 * (100 + 1) * sim.kv_tok * 0.75
+    landed = t0 + nbytes / sim.nic_Bps + sim.nic_latency + sim.s.kv_ship_overhead_s
+    sim.loop.run()
+    # no prefill on arrival: the nine tokens left are nine decode steps of four
+    assert all(r.finish == pytest.approx(landed + 9 * LAYERS * DECODE) for r in reqs)
+    assert all(r.generated == r.out and r.migrations == 1 for r in reqs) and dest.incoming == 0
+
+
+def test_recomputing_or_no_free_slot_sends_the_requests_back_to_the_gateway() -> None:
+    sim, pipe, dest, reqs = _dissolving_pipeline(kv_move="recompute")
+    sim._dissolve(pipe)
+    assert sim.kv_shipped == 0 and list(sim.held) == reqs and all(r.resume for r in reqs)
+    sim, pipe, dest, reqs = _dissolving_pipeline()
+    dest.capacity = 2  # room for two: the other two recompute wherever the router puts them
+    sim._dissolve(pipe)
+    assert sim.kv_shipped == 2 and dest.incoming == 2 and len(sim.held) == 2

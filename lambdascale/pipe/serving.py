@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
 
 from lambdascale.errors import LambdaScaleError
 
 #: most steps a pipeline keeps in flight (``runtime.messages.FormStage.slots``' limit)
 MAX_SLOTS = 64
-
-PipelineBatchRule = Literal["kv", "instance"]
 
 
 def microbatch_slots(n_stages: int, microbatches: int) -> int:

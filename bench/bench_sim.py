@@ -14,6 +14,10 @@ Sections (each prints one table):
 3b. ``gateway``: the simulated gateway's two mechanisms (late binding, scale-from-zero kick) on
    and off, every system, code trace, 16 nodes: what each contributes and to whom.
 4. ``speed``: the whole Azure conv trace (19,366 requests) on 16 nodes, all five systems: wall time.
+5. ``burst``: issue 6's acceptance shape, simulated (h200-ib400, Llama-2 7B, 6 nodes, 2 sources on
+   GPU, a burst of 48 arriving with the scale-out; times x 100 to compare with the emulated
+   cluster of ``bench scale --emulate-device h200:llama2-7b:100``): receivers only and with the
+   sources lending, micro-batches per stage or one, and a 1 -> 2 scale-out with lending.
 
 Usage: ``python bench/bench_sim.py --traces ../shared/traces [--sections scaling,code,frontier,speed] [--plots docs/img]``
 """
@@ -28,6 +32,7 @@ from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import Tier
 from lambdascale.sim.report import plot, summarize, table
 from lambdascale.sim.run import scaling_table, simulate, workload_for
+from lambdascale.sim.scaling import Burst
 from lambdascale.sim.settings import SimSettings
 
 SYSTEMS = "lambdascale,serverlessllm,faasnet,nccl,keepalive"
@@ -147,10 +152,26 @@ def section_speed(traces: Path) -> None:
     print(table(rows, s.slo_ttft))
 
 
+def section_burst() -> None:
+    print("\n## burst: one scale-out with a burst arriving with it (h200-ib400, llama2-7b, chunk-level multicast, "
+          "8 sequences per instance); seconds x 100")
+    print(f"{'nodes':>5} {'src':>3} {'burst':>5} {'prompt':>6} {'lend':>4} {'microb':>6} {'1st pipe':>9} {'all solo':>9} "
+          f"{'TTFT p50':>9} {'TTFT p99':>9} {'last done':>10}")
+    cases = [(6, 2, 48, 24, lend, mb) for lend in (0, 2) for mb in (0, 1)]
+    cases += [(6, 2, 48, 256, 0, mb) for mb in (0, 1)] + [(2, 1, 24, 24, lend, 0) for lend in (0, 2, 8)]
+    for nodes, src, n, prompt, lend, mb in cases:
+        s = SimSettings(cluster="h200-ib400", systems="lambdascale", nodes=nodes, max_batch=8, multicast_mode="chunk",
+                        pipeline_helper_blocks=lend, pipeline_microbatches=mb)
+        (r,) = scaling_table(s, ["llama2-7b"], nodes, src, Tier.GPU, burst=Burst(n, prompt, 8))
+        pipe = f"{100 * r.first_serve_s:9.2f}" if r.first_serve_s < r.all_full_s else f"{'none':>9}"
+        print(f"{nodes:>5} {src:>3} {n:>5} {prompt:>6} {lend:>4} {mb or 'stage':>6} {pipe} {100 * r.all_full_s:9.2f} "
+              f"{100 * r.ttft_p50_s:9.2f} {100 * r.ttft_p99_s:9.2f} {100 * r.last_done_s:10.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "traces")
-    ap.add_argument("--sections", default="scaling,code,gateway,hostcache,frontier,speed")
+    ap.add_argument("--sections", default="scaling,code,gateway,hostcache,frontier,speed,burst")
     ap.add_argument("--plots", type=Path, default=None, help="write PNGs of the 16-node code-trace run here")
     ap.add_argument("--slo-target", type=float, default=0.99, help="SLO attainment the frontier must reach")
     ap.add_argument("--p99-bound", type=float, default=1.0, help="p99 TTFT bound of the frontier's second criterion")
@@ -168,6 +189,8 @@ def main() -> None:
         section_frontier(a.traces, a.slo_target, a.p99_bound)
     if "speed" in sections:
         section_speed(a.traces)
+    if "burst" in sections:
+        section_burst()
 
 
 if __name__ == "__main__":

@@ -166,6 +166,13 @@ def section_burst() -> None:
         pipe = f"{100 * r.first_serve_s:9.2f}" if r.first_serve_s < r.all_full_s else f"{'none':>9}"
         print(f"{nodes:>5} {src:>3} {n:>5} {prompt:>6} {lend:>4} {mb or 'stage':>6} {pipe} {100 * r.all_full_s:9.2f} "
               f"{100 * r.ttft_p50_s:9.2f} {100 * r.ttft_p99_s:9.2f} {100 * r.last_done_s:10.2f}")
+    print("baselines, 6 nodes, 2 sources, burst 48 x 24 tokens (one root / one tree or ring per holder):")
+    for bs in (1, 2):
+        s = SimSettings(cluster="h200-ib400", systems="faasnet,nccl", nodes=6, max_batch=8, multicast_mode="chunk",
+                        baseline_sources=bs)
+        for r in scaling_table(s, ["llama2-7b"], 6, 2, Tier.GPU, burst=Burst(48, 24, 8)):
+            print(f"  {r.system:<8} {r.how:<20} all solo {100 * r.all_full_s:6.2f}  TTFT p50 {100 * r.ttft_p50_s:6.2f}  "
+                  f"p99 {100 * r.ttft_p99_s:6.2f}  last done {100 * r.last_done_s:6.2f}")
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ _RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duratio
                "slo_ttft", "lengths_from", "min_instances", "target_concurrency", "keep_alive_s",
                "host_pool_gib", "host_cache_nodes", "keepalive_baseline_keep_alive_s", "max_batch",
                "max_prefill_tokens", "multicast_mode", "n_blocks", "n_chunks", "chunk_layout", "late_binding", "kick_from_zero",
-               "pipeline_helper_blocks", "pipeline_microbatches", "pipeline_batch", "kv_move"]
+               "pipeline_helper_blocks", "pipeline_microbatches", "pipeline_batch", "kv_move", "baseline_sources"]
 _SCALING_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "multicast_mode", "n_blocks", "n_chunks",
                    "chunk_layout", "pipeline_helper_blocks", "pipeline_microbatches", "pipeline_batch",
-                   "max_batch", "max_prefill_tokens", "kv_move"]
+                   "max_batch", "max_prefill_tokens", "kv_move", "baseline_sources"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

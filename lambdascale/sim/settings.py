@@ -49,6 +49,10 @@ class SimSettings(BaseModel):
         "force one way (recompute: the request re-prefills prompt + outputs wherever the router puts it)")
     kv_ship_overhead_s: float = Field(default=0.005, ge=0, le=10.0,
                                       description="fixed cost of one KV move (as runtime.kv_ship_overhead_s)")
+    baseline_sources: int = Field(
+        default=1, ge=1, le=1024,
+        description="multicast sources of the faasnet and nccl baselines: 1, one root as in their papers; "
+        "`bench scale` runs one tree or ring per holder (set the holders' count to compare with it)")
     min_instances: int = Field(default=0, ge=0, le=4096, description="instances always kept; 0 = scale to zero (serverless, as DeploymentSpec)")
     target_concurrency: int = Field(default=8, ge=1, le=100_000, description="requests per instance the autoscaler sizes for")
     keep_alive_s: float = Field(default=30.0, ge=0, le=86400, description="idle time before an instance may be removed")

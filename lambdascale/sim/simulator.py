@@ -243,7 +243,7 @@ class Simulation:
                  settings: SimSettings, control: ControlSettings, cost: CostModel,
                  progress: Callable[[float], None] | None = None) -> None:
         self.w, self.cluster, self.model, self.system, self.s = workload, cluster, model, system, settings
-        self.cfg = system.control_settings(control)
+        self.cfg = system.control_settings(control, settings.baseline_sources)
         if settings.late_binding:  # the gateway's dispatch mode applies to every system alike
             self.cfg = ControlSettings.model_validate({
                 **self.cfg.model_dump(), "router_late_binding": True,

@@ -85,6 +85,19 @@ def test_scaling_cli_with_a_burst_reports_how_it_was_served(capsys: pytest.Captu
         _main(base + ["--max-tokens", "0"])
 
 
+def test_baselines_multicast_from_one_root_unless_told(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["simulate", "scaling", "--cluster", "h200-ib400", "--model", "llama2-7b", "--nodes", "6", "--sources", "2",
+            "--systems", "nccl,faasnet,lambdascale", "--json"]
+    rows = {}
+    for bs in ("1", "2"):
+        assert _main(base + ["--baseline-sources", bs]) == 0
+        rows[bs] = {r["system"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["1"]["nccl"]["how"] == "ring from 1 src" and rows["2"]["nccl"]["how"] == "ring from 2 src"
+    assert rows["2"]["faasnet"]["how"] == "faasnet from 2 src"
+    assert rows["2"]["nccl"]["all_full_s"] < rows["1"]["nccl"]["all_full_s"]  # two shorter rings
+    assert rows["1"]["lambdascale"] == rows["2"]["lambdascale"]  # λScale uses every holder either way
+
+
 def test_simulate_cli_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = tmp_path / "t.csv"
     rng = np.random.default_rng(0)

@@ -27,6 +27,8 @@ class System:
     when False they load from their SSD (or the model store) only.
     ``cache_tiers``: tiers the memory manager keeps copies in between scale events.
     ``keep_alive_s``: None = the simulation's ``sim.keep_alive_s``.
+    ``baseline_sources``: a one-root multicast baseline; its sources are ``sim.baseline_sources``
+    (1, as its paper has it; ``bench scale`` runs one tree or ring per holder).
     """
 
     name: str
@@ -36,9 +38,12 @@ class System:
     peer_fetch: bool = True
     cache_tiers: tuple[Tier, ...] = (Tier.HOST, Tier.SSD)
     keep_alive_s: float | None = None
+    baseline_sources: bool = False
 
-    def control_settings(self, base: ControlSettings) -> ControlSettings:
+    def control_settings(self, base: ControlSettings, baseline_sources: int = 1) -> ControlSettings:
         """``base`` with this system's overrides, validated (a bad override names the field)."""
         data = base.model_dump()
         data.update(self.control)
+        if self.baseline_sources:
+            data["placement_max_sources"] = baseline_sources
         return ControlSettings.model_validate(data)

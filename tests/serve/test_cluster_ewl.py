@@ -1,26 +1,26 @@
 """Execute-while-load through the gateway: a burst scales a model out by multicast from two holders
 to two receivers; the λPipe planner forms a pipeline across the receivers before either holds the
 whole model, dissolves it when they do, and every client still gets exactly a single-engine run's
-text."""
+text. With holders lending their devices, a 1 -> 2 scale-out pipelines too."""
 
 from __future__ import annotations
 
-import asyncio
-import time
+import logging
 from pathlib import Path
 
-import httpx
 import pytest
 
-from lambdascale.config import load_config
-from lambdascale.serve.app import create_app
-from lambdascale.serve.cluster_backend import ClusterBackend
-from lambdascale.serve.registry import ModelRegistry
 from lambdascale.serve.schemas import DeploySpec
-from lambdascale.serve.server import ServerThread
+from tests.serve.cluster_helpers import SLOW_LINKS, burst, cluster_gateway, greedy_ids, wait_status
 
 PROMPT = [1, 5, 9, 13]
 N_TOKENS = 150
+BODY = {"prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
+
+
+def _formed(caplog: pytest.LogCaptureFixture) -> list[tuple[int, ...]]:
+    """The nodes of every pipeline the gateway formed, in order."""
+    return [r.args[2] for r in caplog.records if r.getMessage().startswith("pipeline ") and "serving across" in r.getMessage()]
 
 
 @pytest.mark.parametrize("kv_move,lend", [("ship", 0), ("recompute", 0), ("auto", 2)])
@@ -31,39 +31,20 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     equals a single engine's. (How many ship here depends on timing; tests/serve/
     test_cluster_kv_ship.py checks the ship path deterministically.) With ``lend`` blocks per
     source (``runtime.pipeline_helper_blocks``) the first pipeline runs a stage on a holder."""
-    import logging
-
     caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
-    from lambdascale.engine.engine import Engine
-    from lambdascale.engine.sampling import SamplingParams
     from lambdascale.model.importers import import_model
 
     ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
     name = ck.dir.name
-    eng = Engine.from_checkpoint(ck.dir)
-    want_ids = [t for o in eng.generate(PROMPT, SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True))
-                for t in o.token_ids]
-    # A slow emulated link (3 Mbit/s) keeps the multicast running for seconds.
-    cfg = load_config(None, {
-        "runtime.nodes": 4, "runtime.register_timeout_s": 240, "engine.max_batch_size": 2,
-        "engine.max_model_len": 256, "control.autoscale_interval_s": 2.0, "transfer.link_gbps": 0.003,
-        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384, "runtime.kv_move": kv_move,
-        "runtime.pipeline_helper_blocks": lend})
-    backend = ClusterBackend(cfg, tmp_path)
-    reg = ModelRegistry(":memory:")
+    want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
     # Two full instances (two holders), then a burst at target concurrency 1 asks for four. The 2 s
     # tick lets the whole burst queue before the decision, so one scale-out takes both receivers.
-    reg.put(DeploySpec(name=name, min_instances=2, max_instances=4, target_concurrency=1))
-    server = ServerThread(create_app(cfg, backend, registry=reg)).start(timeout_s=300)
-    try:
+    overrides = {"runtime.nodes": 4, "control.autoscale_interval_s": 2.0, "runtime.kv_move": kv_move,
+                 "runtime.pipeline_helper_blocks": lend, **SLOW_LINKS}
+    spec = DeploySpec(name=name, min_instances=2, max_instances=4, target_concurrency=1)
+    with cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):
         want = backend.codec(name).decode(want_ids)
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=server.url, timeout=180) as c:
-                body = {"model": name, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
-                return list(await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(8))))
-
-        responses = asyncio.run(burst())
+        responses = burst(server.url, [{"model": name, **BODY}] * 8)
 
         def scale_out_done(st: dict) -> bool:
             return (backend.scale_outs_in_progress == 0
@@ -71,13 +52,7 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
                             for t in st["scale_timelines"])
                     and not any(i["state"] == "pipelined" for i in st["instances"]))
 
-        deadline = time.monotonic() + 120  # the multicast may outlive the burst on the slow link
-        st = httpx.get(server.url + "/admin/status").json()
-        while time.monotonic() < deadline and not scale_out_done(st):
-            time.sleep(0.1)
-            st = httpx.get(server.url + "/admin/status").json()
-    finally:
-        server.stop(timeout_s=60)
+        st = wait_status(server.url, scale_out_done)  # the multicast may outlive the burst on the slow link
     assert [r.status_code for r in responses] == [200] * 8
     assert all(r.json()["choices"][0]["text"] == want for r in responses)
     tl = next(t for t in st["scale_timelines"] if len(t["targets"]) == 2 and t["first_chunk_at"] is not None
@@ -88,7 +63,7 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     assert backend.pipelines_dissolved == backend.pipelines_formed
     if kv_move == "recompute":
         assert backend.kv_moves["shipped"] == 0 and backend.kv_bytes_shipped == 0
-    formed = [r.args[2] for r in caplog.records if r.getMessage().startswith("pipeline ") and "serving across" in r.getMessage()]
+    formed = _formed(caplog)
     on_holders = [nodes for nodes in formed if set(nodes) - set(tl["targets"])]
     if lend:
         assert on_holders and on_holders[0] == formed[0], f"the first pipeline ran on receivers only: {formed}"
@@ -101,47 +76,24 @@ def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder
     """One holder, one receiver: receivers alone never form a pipeline, but with the holder lending
     its device (``runtime.pipeline_helper_blocks``) the receiver runs the blocks it already holds
     and the holder the rest, before the receiver is full; texts stay exact."""
-    import logging
-
     caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
-    from lambdascale.engine.engine import Engine
-    from lambdascale.engine.sampling import SamplingParams
     from lambdascale.model.importers import import_model
 
     ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
     name = ck.dir.name
-    eng = Engine.from_checkpoint(ck.dir)
-    want_ids = [t for o in eng.generate(PROMPT, SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True))
-                for t in o.token_ids]
-    cfg = load_config(None, {
-        "runtime.nodes": 2, "runtime.register_timeout_s": 240, "engine.max_batch_size": 2,
-        "engine.max_model_len": 256, "control.autoscale_interval_s": 2.0, "transfer.link_gbps": 0.003,
-        "transfer.bucket_burst_bytes": 32768, "transfer.io_slice_bytes": 16384, "runtime.pipeline_helper_blocks": 4})
-    backend = ClusterBackend(cfg, tmp_path)
-    reg = ModelRegistry(":memory:")
-    reg.put(DeploySpec(name=name, min_instances=1, max_instances=2, target_concurrency=1))
-    server = ServerThread(create_app(cfg, backend, registry=reg)).start(timeout_s=300)
-    try:
+    want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
+    overrides = {"runtime.nodes": 2, "control.autoscale_interval_s": 2.0, "runtime.pipeline_helper_blocks": 4,
+                 **SLOW_LINKS}
+    spec = DeploySpec(name=name, min_instances=1, max_instances=2, target_concurrency=1)
+    with cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):
         want = backend.codec(name).decode(want_ids)
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=server.url, timeout=180) as c:
-                body = {"model": name, "prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
-                return list(await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(6))))
-
-        responses = asyncio.run(burst())
-        deadline = time.monotonic() + 120
-        st = httpx.get(server.url + "/admin/status").json()
-        while time.monotonic() < deadline and not (
-                backend.scale_outs_in_progress == 0 and not any(i["state"] == "pipelined" for i in st["instances"])
-                and any(t["targets"] == [1] and len(t["node_full_at"]) == 1 for t in st["scale_timelines"])):
-            time.sleep(0.1)
-            st = httpx.get(server.url + "/admin/status").json()
-    finally:
-        server.stop(timeout_s=60)
+        responses = burst(server.url, [{"model": name, **BODY}] * 6)
+        st = wait_status(server.url, lambda st: (
+            backend.scale_outs_in_progress == 0 and not any(i["state"] == "pipelined" for i in st["instances"])
+            and any(t["targets"] == [1] and len(t["node_full_at"]) == 1 for t in st["scale_timelines"])))
     assert [r.status_code for r in responses] == [200] * 6
     assert all(r.json()["choices"][0]["text"] == want for r in responses)
-    formed = [r.args[2] for r in caplog.records if r.getMessage().startswith("pipeline ") and "serving across" in r.getMessage()]
+    formed = _formed(caplog)
     assert formed and set(formed[0]) == {0, 1}, formed  # the receiver (1) and the holder (0)
     tl = next(t for t in st["scale_timelines"] if t["targets"] == [1])
     assert tl["first_pipeline_at"] is not None and tl["first_pipeline_at"] < tl["node_full_at"]["1"]

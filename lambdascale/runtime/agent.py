@@ -486,8 +486,8 @@ class NodeAgent:
             if stopping:
                 await asyncio.wait(stopping, timeout=self.transfer_settings.stall_timeout_s)
             self._send_tasks[msg.model] = keep
-            st = self.models.get(msg.model)
-            return {"held": sorted(st.held) if st else []}
+            state = self.models.get(msg.model)
+            return {"held": sorted(state.held) if state else []}
         if isinstance(msg, GetStatus):
             return {
                 "node": self.node,

@@ -35,7 +35,7 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.manifest import Manifest, read_manifest
@@ -161,7 +161,7 @@ async def run_scale_bench(
         link_bps = gbps_to_bytes_per_s(transfer.link_gbps)
         bound = multicast_bound_s(nodes, sources, manifest.n_chunks, manifest.total_bytes, link_bps)
         single_bound = multicast_bound_s(nodes, 1, manifest.n_chunks, manifest.total_bytes, link_bps)
-        played = plan_play_s(manifest, nodes, sources, algo, link_bps)
+        played: float | None = plan_play_s(manifest, nodes, sources, algo, link_bps)
         single_played = plan_play_s(manifest, nodes, 1, algo, link_bps) if single else None
     else:
         played = single_played = None
@@ -281,7 +281,8 @@ def make_burst(n: int, vocab: int, max_tokens: int, seed: int = 0) -> dict[str, 
 
 
 def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu",
-                      dtype: str = "float32", batch_invariant: bool = False, max_step_tokens: int = 512,
+                      dtype: Literal["float32", "bfloat16"] = "float32", batch_invariant: bool = False,
+                      max_step_tokens: int = 512,
                       max_seqs: int = 8) -> dict[str, list[int]]:
     """Each request alone on an in-process single-node engine (the exactness reference).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.base import PeerInfo
+
+log = logging.getLogger(__name__)
 
 
 class NodeLostError(LambdaScaleError):
@@ -165,8 +168,10 @@ class Cluster:
                         fut.set_result(msg)
                 elif isinstance(msg, Heartbeat):
                     pass
+                elif isinstance(msg, (ChunkHeld, ChunkCorrupt, SendFailed)):
+                    self._publish(msg)
                 else:
-                    self._publish(msg)  # ChunkHeld, ChunkCorrupt, SendFailed
+                    log.warning("node %d sent an unexpected %s; ignored", handle.node, type(msg).__name__)
         except (ConnectionError, ControlError) as e:
             reason = f"control channel error: {e}"
         finally:

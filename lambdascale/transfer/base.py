@@ -129,7 +129,7 @@ class Transport(ABC):
             raise ValueError(f"buffer {name!r}: need a contiguous 1-D uint8 array")
         self._buffers[name] = arr
         self._register_backend(name, arr)
-        return memoryview(arr)
+        return arr.data  # a writable uint8 view of the whole buffer
 
     def unregister(self, name: str) -> None:
         """Drop a buffer (e.g. a model evicted from this node)."""
@@ -144,7 +144,7 @@ class Transport(ABC):
     def buffer(self, name: str) -> memoryview:
         """The registered buffer ``name`` (a writable uint8 view)."""
         try:
-            return memoryview(self._buffers[name])
+            return self._buffers[name].data
         except KeyError:
             raise TransferError(
                 f"no buffer {name!r} registered on node {self.node} (have: {sorted(self._buffers)})"

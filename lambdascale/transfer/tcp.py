@@ -128,7 +128,7 @@ class TcpTransport(Transport):
                     msg = why.encode()
                     await loop.sock_sendall(conn, bytes([_ERR]) + struct.pack("!I", len(msg)) + msg)
                     return  # the stream is out of sync now: drop the connection
-                view = memoryview(arr)[offset : offset + length]
+                view = arr.data[offset : offset + length]
                 pos = 0
                 while pos < length:
                     n = min(slice_n, length - pos)
@@ -157,7 +157,7 @@ class TcpTransport(Transport):
             await loop.sock_sendall(conn, bytes([_ERR]) + struct.pack("!I", len(msg)) + msg)
             return True  # the request was fully read: the stream is still in sync
         await loop.sock_sendall(conn, bytes([_OK]))
-        view = memoryview(arr)[offset : offset + length]
+        view = arr.data[offset : offset + length]
         pos = 0
         while pos < length:
             n = min(self.settings.io_slice_bytes, length - pos)

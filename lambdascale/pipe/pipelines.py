@@ -601,7 +601,6 @@ class PipelinePlanner:
         self._helpers = _check_helpers(helpers, node_list)
         self._explicit_sizes = sizes is not None
         self.sizes = _check_sizes(sizes, n_blocks) if sizes is not None else planned_sizes(n_blocks, len(node_list))
-        self._want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
         # chunks still missing per (node, block): a block completes when its count reaches 0
         B = n_blocks
         self._per_block = self.layout.block_chunk_counts()
@@ -658,8 +657,9 @@ class PipelinePlanner:
             return None
         self._masks[node] = m
         became_full = m == (1 << self.n_blocks) - 1
-        have = Counter(_slot(p, self._helpers, self._want) for p in self.plan.active)
-        if not became_full and all(have[s] >= n for s, n in self._want.items()):
+        want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
+        have = Counter(_slot(p, self._helpers, want) for p in self.plan.active)
+        if not became_full and all(have[s] >= n for s, n in want.items()):
             return None  # every planned pipeline runs and no member can leave: nothing to do
         new = _plan_masks(self._masks, self.n_blocks, self._cap, self.plan.active, self.sizes, self._helpers)
         old_solo = self.plan.solo
@@ -682,7 +682,6 @@ class PipelinePlanner:
         """
         if node in self._helpers:  # a helper left: pipelines through it dissolve and are re-planned
             del self._helpers[node]
-            self._want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
             old = self.plan
             self.plan = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes, self._helpers)
             return self.plan if self.plan.changed else None
@@ -693,7 +692,6 @@ class PipelinePlanner:
         self._missing = {k: v for k, v in self._missing.items() if k[0] != node}
         if not self._explicit_sizes:
             self.sizes = planned_sizes(self.n_blocks, len(self._masks))
-            self._want = _pipe_counts(self.sizes, assisted=bool(self._helpers))
         old = self.plan
         new = _plan_masks(self._masks, self.n_blocks, self._cap, old.active, self.sizes, self._helpers)
         self.plan = new

@@ -335,10 +335,7 @@ class Simulation:
             widest = max(b - a for _, a, b in stages)
             inst.capacity = pipeline_seqs(self.s.max_batch, B, widest, len(stages), self.s.pipeline_batch)
             inst.kv_capacity = self.kv_capacity * inst.capacity // self.s.max_batch
-            load: dict[int, int] = {}
-            for n, a, b in stages:
-                load[n] = load.get(n, 0) + b - a
-            inst.bottleneck_share = max(load.values()) / B
+            inst.bottleneck_share = max(pipeline.loads().values()) / B
         self.insts[inst.id] = inst
         return inst
 
@@ -889,10 +886,8 @@ class Simulation:
         dest.view = None
         self.kv_shipped += 1
         dn = dest.stages[0][0]
-        share: dict[int, float] = {}
-        for n, a, b in inst.stages:
-            if n != dn:
-                share[n] = share.get(n, 0.0) + (b - a) / self.model.n_blocks
+        assert inst.pipeline is not None  # only pipelines dissolve
+        share = {n: k / self.model.n_blocks for n, k in inst.pipeline.loads().items() if n != dn}
         left = [len(share)]
 
         def landed(_: Flow | None = None) -> None:

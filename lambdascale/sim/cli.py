@@ -114,10 +114,11 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     s = cfg.sim
     if not 1 <= args.sources < s.nodes:
         raise LambdaScaleError(f"--sources must be in [1, --nodes - 1] = [1, {s.nodes - 1}], got {args.sources}")
-    if args.burst < 0 or args.prompt_tokens < 1 or args.max_tokens < 1:
+    try:
+        burst = Burst(args.burst, args.prompt_tokens, args.max_tokens)
+    except ValueError:  # Burst checks its bounds; say them in the flags' names
         raise LambdaScaleError(f"--burst must be >= 0 and --prompt-tokens, --max-tokens >= 1; got {args.burst}, "
-                               f"{args.prompt_tokens}, {args.max_tokens}")
-    burst = Burst(args.burst, args.prompt_tokens, args.max_tokens)
+                               f"{args.prompt_tokens}, {args.max_tokens}") from None
     rows = scaling_table(s, [m.strip() for m in s.model.split(",")], s.nodes, args.sources, Tier(args.tier), cfg.control,
                          burst)
     if args.json:

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from lambdascale.transfer.base import make_transport
+from lambdascale.transfer.factory import make_transport
 from lambdascale.transfer.settings import TransferSettings
 
 

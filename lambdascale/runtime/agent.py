@@ -80,7 +80,8 @@ from lambdascale.runtime.arena import Arena
 from lambdascale.runtime.device import Device
 from lambdascale.store.pool import Allocation
 from lambdascale.runtime.settings import RuntimeSettings
-from lambdascale.transfer.base import Arrival, Transport, make_transport
+from lambdascale.transfer.base import Arrival, Transport
+from lambdascale.transfer.factory import make_transport
 from lambdascale.ratelimit import TokenBucket, gbps_to_bytes_per_s
 from lambdascale.transfer.settings import TransferSettings
 

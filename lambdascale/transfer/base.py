@@ -11,6 +11,9 @@ into the registered buffer.
 Every failure is a :class:`~lambdascale.errors.TransferError` raised within a bounded time
 (``connect_timeout_s``, ``stall_timeout_s``): an unknown peer or buffer, a refused connection, a
 stalled or vanished peer.
+
+Backends (``tcp``, ``nixl_backend``) import this module; :func:`lambdascale.transfer.factory.make_transport`
+picks one by name, so this module never imports them.
 """
 
 from __future__ import annotations
@@ -221,14 +224,3 @@ class Transport(ABC):
     def _unregister_backend(self, name: str, arr: np.ndarray) -> None:
         """Backend hook, reverse of :meth:`_register_backend`."""
 
-
-def make_transport(kind: TransportKind | str, node: int, settings: TransferSettings | None = None) -> Transport:
-    """Build a backend by name; nixl is imported only when asked for."""
-    kind = TransportKind(kind)
-    if kind is TransportKind.TCP:
-        from lambdascale.transfer.tcp import TcpTransport
-
-        return TcpTransport(node, settings)
-    from lambdascale.transfer.nixl_backend import NixlTransport
-
-    return NixlTransport(node, settings)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lambdascale.errors import TransferError
-from lambdascale.transfer.base import Arrival, Transport, TransportKind, make_transport
+from lambdascale.transfer.base import Arrival, Transport, TransportKind
+from lambdascale.transfer.factory import make_transport
 from lambdascale.ratelimit import TokenBucket
 from lambdascale.transfer.settings import TransferSettings
 from lambdascale.clock import ManualClock
@@ -288,7 +289,7 @@ def test_one_token_bucket_serves_store_and_transport() -> None:
     """The store's SSD cap and the links use the same implementation (lambdascale.ratelimit)."""
     import lambdascale.ratelimit as shared
     import lambdascale.store.ratelimit as store_rl
-    from lambdascale.transfer.base import make_transport
+    from lambdascale.transfer.factory import make_transport
     from lambdascale.transfer.settings import TransferSettings
 
     assert store_rl.TokenBucket is shared.TokenBucket

@@ -1,115 +1,34 @@
-"""Launchers start node agents and guarantee they die with the controller.
+"""Start a cluster of node agents: :func:`make_launcher` picks a launcher, :class:`LocalCluster`
+runs a controller-side :class:`~lambdascale.runtime.cluster.Cluster` with launched agents.
 
-* :class:`LocalLauncher` (the embedded default) spawns N agent processes on this machine.
-  Each agent is armed three ways against orphaning: ``PR_SET_PDEATHSIG`` (SIGKILL when the
-  launcher's process dies), a parent-pid check every heartbeat, and exit on control-channel EOF.
-* :class:`RayLauncher` (``lambdascale.runtime.ray_launcher``) places one agent per Ray node.
+Launchers start node agents and guarantee they die with the controller; both hand agents the
+controller's address, and agents register themselves with the :class:`Cluster`:
 
-Both hand agents the controller's address; agents register themselves with the :class:`Cluster`.
+* :class:`~lambdascale.runtime.local_launcher.LocalLauncher` (``runtime.launcher = "local"``, the
+  default) spawns N agent processes on this machine.
+* :class:`~lambdascale.runtime.ray_launcher.RayLauncher` (``"ray"``) places one agent per Ray node.
+
+This module is the factory above both (they import only
+:mod:`lambdascale.runtime.launcher_base`); ``Launcher``, ``LocalLauncher`` and ``agent_command``
+are re-exported here for importers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
-from abc import ABC, abstractmethod
-
+from lambdascale.runtime.cluster import Cluster
+from lambdascale.runtime.launcher_base import Launcher, agent_command
+from lambdascale.runtime.local_launcher import LocalLauncher
+from lambdascale.runtime.ray_launcher import RayLauncher
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.settings import TransferSettings
 
-
-def agent_command(
-    node: int, controller: tuple[str, int], transfer: TransferSettings, runtime: RuntimeSettings, parent_pid: int
-) -> list[str]:
-    """argv that starts one agent (shared by the launchers)."""
-    return [
-        sys.executable, "-m", "lambdascale.runtime.agent",
-        "--controller", f"{controller[0]}:{controller[1]}",
-        "--node", str(node),
-        "--transfer-json", transfer.model_dump_json(),
-        "--runtime-json", runtime.model_dump_json(),
-        "--parent-pid", str(parent_pid),
-    ]
-
-
-class Launcher(ABC):
-    """Starts and stops node agents."""
-
-    @abstractmethod
-    async def start(self, nodes: list[int], controller: tuple[str, int]) -> None:
-        """Start one agent per node id, each told to register at ``controller``."""
-
-    @abstractmethod
-    def pids(self) -> dict[int, int]:
-        """Process id of each agent started (for fault injection and orphan checks)."""
-
-    @abstractmethod
-    def kill(self, node: int) -> None:
-        """SIGKILL one agent (fault injection)."""
-
-    @abstractmethod
-    async def stop(self) -> None:
-        """Stop every agent and wait for them; idempotent."""
-
-
-class LocalLauncher(Launcher):
-    """Spawns agents as child processes of this one."""
-
-    def __init__(self, transfer: TransferSettings | None = None, runtime: RuntimeSettings | None = None,
-                 stderr_path: str | None = None) -> None:
-        self.transfer = transfer or TransferSettings()
-        self.runtime = runtime or RuntimeSettings()
-        self.procs: dict[int, subprocess.Popen] = {}
-        self._stderr = open(stderr_path, "ab") if stderr_path else None
-
-    async def start(self, nodes: list[int], controller: tuple[str, int]) -> None:
-        me = os.getpid()
-        env = dict(os.environ)
-        env.setdefault("UCX_TLS", "cma,self,tcp")
-        for n in nodes:
-            self.procs[n] = subprocess.Popen(
-                agent_command(n, controller, self.transfer, self.runtime, me),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=self._stderr,
-                env=env,
-                # Own session: a terminal's Ctrl-C (SIGINT to the foreground process group) reaches the
-                # launcher only, which stops its agents cleanly; they still die with it (PDEATHSIG).
-                start_new_session=True,
-            )
-
-    def pids(self) -> dict[int, int]:
-        return {n: p.pid for n, p in self.procs.items()}
-
-    def kill(self, node: int) -> None:
-        p = self.procs[node]
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-
-    async def stop(self, grace_s: float = 3.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        deadline = asyncio.get_running_loop().time() + grace_s
-        for p in self.procs.values():
-            while p.poll() is None and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+__all__ = ["Launcher", "LocalCluster", "LocalLauncher", "RayLauncher", "agent_command", "make_launcher"]
 
 
 def make_launcher(transfer: TransferSettings, runtime: RuntimeSettings) -> Launcher:
+    """The launcher ``runtime.launcher`` names (Ray itself is imported only when the ray one starts)."""
     if runtime.launcher == "local":
         return LocalLauncher(transfer, runtime)
-    from lambdascale.runtime.ray_launcher import RayLauncher
-
     return RayLauncher(transfer, runtime)
 
 
@@ -122,8 +41,6 @@ class LocalCluster:
 
     def __init__(self, n_nodes: int, transfer: TransferSettings | None = None, runtime: RuntimeSettings | None = None,
                  launcher: Launcher | None = None) -> None:
-        from lambdascale.runtime.cluster import Cluster
-
         self.n_nodes = n_nodes
         self.transfer = transfer or TransferSettings()
         self.runtime = runtime or RuntimeSettings()

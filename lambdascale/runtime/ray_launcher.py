@@ -20,7 +20,7 @@ import subprocess
 from typing import Any
 
 from lambdascale.errors import LambdaScaleError
-from lambdascale.runtime.launcher import Launcher, agent_command
+from lambdascale.runtime.launcher_base import Launcher, agent_command
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.settings import TransferSettings
 

@@ -159,16 +159,23 @@ class DispatchResult:
     held: int
 
 
+def fits_next_step(waiting: Waiting, prompt_tokens: int, step_slots: int, cfg: ControlSettings) -> bool:
+    """Late binding's test (``control.router_late_binding``): an instance with ``waiting`` work not
+    started yet can start a request of ``prompt_tokens`` more in its next step. The next step
+    starts whatever is waiting; one more request fits if the step's prefill budget allows it (a
+    pipeline starts a step per micro-batch, ``step_slots``, each with a budget of
+    ``router_max_waiting_tokens``). An instance with nothing waiting always takes one (a long
+    prompt runs alone). Always True with early binding. Slots are the caller's to check."""
+    if not cfg.router_late_binding:
+        return True
+    budget = cfg.router_max_waiting_tokens * step_slots
+    return waiting.prompt_tokens == 0 or waiting.prompt_tokens + prompt_tokens <= budget
+
+
 def _can_take(inst: InstanceView, w: Waiting, req: QueuedRequest, cfg: ControlSettings) -> bool:
     if not inst.routable or inst.outstanding_requests >= inst.capacity:
         return False
-    if not cfg.router_late_binding:
-        return True
-    # The next step starts whatever is waiting; one more request fits if the step's prefill
-    # budget allows it (a pipeline starts a step per micro-batch, each with a budget). An instance
-    # with nothing waiting always takes one (a long prompt runs alone).
-    budget = cfg.router_max_waiting_tokens * inst.step_slots
-    return w.prompt_tokens == 0 or w.prompt_tokens + req.prompt_tokens <= budget
+    return fits_next_step(w, req.prompt_tokens, inst.step_slots, cfg)
 
 
 def dispatch(
@@ -205,4 +212,5 @@ def dispatch(
     return DispatchResult(tuple(out), len(queue) - len(out))
 
 
-__all__ = ["Assignment", "DispatchResult", "QueuedRequest", "Waiting", "dispatch", "route", "route_many", "route_model"]
+__all__ = ["Assignment", "DispatchResult", "QueuedRequest", "Waiting", "dispatch", "fits_next_step", "route", "route_many",
+           "route_model"]

@@ -1,5 +1,6 @@
-"""How an execution pipeline serves: steps it keeps in flight, sequences it takes, and how its
-requests' KV caches move when it dissolves.
+"""How an execution pipeline serves: which sources lend it stages, steps it keeps in flight,
+sequences it takes, and how its requests' KV caches move when it dissolves (ship or recompute,
+and to which full instance).
 
 Pure rules shared by the runtime (:mod:`lambdascale.runtime.pipeline`,
 :mod:`lambdascale.runtime.kvmove`) and the simulator, so a simulated pipeline batches, overlaps
@@ -8,6 +9,7 @@ its steps and hands its requests on exactly as a real one does.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -41,6 +43,29 @@ def pipeline_seqs(max_seqs: int, total_layers: int, widest_layers: int, n_stages
     if not 0 < widest_layers <= total_layers:
         raise ValueError(f"widest stage must run 1..{total_layers} layers, got {widest_layers}")
     return max(max_seqs, max_seqs * total_layers // widest_layers)
+
+
+def pipeline_seqs_for(max_seqs: int, stages: Sequence[tuple[int, int]], total_layers: int,
+                      rule: str = "kv") -> int:
+    """:func:`pipeline_seqs` of a pipeline whose stages run the layer ranges ``stages``
+    (``(start, end)`` each, in order): the widest stage decides. Blocks may stand for layers
+    (the simulator's unit) as long as ``total_layers`` counts the same unit."""
+    if not stages:
+        raise ValueError("a pipeline has at least one stage")
+    widest = max(end - start for start, end in stages)
+    return pipeline_seqs(max_seqs, total_layers, widest, len(stages), rule)
+
+
+def lending_helpers(sources: Iterable[int], serving: Collection[int], blocks: int) -> dict[int, int]:
+    """Sources that may run stages of a scale-out's execute-while-load pipelines, each up to
+    ``blocks`` blocks (``runtime.pipeline_helper_blocks`` / ``sim.pipeline_helper_blocks``): the
+    sources serving the model alone (``serving``: nodes with a full instance of it), in
+    ``sources``' order; none when ``blocks`` is 0. The planner's ``helpers`` argument."""
+    if blocks < 0:
+        raise ValueError(f"helper blocks must be >= 0, got {blocks}")
+    if not blocks:
+        return {}
+    return {s: blocks for s in sources if s in serving}
 
 
 class KvPolicy(str, Enum):
@@ -94,3 +119,29 @@ def choose_kv_move(
     else:
         choice = KvMove.SHIP if ship_s < recompute_s else KvMove.RECOMPUTE
     return KvMoveCost(tokens, kv_bytes, ship_s, recompute_s, choice)
+
+
+@dataclass(frozen=True)
+class KvTarget:
+    """A full instance that could take a dissolving pipeline's request with its KV cache.
+
+    ``outstanding``: requests it holds or was promised (caches on their way included);
+    ``free_slots``: sequences it can still take; ``kv_free``: KV memory left, in the unit the
+    request's need is given in (tokens in the simulator)."""
+
+    id: str
+    node: int
+    outstanding: int
+    free_slots: int
+    kv_free: int
+
+
+def kv_destination(targets: Iterable[KvTarget], kv_need: int, receivers: Collection[int]) -> KvTarget | None:
+    """Where a dissolving pipeline ships one request's KV cache: a full instance with a free slot
+    and room for ``kv_need``; first one on a node of the pipeline's ``receivers`` (its stage nodes
+    that are not lending helpers: the gateway keeps slots there for the pipeline's requests),
+    then the least outstanding, then the lowest id. None: no instance fits (recompute)."""
+    fits = [t for t in targets if t.free_slots > 0 and kv_need <= t.kv_free]
+    if not fits:
+        return None
+    return min(fits, key=lambda t: (t.node not in receivers, t.outstanding, t.id))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from .control_factories import inst, model
 from lambdascale.control import ControlSettings, InstanceState, route_model
-from lambdascale.control.router import QueuedRequest, Waiting, dispatch
+from lambdascale.control.router import QueuedRequest, Waiting, dispatch, fits_next_step
 
 LATE = ControlSettings(router_late_binding=True, router_max_waiting_tokens=1000)
 EARLY = ControlSettings()
@@ -115,3 +115,11 @@ def test_dispatch_never_overfills_slots_or_budgets_and_is_deterministic(caps, to
             total = w0 + sum(r.prompt_tokens for r in got)
             # within the budget, except one request taken by an instance with nothing waiting
             assert total <= cfg.router_max_waiting_tokens or (w0 == 0 and len(got) == 1)
+
+
+def test_fits_next_step_is_the_per_step_prefill_budget_of_late_binding() -> None:
+    assert fits_next_step(Waiting(), 5000, 1, LATE)            # nothing waiting: a long prompt runs alone
+    assert fits_next_step(Waiting(1, 600), 400, 1, LATE)       # 1000 tokens: within one step's budget
+    assert not fits_next_step(Waiting(1, 600), 401, 1, LATE)
+    assert fits_next_step(Waiting(2, 1500), 500, 2, LATE)      # two micro-batches: two steps' budgets
+    assert fits_next_step(Waiting(1, 10**6), 10**6, 1, EARLY)  # early binding: any free slot

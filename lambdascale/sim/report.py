@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lambdascale.sim.simulator import SimResult
+from lambdascale.sim.metrics import SimResult
 
 
 def _pct(x: np.ndarray, q: float) -> float:

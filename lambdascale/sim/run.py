@@ -16,7 +16,8 @@ from lambdascale.sim.cluster import ClusterSpec, SimModel, load_cluster, resolve
 from lambdascale.sim.costmodel import CostModel, load_calibration
 from lambdascale.sim.scaling import Burst, ScalingResult, simulate_scaling
 from lambdascale.sim.settings import SimSettings
-from lambdascale.sim.simulator import SimResult, Simulation
+from lambdascale.sim.metrics import SimResult
+from lambdascale.sim.simulator import Simulation
 from lambdascale.sim.systems import get_systems
 from lambdascale.sim.traces import load_workload
 from lambdascale.sim.workload import Workload

@@ -10,7 +10,8 @@ from lambdascale.control.settings import ControlSettings
 from lambdascale.sim.cluster import load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.settings import SimSettings
-from lambdascale.sim.simulator import Inst, Simulation, _prefill_tokens
+from lambdascale.sim.simulator import Simulation
+from lambdascale.sim.state import Inst, prefill_tokens
 from lambdascale.sim.systems import SYSTEMS, SystemKind
 from lambdascale.sim.workload import Workload
 
@@ -28,7 +29,7 @@ class _Checked(Simulation):
         assert inst.outstanding <= inst.capacity
         if late and len(inst.pending) > 1:
             # one step's budget per step in flight (a pipeline's micro-batches)
-            assert sum(_prefill_tokens(r) for r in inst.pending) <= self.cfg.router_max_waiting_tokens * inst.slots
+            assert sum(prefill_tokens(r) for r in inst.pending) <= self.cfg.router_max_waiting_tokens * inst.slots
         super()._start_step(inst)
         for r in inst.seg_new:
             self.served_by.setdefault(r.idx, inst.id)

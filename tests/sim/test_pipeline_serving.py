@@ -12,7 +12,8 @@ from lambdascale.pipe.pipelines import Pipeline
 from lambdascale.sim.cluster import load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.settings import SimSettings
-from lambdascale.sim.simulator import Inst, Req, Simulation
+from lambdascale.sim.simulator import Simulation
+from lambdascale.sim.state import Inst, Req
 from lambdascale.sim.systems import SYSTEMS, SystemKind
 from lambdascale.sim.workload import Workload
 

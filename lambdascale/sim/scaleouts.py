@@ -1,0 +1,269 @@
+"""Scale-outs: executing a placement plan, and the λPipe pipelines that serve while it loads.
+
+A plan's targets load from their local tier (GPU, host memory, SSD) or receive the model by
+multicast (``pipe.plan_multicast``, played by :mod:`lambdascale.sim.multicasts`). Every chunk
+that lands goes to the scale-out's ``pipe.PipelinePlanner``, which forms and dissolves
+execute-while-load pipelines across the receivers (and the sources lending stages,
+``pipe.serving.lending_helpers``).
+
+Requests on a pipeline that is dissolved move, with their token state, to a full instance: their
+KV cache ships there over the network when that is cheaper than recomputing it (the runtime's
+rules, ``pipe.serving.choose_kv_move`` and ``kv_destination``; ``sim.kv_move``), else the
+instance the router picks recomputes it (a prefill of prompt + generated tokens); either way the
+stream continues and TTFT is unchanged, as the client saw its first token already (a micro-batch
+whose prefill ended before the dissolution keeps its first token; one still in progress is
+prefilled again).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from lambdascale.control.snapshot import InstanceState, ScalePlan, Tier
+from lambdascale.control.timeline import ScaleTimeline
+from lambdascale.pipe.multicast import plan_multicast
+from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
+from lambdascale.pipe.serving import KvMove, KvTarget, choose_kv_move, kv_destination, lending_helpers
+from lambdascale.sim.arrivals import Arrivals
+from lambdascale.sim.events import Priority
+from lambdascale.sim.metrics import ScaleRecord
+from lambdascale.sim.multicasts import ChunkMulticastRun, MulticastRun
+from lambdascale.sim.network import Flow
+from lambdascale.sim.state import ROUTABLE, Inst, NodeState, Req
+
+
+class ScaleOuts(Arrivals):
+    """Loads, multicasts, pipelines forming and dissolving, and KV caches shipped."""
+
+    def _execute(self, plan: ScalePlan) -> ScaleRecord:
+        """Start every load of a placement plan: local tiers, multicast, or the model store."""
+        now = self.loop.now()
+        self._event_seq += 1
+        targets = tuple(t.node for t in plan.targets)
+        tl = ScaleTimeline(self._event_seq, self.model.name, now, targets)
+        tiers: dict[str, int] = {}
+        for t in plan.targets:
+            tiers[t.local_tier.value] = tiers.get(t.local_tier.value, 0) + 1
+        network = list(plan.network_targets)
+        use_peers = bool(plan.sources) and bool(network) and self.system.peer_fetch
+        rec = ScaleRecord(tl, len(targets), len(network) if use_peers else 0,
+                          len(plan.sources) if use_peers else 0, plan.algo.value if use_peers else "local", tiers)
+        self.scale_events.append(rec)
+        for t in plan.targets:
+            node = self.nodes[t.node]
+            self._alloc_gpu(node)
+            node.inst = self._new_inst(InstanceState.LOADING, ((t.node, 0, self.model.n_blocks),))
+            node.timeline = tl
+        for t in plan.local_targets:
+            self._local_load(self.nodes[t.node], t.local_tier)
+        if network and not use_peers:
+            for n in network:  # no peer fetch: the node's SSD copy, else the model store (SSD-speed)
+                self._local_load(self.nodes[n], Tier.SSD)
+        elif network:
+            self._multicast(plan, tl)
+        return rec
+
+    def _local_load(self, node: NodeState, tier: Tier) -> None:
+        if tier is Tier.GPU:
+            node.chunks = set(range(self.model.n_chunks))
+            self.loop.after(0.0, Priority.STATE, self._node_full, node)
+            return
+        path: tuple[Any, ...] = (("pcie", node.id),) if tier is Tier.HOST else (("ssd", node.id), ("pcie", node.id))
+        if tier is Tier.HOST:
+            node.host_last_used = self.loop.now()
+
+        def done(_: Flow) -> None:
+            node.chunks = set(range(self.model.n_chunks))
+            if (tier is Tier.SSD and Tier.HOST in self.spec.cache_tiers and self.cfg.memory_copy_back
+                    and self.host_total[node.id] >= self.model.nbytes):
+                # The loader stages SSD reads in pinned host memory: the copy stays cached there
+                # if the pool has room (the memory manager evicts it otherwise).
+                node.host, node.host_last_used = True, self.loop.now()
+            self._node_full(node)
+
+        self.net.start(path, self.model.nbytes, done, latency_s=0.0)
+
+    def _multicast(self, plan: ScalePlan, tl: ScaleTimeline) -> None:
+        order = plan.multicast_nodes()
+        mc = plan_multicast(plan.algo.value, len(order), len(plan.sources), self.model.n_blocks, self.model.n_chunks,
+                            layout=self.model.layout)
+        receivers = [order[i] for i in mc.receiver_nodes]
+        for s in plan.sources:
+            self.nodes[s.node].source_busy += 1
+            if s.tier is Tier.HOST:
+                self.nodes[s.node].host_last_used = self.loop.now()
+        planner = None
+        if self.system.execute_while_load and plan.execute_while_load:
+            helpers = lending_helpers([s.node for s in plan.sources],
+                                      {s.node for s in plan.sources if self._serving(self.nodes[s.node])},
+                                      self.s.pipeline_helper_blocks)
+            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks, layout=self.model.layout,
+                                      helpers=helpers or None)
+            self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
+        srcs = [s.node for s in plan.sources]
+        run = ChunkMulticastRun if self.s.multicast_mode == "chunk" else MulticastRun
+        run(self.net, mc, order, self.model.chunk_bytes, self.nic_latency,
+            lambda node, chunk: self._on_chunk(node, chunk, tl, planner),
+            lambda: self._release_sources(srcs)).start()
+
+    def _release_sources(self, sources: list[int]) -> None:
+        """A multicast ended: its sources' copies are free to go (a draining source's GPUs too)."""
+        for s in sources:
+            node = self.nodes[s]
+            node.source_busy -= 1
+            if node.inst is not None and node.inst.state is InstanceState.DRAINING:
+                self._maybe_release(node.inst)
+
+    def _on_chunk(self, node_id: int, chunk: int, tl: ScaleTimeline, planner: PipelinePlanner | None) -> None:
+        node = self.nodes[node_id]
+        tl.mark_first_chunk(self.loop.now())
+        if node.inst is None:
+            return
+        node.chunks.add(chunk)
+        full = len(node.chunks) == self.model.n_chunks
+        if full:  # its instance serves before the planner dissolves a pipeline: KV can ship to it
+            self._node_full(node, pump=False)
+        if planner is not None and tl.event_id in self._pipelines:
+            p = planner.on_chunk(node_id, chunk)
+            if p is not None:
+                self._apply_pipelines(tl.event_id, p.form, p.dissolve)
+        if full:
+            self._pump()
+
+    def _apply_pipelines(self, event_id: int, form: tuple[Pipeline, ...], dissolve: tuple[Pipeline, ...]) -> None:
+        _, tl, running, _ = self._pipelines[event_id]
+        for p in dissolve:
+            inst = running.pop(p, None)
+            if inst is not None:
+                self._dissolve(inst)
+        planner = self._pipelines[event_id][0]
+        for p in form:
+            stages = tuple((s.node, s.start, s.end) for s in p.stages)
+            inst = self._new_inst(InstanceState.PIPELINED, stages, pipeline=p)
+            inst.helper_share = {n: k / self.model.n_blocks for n, k in p.loads().items() if n in planner.helpers}
+            running[p] = inst
+            tl.mark_first_pipeline(self.loop.now())
+        if form:
+            self._pump()
+
+    def _dissolve(self, inst: Inst) -> None:
+        """Move a pipeline's requests, with their token state, back to the router."""
+        self.loop.cancel(inst.event)
+        inst.event = None
+        moved: list[Req] = []
+        now = self.loop.now()
+        for r, first in zip(inst.seg_new, inst.seg_first):
+            if inst.seg_start + first <= now:  # its micro-batch's prefill is done: the token was streamed
+                if r.resume:
+                    r.resume = False
+                else:
+                    r.first_token = inst.seg_start + first
+                r.generated += 1
+                if r.generated < r.out:
+                    inst.running.append(r)
+                else:
+                    self._finish(inst, r, inst.seg_start + first)
+            else:
+                moved.append(r)  # a prefill in progress is lost: redo it elsewhere
+        if inst.seg_k > 1 and not inst.seg_new and inst.running:
+            # Credit the decode steps finished before the cut.
+            steps = inst.passes_done(now)
+            for r in inst.running:
+                r.generated += min(steps, inst.seg_k - 1)
+            # the helpers finish the pass in progress (the runtime drains steps in flight); the rest never runs
+            self._refund(inst, inst.seg_k - min(steps + 1, inst.seg_k))
+        for r in inst.running:
+            r.migrations += 1
+            if not self._ship_kv(inst, r):
+                r.resume = True
+                moved.append(r)
+        moved.extend(inst.pending)
+        self.migrations += len(inst.running)
+        inst.running, inst.pending, inst.seg_new, inst.seg_first = [], deque(), [], []
+        self.insts.pop(inst.id, None)
+        for r in reversed(moved):
+            self.held.appendleft(r)
+
+    def _ship_kv(self, inst: Inst, r: Req) -> bool:
+        """Ship ``r``'s KV cache from the dissolving pipeline ``inst`` to a full instance with a free
+        slot (``pipe.serving.kv_destination``) when that beats recomputing it there
+        (``pipe.serving.choose_kv_move``, the runtime's rule; ``sim.kv_move``). Each stage node sends its layers' share as a flow to the destination;
+        the request joins the destination's next pass as a running sequence. False: recompute."""
+        tokens = r.inp + r.generated
+        fulls = [KvTarget(i.id, i.stages[0][0], i.outstanding, i.capacity - i.outstanding, i.kv_capacity - i.kv_used)
+                 for i in self.insts.values() if i.state is InstanceState.FULL and len(i.stages) == 1]
+        target = kv_destination(fulls, r.kv_tokens, set(inst.nodes) - set(inst.helper_share))
+        if target is None:
+            return False
+        dest = self.insts[target.id]
+        move = choose_kv_move(tokens, tokens * self.kv_tok, self.nic_Bps, self.cost.prefill_s(tokens),
+                              self.s.kv_move, self.s.kv_ship_overhead_s)
+        if move.choice is not KvMove.SHIP:
+            return False
+        dest.incoming += 1
+        dest.kv_used += r.kv_tokens
+        dest.view = None
+        self.kv_shipped += 1
+        dn = dest.stages[0][0]
+        assert inst.pipeline is not None  # only pipelines dissolve
+        share = {n: k / self.model.n_blocks for n, k in inst.pipeline.loads().items() if n != dn}
+        left = [len(share)]
+
+        def landed(_: Flow | None = None) -> None:
+            left[0] -= 1
+            if left[0] <= 0:
+                self._kv_landed(dest, r)
+
+        if not share:  # every stage ran on the destination node: nothing crosses the network
+            left[0] = 1
+            self.loop.after(self.s.kv_ship_overhead_s, Priority.TRANSFER, landed)
+        for n, sh in share.items():
+            self.net.start((("out", n), ("in", dn)), move.kv_bytes * sh, landed,
+                           latency_s=self.nic_latency + self.s.kv_ship_overhead_s)
+        return True
+
+    def _kv_landed(self, dest: Inst, r: Req) -> None:
+        dest.incoming -= 1
+        dest.view = None
+        if self.insts.get(dest.id) is not dest or dest.state not in ROUTABLE:  # gone meanwhile: recompute
+            dest.kv_used -= r.kv_tokens
+            r.resume = True
+            self.held.appendleft(r)
+            self._pump()
+            return
+        r.kv_ready = True
+        dest.pending.appendleft(r)
+        if dest.event is None:  # once every cache landing at this instant is here: they start together
+            self.loop.schedule(self.loop.now(), Priority.DISPATCH, self._start_idle, dest)
+        else:
+            self._cut_segment(dest)
+
+    def _start_idle(self, inst: Inst) -> None:
+        if inst.event is None and self.insts.get(inst.id) is inst:  # nothing started it meanwhile
+            self._start_step(inst)
+
+    def _node_full(self, node: NodeState, pump: bool = True) -> None:
+        now = self.loop.now()
+        inst = node.inst
+        if inst is None or inst.state is not InstanceState.LOADING:
+            return
+        inst.state = InstanceState.FULL
+        inst.view = None
+        node.gpu_last_used = now
+        tl = node.timeline
+        if tl is not None:
+            tl.mark_first_pipeline(now)
+            tl.mark_node_full(node.id, now)
+            entry = self._pipelines.get(tl.event_id)
+            if entry is not None and tl.complete:
+                _, _, running, _ = entry
+                for p in list(running):
+                    self._dissolve(running.pop(p))
+                del self._pipelines[tl.event_id]
+                tl.mark_dissolved(now)
+        if inst.remove_when_full:
+            self._remove(inst.id)
+        if pump:
+            self._pump()
+

@@ -124,7 +124,7 @@ async def _scale_bench_first_tokens(model_dir: Path, nodes: int, burst: dict, ma
     from lambdascale.model.manifest import read_manifest
     from lambdascale.runtime.launcher import LocalCluster
     from lambdascale.runtime.messages import HoldModel, Warmup
-    from lambdascale.runtime.scaleout import serve_scale_out
+    from lambdascale.bench.burst import serve_scale_out
 
     cfg = load_config(None, _LOADED_MACHINE)
     manifest = read_manifest(model_dir)
@@ -192,7 +192,7 @@ def bench_from_zero(models_dir: Path, nodes: int, n: int, max_tokens: int, max_s
     Also before/after of warming the agents at cluster start (``serve.warm_agents``).
     """
     from lambdascale.model.manifest import read_manifest
-    from lambdascale.runtime.bench import make_burst
+    from lambdascale.bench.scale import make_burst
 
     model_dir = _demo_model(models_dir)
     burst = make_burst(n, read_manifest(model_dir).arch.vocab_size, max_tokens)

@@ -39,15 +39,15 @@ async def one_run(model_dir: Path, kv_move: str, prompts: list[list[int]], n_tok
     await backend.start()
     try:
         await backend.deploy(DeploySpec(name=name, min_instances=1))
-        m = backend._models[name]
-        (first,) = m.instances
+        m = backend.core.deployments[name]
+        (first,) = m.units
         first.draining = True  # the requests can only go to the pipeline
         m.wakeup.set()
-        while first in m.instances:
+        while first in m.units:
             await asyncio.sleep(0.01)
         await asyncio.gather(*(backend.cluster.request(n, HoldModel(req=0, model_dir=str(model_dir))) for n in (1, 2)))
-        tl = ScaleTimeline(event_id=0, model=name, decided_at=backend._clock.now())
-        pipe = await backend._start_pipeline(m, Pipeline((1, 1, 2, 2)), tl)
+        tl = ScaleTimeline(event_id=0, model=name, decided_at=backend.clock.now())
+        pipe = await backend.core.start_pipeline(m, Pipeline((1, 1, 2, 2)), tl)
         assert pipe is not None
         stamps: list[list[float]] = [[] for _ in prompts]
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -64,8 +64,8 @@ async def one_run(model_dir: Path, kv_move: str, prompts: list[list[int]], n_tok
 
         tasks = [asyncio.create_task(stream(i)) for i in range(len(prompts))]
         await asyncio.gather(*(e.wait() for e in started))
-        await backend._start_instance(m, 2)
-        await backend._dissolve(m, pipe)  # drains the pipeline's steps in flight, then moves the requests
+        await backend.core.start_instance(m, 2)
+        await backend.core.dissolve(m, pipe)  # drains the pipeline's steps in flight, then moves the requests
         moved_at = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*tasks), 600)
         # the stall: from a request's last token on the pipeline to its first on the full instance
@@ -76,8 +76,8 @@ async def one_run(model_dir: Path, kv_move: str, prompts: list[list[int]], n_tok
             if not before or not after:
                 raise SystemExit("a request finished before the pipeline dissolved: raise --tokens")
             stall.append(after[0] - before[-1])
-        return {"stall_s": stall, "tokens": tokens, "kv_moves": dict(backend.kv_moves),
-                "kv_bytes": backend.kv_bytes_shipped}
+        return {"stall_s": stall, "tokens": tokens, "kv_moves": dict(backend.core.stats.kv_moves),
+                "kv_bytes": backend.core.stats.kv_bytes_shipped}
     finally:
         await backend.close()
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     n, dt = flips(fn, eps, params, scale)
                     print(f"{name:18} {shape:7} {label:26} {eps:>7.0e} {n:>13} {dt * 1e3:>9.2f}")
     from lambdascale.model.importers import import_model
-    from lambdascale.runtime.bench import make_burst
+    from lambdascale.bench.scale import make_burst
 
     with tempfile.TemporaryDirectory(prefix="lambdascale-bench-sampler-") as tmp:
         m = import_model("synthetic:qwen2-0.5b", Path(tmp), layers=args.layers, n_blocks=args.layers, chunks_per_block=1)

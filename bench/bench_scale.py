@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def efficiency(argv: list[str]) -> int:
-    from lambdascale.runtime.bench import resolve_model, run_efficiency
+    from lambdascale.bench.scale import resolve_model, run_efficiency
     from lambdascale.runtime.settings import RuntimeSettings
     from lambdascale.transfer.settings import TransferSettings
 
@@ -67,7 +67,7 @@ def batch_invariance(argv: list[str]) -> int:
     from lambdascale.engine.engine import Engine
     from lambdascale.engine.settings import EngineSettings
     from lambdascale.model.manifest import read_manifest
-    from lambdascale.runtime.bench import make_burst
+    from lambdascale.bench.scale import make_burst
 
     ap = argparse.ArgumentParser(prog="bench_scale.py --batch-invariance")
     ap.add_argument("model_dir", type=Path)

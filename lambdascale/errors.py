@@ -26,3 +26,11 @@ class InvalidRequestError(LambdaScaleError):
 
 class TransferError(LambdaScaleError):
     """A peer refused, stalled or vanished, or bytes arrived corrupted."""
+
+
+class BackendUnavailableError(LambdaScaleError):
+    """No capacity is left for a model (its nodes died or none can start): the gateway answers 503."""
+
+
+class ModelNotServedError(LambdaScaleError):
+    """The backend cannot serve this model (not in the models dir / not deployed)."""

@@ -4,7 +4,7 @@ Issue 6 asks that, uncapped, each receiver's multicast throughput be at least 70
 point-to-point transfer's in the same run. On the 2-core development VM n receivers split the two
 cores that one point-to-point stream already uses, so the figure there says more about the VM than
 about the multicast. The device machine has 16 cores: one per agent and more. This runs
-``lambdascale bench scale``'s data-plane part (``lambdascale.runtime.bench.run_scale_bench``) for
+``lambdascale bench scale``'s data-plane part (``lambdascale.bench.scale.run_scale_bench``) for
 1, 2, 3 and 5 receivers from one source, uncapped, and prints per-receiver Gbit/s, the
 point-to-point figure of the same run, and their ratio. One capped row (``--link-gbps``, two
 sources) checks the multicast against its bound at a rate this VM cannot reach.
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
               f"2 sources; transport {args.transport}")
         return 0
 
-    from lambdascale.runtime.bench import resolve_model, run_scale_bench
+    from lambdascale.bench.scale import resolve_model, run_scale_bench
     from lambdascale.runtime.settings import RuntimeSettings
     from lambdascale.transfer.settings import TransferSettings
 

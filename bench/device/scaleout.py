@@ -1,6 +1,6 @@
 """GPU check: the `lambdascale bench scale` scale-out with every agent sharing one GPU.
 
-Same code path as ``lambdascale bench scale`` (``lambdascale.runtime.bench.run_systems``): a
+Same code path as ``lambdascale bench scale`` (``lambdascale.bench.scale.run_systems``): a
 local cluster of agent processes on 127.0.0.1, the model held in host memory by the sources, a
 burst of requests fired as the model is multicast to every other node. The difference: stages
 compute on ``--device`` (default cuda when present). When an agent forms a stage (a pipeline
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lambdascale.runtime.bench import make_burst, reference_outputs, resolve_model, run_systems
+    from lambdascale.bench.scale import make_burst, reference_outputs, resolve_model, run_systems
     from lambdascale.runtime.settings import RuntimeSettings
     from lambdascale.transfer.settings import TransferSettings
 

@@ -41,6 +41,6 @@ def register_bench(bench_subparsers: Any) -> None:
 
 
 def _cmd_scale(args: Any) -> int:
-    from lambdascale.runtime.bench import cmd_bench_scale
+    from lambdascale.bench.scale import cmd_bench_scale
 
     return cmd_bench_scale(args)

@@ -20,7 +20,8 @@ from enum import Enum
 from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
 
 from lambdascale.control.timeline import ScaleTimeline
-from lambdascale.errors import LambdaScaleError
+# re-exported: defined in errors.py because the serving core raises them too
+from lambdascale.errors import BackendUnavailableError, ModelNotServedError  # noqa: F401
 from lambdascale.serve.schemas import DeploySpec
 
 
@@ -131,14 +132,6 @@ class BackendStatus:
     scale_events: dict[str, int] = field(default_factory=dict)   # "up"/"down" -> cumulative count
     tier_hits: dict[str, int] = field(default_factory=dict)      # tier name -> cumulative starts served from it
     timeline: tuple[ScaleTimeline, ...] = ()                      # recent scale-outs, oldest first
-
-
-class BackendUnavailableError(LambdaScaleError):
-    """No capacity is left for a model (its nodes died or none can start): the gateway answers 503."""
-
-
-class ModelNotServedError(LambdaScaleError):
-    """The backend cannot serve this model (not in the models dir / not deployed)."""
 
 
 @runtime_checkable

@@ -96,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    from lambdascale.serve.bench import add_bench_args
+    from lambdascale.bench.serve import add_bench_args
 
     b = bench_sub.add_parser("serve", help="replay a trace (or a synthetic bursty profile) against a running gateway")
     add_bench_args(b)
@@ -214,7 +214,7 @@ def watch_status(args: argparse.Namespace, console: Any, stop: threading.Event, 
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from lambdascale.serve.bench import run_bench_cli
+    from lambdascale.bench.serve import run_bench_cli
 
     url = (args.url or _default_url()).rstrip("/")
     return run_bench_cli(args, url, args.api_key or os.environ.get("LAMBDASCALE_API_KEY"))

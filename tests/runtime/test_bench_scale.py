@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lambdascale.cli import main
-from lambdascale.runtime.bench import multicast_bound_s
+from lambdascale.bench.scale import multicast_bound_s
 
 
 def test_bound_formula_single_and_multi_source() -> None:
@@ -84,7 +84,7 @@ def test_plan_play_meets_the_formula_with_equal_byte_chunks(tmp_path) -> None:
     sizes meets the equal-chunk formula (with chunks tiling blocks it took 1.4x)."""
     from lambdascale.model.manifest import read_manifest
     from lambdascale.pipe.multicast import Algo
-    from lambdascale.runtime.bench import plan_play_s, resolve_model
+    from lambdascale.bench.scale import plan_play_s, resolve_model
 
     m = read_manifest(resolve_model("synthetic:tiny-llama", tmp_path, None, 8, 2))
     sizes = m.chunk_lengths()

@@ -244,7 +244,7 @@ def test_moved_requests_stay_exact(model_dir: Path, references, move: str) -> No
 def test_burst_during_scale_out_is_exact_with_the_mode(model_dir: Path, references) -> None:
     """``serve_scale_out(batch_invariant=True)``: pipelines form during the multicast and dissolve
     with KV recomputed (replayed); every output equals the mode's one-at-a-time reference."""
-    from lambdascale.runtime.scaleout import prepare_sources, serve_scale_out
+    from lambdascale.bench.burst import prepare_sources, serve_scale_out
     from lambdascale.transfer.settings import TransferSettings
 
     link = TransferSettings(link_gbps=0.05, bucket_burst_bytes=32 << 10, io_slice_bytes=16 << 10)
@@ -294,7 +294,7 @@ def test_gateway_backend_is_exact_with_the_mode_when_a_node_dies(model_dir: Path
         await backend.start()
         try:
             await backend.deploy(DeploySpec(name=name, min_instances=2, max_instances=2))
-            assert all(i.pipe.batch_invariant and i.pipe.dtype == DTYPE for i in backend._models[name].instances)
+            assert all(i.pipe.batch_invariant and i.pipe.dtype == DTYPE for i in backend.core.deployments[name].units)
 
             async def one(rid: str, st: TokenState) -> list[int]:
                 p = st.params
@@ -303,14 +303,14 @@ def test_gateway_backend_is_exact_with_the_mode_when_a_node_dies(model_dir: Path
                 out = []
                 async for ev in backend.generate(req):
                     out.append(ev.token_id)
-                    on = [i for (_, r, i) in backend.dispatch_log if r == rid]
+                    on = [i for (_, r, i) in backend.core.dispatch_log if r == rid]
                     if not killed and on and on[-1].endswith("@1"):
                         killed.append(1)
                         backend.kill_node(1)  # its instance's next step fails; requests move to node 0
                 return out
 
             outs = await asyncio.gather(*(one(rid, st) for rid, st in BURST.items()))
-            return dict(zip(BURST, outs)), backend.moves
+            return dict(zip(BURST, outs)), backend.core.stats.requeued
         finally:
             await backend.close()
 
@@ -324,7 +324,7 @@ def test_bench_scale_batch_invariant_flag(tmp_path, capsys, monkeypatch) -> None
     import json
 
     from lambdascale.cli import main
-    from lambdascale.runtime.bench import ScaleBenchResult, format_table
+    from lambdascale.bench.scale import ScaleBenchResult, format_table
 
     monkeypatch.setenv("LAMBDASCALE_MODELS", str(tmp_path))
     rc = main(["bench", "scale", "--nodes", "2", "--burst", "3", "--max-tokens", "3", "--max-seqs", "2",

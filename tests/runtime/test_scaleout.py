@@ -12,7 +12,7 @@ from lambdascale.engine.sampling import SamplingParams
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import read_manifest
 from lambdascale.runtime.launcher import LocalCluster
-from lambdascale.runtime.scaleout import SystemKind, prepare_sources, serve_scale_out
+from lambdascale.bench.burst import SystemKind, prepare_sources, serve_scale_out
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.settings import TransferSettings
 from tests.runtime.conftest import run_async
@@ -111,7 +111,7 @@ def test_sources_lend_stages_to_an_early_pipeline_and_outputs_stay_exact(tiny_mo
 
     rep = run_async(main(), timeout=180)
     assert rep.outputs == burst_reference
-    pipes = [n for n in rep.instance_started_s if n.startswith("pipe")]
+    pipes = [n for n in rep.instance_started_s if "@pipe" in n]
     assert pipes, "no pipeline formed"
     first = min(pipes, key=lambda n: rep.instance_started_s[n])
     assert set(rep.instance_nodes[first]) & {0, 1}, f"the first pipeline {rep.instance_nodes[first]} has no source stage"

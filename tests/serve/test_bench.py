@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lambdascale.serve.bench import (
+from lambdascale.bench.serve import (
     BenchInputError,
     BenchResult,
     RequestResult,

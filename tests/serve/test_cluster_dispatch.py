@@ -51,22 +51,22 @@ def test_backlog_drains_onto_a_new_instance_in_fifo_order_with_exact_outputs(tmp
         await backend.start()
         try:
             await backend.deploy(DeploySpec(name=name, min_instances=1, max_instances=2))
-            m = backend._models[name]
+            m = backend.core.deployments[name]
             (first,) = m.serving
             # Freeze the first instance between steps: its two slots fill, the rest must wait at the gateway.
             await first.lock.acquire()
             tasks = {f"r{i}": asyncio.create_task(_collect(backend, GenerationRequest(
                 f"r{i}", name, _prompt(i), SamplingSpec(max_tokens=N_TOK, temperature=0, ignore_eos=True))))
                 for i in range(N_REQ)}
-            await _wait_until(lambda: len(backend.dispatch_log) == 2 and len(m.queue) == N_REQ - 2, 60)
-            before = list(backend.dispatch_log)
+            await _wait_until(lambda: len(backend.core.dispatch_log) == 2 and len(m.queue) == N_REQ - 2, 60)
+            before = list(backend.core.dispatch_log)
             # A second instance becomes full: the very next dispatch hands it the backlog's oldest two.
-            await backend._start_instance(m, 1)
-            taken = backend._dispatch(m)
-            after_start = list(backend.dispatch_log)[2:]
+            await backend.core.start_instance(m, 1)
+            taken = backend.core.dispatch(m)
+            after_start = list(backend.core.dispatch_log)[2:]
             first.lock.release()
             outs = dict(zip(tasks, await asyncio.wait_for(asyncio.gather(*tasks.values()), 120)))
-            return outs, before, taken, after_start + list(backend.dispatch_log)[2 + len(after_start):]
+            return outs, before, taken, after_start + list(backend.core.dispatch_log)[2 + len(after_start):]
         finally:
             await backend.close()
 

@@ -47,7 +47,7 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
         responses = burst(server.url, [{"model": name, **BODY}] * 8)
 
         def scale_out_done(st: dict) -> bool:
-            return (backend.scale_outs_in_progress == 0
+            return (backend.core.scale_outs_in_progress == 0
                     and any(len(t["targets"]) == 2 and 0 not in t["targets"] and len(t["node_full_at"]) == 2
                             for t in st["scale_timelines"])
                     and not any(i["state"] == "pipelined" for i in st["instances"]))
@@ -58,11 +58,11 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     tl = next(t for t in st["scale_timelines"] if len(t["targets"]) == 2 and t["first_chunk_at"] is not None
               and 0 not in t["targets"])
     assert set(tl["node_full_at"]) == {str(n) for n in tl["targets"]}
-    assert backend.pipelines_formed >= 1, ("no pipeline formed across the receivers",
+    assert backend.core.stats.pipelines_formed >= 1, ("no pipeline formed across the receivers",
                                            [r.getMessage() for r in caplog.records])
-    assert backend.pipelines_dissolved == backend.pipelines_formed
+    assert backend.core.stats.pipelines_dissolved == backend.core.stats.pipelines_formed
     if kv_move == "recompute":
-        assert backend.kv_moves["shipped"] == 0 and backend.kv_bytes_shipped == 0
+        assert backend.core.stats.kv_moves["shipped"] == 0 and backend.core.stats.kv_bytes_shipped == 0
     formed = _formed(caplog)
     on_holders = [nodes for nodes in formed if set(nodes) - set(tl["targets"])]
     if lend:
@@ -89,7 +89,7 @@ def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder
         want = backend.codec(name).decode(want_ids)
         responses = burst(server.url, [{"model": name, **BODY}] * 6)
         st = wait_status(server.url, lambda st: (
-            backend.scale_outs_in_progress == 0 and not any(i["state"] == "pipelined" for i in st["instances"])
+            backend.core.scale_outs_in_progress == 0 and not any(i["state"] == "pipelined" for i in st["instances"])
             and any(t["targets"] == [1] and len(t["node_full_at"]) == 1 for t in st["scale_timelines"])))
     assert [r.status_code for r in responses] == [200] * 6
     assert all(r.json()["choices"][0]["text"] == want for r in responses)
@@ -97,4 +97,4 @@ def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder
     assert formed and set(formed[0]) == {0, 1}, formed  # the receiver (1) and the holder (0)
     tl = next(t for t in st["scale_timelines"] if t["targets"] == [1])
     assert tl["first_pipeline_at"] is not None and tl["first_pipeline_at"] < tl["node_full_at"]["1"]
-    assert backend.pipelines_dissolved == backend.pipelines_formed >= 1
+    assert backend.core.stats.pipelines_dissolved == backend.core.stats.pipelines_formed >= 1

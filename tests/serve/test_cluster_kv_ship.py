@@ -46,16 +46,16 @@ def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str, s
         await backend.start()
         try:
             await backend.deploy(DeploySpec(name=name, min_instances=1))  # a full instance on node 0
-            m = backend._models[name]
-            (first,) = m.instances
+            m = backend.core.deployments[name]
+            (first,) = m.units
             first.draining = True  # leaves once idle: the requests below can only go to the pipeline
             m.wakeup.set()
-            while first in m.instances:
+            while first in m.units:
                 await asyncio.sleep(0.01)
             for n in (1, 2):
                 await backend.cluster.request(n, HoldModel(req=0, model_dir=str(ck.dir)))
-            tl = ScaleTimeline(event_id=0, model=name, decided_at=backend._clock.now())
-            pipe = await backend._start_pipeline(m, Pipeline((1, 1, 2, 2)), tl)
+            tl = ScaleTimeline(event_id=0, model=name, decided_at=backend.clock.now())
+            pipe = await backend.core.start_pipeline(m, Pipeline((1, 1, 2, 2)), tl)
             assert pipe is not None and pipe.pipelined
 
             async def stream(i: int, started: asyncio.Event) -> list[int]:
@@ -71,9 +71,9 @@ def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str, s
             started = [asyncio.Event() for _ in PROMPTS]
             tasks = [asyncio.create_task(stream(i, started[i])) for i in range(len(PROMPTS))]
             await asyncio.gather(*(e.wait() for e in started))  # both are decoding on the pipeline
-            await backend._start_instance(m, 2)  # node 2 now serves alone; its slots are kept for the pipeline
+            await backend.core.start_instance(m, 2)  # node 2 now serves alone; its slots are kept for the pipeline
             assert len(pipe.server.reqs) == 2
-            await backend._dissolve(m, pipe)
+            await backend.core.dissolve(m, pipe)
             outs = await asyncio.wait_for(asyncio.gather(*tasks), 60)
             return outs, backend
         finally:
@@ -82,40 +82,37 @@ def test_dissolution_ships_kv_to_a_full_instance(tmp_path: Path, kv_move: str, s
     outs, backend = asyncio.run(asyncio.wait_for(main(), 180))
     assert outs == want
     if kv_move == "ship":
-        assert backend.kv_moves == {"shipped": 2, "recomputed": 0} and backend.kv_bytes_shipped > 0
-        assert backend.moves == 0  # nothing went back through the queue
+        assert backend.core.stats.kv_moves == {"shipped": 2, "recomputed": 0} and backend.core.stats.kv_bytes_shipped > 0
+        assert backend.core.stats.requeued == 0  # nothing went back through the queue
     else:
-        assert backend.kv_moves == {"shipped": 0, "recomputed": 2} and backend.moves == 2
-    assert backend.status().kv_moves == backend.kv_moves
+        assert backend.core.stats.kv_moves == {"shipped": 0, "recomputed": 2} and backend.core.stats.requeued == 2
+    assert backend.status().kv_moves == backend.core.stats.kv_moves
     metrics = GatewayMetrics()
     metrics.refresh(backend.status(), [name])
     text = metrics.render().decode()
-    assert f'lambdascale_kv_moves_total{{how="shipped"}} {float(backend.kv_moves["shipped"])}' in text
-    assert f"lambdascale_kv_bytes_shipped_total {float(backend.kv_bytes_shipped)}" in text
+    assert f'lambdascale_kv_moves_total{{how="shipped"}} {float(backend.core.stats.kv_moves["shipped"])}' in text
+    assert f"lambdascale_kv_bytes_shipped_total {float(backend.core.stats.kv_bytes_shipped)}" in text
 
 
-def test_full_instances_keep_slots_for_the_pipeline_over_their_node(tmp_path: Path) -> None:
+def test_full_instances_keep_slots_for_the_pipeline_over_their_node() -> None:
     """A live pipeline over nodes 1 and 2 with 3 requests: node 1's full instance keeps 2 slots
     (3 over 2 nodes, rounded up) away from the queue; node 3's keeps none; with recompute, none."""
     from types import SimpleNamespace
 
-    from lambdascale.serve.cluster_backend import _Instance, _Model
+    from lambdascale.core.dispatch import kept_for_pipelines
+    from lambdascale.core.state import Unit
+    from lambdascale.pipe.serving import KvPolicy
 
-    def inst(node: int, stages: tuple = (), reqs: int = 0) -> _Instance:
-        return _Instance("m", node, None, SimpleNamespace(reqs=dict.fromkeys(range(reqs))), id=f"i{node}{len(stages)}",
-                         stages=stages)
+    def unit(node: int, stages: tuple = (), reqs: int = 0, helpers: frozenset[int] = frozenset()) -> Unit:
+        return Unit(f"i{node}{len(stages)}", "m", node, stages=stages, helpers=helpers,
+                    server=SimpleNamespace(reqs=dict.fromkeys(range(reqs))))  # type: ignore[arg-type]
 
-    pipe = inst(1, ((1, 0, 2), (2, 2, 4)), reqs=3)
-    full1, full3 = inst(1), inst(3)
-    m = _Model("m", None, tmp_path, None, None, frozenset(), instances=[pipe, full1, full3])  # type: ignore[arg-type]
-    for kv_move, want in (("ship", {full1.id: 2}), ("auto", {full1.id: 2}), ("recompute", {})):
-        b = ClusterBackend(load_config(None, {"runtime.kv_move": kv_move}), tmp_path, n_nodes=4, autoscale=False)
-        assert b._kept_for_pipelines(m, [pipe, full1, full3]) == want
+    pipe = unit(1, ((1, 0, 2), (2, 2, 4)), reqs=3)
+    full1, full3 = unit(1), unit(3)
+    for policy, want in ((KvPolicy.SHIP, {full1.id: 2}), (KvPolicy.AUTO, {full1.id: 2}), (KvPolicy.RECOMPUTE, {})):
+        assert kept_for_pipelines([pipe, full1, full3], [pipe, full1, full3], policy) == want
     # node 3 lends a stage while serving alone: it keeps nothing, the share is over the receivers
-    lent = _Instance("m", 1, None, SimpleNamespace(reqs=dict.fromkeys(range(3))), id="lent",
-                     stages=((1, 0, 2), (2, 2, 3), (3, 3, 4)), helpers=frozenset({3}))
-    m2 = _Model("m", None, tmp_path, None, None, frozenset(), instances=[lent, full1, full3])  # type: ignore[arg-type]
-    b = ClusterBackend(load_config(None, {}), tmp_path, n_nodes=4, autoscale=False)
-    assert b._kept_for_pipelines(m2, [lent, full1, full3]) == {full1.id: 2}
-    pipe.server.reqs.clear()  # nothing left on the pipeline: nothing kept
-    assert ClusterBackend(load_config(None, {}), tmp_path, n_nodes=4)._kept_for_pipelines(m, [pipe, full1, full3]) == {}
+    lent = unit(1, ((1, 0, 2), (2, 2, 3), (3, 3, 4)), reqs=3, helpers=frozenset({3}))
+    assert kept_for_pipelines([lent, full1, full3], [lent, full1, full3], KvPolicy.AUTO) == {full1.id: 2}
+    pipe.server.reqs.clear()  # type: ignore[union-attr]  # nothing left on the pipeline: nothing kept
+    assert kept_for_pipelines([pipe, full1, full3], [pipe, full1, full3], KvPolicy.AUTO) == {}

@@ -31,7 +31,7 @@ def test_bursts_on_two_models_spread_both_at_once(tmp_path: Path) -> None:
     overrides = {"runtime.nodes": 4, "control.autoscale_interval_s": 1.0, **SLOW_LINKS}
     with cluster_gateway(tmp_path, overrides, specs) as (backend, server):
         responses = burst(server.url, [_body(n, 120) for n in names for _ in range(4)])
-        st = wait_status(server.url, lambda st: backend.scale_outs_in_progress == 0
+        st = wait_status(server.url, lambda st: backend.core.scale_outs_in_progress == 0
                          and len({t["model"] for t in _filled(st)}) == 2)
     assert [r.status_code for r in responses] == [200] * 8
     tl = {t["model"]: t for t in _filled(st)}
@@ -51,7 +51,7 @@ def test_successive_scale_outs_of_one_model_multicast_side_by_side(tmp_path: Pat
     spec = DeploySpec(name=name, min_instances=1, max_instances=4, target_concurrency=1)
     with cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):
         responses = burst(server.url, [_body(name, 150)] * 8)
-        st = wait_status(server.url, lambda st: backend.scale_outs_in_progress == 0 and len(_filled(st)) >= 2)
+        st = wait_status(server.url, lambda st: backend.core.scale_outs_in_progress == 0 and len(_filled(st)) >= 2)
     assert [r.status_code for r in responses] == [200] * 8
     tl = sorted(_filled(st), key=lambda t: t["first_chunk_at"])
     assert len(tl) >= 2, st["scale_timelines"]

@@ -128,7 +128,7 @@ def test_dead_node_moves_requests_then_503_when_no_capacity_left(fresh) -> None:
     want = client.completions.create(model=MODEL, prompt="move me", max_tokens=200, temperature=0).choices[0].text
 
     # One node dies mid-stream: the request moves with its token state, the text is unchanged.
-    moves = backend.moves
+    moves = backend.core.stats.requeued
     with httpx.Client(timeout=10) as c:
         with c.stream("POST", server.url + "/v1/completions",
                       json={"model": MODEL, "prompt": "move me", "max_tokens": 200, "temperature": 0, "stream": True}) as r:
@@ -143,7 +143,7 @@ def test_dead_node_moves_requests_then_503_when_no_capacity_left(fresh) -> None:
                 if line.startswith("data: ") and line != "data: [DONE]":
                     got.append(json.loads(line[6:])["choices"][0]["text"])
     assert "".join(got) == want
-    assert backend.moves == moves + 1
+    assert backend.core.stats.requeued == moves + 1
 
     # The last node dies mid-stream: the stream ends with a clear 503 error event.
     stream = client.completions.create(model=MODEL, prompt="doomed", max_tokens=400, stream=True)
@@ -166,7 +166,7 @@ def test_dead_node_moves_requests_then_503_when_no_capacity_left(fresh) -> None:
 
 
 def test_bench_replay_against_the_live_gateway(fresh, tmp_path) -> None:
-    from lambdascale.serve.bench import TraceRequest, replay, write_plots
+    from lambdascale.bench.serve import TraceRequest, replay, write_plots
 
     server, _ = fresh
     workload = [TraceRequest(arrival_s=i * 0.02, input_tokens=5 + i, output_tokens=4) for i in range(12)]

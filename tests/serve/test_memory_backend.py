@@ -49,7 +49,7 @@ def _gone(pid: int) -> bool:
 
 def _tiers(backend: ClusterBackend, node: int, model: str) -> dict[str, bool]:
     """{tier: complete} of ``model`` on ``node`` per the agent's latest report."""
-    rep = backend._tiers.get(node)
+    rep = backend.core.memory.reports.get(node)
     return {} if rep is None else {t: h.blocks is None for t, h in rep.tiers_of(model).items()}
 
 
@@ -68,7 +68,7 @@ def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny, tmp_path) -> None
     overcommit: list[str] = []
 
     def check_capacity() -> None:
-        for n, rep in backend._tiers.items():
+        for n, rep in backend.core.memory.reports.items():
             host = sum(h.nbytes for h in rep.holdings if h.tier == "host")
             if host > cap or rep.host_free_bytes < 0 or rep.host_capacity_bytes != cap:
                 overcommit.append(f"node {n}: {rep}")
@@ -78,13 +78,13 @@ def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny, tmp_path) -> None
         pids = list(backend._lc.launcher.pids().values())
         try:
             await backend.deploy(spec)  # warms node 0's host tier; node 1 gets the model by multicast
-            await _wait(lambda: backend.scale_outs_in_progress == 0, "scale-out done")
-            assert backend.bytes_multicast > 0 and backend.tier_hits.get("network") == 1, backend.tier_hits
+            await _wait(lambda: backend.core.scale_outs_in_progress == 0, "scale-out done")
+            assert backend.core.stats.bytes_multicast > 0 and backend.core.stats.tier_hits.get("network") == 1, backend.core.stats.tier_hits
             want = await _complete(backend, "r0", name, 4)
             # copy-back: the multicast receiver ends up with a host copy (the policy asked, the agent copied)
             await _wait(lambda: _tiers(backend, 1, name).get("host") is True, "node 1 host copy")
             assert _tiers(backend, 1, name)["gpu"] is True  # its instance's copy stays while serving
-            assert backend.memory_ops["copy_backs"] >= 1
+            assert backend.core.stats.memory_ops["copy_backs"] >= 1
             # and the host copy seeds the node's own SSD tier (block files + manifest)
             await _wait(lambda: _tiers(backend, 1, name).get("ssd") is True, "node 1 ssd copy")
             assert (tmp_path / "ssd" / "node1" / name / "manifest.json").exists()
@@ -92,22 +92,22 @@ def test_copy_back_eviction_and_host_hit_scale_from_zero(tiny, tmp_path) -> None
 
             # scale in to zero: both instances drain; idle device copies go, host copies stay
             await backend.deploy(spec.model_copy(update={"min_instances": 0}))
-            await _wait(lambda: not backend._models[name].instances, "scale-in to zero")
+            await _wait(lambda: not backend.core.deployments[name].units, "scale-in to zero")
             await _wait(lambda: all(_tiers(backend, n, name) == {"host": True, "ssd": True} for n in (0, 1)),
                         "device copies evicted, host copies kept")
             check_capacity()
-            assert backend.memory_ops["evicted"] >= 2
+            assert backend.core.stats.memory_ops["evicted"] >= 2
 
             # scale from zero: host-tier hits on the nodes that kept host copies, no multicast, no store load
-            mc, before = backend.bytes_multicast, dict(backend.tier_hits)
+            mc, before = backend.core.stats.bytes_multicast, dict(backend.core.stats.tier_hits)
             got = await asyncio.gather(*(_complete(backend, f"z{i}", name, 4) for i in range(3)))
             assert all(g == want for g in got)
-            assert backend.bytes_multicast == mc
-            assert backend.tier_hits.get("host", 0) >= before.get("host", 0) + 1
+            assert backend.core.stats.bytes_multicast == mc
+            assert backend.core.stats.tier_hits.get("host", 0) >= before.get("host", 0) + 1
             for t in ("network", "store", "gpu"):
-                assert backend.tier_hits.get(t, 0) == before.get(t, 0), (t, before, backend.tier_hits)
+                assert backend.core.stats.tier_hits.get(t, 0) == before.get(t, 0), (t, before, backend.core.stats.tier_hits)
             # in use: the policy never asked for an eviction the agents refused
-            assert backend.memory_ops["evict_refused"] == 0
+            assert backend.core.stats.memory_ops["evict_refused"] == 0
             check_capacity()
             assert not overcommit, overcommit
         finally:
@@ -134,7 +134,7 @@ def test_idle_model_past_keep_alive_makes_room_for_a_hotter_one(tiny, tmp_path) 
     seen: list[tuple[bool, bool]] = []  # (A host copy, B host copy) on every observation
 
     def observe() -> dict[str, bool]:
-        rep = backend._tiers.get(0)
+        rep = backend.core.memory.reports.get(0)
         if rep is not None:
             assert rep.host_capacity_bytes - rep.host_free_bytes <= cap
             assert sum(h.nbytes for h in rep.holdings if h.tier == "host") <= cap
@@ -146,7 +146,7 @@ def test_idle_model_past_keep_alive_makes_room_for_a_hotter_one(tiny, tmp_path) 
         try:
             await backend.deploy(DeploySpec(name=a, min_instances=0, max_instances=1, keep_alive_s=0.3))
             await _complete(backend, "a0", a, 3)  # scale from zero from the warmed host copy
-            await _wait(lambda: not backend._models[a].instances and observe()[a] == {"host": True},
+            await _wait(lambda: not backend.core.deployments[a].units and observe()[a] == {"host": True},
                         "A scaled to zero, host copy kept")
             # B does not fit next to A: its deploy cannot warm the host tier, its instance loads from the store
             await backend.deploy(DeploySpec(name=b, min_instances=0, max_instances=1, keep_alive_s=0.3))
@@ -155,12 +155,12 @@ def test_idle_model_past_keep_alive_makes_room_for_a_hotter_one(tiny, tmp_path) 
             # B is hotter and A's copy idle past keep-alive: the policy evicts A to copy B back
             await _wait(lambda: observe()[b].get("host") is True, "B copied back to host")
             assert "host" not in observe()[a]
-            assert backend.memory_ops["evicted"] >= 1 and backend.memory_ops["evict_refused"] == 0
+            assert backend.core.stats.memory_ops["evicted"] >= 1 and backend.core.stats.memory_ops["evict_refused"] == 0
             assert not any(x and y for x, y in seen), "both host copies at once would over-commit the tier"
             # an undeployed model's copies are evicted from every tier and its buffers freed
             await backend.undeploy(b)
-            await _wait(lambda: observe()[b] == {} and b not in backend._tiers[0].buffers, "B's copies evicted")
-            assert b not in backend._held.get(0, set())
+            await _wait(lambda: observe()[b] == {} and b not in backend.core.memory.reports[0].buffers, "B's copies evicted")
+            assert b not in backend.core.memory.held.get(0, set())
         finally:
             await backend.close()
 

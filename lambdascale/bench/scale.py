@@ -309,7 +309,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
     copies each block host -> GPU as its stage forms). ``batch_invariant``: engine.batch_invariant
     on every stage of every system (``reference`` must come from the same numerics).
     """
-    from lambdascale.runtime.scaleout import prepare_sources, serve_scale_out
+    from lambdascale.bench.burst import prepare_sources, serve_scale_out
 
     manifest = read_manifest(model_dir)
     eos = manifest.arch.eos_token_id
@@ -349,7 +349,7 @@ def cmd_bench_scale(args: Any) -> int:
     from lambdascale.config import config_from_args
 
     cfg = config_from_args(args)
-    from lambdascale.runtime.scaleout import SystemKind
+    from lambdascale.bench.burst import SystemKind
 
     known = [k.value for k in SystemKind]
     bad = [x for x in args.systems.split(",") if x not in known]

@@ -1,14 +1,19 @@
-"""OpenAI wire formats: request bodies (validated strictly) and response/chunk builders.
+"""OpenAI wire formats: request bodies (validated strictly), response and chunk shapes, the error envelope.
 
 Requests are pydantic models in strict mode, so a string where a number belongs is a 400 naming
 the field rather than a silent coercion. Unknown fields are ignored (clients send ``user`` and
 friends); fields we cannot honour (``n`` > 1, penalties, logprobs) are rejected explicitly.
-Limits that need the model (context length) are checked later, in the app, with the tokenizer.
+Limits that need the model (context length) are checked later, by the endpoint handlers
+(``serve/api``), with the tokenizer.
+
+Responses are TypedDicts: typed for the checker, plain dicts at run time (no per-token model
+validation on the streaming path). The builders in ``serve/api`` write their keys in the order
+declared here, which is the order on the wire.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -172,6 +177,104 @@ class UpdateSpec(_Strict):
     target_concurrency: int | None = Field(default=None, ge=1, le=4096)
     keep_alive_s: float | None = Field(default=None, ge=0.0, le=86_400.0)
     tiers: list[TierName] | None = None
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated, a hidden stop token included (as OpenAI counts)
+    total_tokens: int
+
+
+class CompletionChoice(TypedDict):
+    """A ``/v1/completions`` choice: the whole text, or a stream chunk's text delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None  # "stop" | "length"; None on a stream chunk that does not end it
+    logprobs: None
+
+
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None
+
+
+class ChatDelta(TypedDict, total=False):
+    """A chat stream chunk's delta: ``role`` on the first chunk only, ``content`` when there is text."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChunkChoice(TypedDict):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None
+    logprobs: None
+
+
+class Completion(TypedDict):
+    """``POST /v1/completions`` without ``stream``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatCompletion(TypedDict):
+    """``POST /v1/chat/completions`` without ``stream``."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunk(TypedDict):
+    """One SSE event of a streamed completion (OpenAI reuses the object name ``text_completion``)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    # With ``stream_options.include_usage``: null on every chunk, then the usage on a last chunk
+    # whose ``choices`` is empty; absent otherwise.
+    usage: NotRequired[Usage | None]
+
+
+class ChatCompletionChunk(TypedDict):
+    """One SSE event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: NotRequired[Usage | None]
+
+
+class ModelCard(TypedDict):
+    """An entry of ``GET /v1/models`` and the body of ``GET /v1/models/{id}``."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
 
 
 def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from lambdascale.engine.sampling import SamplingParams
 from lambdascale.errors import BackendUnavailableError, InvalidRequestError, LambdaScaleError, ModelNotServedError
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.pipelines import Pipeline
+from lambdascale.pipe.serving import KvTarget, kv_destination
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, NodeLostError
 from lambdascale.runtime.kvmove import KvMove, KvMoveChooser, KvPolicy, ship_kv
 from lambdascale.runtime.messages import HoldModel, Warmup
@@ -443,21 +444,28 @@ class ServingCore:
             return set()
         chooser = KvMoveChooser.build(self.config.runtime, d.manifest.arch, s.dtype, s.link_gbps, s.emulate_device,
                                       s.batch_invariant, s.kv_move)
-        fulls = [u for u in d.serving if u.alive and u.server is not None and not u.pipelined]
-        free = {u.id: u.server.pipe.max_seqs - len(u.server.reqs) for u in fulls if u.server is not None}
+        fulls = {u.id: u for u in d.serving if u.alive and u.server is not None and not u.pipelined}
+        free = {u.id: u.server.pipe.max_seqs - len(u.server.reqs) for u in fulls.values() if u.server is not None}
+        outstanding = {u.id: len(u.server.reqs) for u in fulls.values() if u.server is not None}
+        receivers = {n for n in src.nodes if n not in src.helpers}  # their full instances kept slots for us
         plan: dict[str, list[str]] = {}
         for rid, (st, computed) in progress.items():
             r = self.requests.get(rid)
-            dest = max(fulls, key=lambda u: free[u.id], default=None)
-            if r is None or r.done or dest is None or free[dest.id] <= 0 or dest.server is None:
+            if r is None or r.done:
                 continue
+            # a full instance's KV memory holds max_seqs sequences of max_len: a free slot is room
+            t = kv_destination([KvTarget(i, fulls[i].node, outstanding[i], free[i], 0) for i in free], 0, receivers)
+            dest = fulls[t.id] if t is not None else None
+            if dest is None or dest.server is None:
+                break
             cost = chooser.choose(len(st.prompt_ids), computed, dest.server.prefill_tokens_per_s,
                                   dest.server.decode_step_s)
             if cost.choice is KvMove.SHIP:
                 plan.setdefault(dest.id, []).append(rid)
                 free[dest.id] -= 1
+                outstanding[dest.id] += 1
         placed: set[str] = set()
-        for dest in (u for u in fulls if u.id in plan):
+        for dest in (fulls[i] for i in plan):
             rids = plan[dest.id]
             try:
                 async with dest.lock:  # between the destination's steps: its KV cache is ours

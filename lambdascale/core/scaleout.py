@@ -33,6 +33,7 @@ from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.core.state import Deployment, Unit
 from lambdascale.errors import LambdaScaleError
 from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
+from lambdascale.pipe.serving import lending_helpers
 from lambdascale.runtime.cluster import NodeLost
 from lambdascale.runtime.messages import ChunkHeld
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
@@ -93,10 +94,10 @@ class ScaleOut:
         core, d = self.core, self.d
         receivers = [n for n, _ in targets]
         placeholder = dict(targets)
-        lend = core.settings.helper_blocks
         serving = {u.node for u in d.serving if not u.pipelined}
+        lend = core.settings.helper_blocks
         # sources serving the model alone may run stages of early pipelines (runtime.pipeline_helper_blocks)
-        self._helpers = {s: lend for s in sources if s in serving} if lend else {}
+        self._helpers = lending_helpers(sources, serving, lend)
         # one receiver forms a pipeline only with a helper (it runs what the receiver lacks)
         if ewl and (len(receivers) > 1 or self._helpers):
             self._planner = PipelinePlanner(receivers, d.manifest.n_blocks, d.manifest.n_chunks,

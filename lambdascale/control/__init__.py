@@ -14,37 +14,27 @@ simulator both call them. One tick, as a simulator would run it::
 
 from lambdascale.control.autoscaler import autoscale, autoscale_model, model_load
 from lambdascale.control.controller import ActionError, Actuator, Controller, Decisions, TickResult
-from lambdascale.control.memory import manage_memory
-from lambdascale.control.observe import ArrivalWindow, Ewma
-from lambdascale.control.placement import place, place_all, place_model
-from lambdascale.control.router import Assignment, DispatchResult, QueuedRequest, Waiting, dispatch, route, route_many, route_model
-from lambdascale.control.settings import ControlSettings, MulticastAlgo, RouteMetric
-from lambdascale.control.snapshot import (
-    CACHE_TIERS,
-    SOURCE_TIERS,
-    ClusterSnapshot,
+from lambdascale.control.decisions import (
     CopyBack,
-    DeploymentSpec,
-    Eviction,
     EvictReason,
-    Holding,
-    InstanceState,
-    InstanceView,
+    Eviction,
     MemoryPlan,
-    ModelView,
-    NodeView,
     RejectReason,
     RouteDecision,
     RouteKind,
     ScaleDecision,
     ScalePlan,
     ScaleReason,
-    SnapshotError,
     Source,
-    Stage,
     Target,
-    Tier,
 )
+from lambdascale.control.memory import manage_memory
+from lambdascale.control.observe import ArrivalWindow, Ewma
+from lambdascale.control.placement import place, place_all, place_model
+from lambdascale.control.router import Assignment, DispatchResult, QueuedRequest, Waiting, dispatch, route, route_many, route_model
+from lambdascale.control.settings import ControlSettings, MulticastAlgo, RouteMetric
+from lambdascale.control.snapshot import ClusterSnapshot, Holding, InstanceView, ModelView, NodeView, Stage
+from lambdascale.control.spec import CACHE_TIERS, SOURCE_TIERS, DeploymentSpec, InstanceState, SnapshotError, Tier
 from lambdascale.control.timeline import ScaleTimeline
 
 __all__ = [

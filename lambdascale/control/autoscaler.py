@@ -32,15 +32,10 @@ from __future__ import annotations
 
 import math
 
+from lambdascale.control.decisions import ScaleDecision, ScaleReason
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import (
-    ClusterSnapshot,
-    InstanceState,
-    InstanceView,
-    ModelView,
-    ScaleDecision,
-    ScaleReason,
-)
+from lambdascale.control.snapshot import ClusterSnapshot, InstanceView, ModelView
+from lambdascale.control.spec import InstanceState
 
 
 def model_load(model: ModelView) -> float:

@@ -36,10 +36,11 @@ from typing import Protocol
 
 from lambdascale.clock import Clock
 from lambdascale.control.autoscaler import autoscale
+from lambdascale.control.decisions import MemoryPlan, ScaleDecision, ScalePlan
 from lambdascale.control.memory import manage_memory
 from lambdascale.control.placement import place_all
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import ClusterSnapshot, MemoryPlan, ScaleDecision, ScalePlan
+from lambdascale.control.snapshot import ClusterSnapshot
 from lambdascale.control.timeline import ScaleTimeline
 
 log = logging.getLogger(__name__)

@@ -33,21 +33,10 @@ every tick and sees an in-progress copy only once the store reports it as a part
 
 from __future__ import annotations
 
+from lambdascale.control.decisions import CopyBack, EvictReason, Eviction, MemoryPlan
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import (
-    CACHE_TIERS,
-    SOURCE_TIERS,
-    ClusterSnapshot,
-    CopyBack,
-    EvictReason,
-    Eviction,
-    Holding,
-    InstanceState,
-    MemoryPlan,
-    ModelView,
-    NodeView,
-    Tier,
-)
+from lambdascale.control.snapshot import ClusterSnapshot, Holding, ModelView, NodeView
+from lambdascale.control.spec import CACHE_TIERS, SOURCE_TIERS, InstanceState, Tier
 
 
 def models_by_node(snapshot: ClusterSnapshot) -> dict[int, set[str]]:

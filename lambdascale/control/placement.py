@@ -37,18 +37,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 
+from lambdascale.control.decisions import ScaleDecision, ScalePlan, Source, Target
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import (
-    SOURCE_TIERS,
-    ClusterSnapshot,
-    ModelView,
-    NodeView,
-    ScaleDecision,
-    ScalePlan,
-    Source,
-    Target,
-    Tier,
-)
+from lambdascale.control.snapshot import ClusterSnapshot, ModelView, NodeView
+from lambdascale.control.spec import SOURCE_TIERS, Tier
 
 
 def _instances_on(model: ModelView) -> dict[int, int]:

@@ -44,15 +44,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from lambdascale.control.decisions import RejectReason, RouteDecision
 from lambdascale.control.settings import ControlSettings, RouteMetric
-from lambdascale.control.snapshot import (
-    ClusterSnapshot,
-    InstanceState,
-    InstanceView,
-    ModelView,
-    RejectReason,
-    RouteDecision,
-)
+from lambdascale.control.snapshot import ClusterSnapshot, InstanceView, ModelView
+from lambdascale.control.spec import InstanceState
 
 
 def _work_key(inst: InstanceView, metric: RouteMetric) -> tuple[float, int, float, str]:

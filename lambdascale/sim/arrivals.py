@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 
 from lambdascale.control.router import QueuedRequest, Waiting, dispatch, fits_next_step
-from lambdascale.control.snapshot import InstanceState
+from lambdascale.control.spec import InstanceState
 from lambdascale.sim.events import Priority
 from lambdascale.sim.instances import Instances
 from lambdascale.sim.state import ROUTABLE, Inst, Req, prefill_tokens

@@ -106,7 +106,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_scaling(args: argparse.Namespace) -> int:
-    from lambdascale.control.snapshot import Tier
+    from lambdascale.control.spec import Tier
     from lambdascale.sim.run import scaling_table
     from lambdascale.sim.scaling import Burst
 

@@ -17,7 +17,7 @@ pays for them with its own instance's time: a device does one thing at a time.
 
 from __future__ import annotations
 
-from lambdascale.control.snapshot import InstanceState
+from lambdascale.control.spec import InstanceState
 from lambdascale.pipe.pipelines import Pipeline
 from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs_for
 from lambdascale.sim.events import Priority

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Callable
 
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.cluster import ClusterSpec, SimModel, load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel, load_calibration
+from lambdascale.sim.metrics import SimResult
 from lambdascale.sim.scaling import Burst, ScalingResult, simulate_scaling
 from lambdascale.sim.settings import SimSettings
-from lambdascale.sim.metrics import SimResult
 from lambdascale.sim.simulator import Simulation
 from lambdascale.sim.systems import get_systems
 from lambdascale.sim.traces import load_workload

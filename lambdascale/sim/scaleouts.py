@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from lambdascale.control.snapshot import InstanceState, ScalePlan, Tier
+from lambdascale.control.decisions import ScalePlan
+from lambdascale.control.spec import InstanceState, Tier
 from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.pipe.multicast import plan_multicast
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner

@@ -20,7 +20,7 @@ import numpy as np
 
 from lambdascale.control.placement import place_model
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import InstanceState, Tier
+from lambdascale.control.spec import InstanceState, Tier
 from lambdascale.sim.cluster import ClusterSpec, SimModel
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.events import Priority

@@ -27,9 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 from lambdascale.control.autoscaler import autoscale
+from lambdascale.control.decisions import CopyBack
 from lambdascale.control.memory import manage_memory
 from lambdascale.control.placement import place
-from lambdascale.control.snapshot import CopyBack, InstanceState, Tier
+from lambdascale.control.spec import InstanceState, Tier
 from lambdascale.sim.events import Priority
 from lambdascale.sim.metrics import ScaleRecord, SimResult, collect
 from lambdascale.sim.network import Flow

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import DeploymentSpec, InstanceState, InstanceView, NodeView, Tier
+from lambdascale.control.snapshot import InstanceView, NodeView
+from lambdascale.control.spec import DeploymentSpec, InstanceState, Tier
 from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
 from lambdascale.sim.cluster import ClusterSpec, SimModel

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lambdascale.control.snapshot import ClusterSnapshot, Holding, InstanceView, ModelView, NodeView, Stage, Tier
+from lambdascale.control.snapshot import ClusterSnapshot, Holding, InstanceView, ModelView, NodeView, Stage
+from lambdascale.control.spec import Tier
 from lambdascale.sim.state import Inst, NodeState, SimState
 
 

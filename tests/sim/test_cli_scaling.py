@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.errors import LambdaScaleError
 from lambdascale.sim import cli
 from lambdascale.sim.run import setup

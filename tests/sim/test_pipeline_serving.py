@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import InstanceState
+from lambdascale.control.spec import InstanceState
 from lambdascale.pipe.pipelines import Pipeline
 from lambdascale.sim.cluster import load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel

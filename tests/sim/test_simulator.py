@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lambdascale.control.decisions import ScalePlan, Source, Target
 from lambdascale.control.settings import ControlSettings, MulticastAlgo
-from lambdascale.control.snapshot import ScalePlan, Source, Target, Tier
+from lambdascale.control.spec import Tier
 from lambdascale.pipe.multicast import plan_multicast
 from lambdascale.pipe.player import Links, play
 from lambdascale.sim.cluster import load_cluster, resolve_model

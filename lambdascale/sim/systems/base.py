@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 ``sim.baseline_sources``); a node serves only once it holds the whole model; no host-memory cache
 between scale events."""
 
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.systems.base import System
 
 SYSTEM = System(

@@ -1,7 +1,7 @@
 """Keep-alive only: instances load from the node's SSD and are kept warm for a long keep-alive
 (``sim.keepalive_baseline_keep_alive_s``) to dodge cold starts; no multicast, no host cache."""
 
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.systems.base import System
 
 SYSTEM = System(

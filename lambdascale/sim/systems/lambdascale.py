@@ -1,7 +1,7 @@
 """λScale: binomial-pipeline multicast from every GPU/host holder, execute-while-load pipelines,
 locality-aware placement, tiered memory with background copy-back to host memory."""
 
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.systems.base import System
 
 SYSTEM = System(

@@ -2,7 +2,7 @@
 ring per holder, ``sim.baseline_sources``);
 nodes serve after they hold the whole model; no host-memory cache between scale events."""
 
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.systems.base import System
 
 SYSTEM = System(

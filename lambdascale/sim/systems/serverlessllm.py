@@ -2,7 +2,7 @@
 chunked pipelined loader; locality-aware placement prefers nodes whose host memory holds the
 model; loads stage through host memory, so a copy stays cached there. No network multicast."""
 
-from lambdascale.control.snapshot import Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.systems.base import System
 
 SYSTEM = System(

@@ -4,7 +4,8 @@ Everything here is pure and deterministic; the runtime and the simulator both im
 """
 
 from lambdascale.pipe.layout import ChunkLayout, LayoutError
-from lambdascale.pipe.multicast import (
+from lambdascale.pipe.multicast import lower_bound_rounds, plan_multicast, source_order
+from lambdascale.pipe.multicast_plan import (
     Algo,
     MulticastPlan,
     PlanError,
@@ -13,12 +14,10 @@ from lambdascale.pipe.multicast import (
     SendKind,
     block_of_chunk,
     chunks_of_block,
-    lower_bound_rounds,
-    plan_multicast,
-    source_order,
     validate_plan,
 )
-from lambdascale.pipe.pipelines import Pipeline, PipelinePlan, PipelinePlanner, Stage, plan_pipelines, planned_sizes
+from lambdascale.pipe.pipeline_types import Pipeline, PipelinePlan, Stage
+from lambdascale.pipe.pipelines import PipelinePlanner, plan_pipelines, planned_sizes
 from lambdascale.pipe.player import Links, PlayMode, PlayResult, play
 
 __all__ = [

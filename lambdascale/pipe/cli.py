@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
 
 def _build(args: argparse.Namespace):
     from lambdascale.config import ConfigError, config_from_args
-    from lambdascale.pipe.multicast import PlanError, plan_multicast
+    from lambdascale.pipe.multicast import plan_multicast
+    from lambdascale.pipe.multicast_plan import PlanError
 
     try:
         cfg = config_from_args(args).pipe
@@ -75,7 +76,7 @@ def _cmd_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         doc = pipelines_json(plan)
     if args.chunk_mib is not None:
-        from lambdascale.pipe.multicast import PlanError
+        from lambdascale.pipe.multicast_plan import PlanError
 
         if not args.chunk_mib > 0:
             raise PlanError(f"--chunk-mib must be > 0, got {args.chunk_mib}")

@@ -41,187 +41,21 @@ Algorithms (``Algo``):
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from enum import Enum
-from functools import cached_property
-from typing import Mapping, NamedTuple, Sequence
+from typing import Sequence
 
-from lambdascale.errors import LambdaScaleError
 from lambdascale.pipe.layout import ChunkLayout, resolve_layout
-
-
-class Algo(str, Enum):
-    """Multicast algorithm."""
-
-    BINOMIAL = "binomial"
-    FAASNET = "faasnet"
-    RING = "ring"
-    DIRECT = "direct"
-
-
-class SendKind(str, Enum):
-    """Which kind of link a send uses."""
-
-    NETWORK = "network"
-    INTRA = "intra"
-
-
-class Send(NamedTuple):
-    """One chunk moving over one link in one round (endpoint ids, see the module doc)."""
-
-    src: int
-    dst: int
-    chunk: int
-    kind: SendKind = SendKind.NETWORK
-
-
-class PlanError(LambdaScaleError, ValueError):
-    """Invalid planner input; the message names the argument and the limit."""
-
-
-def block_of_chunk(chunk: int, n_blocks: int, n_chunks: int) -> int:
-    """The block chunk ``chunk`` belongs to under the uniform rule ``chunk * B // K``
-    (:meth:`ChunkLayout.uniform`; a non-uniform layout answers with ``blocks_of_chunk``)."""
-    return chunk * n_blocks // n_chunks
-
-
-def chunks_of_block(block: int, n_blocks: int, n_chunks: int) -> range:
-    """The contiguous range of chunks that make up ``block`` under the uniform rule (see
-    :meth:`ChunkLayout.chunks_of_block` for any layout)."""
-    # smallest c with c*B//K >= b is ceil(b*K/B)
-    start = -(-block * n_chunks // n_blocks)
-    end = -(-(block + 1) * n_chunks // n_blocks)
-    return range(start, end)
-
-
-@dataclass(frozen=True)
-class MulticastPlan:
-    """A complete multicast schedule plus derived views (arrival ticks, block ticks).
-
-    ``rounds[t-1]`` holds the sends of round ``t``. ``sources`` and ``receiver_nodes`` are node
-    ids; ``receivers`` are endpoint ids (GPUs, see the module doc) that must end with every chunk.
-    """
-
-    algo: Algo
-    n_nodes: int
-    gpus_per_node: int
-    sources: tuple[int, ...]
-    n_blocks: int
-    n_chunks: int
-    rounds: tuple[tuple[Send, ...], ...]
-    receiver_nodes: tuple[int, ...]
-    #: Per source node actually used, the chunk order it emits (block reordering); informative.
-    source_orders: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
-    #: NICs per node; NIC j sits on GPU j (1 <= nics_per_node <= gpus_per_node)
-    nics_per_node: int = 1
-    #: which chunks overlap which block; None means ``ChunkLayout.uniform(n_blocks, n_chunks)``
-    layout: ChunkLayout | None = None
-
-    @cached_property
-    def chunk_layout(self) -> ChunkLayout:
-        """The layout block views use (the uniform rule when none was given)."""
-        return resolve_layout(self.layout, self.n_blocks, self.n_chunks)
-
-    # ---- identities -------------------------------------------------------------------------
-
-    def endpoints_of(self, node: int) -> range:
-        """Endpoint ids (GPUs) of ``node``."""
-        g = self.gpus_per_node
-        return range(node * g, node * g + g)
-
-    def node_of(self, endpoint: int) -> int:
-        """Node that owns endpoint ``endpoint``."""
-        return endpoint // self.gpus_per_node
-
-    @cached_property
-    def receivers(self) -> tuple[int, ...]:
-        """Receiver endpoints (every GPU of every non-source node)."""
-        return tuple(e for n in self.receiver_nodes for e in self.endpoints_of(n))
-
-    @property
-    def completion_round(self) -> int:
-        """Tick at which every receiver holds every chunk (number of rounds)."""
-        return len(self.rounds)
-
-    # ---- arrivals ---------------------------------------------------------------------------
-
-    @cached_property
-    def _arrivals(self) -> dict[int, list[int]]:
-        """endpoint -> tick at which each chunk arrived (-1: never); sources' endpoints: all 0."""
-        k = self.n_chunks
-        arr: dict[int, list[int]] = {}
-        for s in self.sources:
-            for e in self.endpoints_of(s):
-                arr[e] = [0] * k
-        for e in self.receivers:
-            arr[e] = [-1] * k
-        for t, rnd in enumerate(self.rounds, start=1):
-            for snd in rnd:
-                row = arr.get(snd.dst)
-                if row is not None and row[snd.chunk] < 0:
-                    row[snd.chunk] = t
-        return arr
-
-    def _row(self, endpoint: int) -> list[int]:
-        row = self._arrivals.get(endpoint)
-        if row is None:
-            raise PlanError(f"endpoint {endpoint} is neither a source nor a receiver of this plan")
-        return row
-
-    def arrival_round(self, endpoint: int, chunk: int) -> int | None:
-        """Tick at which ``endpoint`` first holds ``chunk`` (0 for sources, None if never)."""
-        row = self._row(endpoint)
-        if not 0 <= chunk < self.n_chunks:
-            raise PlanError(f"chunk {chunk} outside 0..{self.n_chunks - 1}")
-        t = row[chunk]
-        return None if t < 0 else t
-
-    def arrival_order(self, endpoint: int) -> tuple[int, ...]:
-        """Chunks in the order ``endpoint`` receives them (ties by chunk id)."""
-        row = self._row(endpoint)
-        return tuple(sorted((c for c in range(self.n_chunks) if row[c] > 0), key=lambda c: (row[c], c)))
-
-    @cached_property
-    def node_block_ticks(self) -> dict[int, list[int]]:
-        """receiver node -> tick at which all its GPUs hold each block (a node holds a block when
-        every one of its GPUs holds every chunk overlapping it, see :attr:`chunk_layout`)."""
-        out: dict[int, list[int]] = {}
-        lay = self.chunk_layout
-        for n in self.receiver_nodes:
-            ticks = [0] * self.n_blocks
-            for e in self.endpoints_of(n):
-                row = self._arrivals[e]
-                for b in range(self.n_blocks):
-                    for c in lay.chunks_of_block(b):
-                        t = row[c] if row[c] >= 0 else math.inf
-                        if t > ticks[b]:
-                            ticks[b] = t  # type: ignore[assignment]
-            out[n] = ticks
-        return out
-
-    def node_full_round(self, node: int) -> int:
-        """Tick at which receiver ``node`` (all its GPUs) holds the whole model."""
-        return max(self.node_block_ticks[node])
-
-    @cached_property
-    def all_blocks_round(self) -> int:
-        """Tick at which every block first exists whole on some receiver node (0 if no receivers)."""
-        if not self.receiver_nodes:
-            return 0
-        ticks = self.node_block_ticks
-        return max(min(ticks[n][b] for n in self.receiver_nodes) for b in range(self.n_blocks))
-
-    def holdings_at(self, tick: int) -> dict[int, set[int]]:
-        """receiver node -> blocks it holds at ``tick``."""
-        return {n: {b for b, t in enumerate(bt) if t <= tick} for n, bt in self.node_block_ticks.items()}
-
-    def block_events(self) -> list[tuple[int, int, int]]:
-        """(tick, node, block) for every block completion on a receiver node, in time order."""
-        ev = [(t, n, b) for n, bt in self.node_block_ticks.items() for b, t in enumerate(bt)]
-        ev.sort()
-        return ev
-
+from lambdascale.pipe.multicast_plan import (
+    Algo,
+    MulticastPlan,
+    PlanError,
+    PlanViolation,
+    Send,
+    SendKind,
+    block_of_chunk,
+    chunks_of_block,
+    validate_plan,
+)
+from lambdascale.pipe.schedules import GROUP_SCHEDULERS
 
 # ---- input checks -----------------------------------------------------------------------------
 
@@ -347,148 +181,6 @@ def source_order(group: int, n_groups: int, n_blocks: int, n_chunks: int, layout
     return order
 
 
-# ---- per-group schedules (local indices: 0 = source, positions = index into the order) ---------
-
-_Local = list[list[tuple[int, int, int]]]  # rounds of (src_local, dst_local, position)
-
-
-def _binomial_group(n: int, k: int) -> _Local:
-    """Binomial pipeline over local nodes 0..n-1 (0 = source) for chunk positions 0..k-1."""
-    rounds: _Local = []
-    if n <= 1:
-        return rounds
-    l = n.bit_length() - 1  # floor(log2 n) >= 1
-    H = 1 << l
-    full = (1 << k) - 1
-    holds = [0] * n
-    holds[0] = full
-    # team partner of hypercube node x (x >= 1) for the extras H..n-1
-    mate = [-1] * H
-    for j, e in enumerate(range(H, n)):
-        mate[j + 1] = e
-
-    def team_union(x: int) -> int:
-        e = mate[x]
-        return holds[x] | (holds[e] if e >= 0 else 0)
-
-    done_needed = n - 1
-    t = 0
-    limit = 4 * (k + n) + 16
-    while True:
-        if sum(1 for i in range(1, n) if holds[i] == full) == done_needed:
-            break
-        if t > limit:  # pragma: no cover - would be a planner bug
-            raise RuntimeError(f"binomial schedule did not converge (n={n}, k={k})")
-        d = 1 << (t % l)
-        # Choose each team's external sender: the member holding the highest chunk the peer team
-        # lacks (ties: alternate by round parity). The other member receives from outside and
-        # forwards inside to the sender, so each member sends once and receives once.
-        sender = list(range(H))
-        for x in range(1, H):
-            e = mate[x]
-            if e < 0:
-                continue
-            peer_has = team_union(x ^ d)
-            bx = (holds[x] & ~peer_has).bit_length()
-            be = (holds[e] & ~peer_has).bit_length()
-            # When the peer needs nothing from the team, the hypercube member keeps receiving from
-            # outside (the mate mirrors it), which gets whole blocks onto one node sooner.
-            if be > bx or (be == bx and (be == 0 or t % 2 == 1)):
-                sender[x] = e
-        sends: list[tuple[int, int, int]] = []
-        for x in range(H):
-            y = x ^ d
-            snd = sender[x]
-            recv = y if mate[y] < 0 else (mate[y] if sender[y] == y else y)
-            if snd == 0:
-                if t < k:
-                    pos = t
-                else:
-                    pos = (full & ~team_union(y)).bit_length() - 1
-                    if pos < 0:
-                        pos = (full & ~holds[recv]).bit_length() - 1
-            else:
-                h = holds[snd]
-                lack = h & ~team_union(y)
-                if not lack:
-                    lack = h & ~holds[recv]
-                pos = lack.bit_length() - 1
-            if pos >= 0 and not (holds[recv] >> pos) & 1:
-                sends.append((snd, recv, pos))
-        for x in range(1, H):
-            e = mate[x]
-            if e >= 0:
-                a = e if sender[x] == x else x
-                b = sender[x]
-                lack = holds[a] & ~holds[b]
-                if lack:
-                    sends.append((a, b, lack.bit_length() - 1))
-        for s, r, p in sends:
-            holds[r] |= 1 << p
-        rounds.append(sends)
-        t += 1
-    return rounds
-
-
-def _faasnet_group(n: int, k: int) -> _Local:
-    """Binary tree (heap indices, 0 = source), lowest missing chunk first, one send per round."""
-    rounds: _Local = []
-    full = (1 << k) - 1
-    holds = [0] * n
-    holds[0] = full
-    turn = [0] * n
-    while any(h != full for h in holds):
-        sends = []
-        for i in range(n):
-            kids = [c for c in (2 * i + 1, 2 * i + 2) if c < n]
-            cands = [(c, holds[i] & ~holds[c]) for c in kids]
-            cands = [(c, m) for c, m in cands if m]
-            if not cands:
-                continue
-            if len(cands) == 2:
-                c, m = cands[turn[i] % 2]
-                turn[i] += 1
-            else:
-                c, m = cands[0]
-            pos = (m & -m).bit_length() - 1
-            sends.append((i, c, pos))
-        for s, r, p in sends:
-            holds[r] |= 1 << p
-        rounds.append(sends)
-    return rounds
-
-
-def _ring_group(n: int, k: int) -> _Local:
-    """Chain 0 -> 1 -> ... -> n-1; each node forwards its lowest missing-at-next chunk."""
-    rounds: _Local = []
-    full = (1 << k) - 1
-    holds = [0] * n
-    holds[0] = full
-    while any(h != full for h in holds):
-        sends = []
-        for i in range(n - 1):
-            m = holds[i] & ~holds[i + 1]
-            if m:
-                sends.append((i, i + 1, (m & -m).bit_length() - 1))
-        for s, r, p in sends:
-            holds[r] |= 1 << p
-        rounds.append(sends)
-    return rounds
-
-
-def _direct_group(n: int, k: int) -> _Local:
-    """The source sends chunk-major: position 0 to every receiver, then position 1, ..."""
-    return [[(0, 1 + (t % (n - 1)), t // (n - 1))] for t in range(k * (n - 1))] if n > 1 else []
-
-
-_GROUP_SCHEDULERS = {
-    Algo.BINOMIAL: _binomial_group,
-    Algo.FAASNET: _faasnet_group,
-    Algo.RING: _ring_group,
-    Algo.DIRECT: _direct_group,
-}
-
-
 def plan_multicast(
     algo: Algo | str,
     n_nodes: int,
@@ -524,7 +216,7 @@ def plan_multicast(
     receivers = [v for v in range(n_nodes) if v not in src_set]
     n_groups = min(len(src), len(receivers))
     groups = _split_groups(receivers, n_groups) if n_groups else []
-    sched = _GROUP_SCHEDULERS[algo]
+    sched = GROUP_SCHEDULERS[algo]
     L = nics_per_node
     # (src node, dst node, chunk, lane); lane j runs over NIC j of every node
     node_rounds: list[list[tuple[int, int, int, int]]] = []
@@ -580,59 +272,9 @@ def lower_bound_rounds(n: int, k: int) -> int:
     return k - 1 + (n - 1).bit_length()
 
 
-class PlanViolation(AssertionError):
-    """A plan breaks one of the multicast rules (message says which round, endpoint, chunk)."""
-
-
-def validate_plan(plan: MulticastPlan) -> None:
-    """Check the rules in the module doc; raise :class:`PlanViolation` naming the first breach."""
-    K = plan.n_chunks
-    full = (1 << K) - 1
-    holds: dict[int, int] = {}
-    for s in plan.sources:
-        for e in plan.endpoints_of(s):
-            holds[e] = full
-    for e in plan.receivers:
-        holds[e] = 0
-    node_of = plan.node_of
-    G = plan.gpus_per_node
-    for t, rnd in enumerate(plan.rounds, start=1):
-        nic_out: set[int] = set()
-        nic_in: set[int] = set()
-        links: set[tuple[int, int]] = set()
-        new: list[tuple[int, int]] = []
-        for snd in rnd:
-            if not 0 <= snd.chunk < K:
-                raise PlanViolation(f"round {t}: chunk {snd.chunk} out of range")
-            if snd.src not in holds or snd.dst not in holds:
-                raise PlanViolation(f"round {t}: unknown endpoint in {snd}")
-            if not (holds[snd.src] >> snd.chunk) & 1:
-                raise PlanViolation(f"round {t}: endpoint {snd.src} sends chunk {snd.chunk} it does not hold")
-            if snd.kind is SendKind.NETWORK:
-                a, b = node_of(snd.src), node_of(snd.dst)
-                if a == b:
-                    raise PlanViolation(f"round {t}: network send inside node {a}")
-                for e in (snd.src, snd.dst):
-                    if e % G >= plan.nics_per_node:
-                        raise PlanViolation(f"round {t}: endpoint {e} has no NIC")
-                # each NIC sits on one GPU, so the NIC is named by its endpoint
-                if snd.src in nic_out:
-                    raise PlanViolation(f"round {t}: NIC of node {a} (endpoint {snd.src}) sends twice")
-                if snd.dst in nic_in:
-                    raise PlanViolation(f"round {t}: NIC of node {b} (endpoint {snd.dst}) receives twice")
-                nic_out.add(snd.src)
-                nic_in.add(snd.dst)
-            else:
-                if node_of(snd.src) != node_of(snd.dst) or snd.src == snd.dst:
-                    raise PlanViolation(f"round {t}: intra send {snd} crosses nodes")
-                key = (snd.src, snd.dst)
-                if key in links:
-                    raise PlanViolation(f"round {t}: intra link {key} carries two chunks")
-                links.add(key)
-            new.append((snd.dst, snd.chunk))
-        for e, c in new:
-            holds[e] |= 1 << c
-    for e in plan.receivers:
-        if holds[e] != full:
-            missing = [c for c in range(K) if not (holds[e] >> c) & 1]
-            raise PlanViolation(f"receiver endpoint {e} ends without chunks {missing[:8]}")
+__all__ = [
+    "MAX_CHUNKS", "MAX_NODES", "deal_blocks", "lower_bound_rounds", "plan_multicast", "source_order",
+    # the plan types (multicast_plan.py), re-exported for the runtime's imports
+    "Algo", "MulticastPlan", "PlanError", "PlanViolation", "Send", "SendKind", "block_of_chunk", "chunks_of_block",
+    "validate_plan",
+]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
 
-from lambdascale.pipe.multicast import MulticastPlan, PlanError, Send, SendKind
+from lambdascale.pipe.multicast_plan import MulticastPlan, PlanError, Send, SendKind
 from lambdascale.pipe.pipelines import PipelinePlanner
 
 

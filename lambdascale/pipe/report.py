@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lambdascale.pipe.multicast import MulticastPlan
-from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
+from lambdascale.pipe.multicast_plan import MulticastPlan
+from lambdascale.pipe.pipeline_types import PipelinePlan
+from lambdascale.pipe.pipelines import PipelinePlanner
 
 #: Bump when a field changes meaning or disappears (adding fields keeps the version).
 JSON_SCHEMA_VERSION = 1

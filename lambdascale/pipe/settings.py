@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lambdascale.pipe.multicast import Algo
+from lambdascale.pipe.multicast_plan import Algo
 
 
 class PipeSettings(BaseModel):

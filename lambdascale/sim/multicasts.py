@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Callable, cast
 
-from lambdascale.pipe.multicast import MulticastPlan
+from lambdascale.pipe.multicast_plan import MulticastPlan
 from lambdascale.sim.network import Flow, Network
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from .control_factories import hold, model, node, snap
 from lambdascale.control import ControlSettings, MulticastAlgo, Tier, place_model
-from lambdascale.pipe.multicast import Algo, plan_multicast
+from lambdascale.pipe.multicast import plan_multicast
+from lambdascale.pipe.multicast_plan import Algo
 
 
 def test_algo_names_match_the_planner() -> None:

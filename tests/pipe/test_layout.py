@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lambdascale.pipe import ChunkLayout, LayoutError, PipelinePlanner, PlanError, plan_multicast, validate_plan
-from lambdascale.pipe.multicast import chunks_of_block, source_order
+from lambdascale.pipe.multicast import source_order
+from lambdascale.pipe.multicast_plan import chunks_of_block
 from lambdascale.pipe.player import Links, play
 
 

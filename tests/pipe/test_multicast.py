@@ -18,7 +18,7 @@ from lambdascale.pipe import (
     source_order,
     validate_plan,
 )
-from lambdascale.pipe.multicast import MulticastPlan
+from lambdascale.pipe.multicast_plan import MulticastPlan
 
 N = SendKind.NETWORK
 I = SendKind.INTRA

@@ -42,101 +42,21 @@ on a node when every chunk overlapping it (its :class:`~lambdascale.pipe.layout.
 held, so one chunk may complete two blocks; a chunk that completes none costs O(1), and a completed block re-plans only when it can change the
 answer (the node became solo-capable, or a planned size is not running). Its decisions equal
 :func:`plan_pipelines` fed with the previous answer (a test checks it).
+
+The types (:class:`Stage`, :class:`Pipeline`, :class:`PipelinePlan`) live in
+:mod:`lambdascale.pipe.pipeline_types` and are re-exported here; building one pipeline of a given
+size from holdings (the matching) is :mod:`lambdascale.pipe.assign`.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from lambdascale.pipe.assign import build, build_assisted
 from lambdascale.pipe.layout import ChunkLayout, resolve_layout
-from lambdascale.pipe.multicast import PlanError
-
-
-@dataclass(frozen=True, order=True)
-class Stage:
-    """A run of consecutive blocks ``[start, end)`` executed on ``node``."""
-
-    start: int
-    end: int
-    node: int
-
-    @property
-    def n_blocks(self) -> int:
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """An execution pipeline: ``assignment[b]`` is the node that runs block ``b``.
-
-    Requests flow through blocks ``0..B-1`` in order; a node may run several non-adjacent blocks
-    (it keeps the KV cache of all its layers), so the hop sequence is :attr:`stages`, the runs of
-    consecutive blocks on one node. The pipeline's *size* is its number of distinct nodes; their
-    loads (blocks per node) differ by at most one.
-    """
-
-    assignment: tuple[int, ...]
-
-    @property
-    def nodes(self) -> tuple[int, ...]:
-        """Distinct nodes in order of first appearance."""
-        return tuple(dict.fromkeys(self.assignment))
-
-    @property
-    def size(self) -> int:
-        return len(set(self.assignment))
-
-    @property
-    def stages(self) -> tuple[Stage, ...]:
-        out: list[Stage] = []
-        start = 0
-        for b in range(1, len(self.assignment) + 1):
-            if b == len(self.assignment) or self.assignment[b] != self.assignment[start]:
-                out.append(Stage(start, b, self.assignment[start]))
-                start = b
-        return tuple(out)
-
-    def loads(self) -> dict[int, int]:
-        """node -> number of blocks it runs."""
-        out: dict[int, int] = {}
-        for v in self.assignment:
-            out[v] = out.get(v, 0) + 1
-        return out
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "nodes": list(self.nodes),
-            "assignment": list(self.assignment),
-            "stages": [{"node": st.node, "start": st.start, "end": st.end} for st in self.stages],
-        }
-
-
-@dataclass(frozen=True)
-class PipelinePlan:
-    """The planner's answer: pipelines to form now, to keep, to dissolve; solo-capable nodes."""
-
-    form: tuple[Pipeline, ...]
-    keep: tuple[Pipeline, ...]
-    dissolve: tuple[Pipeline, ...]
-    solo: tuple[int, ...]
-    planned: tuple[int, ...]
-
-    @property
-    def active(self) -> tuple[Pipeline, ...]:
-        """Pipelines running after this decision (kept, then newly formed)."""
-        return self.keep + self.form
-
-    @property
-    def instances(self) -> int:
-        """Serving instances after this decision: active pipelines plus solo nodes."""
-        return len(self.keep) + len(self.form) + len(self.solo)
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.form or self.dissolve)
+from lambdascale.pipe.multicast_plan import PlanError
+from lambdascale.pipe.pipeline_types import Pipeline, PipelinePlan, Stage
 
 
 def planned_sizes(n_blocks: int, n_nodes: int) -> tuple[int, ...]:
@@ -156,275 +76,6 @@ def planned_sizes(n_blocks: int, n_nodes: int) -> tuple[int, ...]:
                 used += s
             s //= 2
     return tuple(sorted(out, reverse=True))
-
-
-def _assign(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], size: int) -> tuple[int, ...] | None:
-    """Assign every block to one of ``nodes`` (holding it), loads in {floor, ceil} of B/size.
-
-    Phase 1 gives each node ``floor`` slots and matches slots to blocks (Kuhn's augmenting
-    paths); it must fill every slot. Phase 2 places the remaining blocks along augmenting paths
-    that end at a node below ``ceil``; such a path never lowers a node's load, so every node ends
-    with floor or ceil blocks. Returns None when this node set cannot carry the pipeline.
-    """
-    lo, extra = divmod(n_blocks, size)
-    hi = lo + (1 if extra else 0)
-    owner = [-1] * n_blocks  # block -> node
-    slot_of_block = [-1] * n_blocks  # phase-1 slot holding the block
-    slots = [v for v in nodes for _ in range(lo)]
-    of_node = {v: [b for b in range(n_blocks) if (masks[v] >> b) & 1] for v in nodes}
-
-    def kuhn(i: int, seen: set[int]) -> bool:
-        for b in of_node[slots[i]]:
-            if b in seen:
-                continue
-            seen.add(b)
-            j = slot_of_block[b]
-            if j == -1 or kuhn(j, seen):
-                slot_of_block[b] = i
-                return True
-        return False
-
-    for i in range(len(slots)):
-        if not kuhn(i, set()):
-            return None
-    load = {v: 0 for v in nodes}
-    for b, i in enumerate(slot_of_block):
-        if i != -1:
-            owner[b] = slots[i]
-            load[slots[i]] += 1
-    holders = [[v for v in nodes if (masks[v] >> b) & 1] for b in range(n_blocks)]
-    for b in range(n_blocks):
-        if owner[b] == -1 and not _place_block(b, owner, load, holders, of_node, hi):
-            return None
-    _fewer_hops(owner, masks)
-    return tuple(owner)
-
-
-def _hops(owner: Sequence[int]) -> int:
-    return sum(1 for b in range(1, len(owner)) if owner[b] != owner[b - 1])
-
-
-def _fewer_hops(owner: list[int], masks: Mapping[int, int]) -> None:
-    """Swap pairs of blocks between nodes (both holding both, so loads stay) while that cuts the
-    number of network hops: a request crosses one link per stage boundary."""
-    B = len(owner)
-    improved = True
-    while improved:
-        improved = False
-        for i in range(B):
-            for j in range(i + 1, B):
-                u, v = owner[i], owner[j]
-                if u == v or not (masks[u] >> j) & 1 or not (masks[v] >> i) & 1:
-                    continue
-                before = _hops(owner)
-                owner[i], owner[j] = v, u
-                if _hops(owner) < before:
-                    improved = True
-                else:
-                    owner[i], owner[j] = u, v
-
-
-def _place_block(b: int, owner: list[int], load: dict[int, int], holders, of_node, hi: int) -> bool:
-    """Augmenting path from an unplaced block to a node with load < hi (loads never drop)."""
-    prev: dict[int, tuple[int, int]] = {}  # node -> (block that reaches it, previous node or -1)
-    frontier = [(b, -1)]
-    seen_nodes: set[int] = set()
-    while frontier:
-        nxt = []
-        for blk, frm in frontier:
-            for v in holders[blk]:
-                if v in seen_nodes:
-                    continue
-                seen_nodes.add(v)
-                prev[v] = (blk, frm)
-                if load[v] < hi:
-                    # walk back: v takes blk, its previous owner takes the block before, ...
-                    load[v] += 1
-                    cur = v
-                    while True:
-                        blk_c, frm_c = prev[cur]
-                        owner[blk_c] = cur
-                        if frm_c == -1:
-                            break
-                        cur = frm_c
-                    return True
-                for ob in of_node[v]:
-                    if owner[ob] == v:
-                        nxt.append((ob, v))
-        frontier = nxt
-    return False
-
-
-def _greedy_cover(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> tuple[list[int], int]:
-    """Up to ``size`` nodes, each time the one adding the most uncovered blocks (counting at most
-    ``ceil(B/size)`` per node: what it can carry), poorer nodes first on ties, until none adds
-    any; returns them and the blocks they cover (a bit mask)."""
-    hi = -(-n_blocks // size)
-    covered = 0
-    chosen: list[int] = []
-    while len(chosen) < size:
-        best, gain = -1, 0
-        for v in pool:  # pool is poorest-first, so strict '>' keeps the poorer node on ties
-            if v in chosen:
-                continue
-            g = min(hi, (masks[v] & ~covered).bit_count())
-            if g > gain:
-                best, gain = v, g
-        if best < 0:
-            break
-        chosen.append(best)
-        covered |= masks[best]
-    return chosen, covered
-
-
-def _choose_nodes(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> list[int] | None:
-    """Greedy cover of every block (:func:`_greedy_cover`), then fill up to ``size`` from ``pool``
-    in order; None when ``size`` nodes cannot cover every block."""
-    chosen, covered = _greedy_cover(size, n_blocks, pool, masks)
-    if covered != (1 << n_blocks) - 1:
-        return None
-    chosen += [v for v in pool if v not in chosen][: size - len(chosen)]
-    return chosen if len(chosen) == size else None
-
-
-def _contiguous(size: int, n_blocks: int, pool: Sequence[int], masks: Mapping[int, int]) -> Pipeline | None:
-    """A pipeline of ``size`` contiguous balanced stages (fewest hops: size - 1), if one exists.
-
-    Tries every balanced split (which stages get the extra block) and matches stages to distinct
-    nodes holding their ranges (Kuhn's augmenting paths, candidates in ``pool`` order)."""
-    lo, extra = divmod(n_blocks, size)
-    for big in itertools.combinations(range(size), extra):
-        bigs = set(big)
-        ranges: list[tuple[int, int]] = []
-        start = 0
-        for i in range(size):
-            n = lo + (1 if i in bigs else 0)
-            ranges.append((start, start + n))
-            start += n
-        cands: list[list[int]] = []
-        for a, b in ranges:
-            m = ((1 << (b - a)) - 1) << a
-            c = [v for v in pool if masks[v] & m == m]
-            if not c:
-                break
-            cands.append(c)
-        else:
-            nodes = _match_stages(cands)
-            if nodes is not None:
-                return Pipeline(tuple(v for (a, b), v in zip(ranges, nodes) for _ in range(a, b)))
-    return None
-
-
-def _match_stages(cands: Sequence[Sequence[int]]) -> list[int] | None:
-    """A distinct node per stage, ``cands[i]`` in preference order (Kuhn), or None."""
-    owner: dict[int, int] = {}
-    assign = [-1] * len(cands)
-
-    def augment(i: int, seen: set[int]) -> bool:
-        for v in cands[i]:
-            if v in seen:
-                continue
-            seen.add(v)
-            j = owner.get(v)
-            if j is None or augment(j, seen):
-                owner[v] = i
-                assign[i] = v
-                return True
-        return False
-
-    for i in range(len(cands)):
-        if not augment(i, set()):
-            return None
-    return assign
-
-
-def _build(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, int], cap: Mapping[int, int]) -> Pipeline | None:
-    """One pipeline of ``size`` distinct nodes from ``free`` (poorest first), or None.
-
-    Contiguous balanced stages are tried first (fewest hops). Otherwise blocks are assigned
-    freely: node choice is a heuristic (greedy cover, then the same from the richest nodes); the
-    assignment on a chosen node set is exact, then block swaps cut hops.
-    """
-    lo, hi = n_blocks // size, -(-n_blocks // size)
-    pool = [v for v in free if cap.get(v, n_blocks) >= hi and masks[v].bit_count() >= max(lo, 1)]
-    if len(pool) < size:
-        return None
-    contiguous = _contiguous(size, n_blocks, pool, masks)
-    if contiguous is not None:
-        return contiguous
-    for order in (pool, sorted(pool, key=lambda v: (-masks[v].bit_count(), v))):
-        nodes = _choose_nodes(size, n_blocks, order, masks)
-        if nodes is None:
-            continue
-        a = _assign(n_blocks, nodes, masks, size)
-        if a is not None:
-            return Pipeline(a)
-    return None
-
-
-def _match_capped(n_blocks: int, nodes: Sequence[int], masks: Mapping[int, int], hi: int) -> list[int]:
-    """Blocks on ``nodes`` (each holding what it gets), at most ``hi`` per node: first one
-    distinct block for as many nodes as possible (Kuhn), then as many more blocks as augmenting
-    paths place. Unplaced blocks are -1; a node that got no block is not in the answer."""
-    owner = [-1] * n_blocks
-    of_node = {v: [b for b in range(n_blocks) if (masks[v] >> b) & 1] for v in nodes}
-
-    def first(v: int, seen: set[int]) -> bool:
-        for b in of_node[v]:
-            if b in seen:
-                continue
-            seen.add(b)
-            if owner[b] == -1 or first(owner[b], seen):
-                owner[b] = v
-                return True
-        return False
-
-    if hi < 1:
-        return owner
-    placed = [v for v in nodes if first(v, set())]
-    load = {v: 1 for v in placed}
-    holders = [[v for v in placed if (masks[v] >> b) & 1] for b in range(n_blocks)]
-    for b in range(n_blocks):
-        if owner[b] == -1:
-            _place_block(b, owner, load, holders, of_node, hi)  # loads never drop; may fail
-    return owner
-
-
-def _build_assisted(size: int, n_blocks: int, free: Sequence[int], masks: Mapping[int, int],
-                    cap: Mapping[int, int], room: Mapping[int, int]) -> Pipeline | None:
-    """A pipeline on up to ``size`` free receivers (at least one, each carrying one block or more
-    and at most ``ceil(B/size)``, or the smallest capacity among them) plus helpers (``room``:
-    helper -> blocks it may still run) for the blocks the receivers cannot take, or None when the
-    helpers lack the room. Each run of consecutive helper blocks goes to the helper with the most
-    room (lowest id on ties), split only when no helper can take all of it.
-    """
-    hi = -(-n_blocks // size)
-    pool = [v for v in free if cap.get(v, n_blocks) >= 1 and masks[v]]
-    if not pool or sum(room.values()) == 0:
-        return None
-    nodes = pool if len(pool) <= size else _greedy_cover(size, n_blocks, pool, masks)[0]
-    owner = _match_capped(n_blocks, nodes, masks, min([hi] + [cap.get(v, n_blocks) for v in nodes]))
-    missing = [b for b in range(n_blocks) if owner[b] == -1]
-    if len(missing) == n_blocks or len(missing) > sum(room.values()):
-        return None
-    left = dict(room)
-    runs: list[list[int]] = []
-    for b in missing:
-        if runs and runs[-1][-1] == b - 1:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
-    for run in runs:
-        while run:
-            h = min((v for v in left if left[v] > 0), key=lambda v: (-min(left[v], len(run)), -left[v], v))
-            take = min(left[h], len(run))
-            for b in run[:take]:
-                owner[b] = h
-            left[h] -= take
-            run = run[take:]
-    full = (1 << n_blocks) - 1
-    _fewer_hops(owner, {**{h: full for h in room}, **{v: masks[v] for v in nodes}})
-    return Pipeline(tuple(owner))
 
 
 def _to_masks(holdings: Mapping[int, Iterable[int]], n_blocks: int) -> dict[int, int]:
@@ -479,9 +130,9 @@ def _plan_masks(
     form: list[Pipeline] = []
     for s in sorted(want, reverse=True):
         while have[s] < want[s]:
-            built = _build(s, n_blocks, free, masks, cap)
+            built = build(s, n_blocks, free, masks, cap)
             if built is None and room and not solo:  # helpers bridge the time before any node is full
-                built = _build_assisted(s, n_blocks, free, masks, cap, room)
+                built = build_assisted(s, n_blocks, free, masks, cap, room)
                 if built is not None:
                     for v, n in built.loads().items():
                         if v in room:
@@ -698,3 +349,6 @@ class PipelinePlanner:
         if new.changed or new.solo != old.solo:
             return new
         return None
+
+
+__all__ = ["Pipeline", "PipelinePlan", "PipelinePlanner", "Stage", "plan_pipelines", "planned_sizes"]

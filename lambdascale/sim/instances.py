@@ -18,7 +18,7 @@ pays for them with its own instance's time: a device does one thing at a time.
 from __future__ import annotations
 
 from lambdascale.control.spec import InstanceState
-from lambdascale.pipe.pipelines import Pipeline
+from lambdascale.pipe.pipeline_types import Pipeline
 from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs_for
 from lambdascale.sim.events import Priority
 from lambdascale.sim.state import Inst, NodeState, Req, prefill_tokens

@@ -24,7 +24,8 @@ from lambdascale.control.decisions import ScalePlan
 from lambdascale.control.spec import InstanceState, Tier
 from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.pipe.multicast import plan_multicast
-from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
+from lambdascale.pipe.pipeline_types import Pipeline
+from lambdascale.pipe.pipelines import PipelinePlanner
 from lambdascale.pipe.serving import KvMove, KvTarget, choose_kv_move, kv_destination, lending_helpers
 from lambdascale.sim.arrivals import Arrivals
 from lambdascale.sim.events import Priority

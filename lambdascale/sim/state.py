@@ -23,7 +23,8 @@ from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import InstanceView, NodeView
 from lambdascale.control.spec import DeploymentSpec, InstanceState, Tier
 from lambdascale.control.timeline import ScaleTimeline
-from lambdascale.pipe.pipelines import Pipeline, PipelinePlanner
+from lambdascale.pipe.pipeline_types import Pipeline
+from lambdascale.pipe.pipelines import PipelinePlanner
 from lambdascale.sim.cluster import ClusterSpec, SimModel
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.events import EventHandle, EventLoop

@@ -8,7 +8,7 @@ import pytest
 
 from lambdascale.control.settings import ControlSettings
 from lambdascale.control.spec import InstanceState
-from lambdascale.pipe.pipelines import Pipeline
+from lambdascale.pipe.pipeline_types import Pipeline
 from lambdascale.sim.cluster import load_cluster, resolve_model
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.settings import SimSettings

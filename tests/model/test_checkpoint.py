@@ -12,15 +12,8 @@ from safetensors.torch import load_file
 
 from lambdascale.errors import CheckpointError, ModelNotFoundError
 from lambdascale.model.arch import SHAPES, plan_blocks
-from lambdascale.model.checkpoint import (
-    Checkpoint,
-    block_tensor_shapes,
-    chunk_ranges,
-    find_model,
-    list_models,
-    tensors_from_block_bytes,
-    write_checkpoint,
-)
+from lambdascale.model.blockfile import block_tensor_shapes, chunk_ranges, tensors_from_block_bytes
+from lambdascale.model.checkpoint import Checkpoint, find_model, list_models, write_checkpoint
 from lambdascale.model.importers import import_model
 from lambdascale.model.importers.synthetic import synthetic_block_source
 from lambdascale.model.manifest import MANIFEST_NAME, read_manifest
@@ -349,7 +342,7 @@ def test_stale_temporaries_of_dead_imports_are_removed(tmp_path: Path) -> None:
 
 
 def test_progress_reports_exactly_the_tensor_bytes(tmp_path: Path) -> None:
-    from lambdascale.model.checkpoint import model_tensor_bytes
+    from lambdascale.model.blockfile import model_tensor_bytes
 
     arch = SHAPES["tiny-qwen2"]
     seen: list[int] = []

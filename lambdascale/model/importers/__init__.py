@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable
 
 from lambdascale.errors import CheckpointError, ModelNotFoundError
 from lambdascale.model.arch import ModelArch, synthetic_arch
-from lambdascale.model.checkpoint import BlockSource, Checkpoint, model_tensor_bytes, write_checkpoint
+from lambdascale.model.blockfile import model_tensor_bytes
+from lambdascale.model.checkpoint import BlockSource, Checkpoint, write_checkpoint
 from lambdascale.model.manifest import MANIFEST_NAME, DType
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ import torch
 
 from lambdascale.errors import CheckpointError
 from lambdascale.model.arch import Family, ModelArch
-from lambdascale.model.checkpoint import BlockSource, block_tensor_shapes
+from lambdascale.model.blockfile import block_tensor_shapes
+from lambdascale.model.checkpoint import BlockSource
 from lambdascale.model.importers.tokenizer import byte_level_bpe_files
 
 _LAYER_MAP = {

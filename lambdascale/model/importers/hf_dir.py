@@ -14,7 +14,8 @@ import torch
 
 from lambdascale.errors import CheckpointError
 from lambdascale.model.arch import ModelArch
-from lambdascale.model.checkpoint import BlockSource, block_tensor_shapes
+from lambdascale.model.blockfile import block_tensor_shapes
+from lambdascale.model.checkpoint import BlockSource
 from lambdascale.model.manifest import DType
 
 #: Tokenizer files copied into ``tokenizer/`` when present (tokenizer.json is required).

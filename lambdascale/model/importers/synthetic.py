@@ -11,7 +11,8 @@ from typing import Mapping
 import torch
 
 from lambdascale.model.arch import ModelArch
-from lambdascale.model.checkpoint import BlockSource, block_tensor_shapes
+from lambdascale.model.blockfile import block_tensor_shapes
+from lambdascale.model.checkpoint import BlockSource
 
 
 def synthetic_block_source(arch: ModelArch, n_blocks: int, seed: int = 0, std: float = 0.02) -> BlockSource:

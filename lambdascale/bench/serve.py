@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ class TraceRequest:
     arrival_s: float
     input_tokens: int
     output_tokens: int
+    #: a burst's own prompt and sampling (``burst:N``); else printable-ASCII ids, greedy
+    prompt_ids: tuple[int, ...] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass
@@ -142,6 +147,21 @@ def synthetic_bursty(duration_s: float = 60.0, base_rps: float = 0.5, burst_rps:
             out.append(TraceRequest(t, int(rng.lognormvariate(5.0, 0.8)) + 1, int(rng.lognormvariate(4.0, 0.7)) + 1))
 
 
+#: token ids a burst's prompts draw from: valid in every vocabulary we ship
+_BURST_VOCAB = 127
+
+
+def burst_workload(n: int, max_tokens: int, seed: int = 0) -> list[TraceRequest]:
+    """``bench scale``'s burst (:func:`lambdascale.bench.scale.make_burst`: ``n`` requests at once,
+    16-32 token prompts, alternating greedy and sampled, seeded) as a workload for the gateway,
+    so a scale-out under the same burst can be timed with HTTP in the path."""
+    from lambdascale.bench.scale import make_burst
+
+    burst = make_burst(n, _BURST_VOCAB, max_tokens, seed)
+    return [TraceRequest(0.0, len(st.prompt_ids), st.params.max_tokens, tuple(st.prompt_ids),
+                         st.params.temperature, st.params.top_p, st.seed) for st in burst.values()]
+
+
 def scale_workload(reqs: list[TraceRequest], time_scale: float = 1.0, max_duration_s: float | None = None,
                    max_requests: int | None = None, max_input_tokens: int = 256,
                    max_output_tokens: int = 64) -> list[TraceRequest]:
@@ -152,7 +172,9 @@ def scale_workload(reqs: list[TraceRequest], time_scale: float = 1.0, max_durati
         t = (r.arrival_s - t0) * time_scale
         if max_duration_s is not None and t > max_duration_s:
             break
-        out.append(TraceRequest(t, max(1, min(r.input_tokens, max_input_tokens)), max(1, min(r.output_tokens, max_output_tokens))))
+        n_in = max(1, min(r.input_tokens, max_input_tokens))
+        out.append(replace(r, arrival_s=t, input_tokens=n_in, output_tokens=max(1, min(r.output_tokens, max_output_tokens)),
+                           prompt_ids=r.prompt_ids[:n_in] if r.prompt_ids is not None else None))
         if max_requests is not None and len(out) >= max_requests:
             break
     return out
@@ -166,9 +188,12 @@ async def _one(client: Any, model: str, req: TraceRequest, start: float, seed: i
     if delay > 0:
         await asyncio.sleep(delay)
     rng = random.Random(seed)
-    prompt = [rng.randrange(32, 127) for _ in range(req.input_tokens)]
-    body = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0}
+    prompt = list(req.prompt_ids) if req.prompt_ids is not None else [rng.randrange(32, 127) for _ in range(req.input_tokens)]
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens, "stream": True,
+                            "ignore_eos": True, "temperature": req.temperature}
+    if req.temperature > 0:
+        body["top_p"] = req.top_p
+        body["seed"] = req.seed if req.seed is not None else seed
     t_send = time.perf_counter()
     last = None
     try:
@@ -284,7 +309,9 @@ def write_plots(result: BenchResult, out_dir: str | Path) -> list[Path]:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default="synthetic", help="normalized CSV (arrival_s,input_tokens,output_tokens) or 'synthetic'")
+    p.add_argument("--trace", default="synthetic",
+                   help="normalized CSV (arrival_s,input_tokens,output_tokens), 'synthetic', or 'burst:N' "
+                        "(bench scale's burst: N requests at once, --max-output-tokens each)")
     p.add_argument("--model", default="smollm2-135m", help="deployed model to send requests to")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (0.1 = ten times denser)")
     p.add_argument("--duration", type=float, default=30.0, help="replay at most this many (scaled) seconds")
@@ -301,6 +328,11 @@ def run_bench_cli(args: argparse.Namespace, url: str, api_key: str | None) -> in
         raise BenchInputError("--time-scale and --duration must be > 0 and --max-requests >= 1")
     if args.trace == "synthetic":
         raw = synthetic_bursty(duration_s=args.duration / args.time_scale, seed=args.seed)
+    elif args.trace.startswith("burst:"):
+        n = args.trace.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise BenchInputError(f"--trace {args.trace}: burst:N needs a whole number N >= 1")
+        raw = burst_workload(int(n), args.max_output_tokens, args.seed)
     else:
         raw = load_trace(args.trace)
     workload = scale_workload(raw, args.time_scale, args.duration, args.max_requests,

@@ -63,3 +63,18 @@ def test_summary_percentiles_and_node_seconds() -> None:
     assert s["itl_p50_ms"] == pytest.approx(10) and s["itl_p99_ms"] == pytest.approx(20)
     assert s["node_seconds"] == pytest.approx(1 * 2 + 3 * 1)
     assert s["throughput_tok_s"] == pytest.approx(30)
+
+
+def test_burst_workload_is_bench_scales_burst() -> None:
+    """``--trace burst:N`` replays bench scale's burst: same count, prompt lengths, token budget,
+    sampling and seeds, all at t=0, with ids every vocabulary has."""
+    from lambdascale.bench.scale import make_burst
+    from lambdascale.bench.serve import burst_workload, scale_workload
+
+    ref = list(make_burst(12, 127, 8, seed=3).values())
+    w = scale_workload(burst_workload(12, 8, seed=3), max_input_tokens=256, max_output_tokens=8)
+    assert len(w) == 12 and all(r.arrival_s == 0.0 for r in w)
+    assert [r.prompt_ids for r in w] == [st.prompt_ids for st in ref]
+    assert [r.input_tokens for r in w] == [len(st.prompt_ids) for st in ref]
+    assert [(r.temperature, r.seed, r.output_tokens) for r in w] == [(st.params.temperature, st.seed, 8) for st in ref]
+    assert {r.temperature for r in w} == {0.0, 0.8} and max(t for r in w for t in r.prompt_ids or ()) < 127

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lambdascale.serve.cluster_backend import ClusterBackend
 from lambdascale.serve.schemas import DeploySpec
 from tests.serve.cluster_helpers import SLOW_LINKS, burst, cluster_gateway, greedy_ids, wait_status
 
@@ -18,9 +19,10 @@ N_TOKENS = 150
 BODY = {"prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
 
 
-def _formed(caplog: pytest.LogCaptureFixture) -> list[tuple[int, ...]]:
-    """The nodes of every pipeline the gateway formed, in order."""
-    return [r.args[2] for r in caplog.records if r.getMessage().startswith("pipeline ") and "serving across" in r.getMessage()]
+def _formed(backend: ClusterBackend) -> list[tuple[int, ...]]:
+    """The nodes of every pipeline the gateway's serving core formed, in order."""
+    assert backend.core is not None
+    return [u.nodes for u in backend.core.units_seen if u.pipelined]
 
 
 @pytest.mark.parametrize("kv_move,lend", [("ship", 0), ("recompute", 0), ("auto", 2)])
@@ -31,7 +33,7 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     equals a single engine's. (How many ship here depends on timing; tests/serve/
     test_cluster_kv_ship.py checks the ship path deterministically.) With ``lend`` blocks per
     source (``runtime.pipeline_helper_blocks``) the first pipeline runs a stage on a holder."""
-    caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
+    caplog.set_level(logging.INFO, logger="lambdascale.core")
     from lambdascale.model.importers import import_model
 
     ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
@@ -63,7 +65,7 @@ def test_burst_scales_out_through_a_pipeline_and_outputs_stay_exact(tmp_path: Pa
     assert backend.core.stats.pipelines_dissolved == backend.core.stats.pipelines_formed
     if kv_move == "recompute":
         assert backend.core.stats.kv_moves["shipped"] == 0 and backend.core.stats.kv_bytes_shipped == 0
-    formed = _formed(caplog)
+    formed = _formed(backend)
     on_holders = [nodes for nodes in formed if set(nodes) - set(tl["targets"])]
     if lend:
         assert on_holders and on_holders[0] == formed[0], f"the first pipeline ran on receivers only: {formed}"
@@ -76,7 +78,7 @@ def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder
     """One holder, one receiver: receivers alone never form a pipeline, but with the holder lending
     its device (``runtime.pipeline_helper_blocks``) the receiver runs the blocks it already holds
     and the holder the rest, before the receiver is full; texts stay exact."""
-    caplog.set_level(logging.INFO, logger="lambdascale.serve.cluster")
+    caplog.set_level(logging.INFO, logger="lambdascale.core")
     from lambdascale.model.importers import import_model
 
     ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
@@ -93,7 +95,7 @@ def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder
             and any(t["targets"] == [1] and len(t["node_full_at"]) == 1 for t in st["scale_timelines"])))
     assert [r.status_code for r in responses] == [200] * 6
     assert all(r.json()["choices"][0]["text"] == want for r in responses)
-    formed = _formed(caplog)
+    formed = _formed(backend)
     assert formed and set(formed[0]) == {0, 1}, formed  # the receiver (1) and the holder (0)
     tl = next(t for t in st["scale_timelines"] if t["targets"] == [1])
     assert tl["first_pipeline_at"] is not None and tl["first_pipeline_at"] < tl["node_full_at"]["1"]

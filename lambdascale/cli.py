@@ -22,7 +22,7 @@ _COMMAND_MODULES = (
     "lambdascale.engine.cli",     # generate
     "lambdascale.pipe.cli",       # plan
     "lambdascale.sim.cli",        # simulate
-    "lambdascale.runtime.cli",    # agent (internal), bench scale
+    "lambdascale.bench.cli",      # bench scale, bench serve
 )
 
 

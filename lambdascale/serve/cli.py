@@ -1,4 +1,4 @@
-"""``lambdascale serve | deploy | update | delete | status`` and ``lambdascale bench serve``.
+"""``lambdascale serve | deploy | update | delete | status`` (``bench serve`` is in ``lambdascale.bench.cli``).
 
 Options come from the config tree (``add_config_args``) and, for scaling settings, from the
 fields of :class:`DeploySpec`, so every default is written once. Handlers import heavy libraries
@@ -24,15 +24,15 @@ class GatewayRequestError(LambdaScaleError):
     """The gateway answered an admin call with an error, or could not be reached."""
 
 
-def _default_url() -> str:
+def default_url() -> str:
     from lambdascale.serve.settings import ServeSettings
 
     s = ServeSettings()
     return os.environ.get("LAMBDASCALE_URL", f"http://{s.host}:{s.port}")
 
 
-def _add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=None, help=f"gateway URL (default: $LAMBDASCALE_URL or {_default_url()})")
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help=f"gateway URL (default: $LAMBDASCALE_URL or {default_url()})")
     p.add_argument("--api-key", default=None, help="admin API key (default: $LAMBDASCALE_API_KEY)")
 
 
@@ -73,35 +73,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("deploy", help="register a model on a running gateway with its scaling settings")
     d.add_argument("name", help="model name (as in the models directory)")
     _add_spec_args(d)
-    _add_client_args(d)
+    add_client_args(d)
     d.set_defaults(func=_cmd_deploy)
 
     u = sub.add_parser("update", help="change a deployed model's scaling settings")
     u.add_argument("name")
     _add_spec_args(u)
-    _add_client_args(u)
+    add_client_args(u)
     u.set_defaults(func=_cmd_update)
 
     r = sub.add_parser("delete", help="stop serving a model and remove its registration")
     r.add_argument("name")
-    _add_client_args(r)
+    add_client_args(r)
     r.set_defaults(func=_cmd_delete)
 
     s = sub.add_parser("status", help="nodes, tiers per model per node, instances, pipelines, queues")
-    _add_client_args(s)
+    add_client_args(s)
     s.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
     s.add_argument("--interval", type=float, default=None, help="refresh period in seconds (default: serve.status_refresh_s)")
     s.add_argument("--json", action="store_true", help="print the raw status JSON")
     s.set_defaults(func=_cmd_status)
-
-
-def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    from lambdascale.bench.serve import add_bench_args
-
-    b = bench_sub.add_parser("serve", help="replay a trace (or a synthetic bursty profile) against a running gateway")
-    add_bench_args(b)
-    _add_client_args(b)
-    b.set_defaults(func=_cmd_bench)
 
 
 # ---- admin client -------------------------------------------------------------------------------
@@ -110,7 +101,7 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str,
     """One admin HTTP call; raises :class:`GatewayRequestError` with the gateway's message."""
     import httpx
 
-    url = (args.url or _default_url()).rstrip("/")
+    url = (args.url or default_url()).rstrip("/")
     key = args.api_key or os.environ.get("LAMBDASCALE_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
@@ -211,13 +202,6 @@ def watch_status(args: argparse.Namespace, console: Any, stop: threading.Event, 
             live.update(render_status(admin_call(args, "GET", "/admin/status")), refresh=True)
             refreshes += 1
     return refreshes
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from lambdascale.bench.serve import run_bench_cli
-
-    url = (args.url or _default_url()).rstrip("/")
-    return run_bench_cli(args, url, args.api_key or os.environ.get("LAMBDASCALE_API_KEY"))
 
 
 # ---- serve --------------------------------------------------------------------------------------

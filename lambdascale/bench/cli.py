@@ -1,4 +1,4 @@
-"""Runtime commands: ``lambdascale bench scale``. (Agents start as ``python -m lambdascale.runtime.agent``.)"""
+"""``lambdascale bench scale`` and ``lambdascale bench serve``: workloads that drive the product."""
 
 from __future__ import annotations
 
@@ -6,6 +6,31 @@ from typing import Any
 
 
 def register_bench(bench_subparsers: Any) -> None:
+    _register_scale(bench_subparsers)
+    _register_serve(bench_subparsers)
+
+
+def _register_serve(bench_sub: Any) -> None:
+    from lambdascale.bench.serve import add_bench_args
+    from lambdascale.serve.cli import add_client_args
+
+    b = bench_sub.add_parser("serve", help="replay a trace (or a synthetic bursty profile) against a running gateway")
+    add_bench_args(b)
+    add_client_args(b)
+    b.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: Any) -> int:
+    import os
+
+    from lambdascale.bench.serve import run_bench_cli
+    from lambdascale.serve.cli import default_url
+
+    url = (args.url or default_url()).rstrip("/")
+    return run_bench_cli(args, url, args.api_key or os.environ.get("LAMBDASCALE_API_KEY"))
+
+
+def _register_scale(bench_subparsers: Any) -> None:
     from lambdascale.config import add_config_args
 
     p = bench_subparsers.add_parser("scale", help="scale a model out across local node agents and time it")

@@ -100,3 +100,40 @@ def test_a_one_to_two_scale_out_serves_through_the_receiver_and_a_lending_holder
     tl = next(t for t in st["scale_timelines"] if t["targets"] == [1])
     assert tl["first_pipeline_at"] is not None and tl["first_pipeline_at"] < tl["node_full_at"]["1"]
     assert backend.core.stats.pipelines_dissolved == backend.core.stats.pipelines_formed >= 1
+
+
+def test_a_receiver_killed_inside_a_pipeline_loses_nothing(tmp_path: Path) -> None:
+    """The gateway path of bench scale's fault test (one core serves both): the last stage of the
+    first pipeline dies while the burst runs. Its requests resume elsewhere with exact texts, the
+    scale-out learns of the loss (the planner drops the node) and the surviving receiver ends up
+    serving alone."""
+    from lambdascale.core.state import Unit
+    from lambdascale.model.importers import import_model
+
+    ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
+    name = ck.dir.name
+    want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
+    overrides = {"runtime.nodes": 4, "control.autoscale_interval_s": 2.0, "runtime.heartbeat_s": 0.5, **SLOW_LINKS}
+    spec = DeploySpec(name=name, min_instances=2, max_instances=4, target_concurrency=1)
+    killed: list[int] = []
+    with cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):
+        assert backend.core is not None
+        core = backend.core
+
+        def kill_first_pipeline(u: Unit) -> None:
+            if u.pipelined and not killed:
+                killed.append(u.nodes[-1])
+                backend.kill_node(u.nodes[-1])
+
+        core.on_unit_started.append(kill_first_pipeline)
+        want = backend.codec(name).decode(want_ids)
+        responses = burst(server.url, [{"model": name, **BODY}] * 8)
+        wait_status(server.url, lambda st: core.scale_outs_in_progress == 0 and bool(killed))
+    assert killed, "no pipeline formed"
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.json()["choices"][0]["text"] == want for r in responses)
+    assert killed[0] in core.stats.node_lost_at  # the scale-out's planner was told
+    tl = next(t for t in core.controller.timelines if killed[0] in t.targets)
+    survivors = set(tl.targets) - {killed[0]}
+    assert survivors and all(any(not u.pipelined and u.node == n for u in core.units_seen) for n in survivors), \
+        "a surviving receiver never served alone"

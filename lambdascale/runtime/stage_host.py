@@ -16,14 +16,17 @@ emulated wait of a full instance's step (:mod:`lambdascale.runtime.device`). Wit
 thread: hidden states cross stages in the stage dtype's bytes, so a pipeline's step is bitwise the
 one-stage step.
 
-torch is imported here, not by the agent module, so agents that only move bytes start fast.
+torch is imported here, not by the agent's modules (:mod:`lambdascale.runtime.agent_stages` loads
+this one on the first ``FormStage``), so agents that only move bytes start fast. This module
+imports none of the agent's modules: it asks of its agent only a :class:`StageContext`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -33,29 +36,36 @@ from lambdascale.engine.stage import SeqSlice, Stage, StageBatch
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.checkpoint import tensors_from_block_bytes
 from lambdascale.model.llama import StageModel
-from lambdascale.runtime.device import NORMAL, URGENT
+from lambdascale.runtime.device import NORMAL, URGENT, Device
+from lambdascale.runtime.tags import hidden_buffer, hidden_tag
 
 if TYPE_CHECKING:
-    from lambdascale.runtime.agent import ModelState, NodeAgent
     from lambdascale.runtime.messages import FormStage, StageStep
+    from lambdascale.runtime.model_state import ModelState
+    from lambdascale.transfer.base import Transport
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def hidden_buffer(pipeline: str, boundary: int) -> str:
-    return f"pipe/{pipeline}/h{boundary}"
+class StageContext(Protocol):
+    """What a stage host uses of its agent (:class:`~lambdascale.runtime.agent_stages.AgentStages`
+    provides it); declared here so this module imports none of the agent's modules."""
 
+    node: int
+    transport: "Transport"
+    device: Device
+    device_steps: "deque[tuple[float, float, str, int]]"
 
-def hidden_tag(pipeline: str, step: int, index: int) -> str:
-    """Tag of the hidden states entering stage ``index`` at ``step``."""
-    return f"h|{pipeline}|{step}|{index}"
+    def block_view(self, model: str, block: int) -> memoryview:
+        """The bytes of block ``block`` of ``model`` in the agent's stream buffer."""
+        ...
 
 
 class StageHost:
     """One pipeline stage on this agent: the engine ``Stage`` plus its hidden-state buffers."""
 
-    def __init__(self, agent: "NodeAgent", st: "ModelState", msg: "FormStage") -> None:
+    def __init__(self, agent: StageContext, st: "ModelState", msg: "FormStage") -> None:
         m = st.manifest
         b0, b1 = msg.blocks
         if not 0 <= b0 < b1 <= m.n_blocks:

@@ -27,8 +27,8 @@ class _CountingBucket:
 def test_store_read_is_paced_only_when_capped(tiny_model: Path, capped: bool) -> None:
     agent = NodeAgent(0, ("127.0.0.1", 9), TransferSettings(ssd_gbps=0.001), RuntimeSettings())
     bucket = _CountingBucket()
-    agent.ssd_bucket = bucket  # type: ignore[assignment]
+    agent.buffers.ssd_bucket = bucket  # type: ignore[assignment]
     m = read_manifest(tiny_model)
-    st = asyncio.run(agent._read_blocks(m, tiny_model, capped))
+    st = asyncio.run(agent.buffers.read_blocks(m, tiny_model, capped))
     assert st.held == set(range(m.n_chunks))  # every chunk read and verified either way
     assert bucket.bytes == (m.total_bytes if capped else 0)

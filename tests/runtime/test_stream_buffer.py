@@ -10,7 +10,7 @@ import pytest
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.checkpoint import Checkpoint
 from lambdascale.model.manifest import read_manifest
-from lambdascale.runtime.agent import ModelState
+from lambdascale.runtime.model_state import ModelState
 from lambdascale.runtime.agent_memory import AgentMemory
 
 

@@ -285,13 +285,14 @@ class ServingCore:
             d.wakeup.set()
 
     # ---- units ------------------------------------------------------------------------------------
-    def _new_unit(self, d: Deployment, node: int, loading: bool = True) -> Unit:
-        u = Unit(f"{d.name}@{node}", d.name, node, loading=loading)
+    def _new_unit(self, d: Deployment, node: int) -> Unit:
+        """A placeholder full instance of ``d`` on ``node`` while it loads."""
+        u = Unit(f"{d.name}@{node}", d.name, node, loading=True)
         d.units.append(u)
         return u
 
     async def start_instance(self, d: Deployment, node: int, unit: Unit | None = None,
-                             timeline: ScaleTimeline | None = None, ssd_cap: bool = True) -> Unit:
+                             timeline: ScaleTimeline | None = None) -> Unit:
         """Load ``d`` on ``node`` (a hit when its buffers hold it already), form a full instance, serve.
 
         Raises the agents' errors; the placeholder ``unit`` then leaves the deployment.
@@ -299,8 +300,7 @@ class ServingCore:
         u = unit if unit is not None else self._new_unit(d, node)
         try:
             if not self.memory.holds(node, d.name):
-                await self.cluster.request(node, HoldModel(req=0, model_dir=str(d.model_dir), tier="gpu", reuse=True,
-                                                           ssd_cap=ssd_cap))
+                await self.cluster.request(node, HoldModel(req=0, model_dir=str(d.model_dir), tier="gpu", reuse=True))
                 self.memory.mark_held(node, d.name)
             if timeline is not None:
                 timeline.mark_node_full(node, self.clock.now())

@@ -58,6 +58,7 @@ class ScaleOut:
         self.started: set[int] = set()   # receivers whose full instance has been started
         self.pipes: dict[tuple[int, ...], Unit] = {}  # planner assignment -> its live pipeline
         self.formed = 0  # pipelines this scale-out formed
+        self._dissolving: set[asyncio.Task[None]] = set()
         self._actions: asyncio.Queue[int | PipelinePlan] = asyncio.Queue()
         self._planner: PipelinePlanner | None = None
         self._helpers: dict[int, int] = {}
@@ -113,12 +114,13 @@ class ScaleOut:
                 if node not in self.result.lost:
                     self._actions.put_nowait(node)
             await self._actions.join()  # every decision the multicast produced has been acted on
+            await asyncio.gather(*self._dissolving)
         except Exception as e:  # the next controller pass sees the missing instances and retries
             self.error = e
             log.error("multicast of %s from %s to %s failed: %s", d.name, sources, receivers, e)
         finally:
             actor.cancel()
-            await asyncio.gather(actor, return_exceptions=True)
+            await asyncio.gather(actor, *self._dissolving, return_exceptions=True)
             for u in list(self.pipes.values()):  # every member is full now (or gone): serve alone
                 await core.dissolve(d, u)
             self.pipes.clear()
@@ -156,7 +158,7 @@ class ScaleOut:
                 self._actions.put_nowait(p)
 
     async def _act(self, placeholder: dict[int, Unit]) -> None:
-        """Apply the hook's decisions in order: full instances, dissolutions, new pipelines."""
+        """Apply the hook's decisions in order: full instances, dissolutions (started), new pipelines."""
         core, d = self.core, self.d
         while True:
             item = await self._actions.get()
@@ -170,7 +172,11 @@ class ScaleOut:
                 for pl in item.dissolve:
                     u = self.pipes.pop(pl.assignment, None)
                     if u is not None:
-                        await core.dissolve(d, u)
+                        # in the background: it waits for the pipeline's step in flight, while the
+                        # next receivers' full instances start and can take its requests' KV
+                        task = asyncio.ensure_future(core.dissolve(d, u))
+                        self._dissolving.add(task)
+                        task.add_done_callback(self._dissolving.discard)
                 for pl in item.form:
                     if not all(n in core.cluster.alive() for n in pl.nodes):
                         continue  # the planner does not know yet that a member died

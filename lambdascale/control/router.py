@@ -115,19 +115,39 @@ def route_many(
     return tuple(out)
 
 
+def work_tokens(to_compute: int, to_generate: int) -> int:
+    """A request's outstanding work as ``router_metric=tokens`` counts it: the tokens its instance
+    still computes (a prefill: the prompt, plus the outputs a resumed request recomputes, less
+    what is cached; one token for a running request's next decode) plus the tokens it may still
+    generate (``max_tokens`` less its outputs; never negative). The gateway's and the simulator's
+    instance views and queued requests count with it."""
+    if to_compute < 0:
+        raise ValueError(f"tokens to compute must be >= 0, got {to_compute}")
+    return to_compute + max(to_generate, 0)
+
+
 @dataclass(frozen=True)
 class QueuedRequest:
     """A request waiting at the gateway: its id and the prompt tokens its first step prefills
-    (prompt + already generated tokens for a request resuming elsewhere)."""
+    (prompt + already generated tokens for a request resuming elsewhere). Build it with
+    :meth:`of`."""
 
     id: str
     prompt_tokens: int
-    total_tokens: int = 0  # prompt + tokens still to generate, for router_metric=tokens
+    total_tokens: int = 0  # prompt_tokens + tokens still to generate (work_tokens), for router_metric=tokens
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0 or self.total_tokens < 0:
             raise ValueError(f"queued request {self.id!r}: token counts must be >= 0 "
                              f"(prompt_tokens={self.prompt_tokens}, total_tokens={self.total_tokens})")
+
+    @classmethod
+    def of(cls, id: str, prefill: int, to_generate: int) -> "QueuedRequest":
+        """A queued request whose first step prefills ``prefill`` tokens (its prompt, plus the
+        outputs it already has when it resumes) and that may still generate ``to_generate``: its
+        size is all of that (:func:`work_tokens`), the recomputed outputs included, as an
+        instance's view counts the same request once admitted."""
+        return cls(id, prefill, work_tokens(prefill, to_generate))
 
 
 @dataclass(frozen=True)
@@ -208,4 +228,4 @@ def dispatch(
 
 
 __all__ = ["Assignment", "DispatchResult", "QueuedRequest", "Waiting", "dispatch", "fits_next_step", "route", "route_many",
-           "route_model"]
+           "route_model", "work_tokens"]

@@ -1,19 +1,23 @@
-"""How an execution pipeline serves: which sources lend it stages, steps it keeps in flight,
-sequences it takes, and how its requests' KV caches move when it dissolves (ship or recompute,
-and to which full instance).
+"""How an execution pipeline serves: whether a scale-out plans pipelines at all, which sources
+lend them stages, steps a pipeline keeps in flight and how it splits its requests over them, the
+sequences and step budget it takes, the slots full instances keep for its requests, and how its
+requests' KV caches move when it dissolves (ship or recompute, and to which full instance).
 
-Pure rules shared by the runtime (:mod:`lambdascale.runtime.pipeline`,
-:mod:`lambdascale.runtime.kvmove`) and the simulator, so a simulated pipeline batches, overlaps
-its steps and hands its requests on exactly as a real one does.
+Pure rules shared by the serving core (:mod:`lambdascale.core`), the runtime
+(:mod:`lambdascale.runtime.pipeline`, :mod:`lambdascale.runtime.kvmove`) and the simulator, so a
+simulated pipeline forms, batches, overlaps its steps and hands its requests on exactly as a real
+one does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from lambdascale.errors import LambdaScaleError
+from lambdascale.pipe.layout import ChunkLayout
+from lambdascale.pipe.pipelines import PipelinePlanner
 
 #: most steps a pipeline keeps in flight (``runtime.messages.FormStage.slots``' limit)
 MAX_SLOTS = 64
@@ -25,6 +29,17 @@ def microbatch_slots(n_stages: int, microbatches: int) -> int:
     if microbatches < 0:
         raise ValueError(f"microbatches must be >= 0 (0: one per stage), got {microbatches}")
     return min(MAX_SLOTS, max(1, microbatches or n_stages))
+
+
+def microbatch_cap(waiting: int, parts: int) -> int:
+    """Most requests the next micro-batch takes when ``parts`` micro-batches are about to start
+    over ``waiting`` requests not in flight: ``ceil(waiting / parts)``, so the first ones take the
+    extra request (5 over 2: 3 then 2). Started one after another, each with the requests and
+    parts left, they split a burst as evenly as counts allow. The runtime's
+    ``PipelineServer.plan_step`` cap; the simulator cuts its passes with it."""
+    if waiting < 0 or parts < 1:
+        raise ValueError(f"micro-batch cap needs waiting >= 0 and parts >= 1, got {waiting} and {parts}")
+    return -(-waiting // parts)
 
 
 def pipeline_seqs(max_seqs: int, total_layers: int, widest_layers: int, n_stages: int,
@@ -56,6 +71,18 @@ def pipeline_seqs_for(max_seqs: int, stages: Sequence[tuple[int, int]], total_la
     return pipeline_seqs(max_seqs, total_layers, widest, len(stages), rule)
 
 
+def pipeline_step_tokens(max_step_tokens: int, max_seqs: int, seqs: int) -> int:
+    """Token budget of one step of a unit taking ``seqs`` sequences where a full instance takes
+    ``max_seqs`` with ``max_step_tokens``: the budget grows by the extra sequences (one decode
+    token each), so the prefill room of a step (``max_step_tokens - max_seqs``, the
+    batch-invariant chunk, ``engine.scheduler.prefill_chunk_size``) is the same wherever a
+    request runs. A full instance (``seqs == max_seqs``) keeps ``max_step_tokens``."""
+    if not 1 <= max_seqs <= seqs or max_step_tokens < 1:
+        raise ValueError(f"step budget needs 1 <= max_seqs <= seqs and max_step_tokens >= 1, "
+                         f"got max_seqs={max_seqs}, seqs={seqs}, max_step_tokens={max_step_tokens}")
+    return max_step_tokens + (seqs - max_seqs)
+
+
 def lending_helpers(sources: Iterable[int], serving: Collection[int], blocks: int) -> dict[int, int]:
     """Sources that may run stages of a scale-out's execute-while-load pipelines, each up to
     ``blocks`` blocks (``runtime.pipeline_helper_blocks`` / ``sim.pipeline_helper_blocks``): the
@@ -66,6 +93,17 @@ def lending_helpers(sources: Iterable[int], serving: Collection[int], blocks: in
     if not blocks:
         return {}
     return {s: blocks for s in sources if s in serving}
+
+
+def pipeline_planner(execute_while_load: bool, receivers: Sequence[int], n_blocks: int, n_chunks: int,
+                     helpers: Mapping[int, int], layout: ChunkLayout | None = None) -> PipelinePlanner | None:
+    """The execute-while-load planner of a multicast to ``receivers``, or None when no pipeline can
+    form: execute-while-load off (the plan's and the deployment's switch together), or one
+    receiver without a lending helper (it can only serve alone, once full). ``helpers`` as
+    :func:`lending_helpers` gives them."""
+    if not execute_while_load or not (len(receivers) > 1 or helpers):
+        return None
+    return PipelinePlanner(list(receivers), n_blocks, n_chunks, layout=layout, helpers=dict(helpers) or None)
 
 
 class KvPolicy(str, Enum):
@@ -145,3 +183,30 @@ def kv_destination(targets: Iterable[KvTarget], kv_need: int, receivers: Collect
     if not fits:
         return None
     return min(fits, key=lambda t: (t.node not in receivers, t.outstanding, t.id))
+
+
+def kept_slots(pipelines: Iterable[tuple[int, Collection[int]]], full_on: Mapping[int, str],
+               policy: KvPolicy | str) -> dict[str, int]:
+    """Slots of full instances kept away from the queue for live pipelines' requests.
+
+    ``pipelines``: each live pipeline's requests (admitted, not finished) and its receivers (its
+    stage nodes that are not lending helpers); ``full_on``: node -> id of the full instance
+    serving there. When a pipeline dissolves its requests' KV can only ship to a full instance
+    with a free slot (:func:`kv_destination`, the receivers' first), so while it runs each
+    receiver's full instance keeps its share, ``ceil(requests / receivers)``. Helpers keep none:
+    their instances serve the queue the whole time. With ``recompute`` nothing is kept: moved
+    requests go to the queue's head. Returns instance id -> slots kept (ids keeping none left out).
+    """
+    if KvPolicy(policy) is KvPolicy.RECOMPUTE:
+        return {}
+    kept: dict[str, int] = {}
+    for requests, receivers in pipelines:
+        if requests < 0:
+            raise ValueError(f"a pipeline holds >= 0 requests, got {requests}")
+        if not requests or not receivers:
+            continue
+        share = -(-requests // len(receivers))
+        for n in receivers:
+            if n in full_on:
+                kept[full_on[n]] = kept.get(full_on[n], 0) + share
+    return kept

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from .control_factories import inst, model
 from lambdascale.control import ControlSettings, InstanceState, route_model
-from lambdascale.control.router import QueuedRequest, Waiting, dispatch, fits_next_step
+from lambdascale.control.router import QueuedRequest, Waiting, dispatch, fits_next_step, work_tokens
 
 LATE = ControlSettings(router_late_binding=True, router_max_waiting_tokens=1000)
 EARLY = ControlSettings()
@@ -123,3 +123,30 @@ def test_fits_next_step_is_the_per_step_prefill_budget_of_late_binding() -> None
     assert not fits_next_step(Waiting(1, 600), 401, 1, LATE)
     assert fits_next_step(Waiting(2, 1500), 500, 2, LATE)      # two micro-batches: two steps' budgets
     assert fits_next_step(Waiting(1, 10**6), 10**6, 1, EARLY)  # early binding: any free slot
+
+
+def test_a_queued_request_counts_its_prefill_and_what_it_may_still_generate() -> None:
+    fresh = QueuedRequest.of("a", 100, 20)
+    assert (fresh.prompt_tokens, fresh.total_tokens) == (100, 120)
+    # resumed after 5 of 20 outputs: it re-prefills prompt + 5 and may generate 15 more
+    resumed = QueuedRequest.of("b", 105, 15)
+    assert (resumed.prompt_tokens, resumed.total_tokens) == (105, 120)
+    assert QueuedRequest.of("c", 100, -3).total_tokens == 100  # past max_tokens: nothing left to generate
+    assert work_tokens(1, 9) == 10  # a running sequence: its next decode and the rest
+    with pytest.raises(ValueError, match="tokens to compute must be >= 0"):
+        work_tokens(-1, 3)
+
+
+def test_with_the_tokens_metric_a_resumed_request_weighs_its_recompute() -> None:
+    from lambdascale.control.settings import RouteMetric
+
+    cfg = ControlSettings(router_metric=RouteMetric.TOKENS)
+    m = model(instances=(inst("a", capacity=8), inst("b", nodes=(1,), capacity=8)))
+    # a 100-token prompt resumed after 500 of 510 outputs re-prefills 600 tokens: it weighs 610,
+    # more than a fresh 300-token request (310), so the next fresh one goes to b, not to a
+    q = [QueuedRequest.of("resumed", 100 + 500, 510 - 500), QueuedRequest.of("f1", 300, 10),
+         QueuedRequest.of("f2", 300, 10)]
+    assert [x.instance_id for x in dispatch(q, m, cfg, 0.0).assignments] == ["a", "b", "b"]
+    # counted as prompt + outputs left only (110), it would have looked lighter than f1
+    light = [QueuedRequest("resumed", 600, 110), *q[1:]]
+    assert [x.instance_id for x in dispatch(light, m, cfg, 0.0).assignments] == ["a", "b", "a"]

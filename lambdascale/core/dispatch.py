@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from lambdascale.control.router import QueuedRequest, Waiting, dispatch
+from lambdascale.control.router import QueuedRequest, Waiting, dispatch, work_tokens
 from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import InstanceState, InstanceView, ModelView, Stage
 from lambdascale.core.state import Deployment, Request, Unit
-from lambdascale.pipe.serving import KvPolicy
+from lambdascale.pipe.serving import KvPolicy, kept_slots
 
 
 def unit_stages(u: Unit, n_blocks: int) -> tuple[Stage, ...]:
@@ -23,27 +23,13 @@ def unit_stages(u: Unit, n_blocks: int) -> tuple[Stage, ...]:
 
 
 def kept_for_pipelines(units: Iterable[Unit], live: Iterable[Unit], policy: KvPolicy) -> dict[str, int]:
-    """Slots of full instances kept for the requests of a live pipeline over their node.
-
-    When a pipeline dissolves its requests' KV can only ship to a full instance with a free slot,
-    so while it runs, each of its receivers' full instances among ``live`` keeps its share (the
-    pipeline's requests over its receivers, rounded up) away from the queue. Helpers (sources
-    lending a stage) keep nothing: their instances serve the queue the whole time. With
-    ``recompute`` nothing is kept: moved requests go to the queue's head.
-    """
-    if policy is KvPolicy.RECOMPUTE:
-        return {}
+    """Slots of full instances among ``live`` kept for the requests of a live pipeline among
+    ``units`` over their node: :func:`lambdascale.pipe.serving.kept_slots` (the simulator's rule
+    too) over the units' requests and receivers (stage nodes that are not helpers)."""
     full_on = {u.node: u.id for u in live if not u.pipelined}
-    kept: dict[str, int] = {}
-    for p in units:
-        if not (p.pipelined and p.alive and p.server is not None and p.server.reqs):
-            continue
-        receivers = [n for n in p.nodes if n not in p.helpers]
-        share = -(-len(p.server.reqs) // max(1, len(receivers)))
-        for n in receivers:
-            if n in full_on:
-                kept[full_on[n]] = kept.get(full_on[n], 0) + share
-    return kept
+    pipes = [(len(p.server.reqs), [n for n in p.nodes if n not in p.helpers])
+             for p in units if p.pipelined and p.alive and p.server is not None]
+    return kept_slots(pipes, full_on, policy)
 
 
 def plan_dispatch(dep: Deployment, requests: Mapping[str, Request], cfg: ControlSettings, now: float,
@@ -51,7 +37,8 @@ def plan_dispatch(dep: Deployment, requests: Mapping[str, Request], cfg: Control
     """Which queued requests of ``dep`` start on which unit now (oldest first).
 
     "Waiting" work of a unit is its admitted requests whose first step has not run (``computed
-    == 0``); outstanding tokens count what is left to compute and generate.
+    == 0``); outstanding tokens count what is left to compute and generate (``work_tokens``), a
+    queued request's size is ``QueuedRequest.of``'s: the simulator's rules too.
     """
     units = {u.id: u for u in dep.serving if u.alive and u.server is not None and u.pipe is not None}
     if not units:
@@ -63,7 +50,7 @@ def plan_dispatch(dep: Deployment, requests: Mapping[str, Request], cfg: Control
         reqs = list(u.server.reqs.values())
         fresh = [r for r in reqs if r.computed == 0]
         waiting[u.id] = Waiting(len(fresh), sum(len(r.all_ids) for r in fresh))
-        todo = sum(len(r.all_ids) - r.computed + max(r.params.max_tokens - len(r.out), 0) for r in reqs)
+        todo = sum(work_tokens(len(r.all_ids) - r.computed, r.params.max_tokens - len(r.out)) for r in reqs)
         views.append(InstanceView(
             id=u.id, model=dep.name, state=InstanceState.PIPELINED if u.pipelined else InstanceState.FULL,
             stages=unit_stages(u, dep.manifest.n_blocks), capacity=u.pipe.max_seqs,
@@ -73,8 +60,7 @@ def plan_dispatch(dep: Deployment, requests: Mapping[str, Request], cfg: Control
         r = requests.get(rid)
         if r is None or r.done:
             continue
-        n = len(r.prompt) + len(r.out)
-        queue.append(QueuedRequest(rid, n, n + max(r.params.max_tokens - len(r.out), 0)))
+        queue.append(QueuedRequest.of(rid, len(r.prompt) + len(r.out), r.params.max_tokens - len(r.out)))
     view = ModelView(name=dep.name, spec=dep.spec, size_bytes=dep.manifest.total_bytes,
                      n_blocks=dep.manifest.n_blocks, instances=tuple(views), queue_len=len(queue))
     res = dispatch(queue, view, cfg, now, waiting)

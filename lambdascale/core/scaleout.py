@@ -33,7 +33,7 @@ from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.core.state import Deployment, Unit
 from lambdascale.errors import LambdaScaleError
 from lambdascale.pipe.pipelines import PipelinePlan, PipelinePlanner
-from lambdascale.pipe.serving import lending_helpers
+from lambdascale.pipe.serving import lending_helpers, pipeline_planner
 from lambdascale.runtime.cluster import NodeLost
 from lambdascale.runtime.messages import ChunkHeld
 from lambdascale.runtime.multicast import MulticastProgress, MulticastResult, prepare_receivers, run_multicast
@@ -99,10 +99,9 @@ class ScaleOut:
         lend = core.settings.helper_blocks
         # sources serving the model alone may run stages of early pipelines (runtime.pipeline_helper_blocks)
         self._helpers = lending_helpers(sources, serving, lend)
-        # one receiver forms a pipeline only with a helper (it runs what the receiver lacks)
-        if ewl and (len(receivers) > 1 or self._helpers):
-            self._planner = PipelinePlanner(receivers, d.manifest.n_blocks, d.manifest.n_chunks,
-                                            layout=d.manifest.layout, helpers=self._helpers or None)
+        # none when no pipeline can form (one receiver pipelines only with a helper): the simulator's rule too
+        self._planner = pipeline_planner(ewl, receivers, d.manifest.n_blocks, d.manifest.n_chunks, self._helpers,
+                                         layout=d.manifest.layout)
         actor = asyncio.get_running_loop().create_task(self._act(placeholder))
         try:
             # no lock: multicasts of one model (disjoint receivers) run side by side, each its own run

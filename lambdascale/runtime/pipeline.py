@@ -49,7 +49,7 @@ from lambdascale.engine.scheduler import next_step_tokens, prefill_chunk_size
 from lambdascale.engine.sequence import TokenState
 from lambdascale.errors import InvalidRequestError
 from lambdascale.model.manifest import Manifest
-from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs
+from lambdascale.pipe.serving import microbatch_cap, microbatch_slots, pipeline_seqs_for, pipeline_step_tokens
 from lambdascale.runtime.cluster import Cluster
 from lambdascale.runtime.messages import DissolveStage, FormStage, StageStep
 
@@ -87,16 +87,15 @@ def pipeline_batch(
 ) -> tuple[int, int]:
     """(max_seqs, max_step_tokens) of a pipeline whose full instances take ``max_seqs`` sequences.
 
-    The sequences follow :func:`lambdascale.pipe.serving.pipeline_seqs` over the stages' layers
-    (``rule="kv"``: as many as the widest stage's KV memory holds; ``"instance"``: ``max_seqs``).
-    The step budget grows by the extra sequences, so the prefill chunk of batch-invariant mode
-    (``max_step_tokens - max_seqs``, :func:`prefill_chunk_size`) stays the same wherever a
-    request runs.
+    The sequences follow :func:`lambdascale.pipe.serving.pipeline_seqs_for` over the stages'
+    layers (``rule="kv"``: as many as the widest stage's KV memory holds; ``"instance"``:
+    ``max_seqs``), the step budget :func:`lambdascale.pipe.serving.pipeline_step_tokens` (grown by
+    the extra sequences): the simulator's rules too.
     """
     blocks = manifest.blocks
-    widest = max(blocks[p.blocks[1] - 1].layers[1] - blocks[p.blocks[0]].layers[0] for p in placements)
-    seqs = pipeline_seqs(max_seqs, manifest.arch.num_hidden_layers, widest, len(placements), rule)
-    return seqs, max_step_tokens + (seqs - max_seqs)
+    layers = [(blocks[p.blocks[0]].layers[0], blocks[p.blocks[1] - 1].layers[1]) for p in placements]
+    seqs = pipeline_seqs_for(max_seqs, layers, manifest.arch.num_hidden_layers, rule)
+    return seqs, pipeline_step_tokens(max_step_tokens, max_seqs, seqs)
 
 
 class RemotePipeline:
@@ -313,13 +312,14 @@ class PipelineServer:
         outside it the prefill takes what is left of the budget and continues next step (so a
         long prompt, or a moved request's prompt + outputs, is never starved by decodes). Requests
         in flight wait for their step; ``parts`` steps about to start share the others: this one
-        takes at most ``ceil(requests not in flight / parts)``."""
+        takes at most :func:`~lambdascale.pipe.serving.microbatch_cap` of them
+        (``ceil(requests not in flight / parts)``, the simulator's split too)."""
         busy = self.in_flight
         sized = [(r, self.next_tokens(r)) for r in self.reqs.values() if r.rid not in busy]
         ordered = [x for x in sized if x[1] == 1] + [x for x in sized if x[1] > 1]
         batch: list[tuple[_Req, int]] = []
         budget = self.pipe.max_step_tokens
-        cap = -(-len(sized) // max(1, parts))
+        cap = microbatch_cap(len(sized), max(1, parts))
         shrink = self.chunk_size is None
         for r, n in ordered:
             if len(batch) >= cap or budget == 0:

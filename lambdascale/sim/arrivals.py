@@ -10,9 +10,11 @@ together, after the last of them, so a burst starts as one batch.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from lambdascale.control.router import QueuedRequest, Waiting, dispatch, fits_next_step
 from lambdascale.control.spec import InstanceState
+from lambdascale.pipe.serving import kept_slots
 from lambdascale.sim.events import Priority
 from lambdascale.sim.instances import Instances
 from lambdascale.sim.state import ROUTABLE, Inst, Req, prefill_tokens
@@ -45,16 +47,20 @@ class Arrivals(Instances):
         With late binding (``sim.late_binding``, every system) an instance takes a request only
         when it can start it at its next step, so a backlog waits here and drains onto whichever
         instance or pipeline frees up or appears first; with early binding any free slot binds it.
+        While a pipeline runs, its receivers' full instances keep their share of slots for its
+        requests' KV (``pipe.serving.kept_slots``, as the core's dispatch).
         """
         if not self.held:
             return
+        kept = self._kept()
         free = 0
         waiting: dict[str, Waiting] = {}
         ready = False
         for i in self.insts.values():
-            if i.state not in ROUTABLE or i.outstanding >= i.capacity:
+            busy = i.outstanding + kept.get(i.id, 0)
+            if i.state not in ROUTABLE or busy >= i.capacity:
                 continue
-            free += i.capacity - i.outstanding
+            free += i.capacity - busy
             if i.pending:
                 w = Waiting(len(i.pending), sum(prefill_tokens(r) for r in i.pending))
                 waiting[i.id] = w
@@ -66,9 +72,14 @@ class Arrivals(Instances):
         if not ready:
             return
         n = min(len(self.held), free)
-        queue = [QueuedRequest(str(r.idx), prefill_tokens(r), r.inp + r.out - r.generated)
+        queue = [QueuedRequest.of(str(r.idx), prefill_tokens(r), r.out - r.generated)
                  for r in itertools.islice(self.held, n)]
-        res = dispatch(queue, self._model_view(), self.cfg, self.loop.now(), waiting)
+        view = self._model_view()
+        if kept:  # kept slots count as outstanding for dispatch only (the autoscaler sees the real load)
+            view = replace(view, instances=tuple(
+                replace(v, outstanding_requests=v.outstanding_requests + kept[v.id]) if v.id in kept else v
+                for v in view.instances))
+        res = dispatch(queue, view, self.cfg, self.loop.now(), waiting)
         touched: dict[str, Inst] = {}
         for a in res.assignments:
             r = self.held.popleft()  # assignments are a prefix of the queue, in order
@@ -83,3 +94,11 @@ class Arrivals(Instances):
             else:
                 self._cut_segment(inst)
 
+    def _kept(self) -> dict[str, int]:
+        """Slots each full instance keeps for the requests of the λPipe pipelines over its node."""
+        pipes = [(i.outstanding, i.receivers) for i in self.insts.values() if i.state is InstanceState.PIPELINED]
+        if not pipes:
+            return {}
+        full_on = {i.stages[0][0]: i.id for i in self.insts.values()
+                   if i.state is InstanceState.FULL and len(i.stages) == 1}
+        return kept_slots(pipes, full_on, self.s.kv_move)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from lambdascale.control.spec import InstanceState
 from lambdascale.pipe.pipeline_types import Pipeline
-from lambdascale.pipe.serving import microbatch_slots, pipeline_seqs_for
+from lambdascale.pipe.serving import microbatch_cap, microbatch_slots, pipeline_seqs_for, pipeline_step_tokens
 from lambdascale.sim.events import Priority
 from lambdascale.sim.state import Inst, NodeState, Req, prefill_tokens
 from lambdascale.sim.views import Views
@@ -46,6 +46,8 @@ class Instances(Views):
                                               self.s.pipeline_batch)
             inst.kv_capacity = self.kv_capacity * inst.capacity // self.s.max_batch
             inst.bottleneck_share = max(pipeline.loads().values()) / B
+        # the step budget grows with the extra sequences, as runtime.pipeline.pipeline_batch's
+        inst.step_tokens = pipeline_step_tokens(self.s.max_prefill_tokens, self.s.max_batch, inst.capacity)
         self.insts[inst.id] = inst
         return inst
 
@@ -77,7 +79,9 @@ class Instances(Views):
         running sequences), or ``k`` identical decode passes until the first sequence finishes.
 
         A pass of a λPipe pipeline runs as ``m`` micro-batches (``inst.slots``, at most one per
-        sequence), each through every stage in turn: micro-batch j enters after j others took the
+        sequence; split as the runtime's ``PipelineServer`` launches them: running sequences first,
+        then new ones, each micro-batch ``pipe.serving.microbatch_cap`` of those left, so 5 over
+        2 is 3 + 2), each through every stage in turn: micro-batch j enters after j others took the
         busiest node (its share of the blocks times a micro-batch's compute) and its sequences get
         their token a micro-batch's latency later. A pass ends when the last micro-batch has left;
         passes follow each other every ``max(latency, m x busiest node's time)``. A full instance
@@ -86,7 +90,8 @@ class Instances(Views):
         now = self.loop.now()
         new: list[Req] = []
         tokens = 0
-        budget = self.s.max_prefill_tokens * inst.slots  # every step in flight has its own budget
+        # every step in flight has its own budget, grown for a pipeline's extra sequences
+        budget = inst.step_tokens * inst.slots
         while inst.pending and len(inst.running) + len(new) < inst.capacity:
             r = inst.pending[0]
             if r.kv_ready:  # its KV cache was shipped here (slot and KV reserved): it decodes on
@@ -108,13 +113,19 @@ class Instances(Views):
             self._maybe_release(inst)
             return
         k = 1 if new else min(r.out - r.generated for r in inst.running)
-        m = min(inst.slots, nrun + len(new))
+        # micro-batches as the runtime's PipelineServer launches them into free slots: decodes
+        # first, then prefills in admission order, each taking microbatch_cap of those left
+        cuts = [0]
+        while cuts[-1] < nrun + len(new):
+            cuts.append(cuts[-1] + microbatch_cap(nrun + len(new) - cuts[-1], inst.slots - len(cuts) + 1))
+        m = len(cuts) - 1
         lat: list[float] = []  # per micro-batch: compute through every stage plus the hops
         work = 0.0  # device time of one pass summed over micro-batches (the helpers lend a share of it)
-        cuts = [j * len(new) // m for j in range(m + 1)]
+        mb_new: list[list[Req]] = []  # each micro-batch's new sequences
         for j in range(m):
-            toks = sum(prefill_tokens(r) for r in new[cuts[j]:cuts[j + 1]])
-            n_run = nrun // m + (1 if j < nrun % m else 0)
+            n_run = max(0, min(cuts[j + 1], nrun) - cuts[j])
+            mb_new.append(new[max(0, cuts[j] - nrun):max(0, cuts[j + 1] - nrun)])
+            toks = sum(prefill_tokens(r) for r in mb_new[j])
             c = self.cost.prefill_s(toks) + self.cost.decode_s(n_run)
             work += c
             lat.append(c + self._comm(inst, toks + n_run))
@@ -131,7 +142,7 @@ class Instances(Views):
         elif self._lent_s and len(inst.stages) == 1:
             start += self._lent_s.pop(inst.stages[0][0], 0.0)  # the node's own work waits for what it lent
         inst.seg_start, inst.seg_fill, inst.seg_period, inst.seg_k, inst.seg_new = start, fill, period, k, new
-        inst.seg_first = [ends[j] for j in range(m) for _ in range(cuts[j], cuts[j + 1])]
+        inst.seg_first = [ends[j] for j in range(m) for _ in mb_new[j]]
         inst.event = self.loop.schedule(inst.seg_end(k), Priority.STEP, self._step_done, inst)
 
     def _lend(self, node: int, seconds: float) -> None:

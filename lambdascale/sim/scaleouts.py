@@ -26,7 +26,7 @@ from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.pipe.multicast import plan_multicast
 from lambdascale.pipe.pipeline_types import Pipeline
 from lambdascale.pipe.pipelines import PipelinePlanner
-from lambdascale.pipe.serving import KvMove, KvTarget, choose_kv_move, kv_destination, lending_helpers
+from lambdascale.pipe.serving import KvMove, KvTarget, choose_kv_move, kv_destination, lending_helpers, pipeline_planner
 from lambdascale.sim.arrivals import Arrivals
 from lambdascale.sim.events import Priority
 from lambdascale.sim.metrics import ScaleRecord
@@ -95,13 +95,13 @@ class ScaleOuts(Arrivals):
             self.nodes[s.node].source_busy += 1
             if s.tier is Tier.HOST:
                 self.nodes[s.node].host_last_used = self.loop.now()
-        planner = None
-        if self.system.execute_while_load and plan.execute_while_load:
-            helpers = lending_helpers([s.node for s in plan.sources],
-                                      {s.node for s in plan.sources if self._serving(self.nodes[s.node])},
-                                      self.s.pipeline_helper_blocks)
-            planner = PipelinePlanner(receivers, self.model.n_blocks, self.model.n_chunks, layout=self.model.layout,
-                                      helpers=helpers or None)
+        helpers = lending_helpers([s.node for s in plan.sources],
+                                  {s.node for s in plan.sources if self._serving(self.nodes[s.node])},
+                                  self.s.pipeline_helper_blocks)
+        # the core's rule: none when no pipeline can form (one receiver pipelines only with a helper)
+        planner = pipeline_planner(self.system.execute_while_load and plan.execute_while_load, receivers,
+                                   self.model.n_blocks, self.model.n_chunks, helpers, layout=self.model.layout)
+        if planner is not None:
             self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
         srcs = [s.node for s in plan.sources]
         run = ChunkMulticastRun if self.s.multicast_mode == "chunk" else MulticastRun
@@ -195,7 +195,7 @@ class ScaleOuts(Arrivals):
         tokens = r.inp + r.generated
         fulls = [KvTarget(i.id, i.stages[0][0], i.outstanding, i.capacity - i.outstanding, i.kv_capacity - i.kv_used)
                  for i in self.insts.values() if i.state is InstanceState.FULL and len(i.stages) == 1]
-        target = kv_destination(fulls, r.kv_tokens, set(inst.nodes) - set(inst.helper_share))
+        target = kv_destination(fulls, r.kv_tokens, inst.receivers)
         if target is None:
             return False
         dest = self.insts[target.id]

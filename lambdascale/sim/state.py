@@ -85,6 +85,7 @@ class Inst:
     incoming: int = 0  # requests whose KV cache is being shipped here (slot and KV reserved)
     # λPipe micro-batching: steps in flight at once, and the busiest node's share of the blocks
     slots: int = 1
+    step_tokens: int = 0  # one step's token budget (pipe.serving.pipeline_step_tokens; set by _new_inst)
     bottleneck_share: float = 1.0
     # current segment of seg_k passes (every sequence advances one token per pass): pass i ends at
     # seg_start + seg_fill + (i - 1) * seg_period; seg_new are prefilled in its first pass, seg_first
@@ -109,6 +110,11 @@ class Inst:
     @property
     def nodes(self) -> tuple[int, ...]:
         return tuple(s[0] for s in self.stages)
+
+    @property
+    def receivers(self) -> tuple[int, ...]:
+        """Its stage nodes that are not lending helpers, once each (a full instance: its node)."""
+        return tuple(n for n in dict.fromkeys(self.nodes) if n not in self.helper_share)
 
     def seg_end(self, passes: int) -> float:
         """When the segment's first ``passes`` passes have ended."""

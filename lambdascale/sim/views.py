@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lambdascale.control.router import work_tokens
 from lambdascale.control.snapshot import ClusterSnapshot, Holding, InstanceView, ModelView, NodeView, Stage
 from lambdascale.control.spec import Tier
-from lambdascale.sim.state import Inst, NodeState, SimState
+from lambdascale.sim.state import Inst, NodeState, SimState, prefill_tokens
 
 
 class Views(SimState):
@@ -21,9 +22,11 @@ class Views(SimState):
     def _inst_view(self, inst: Inst) -> InstanceView:
         """The instance's contract view, rebuilt only after it changed (``inst.view = None``)."""
         if inst.view is None:
-            toks = (sum(r.inp + r.out - r.generated for r in inst.pending)
-                    + sum(r.inp + r.out - r.generated for r in inst.seg_new)
-                    + sum(r.out - r.generated for r in inst.running))
+            # what is left to compute and generate, as the core's view counts it (control.router.work_tokens):
+            # a prefill (one token when the KV was shipped here) or a running sequence's next decode
+            toks = (sum(work_tokens(max(1, prefill_tokens(r)), r.out - r.generated) for r in inst.pending)
+                    + sum(work_tokens(prefill_tokens(r), r.out - r.generated) for r in inst.seg_new)
+                    + sum(work_tokens(1, r.out - r.generated) for r in inst.running))
             inst.view = InstanceView(inst.id, self.model.name, inst.state,
                                      tuple(Stage(n, a, b) for n, a, b in inst.stages),
                                      capacity=inst.capacity, outstanding_requests=inst.outstanding,

@@ -189,3 +189,76 @@ def test_recomputing_or_no_free_slot_sends_the_requests_back_to_the_gateway() ->
     dest.capacity = 2  # room for two: the other two recompute wherever the router puts them
     sim._dissolve(pipe)
     assert sim.kv_shipped == 2 and dest.incoming == 2 and len(sim.held) == 2
+
+
+def test_a_pass_splits_its_requests_over_microbatches_as_the_runtime_launches_them() -> None:
+    sim = _sim()
+    inst = _pipeline(sim, (2, 2, 2, 2, 3, 3, 3, 3))  # two stages: two micro-batches
+    reqs = _burst_on(sim, inst, 5, 100, 1)
+    lat = [LAYERS * PREFILL_PER_TOKEN * n * 100 + sim._comm(inst, n * 100) for n in (3, 2)]
+    # 5 over 2 is 3 then 2 (ceil of those left, PipelineServer.plan_step), in admission order
+    assert [r.first_token for r in reqs[:3]] == pytest.approx([lat[0]] * 3)
+    assert [r.first_token for r in reqs[3:]] == pytest.approx([0.5 * max(lat) + lat[1]] * 2)
+
+
+def test_running_sequences_fill_the_first_microbatches_and_new_ones_follow() -> None:
+    sim = _sim()
+    inst = _pipeline(sim, (2, 2, 2, 2, 3, 3, 3, 3))
+    running = [Req(i, 0.0, 10, 9, generated=1) for i in range(2)]
+    inst.running.extend(running)
+    new = [Req(2 + i, 0.0, 100, 1) for i in range(2)]
+    inst.pending.extend(new)
+    sim._start_step(inst)
+    decodes = LAYERS * DECODE + sim._comm(inst, 2)
+    prefills = LAYERS * PREFILL_PER_TOKEN * 200 + sim._comm(inst, 200)
+    # decodes first (micro-batch 0), then the prefills (micro-batch 1), as plan_step orders them
+    assert inst.seg_first == pytest.approx([0.5 * max(decodes, prefills) + prefills] * 2)
+
+
+def test_a_pipelines_step_budget_grows_by_its_extra_sequences() -> None:
+    sim = _sim(max_prefill_tokens=100)
+    inst = _pipeline(sim, (2, 2, 2, 2, 3, 3, 3, 3))  # 16 sequences: 8 more than a full instance
+    assert inst.step_tokens == 108 and sim._new_inst(InstanceState.FULL, ((0, 0, 8),)).step_tokens == 100
+    inst.pending.extend(Req(i, 0.0, 54, 1) for i in range(5))
+    sim._start_step(inst)
+    assert len(inst.seg_new) == 4  # 4 x 54 = 216 = 2 steps x 108 (2 x 100 would take 3)
+
+
+def _pipeline_and_full(**kw: object) -> tuple[Simulation, Inst, Inst]:
+    """A pipeline over nodes 2-5 serving 4 requests, node 2's full instance, 10 requests held."""
+    sim = _sim(**kw)
+    pipe = _pipeline(sim, (2, 2, 3, 3, 4, 4, 5, 5))
+    pipe.running.extend(Req(100 + i, 0.0, 10, 50, generated=1) for i in range(4))
+    full = sim._new_inst(InstanceState.FULL, ((2, 0, 8),))
+    sim.held.extend(Req(i, 0.0, 10, 5) for i in range(10))
+    return sim, pipe, full
+
+
+def test_a_receivers_full_instance_keeps_slots_for_the_pipelines_requests() -> None:
+    sim, pipe, full = _pipeline_and_full()
+    pipe.capacity = 4  # the pipeline takes nothing more: only the full instance can
+    sim._pump()
+    # ceil(4 requests / 4 receivers) = 1 of its 8 slots stays free for a shipped cache
+    assert full.outstanding == 7 and len(sim.held) == 3
+    sim, pipe, full = _pipeline_and_full(kv_move="recompute")
+    pipe.capacity = 4
+    sim._pump()
+    assert full.outstanding == 8 and len(sim.held) == 2  # recompute: moved requests re-queue, nothing kept
+
+
+def _scale_out(helper_blocks: int) -> Simulation:
+    from lambdascale.control.placement import place_model
+
+    sim = _sim(nodes=2, pipeline_helper_blocks=helper_blocks)
+    src = sim.nodes[0]
+    sim._alloc_gpu(src)
+    src.chunks = set(range(sim.model.n_chunks))
+    src.inst = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    snap = sim.snapshot()
+    sim._execute(place_model(snap, snap.models[0], 1, sim.cfg, 0.0))
+    return sim
+
+
+def test_one_receiver_gets_a_pipeline_planner_only_with_a_lending_source() -> None:
+    assert not _scale_out(0)._pipelines  # it can only serve alone once full, as the core plans it
+    assert len(_scale_out(2)._pipelines) == 1

@@ -18,7 +18,10 @@ process changes (checked every heartbeat) and, on Linux, through ``PR_SET_PDEATH
 set at start-up, so a hard kill of the controller leaves no orphan.
 
 Run as ``python -m lambdascale.runtime.agent --controller HOST:PORT --node N``
-(:func:`lambdascale.runtime.launcher_base.agent_command`).
+(:func:`lambdascale.runtime.launcher_base.agent_command`), the cluster secret in the environment
+(``LAMBDASCALE_CLUSTER_SECRET``, hex; removed from it at once) or in ``--token-file PATH`` (mode
+0600): the agent proves it to the controller before registering (:mod:`lambdascale.transfer.auth`)
+and its transport asks it of every peer.
 """
 
 from __future__ import annotations
@@ -70,11 +73,20 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.runtime.tags import HIDDEN_PREFIX, KV_PREFIX, chunk_tag, kv_tag
+from lambdascale.transfer.auth import (
+    SECRET_ENV,
+    AuthError,
+    Channel,
+    client_handshake,
+    read_secret_file,
+    take_secret_from_env,
+)
 from lambdascale.transfer.base import Arrival, Transport
 from lambdascale.transfer.factory import make_transport
 from lambdascale.transfer.settings import TransferSettings
 
 PR_SET_PDEATHSIG = 1
+_NO_SECRET = f"set {SECRET_ENV} to it in hex, or pass --token-file PATH to a file of mode 0600 holding it"
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -98,13 +110,18 @@ class NodeAgent:
         transfer: TransferSettings,
         runtime: RuntimeSettings,
         parent_pid: int | None = None,
+        *,
+        secret: bytes | None = None,
     ) -> None:
         self.node = node
         self.controller = controller
         self.transfer_settings = transfer
         self.runtime = runtime
         self.parent_pid = parent_pid
-        self.transport: Transport = make_transport(transfer.backend, node, transfer)
+        # the cluster secret: proved to the controller and on every transport connection; without
+        # one, run() refuses to start (an agent in-process for a test of its parts needs none)
+        self._secret = secret
+        self.transport: Transport = make_transport(transfer.backend, node, transfer, secret=secret)
         self.buffers = ModelBuffers(node, self.transport, transfer, runtime)
         self.sends = ChunkSends(node, self.transport, self.buffers, self._report, transfer.stall_timeout_s)
         self.stages = AgentStages(node, self.transport, self.buffers, transfer.stall_timeout_s)
@@ -253,12 +270,25 @@ class NodeAgent:
             await self._report(Heartbeat(node=self.node))
 
     async def run(self) -> None:
+        if self._secret is None:
+            raise AuthError(f"agent {self.node}: no cluster secret ({_NO_SECRET})")
+        host, port = self.controller
         self.buffers.start_arena()  # made resident in a worker thread while we register
         await self.transport.start()
-        host, port = self.controller
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port), self.transfer_settings.connect_timeout_s
-        )
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), self.transfer_settings.connect_timeout_s
+            )
+        except BaseException:
+            await self.transport.close()
+            raise
+        try:
+            await client_handshake(reader, writer, self._secret, Channel.CONTROL,
+                                   self.transfer_settings.connect_timeout_s, f"the controller at {host}:{port}")
+        except BaseException:
+            await self.transport.close()
+            writer.close()
+            raise
         self._writer = writer
         await self._report(Register(node=self.node, pid=os.getpid(), peer=self.transport.info()))
         loops = [
@@ -285,7 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer-json", default="{}", help="TransferSettings as JSON")
     p.add_argument("--runtime-json", default="{}", help="RuntimeSettings as JSON")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when the parent is no longer this pid")
+    p.add_argument("--token-file", default=None,
+                   help=f"file (mode 0600) holding the cluster secret in hex; default: ${SECRET_ENV}")
     args = p.parse_args(argv)
+    try:  # the secret leaves the environment at once, so no child of this process inherits it
+        from_env = take_secret_from_env()
+        secret = read_secret_file(args.token_file) if args.token_file else from_env
+    except LambdaScaleError as e:
+        print(f"agent {args.node}: {e}", file=sys.stderr)
+        return 2
+    if secret is None:
+        print(f"agent {args.node}: no cluster secret: {_NO_SECRET}", file=sys.stderr)
+        return 2
     set_parent_death_signal()
     if args.parent_pid is not None and os.getppid() != args.parent_pid:
         return 1  # the launcher died before we armed the death signal
@@ -299,9 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         TransferSettings.model_validate(json.loads(args.transfer_json)),
         runtime,
         parent_pid=args.parent_pid,
+        secret=secret,
     )
     try:
         asyncio.run(agent.run())
+    except AuthError as e:
+        print(f"agent {args.node}: {e}", file=sys.stderr)
+        return 1
     except (ConnectionError, OSError, asyncio.TimeoutError) as e:
         print(f"agent {args.node}: control channel to {args.controller} failed: {e}", file=sys.stderr)
         return 1

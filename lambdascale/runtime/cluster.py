@@ -8,6 +8,11 @@ corrupt, send failed) and :class:`NodeLost` go to every queue open from :meth:`C
 (each multicast reads its own, so multicasts of different models run side by side). An agent is lost when
 its control connection closes or it misses ``heartbeat_misses`` heartbeats; pending requests to it
 fail with :class:`NodeLostError` at once, never hang.
+
+Every control channel opens with the cluster secret's challenge-response
+(:mod:`lambdascale.transfer.auth`) before a message is read; a refused one is logged once with
+the peer's address and closed, and the listener goes on. A ``Register`` for a node that is up is
+refused too: nobody takes over a node that serves.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from lambdascale.runtime.messages import (
     write_msg,
 )
 from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.auth import AuthError, Channel, new_secret, peer_name, server_handshake
 from lambdascale.transfer.base import PeerInfo
+from lambdascale.transfer.settings import TransferSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +92,17 @@ ClusterEvent = ChunkHeld | ChunkCorrupt | SendFailed | NodeLost
 class Cluster:
     """Registry of node agents and the controller's end of every control channel."""
 
-    def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1", *,
+                 secret: bytes | None = None, handshake_timeout_s: float | None = None) -> None:
         self.settings = runtime or RuntimeSettings()
         self.host = host
         self.agents: dict[int, AgentHandle] = {}
+        # the cluster secret every agent proves before its first message is read (transfer/auth.py);
+        # None = a fresh one, which the caller reads from .secret to hand to its agents
+        self.secret = secret if secret is not None else new_secret()
+        self._handshake_timeout_s = (
+            TransferSettings().connect_timeout_s if handshake_timeout_s is None else handshake_timeout_s
+        )
         self._subscribers: set[asyncio.Queue[ClusterEvent]] = set()
         self._server: asyncio.Server | None = None
         self._req_ids = itertools.count(1)
@@ -148,9 +162,27 @@ class Cluster:
     async def _on_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handle: AgentHandle | None = None
         reason = "control connection closed"
+        peer = peer_name(writer.get_extra_info("peername"))
+        try:
+            # before any message is read: a peer without the cluster secret gets a nonce and a refusal
+            await server_handshake(reader, writer, self.secret, Channel.CONTROL, self._handshake_timeout_s, peer)
+        except AuthError as e:
+            log.warning("controller: %s", e)
+            writer.close()
+            return
         try:
             first = await read_msg(reader)
             if not isinstance(first, Register):
+                log.warning("controller: %s opened a control channel with a %s, not a register; closed",
+                            peer, type(first).__name__ if first is not None else "close")
+                writer.close()
+                return
+            live = self.agents.get(first.node)
+            if live is not None and live.status is NodeStatus.UP:
+                # one registration per live node, so no one takes over a node that serves (the membership
+                # issue is to let the same node's new incarnation in, proving the secret)
+                log.warning("controller: refused %s's registration as node %d: node %d is up (pid %d)",
+                            peer, first.node, first.node, live.pid)
                 writer.close()
                 return
             handle = AgentHandle(node=first.node, pid=first.pid, peer=first.peer, writer=writer)

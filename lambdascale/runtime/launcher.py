@@ -20,6 +20,7 @@ from lambdascale.runtime.launcher_base import Launcher, agent_command
 from lambdascale.runtime.local_launcher import LocalLauncher
 from lambdascale.runtime.ray_launcher import RayLauncher
 from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.auth import load_secret
 from lambdascale.transfer.settings import TransferSettings
 
 __all__ = ["Launcher", "LocalCluster", "LocalLauncher", "RayLauncher", "agent_command", "make_launcher"]
@@ -44,14 +45,16 @@ class LocalCluster:
         self.n_nodes = n_nodes
         self.transfer = transfer or TransferSettings()
         self.runtime = runtime or RuntimeSettings()
-        self.cluster = Cluster(self.runtime)
+        # runtime.secret_file's secret, or a fresh one for this cluster (handed to agents by the launcher)
+        secret = load_secret(self.runtime.secret_file)
+        self.cluster = Cluster(self.runtime, secret=secret, handshake_timeout_s=self.transfer.connect_timeout_s)
         self.launcher = launcher or make_launcher(self.transfer, self.runtime)
 
     async def __aenter__(self) -> "LocalCluster":
         addr = await self.cluster.start()
         nodes = list(range(self.n_nodes))
         try:
-            await self.launcher.start(nodes, addr)
+            await self.launcher.start(nodes, addr, self.cluster.secret)
             await self.cluster.wait_for_agents(nodes)
         except BaseException:
             await self.launcher.stop()

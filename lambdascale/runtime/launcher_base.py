@@ -33,8 +33,10 @@ class Launcher(ABC):
     """Starts and stops node agents."""
 
     @abstractmethod
-    async def start(self, nodes: list[int], controller: tuple[str, int]) -> None:
-        """Start one agent per node id, each told to register at ``controller``."""
+    async def start(self, nodes: list[int], controller: tuple[str, int], secret: bytes) -> None:
+        """Start one agent per node id, each told to register at ``controller`` and given the cluster
+        ``secret`` in its environment (:data:`~lambdascale.transfer.auth.SECRET_ENV`), never in its
+        argv: a command line is visible to every user of the host (``ps``)."""
 
     @abstractmethod
     def pids(self) -> dict[int, int]:

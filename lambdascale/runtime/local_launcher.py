@@ -13,6 +13,7 @@ import subprocess
 
 from lambdascale.runtime.launcher_base import Launcher, agent_command
 from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.auth import SECRET_ENV
 from lambdascale.transfer.settings import TransferSettings
 
 
@@ -26,10 +27,11 @@ class LocalLauncher(Launcher):
         self.procs: dict[int, subprocess.Popen] = {}
         self._stderr = open(stderr_path, "ab") if stderr_path else None
 
-    async def start(self, nodes: list[int], controller: tuple[str, int]) -> None:
+    async def start(self, nodes: list[int], controller: tuple[str, int], secret: bytes) -> None:
         me = os.getpid()
         env = dict(os.environ)
         env.setdefault("UCX_TLS", "cma,self,tcp")
+        env[SECRET_ENV] = secret.hex()  # the agent takes it out of its environment at start
         for n in nodes:
             self.procs[n] = subprocess.Popen(
                 agent_command(n, controller, self.transfer, self.runtime, me),

@@ -22,6 +22,7 @@ from typing import Any
 from lambdascale.errors import LambdaScaleError
 from lambdascale.runtime.launcher_base import Launcher, agent_command
 from lambdascale.runtime.settings import RuntimeSettings
+from lambdascale.transfer.auth import SECRET_ENV
 from lambdascale.transfer.settings import TransferSettings
 
 
@@ -39,13 +40,15 @@ class _AgentHost:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
 
-    def start(self, node: int, controller: tuple[str, int], transfer_json: str, runtime_json: str) -> int:
+    def start(self, node: int, controller: tuple[str, int], transfer_json: str, runtime_json: str,
+              secret_hex: str) -> int:
         argv = agent_command(
             node, controller, TransferSettings.model_validate_json(transfer_json),
             RuntimeSettings.model_validate_json(runtime_json), os.getpid(),
         )
         env = dict(os.environ)
         env.setdefault("UCX_TLS", "cma,self,tcp")
+        env[SECRET_ENV] = secret_hex  # in the agent's environment, never its argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         return self.proc.pid
 
@@ -73,7 +76,7 @@ class RayLauncher(Launcher):
         self.actors: dict[int, Any] = {}
         self._pids: dict[int, int] = {}
 
-    async def start(self, nodes: list[int], controller: tuple[str, int]) -> None:
+    async def start(self, nodes: list[int], controller: tuple[str, int], secret: bytes) -> None:
         ray = _import_ray()
         if not ray.is_initialized():
             ray.init(address=self.runtime.address, include_dashboard=False, log_to_driver=False)
@@ -87,7 +90,10 @@ class RayLauncher(Launcher):
         host_cls = ray.remote(num_cpus=0, resources={res: 1})(_AgentHost)
         for n in nodes:
             self.actors[n] = host_cls.remote()
-        refs = [self.actors[n].start.remote(n, controller, self.transfer.model_dump_json(), self.runtime.model_dump_json())
+        # the secret travels as an actor-call argument over Ray's own channels (the driver's
+        # connection to the cluster), never on a command line
+        refs = [self.actors[n].start.remote(n, controller, self.transfer.model_dump_json(), self.runtime.model_dump_json(),
+                                            secret.hex())
                 for n in nodes]
         pids = await asyncio.to_thread(ray.get, refs, timeout=self.runtime.register_timeout_s)
         self._pids.update(zip(nodes, pids))

@@ -91,3 +91,10 @@ class RuntimeSettings(BaseModel):
         description="CALIBRATION:MODEL[:SCALE]: engine steps on agents last at least the calibrated GPU time "
         "(e.g. h200:llama2-7b:1); None = real CPU time only",
     )
+    secret_file: str | None = Field(
+        default=None,
+        description="file holding the cluster secret (hex, at least 32 bytes; mode 0600 or stricter, else "
+        "refused) that every agent proves on the control channel and on each transport connection; None = a "
+        "fresh random secret per cluster start, handed to launched agents in their environment (the "
+        "external launcher needs a file: each supervised agent gets a copy as --token-file)",
+    )

@@ -172,7 +172,9 @@ async def _client(recv: Recv, send: Send, secret: bytes, channel: Channel, peer:
     await send(_hello(nonce, channel))
     status = (await recv(1))[0]
     if status == _REFUSED_HELLO:
-        raise AuthError(f"{channel.value} channel to {peer}: the peer refused the handshake (another version or channel kind)")
+        raise AuthError(
+            f"{channel.value} channel to {peer}: the peer refused the handshake (another version or channel kind)"
+        )
     if status != _OK:
         raise AuthError(f"{channel.value} channel to {peer}: unexpected handshake status {status}")
     frame = await recv(_HELLO.size)

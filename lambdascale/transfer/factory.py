@@ -12,11 +12,17 @@ from lambdascale.transfer.settings import TransferSettings
 from lambdascale.transfer.tcp import TcpTransport
 
 
-def make_transport(kind: TransportKind | str, node: int, settings: TransferSettings | None = None) -> Transport:
-    """Build backend ``kind`` (``tcp`` or ``nixl``) for agent ``node``; ValueError for any other name."""
+def make_transport(kind: TransportKind | str, node: int, settings: TransferSettings | None = None, *,
+                   secret: bytes | None = None) -> Transport:
+    """Build backend ``kind`` (``tcp`` or ``nixl``) for agent ``node``; ValueError for any other name.
+
+    ``secret``: the cluster secret every tcp connection proves both ways before a byte lands
+    (:mod:`lambdascale.transfer.auth`; None only for transports inside one process). nixl does not
+    take it: UCX connects from metadata the agents exchange over the authenticated control channel.
+    """
     kind = TransportKind(kind)
     if kind is TransportKind.TCP:
-        return TcpTransport(node, settings)
+        return TcpTransport(node, settings, secret=secret)
     from lambdascale.transfer.nixl_backend import NixlTransport
 
     return NixlTransport(node, settings)

@@ -9,17 +9,25 @@ Wire format per transfer (one sender -> one receiver connection, one transfer at
 ``HEADER`` (magic, src node, offset, length, len(name), len(tag)) + name + tag + ``length`` raw
 bytes; the receiver answers one status byte (0 = stored; otherwise an error frame: u32 length +
 UTF-8 message) so the sender knows the bytes landed, and errors travel back with a reason.
+
+Every connection opens with the cluster secret's challenge-response (:mod:`lambdascale.transfer.auth`,
+channel kind ``transfer``) when the transport has a secret, as every agent's has: the listener
+reads no header before the dialer has proved the secret, so an unauthenticated peer lands nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import struct
 
 from lambdascale.errors import TransferError
+from lambdascale.transfer.auth import AuthError, Channel, client_handshake_sock, peer_name, server_handshake_sock
 from lambdascale.transfer.base import Arrival, PeerInfo, Transport, TransportKind
+
+log = logging.getLogger(__name__)
 
 _MAGIC = 0x4C534346  # "LSCF": a push (bytes follow the header)
 _MAGIC_GET = 0x4C534347  # "LSCG": a fetch request (the receiver of the header sends the bytes back)
@@ -52,13 +60,23 @@ async def _expect_ok(loop: asyncio.AbstractEventLoop, sock: socket.socket, stall
         raise TransferError(f"{refusal}: {msg.decode()}")
 
 
+def _peer_of(conn: socket.socket) -> str:
+    try:
+        return peer_name(conn.getpeername())
+    except OSError:
+        return "a peer that already left"
+
+
 class TcpTransport(Transport):
     """Transport over TCP on raw sockets. ``info().port`` is the listening port."""
 
     kind = TransportKind.TCP
 
-    def __init__(self, node: int, settings=None, host: str = "127.0.0.1") -> None:
+    def __init__(self, node: int, settings=None, host: str = "127.0.0.1", *, secret: bytes | None = None) -> None:
         super().__init__(node, settings)
+        # the cluster secret (transfer/auth.py): every connection proves it both ways before a byte
+        # lands; None = no handshake, for transports inside one process (tests, benchmarks) only
+        self._secret = secret
         self.host = host
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
@@ -101,6 +119,13 @@ class TcpTransport(Transport):
         stall = self.settings.stall_timeout_s
         slice_n = self.settings.io_slice_bytes
         try:
+            if self._secret is not None:  # before any header is read: nothing lands unauthenticated
+                try:
+                    await server_handshake_sock(conn, self._secret, Channel.TRANSFER,
+                                                self.settings.connect_timeout_s, _peer_of(conn))
+                except AuthError as e:
+                    log.warning("node %d: refused a transport connection: %s", self.node, e)
+                    return
             while True:
                 # Idle between transfers is fine: no timeout on the first header byte.
                 k = await loop.sock_recv_into(conn, memoryview(header))
@@ -235,6 +260,17 @@ class TcpTransport(Transport):
             raise TransferError(
                 f"node {self.node}: cannot connect to node {peer.node} at {peer.host}:{peer.port}: {reason}"
             ) from None
+        if self._secret is not None:
+            try:
+                await client_handshake_sock(sock, self._secret, Channel.TRANSFER, self.settings.connect_timeout_s,
+                                            f"node {peer.node} at {peer.host}:{peer.port}")
+            except AuthError as e:
+                sock.close()
+                log.warning("node %d: %s", self.node, e)
+                raise AuthError(f"node {self.node}: {e}") from None
+            except BaseException:
+                sock.close()
+                raise
         return sock
 
     async def send(self, peer: int, name: str, offset: int, length: int, tag: str, urgent: bool = False) -> None:

@@ -226,3 +226,39 @@ def test_the_secret_leaves_the_environment_once_read() -> None:
     assert env == {"OTHER": "1"}
     assert take_secret_from_env(env) is None
     assert SECRET_ENV not in os.environ
+
+
+def test_tcp_transports_prove_the_secret_before_a_byte_lands() -> None:
+    """Two transports holding the secret move bytes (send and fetch); one holding another secret
+    is refused with a clear error, and nothing of its lands in the receiver's buffer."""
+    import numpy as np
+
+    from lambdascale.transfer.factory import make_transport
+    from lambdascale.transfer.settings import TransferSettings
+
+    async def main() -> None:
+        ts = TransferSettings(connect_timeout_s=2.0)
+        a, b, m = (make_transport("tcp", i, ts, secret=s) for i, s in enumerate((SECRET, SECRET, OTHER)))
+        try:
+            for t, fill in ((a, 1), (b, 0), (m, 7)):
+                await t.start()
+                np.frombuffer(t.register("x", 4096), dtype=np.uint8)[:] = fill
+            for t in (a, m):
+                t.add_peer(b.info())
+            await a.send(1, "x", 0, 4096, "ok")
+            assert (await asyncio.wait_for(b.arrivals.get(), 5)).tag == "ok"
+            assert bytes(b.buffer("x")) == b"\x01" * 4096
+            await a.fetch(1, "x", 0, 16)  # the same authenticated connection serves fetches
+            with pytest.raises(AuthError, match=r"node 2: transfer channel to node 1 at 127.0.0.1:\d+: .*different cluster secrets"):
+                await m.send(1, "x", 0, 4096, "evil")
+            with pytest.raises(AuthError):
+                await m.fetch(1, "x", 0, 4096)
+            assert b.arrivals.empty() and bytes(b.buffer("x")) == b"\x01" * 4096
+            assert bytes(m.buffer("x")) == b"\x07" * 4096  # a fetch without the secret reads nothing
+            await a.send(1, "x", 0, 8, "still")  # the listener goes on serving
+            assert (await asyncio.wait_for(b.arrivals.get(), 5)).tag == "still"
+        finally:
+            for t in (a, b, m):
+                await t.close()
+
+    run(main())

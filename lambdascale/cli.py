@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "lambdascale.engine.cli",     # generate
     "lambdascale.pipe.cli",       # plan
     "lambdascale.sim.cli",        # simulate
+    "lambdascale.runtime.cli",    # agent (on hosts of one's own)
     "lambdascale.bench.cli",      # bench scale, bench serve
 )
 

@@ -73,6 +73,7 @@ from lambdascale.runtime.messages import (
 )
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.runtime.tags import HIDDEN_PREFIX, KV_PREFIX, chunk_tag, kv_tag
+from lambdascale.transfer.addresses import bind_transport, interface_of
 from lambdascale.transfer.auth import (
     SECRET_ENV,
     AuthError,
@@ -115,6 +116,12 @@ class NodeAgent:
     ) -> None:
         self.node = node
         self.controller = controller
+        # listen where the other hosts reach us: transfer.bind/advertise resolved toward the controller
+        transfer = bind_transport(transfer, controller[0])
+        if transfer.backend == "nixl" and "UCX_NET_DEVICES" not in os.environ:
+            iface = interface_of(transfer.bind)
+            if iface is not None and iface != "lo":
+                os.environ["UCX_NET_DEVICES"] = iface  # UCX uses the network the tcp transport would
         self.transfer_settings = transfer
         self.runtime = runtime
         self.parent_pid = parent_pid
@@ -269,6 +276,30 @@ class NodeAgent:
                 return  # launcher gone (re-parented): die with it
             await self._report(Heartbeat(node=self.node))
 
+    async def _dial_controller(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the controller, retrying while it is not reachable yet (a supervised agent
+        may start before its gateway) for ``runtime.register_timeout_s``; then a ConnectionError
+        names the address tried and why. A refused handshake is never retried (run() raises it)."""
+        host, port = self.controller
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.runtime.register_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(host, port),
+                                              self.transfer_settings.connect_timeout_s)
+            except (OSError, asyncio.TimeoutError) as e:
+                why = "timed out" if isinstance(e, asyncio.TimeoutError) else (
+                    os.strerror(e.errno) if e.errno else str(e))
+                if loop.time() + delay > deadline:
+                    raise ConnectionError(f"cannot reach the controller at {host}:{port} within "
+                                          f"runtime.register_timeout_s={self.runtime.register_timeout_s}s: {why}") from None
+                if delay == 0.05:
+                    print(f"agent {self.node}: controller at {host}:{port} not reachable yet ({why}); retrying for up to "
+                          f"{self.runtime.register_timeout_s:.0f}s", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay)  # backoff between attempts, not a wait for an event
+            delay = min(delay * 2, 1.0)
+
     async def run(self) -> None:
         if self._secret is None:
             raise AuthError(f"agent {self.node}: no cluster secret ({_NO_SECRET})")
@@ -276,9 +307,7 @@ class NodeAgent:
         self.buffers.start_arena()  # made resident in a worker thread while we register
         await self.transport.start()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.transfer_settings.connect_timeout_s
-            )
+            reader, writer = await self._dial_controller()
         except BaseException:
             await self.transport.close()
             raise

@@ -1,7 +1,9 @@
 """Controller side of the runtime: the agents' registry, request/reply over the control channel,
 the stream of agent events, and loss detection.
 
-:class:`Cluster` listens on 127.0.0.1 (or a given host); launchers tell each agent this address.
+:class:`Cluster` listens on 127.0.0.1, or the address ``runtime.controller_bind`` resolves to
+(:func:`lambdascale.runtime.launcher.controller_addresses`); launchers tell each agent the
+advertised address.
 Agents register, then every request (``await cluster.request(node, Msg(req=0, ...))``) is matched
 to its :class:`~lambdascale.runtime.messages.Reply` by id. Unsolicited reports (chunk held /
 corrupt, send failed) and :class:`NodeLost` go to every queue open from :meth:`Cluster.subscribe`
@@ -92,10 +94,13 @@ ClusterEvent = ChunkHeld | ChunkCorrupt | SendFailed | NodeLost
 class Cluster:
     """Registry of node agents and the controller's end of every control channel."""
 
-    def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1", *,
-                 secret: bytes | None = None, handshake_timeout_s: float | None = None) -> None:
+    def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1",
+                 advertise: str | None = None, port: int = 0, *, secret: bytes | None = None,
+                 handshake_timeout_s: float | None = None) -> None:
         self.settings = runtime or RuntimeSettings()
-        self.host = host
+        self.host = host  # what the listener binds
+        self.advertise = advertise or host  # what agents are told to dial
+        self.port = port
         self.agents: dict[int, AgentHandle] = {}
         # the cluster secret every agent proves before its first message is read (transfer/auth.py);
         # None = a fresh one, which the caller reads from .secret to hand to its agents
@@ -112,8 +117,14 @@ class Cluster:
 
     async def start(self) -> tuple[str, int]:
         """Listen for agents; returns the (host, port) to give launchers."""
-        self._server = await asyncio.start_server(self._on_agent, self.host, 0)
+        try:
+            self._server = await asyncio.start_server(self._on_agent, self.host, self.port)
+        except OSError as e:
+            raise LambdaScaleError(f"the controller cannot listen on {self.host}:{self.port} "
+                                   f"(runtime.controller_bind / controller_port): {e.strerror or e}") from None
         self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+        log.info("controller listening for agents on %s:%d (agents dial %s:%d)", self.host, self.address[1],
+                 *self.address)
         return self.address
 
     @contextlib.contextmanager
@@ -138,7 +149,7 @@ class Cluster:
     @property
     def address(self) -> tuple[str, int]:
         assert self._server is not None, "cluster not started"
-        return self.host, self._server.sockets[0].getsockname()[1]
+        return self.advertise, self._server.sockets[0].getsockname()[1]
 
     def alive(self) -> list[int]:
         return sorted(n for n, a in self.agents.items() if a.status is NodeStatus.UP)

@@ -12,7 +12,26 @@ class RuntimeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    launcher: Literal["local", "ray"] = Field(default="local", description="local spawns agents here; ray places them on a Ray cluster")
+    launcher: Literal["local", "ray", "external"] = Field(
+        default="local",
+        description="local spawns agents here; ray places them on a Ray cluster; external waits for agents a "
+        "supervisor starts on hosts of one's own (`lambdascale agent --controller HOST:PORT --node N`)",
+    )
+    controller_bind: str | None = Field(
+        default=None,
+        description="address (or interface name) the controller listens on for agents; default: 127.0.0.1 "
+        "for the local launcher, this host's address toward the Ray head for ray, every interface (0.0.0.0) "
+        "for external",
+    )
+    controller_advertise: str | None = Field(
+        default=None,
+        description="address launched agents dial to reach the controller (default: the bound address, or "
+        "this host's address toward the Ray head when it binds every interface)",
+    )
+    controller_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="port the controller listens on (0 = any free port; external agents need a fixed one)",
+    )
     nodes: int = Field(default=4, ge=1, le=4096, description="node agents to run")
     address: str | None = Field(default=None, description="Ray cluster address for the ray launcher")
     heartbeat_s: float = Field(default=1.0, gt=0, description="agent heartbeat period")

@@ -19,6 +19,17 @@ class TransferSettings(BaseModel):
     ssd_gbps: float | None = Field(
         default=None, gt=0, description="cap on reads from the SSD tier, Gbit/s (None = uncapped)"
     )
+    bind: str = Field(
+        default="auto",
+        description="address the agent's transport listens on: an IP address, an interface name (eth1, ib0), "
+        "or auto = the address this host uses to reach the controller (127.0.0.1 for local agents); "
+        "0.0.0.0 listens on every interface and advertises the auto address",
+    )
+    advertise: str | None = Field(
+        default=None,
+        description="address other agents dial to reach this transport (default: the bound address); for "
+        "hosts behind address translation",
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="give up connecting to a peer after this long")
     stall_timeout_s: float = Field(default=10.0, gt=0, description="a peer that moves no bytes this long is declared dead")
     io_slice_bytes: int = Field(

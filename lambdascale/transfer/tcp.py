@@ -24,6 +24,7 @@ import socket
 import struct
 
 from lambdascale.errors import TransferError
+from lambdascale.transfer.addresses import LOOPBACK, resolve
 from lambdascale.transfer.auth import AuthError, Channel, client_handshake_sock, peer_name, server_handshake_sock
 from lambdascale.transfer.base import Arrival, PeerInfo, Transport, TransportKind
 
@@ -72,12 +73,15 @@ class TcpTransport(Transport):
 
     kind = TransportKind.TCP
 
-    def __init__(self, node: int, settings=None, host: str = "127.0.0.1", *, secret: bytes | None = None) -> None:
+    def __init__(self, node: int, settings=None, host: str | None = None, *, secret: bytes | None = None) -> None:
         super().__init__(node, settings)
         # the cluster secret (transfer/auth.py): every connection proves it both ways before a byte
         # lands; None = no handshake, for transports inside one process (tests, benchmarks) only
         self._secret = secret
-        self.host = host
+        # the agent resolves transfer.bind/advertise to addresses (addresses.bind_transport); a bare
+        # transport (tests, benchmarks) listens on loopback
+        self.host = host or resolve(self.settings.bind)
+        self.advertised = self.settings.advertise or (self.host if self.host not in ("0.0.0.0", "::") else LOOPBACK)
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._conn_tasks: set[asyncio.Task] = set()
@@ -94,12 +98,14 @@ class TcpTransport(Transport):
         lsock.listen(128)
         lsock.setblocking(False)
         self._listener = lsock
+        log.info("node %d: tcp transport listening on %s:%d (advertised as %s)", self.node, self.host,
+                 lsock.getsockname()[1], self.advertised)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
 
     def info(self) -> PeerInfo:
         if self._listener is None:
             raise TransferError(f"transport of node {self.node} is not started")
-        return PeerInfo(node=self.node, backend=self.kind, host=self.host, port=self._listener.getsockname()[1])
+        return PeerInfo(node=self.node, backend=self.kind, host=self.advertised, port=self._listener.getsockname()[1])
 
     # ---- receiving -------------------------------------------------------------------------
     async def _accept_loop(self) -> None:

@@ -1,0 +1,102 @@
+"""Several hosts on one machine: network namespaces joined to the root one by veth pairs on a
+bridge (root and ``ip`` needed; tests skip with a clear message without them).
+
+``with emulated_hosts(3) as net:`` gives ``net.root`` (the bridge's address, in the root
+namespace) and ``net.hosts`` (one :class:`Host` per namespace, each with its own address on the
+same /24). Everything is removed on exit, whatever happened. Only these addresses and loopback
+are ever used. ``Host.cap(rate_mbit, delay_ms, loss_pct)`` shapes that host's link with the
+kernel (``tc``: netem for delay and loss, its rate limit for bandwidth) in both directions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pytest
+
+#: a private /24 unlikely to be in use on a CI host; the root namespace takes .1
+SUBNET = "10.213.7"
+
+
+def skip_unless_netns() -> None:
+    """Skip the calling test unless this process can create network namespaces."""
+    if os.geteuid() != 0:
+        pytest.skip("multi-host tests need root (ip netns); run the suite as root, as CI does")
+    if shutil.which("ip") is None:
+        pytest.skip("multi-host tests need the `ip` command (iproute2)")
+
+
+def _run(argv: list[str], ns: str | None = None) -> None:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + argv
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+
+
+def _ip(*args: str, ns: str | None = None) -> None:
+    _run(["ip", *args], ns)
+
+
+@dataclass
+class Host:
+    """One emulated host: namespace ``ns``, address ``addr``, root-side link ``veth``."""
+
+    ns: str
+    addr: str
+    veth: str
+
+    def exec_argv(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside this host's namespace."""
+        return ["ip", "netns", "exec", self.ns, *argv]
+
+    def cap(self, rate_mbit: float | None = None, delay_ms: float = 0.0, loss_pct: float = 0.0) -> None:
+        """Shape this host's link with netem, on both ends of its veth pair."""
+        opts = []
+        if delay_ms:
+            opts += ["delay", f"{delay_ms}ms"]
+        if loss_pct:
+            opts += ["loss", f"{loss_pct}%"]
+        if rate_mbit:
+            opts += ["rate", f"{rate_mbit}mbit"]
+        if not opts:
+            return
+        _run(["tc", "qdisc", "replace", "dev", self.veth, "root", "netem", *opts])
+        _run(["tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *opts], self.ns)
+
+
+@dataclass
+class Network:
+    bridge: str
+    root: str
+    hosts: list[Host] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def emulated_hosts(n: int) -> Iterator[Network]:
+    skip_unless_netns()
+    tag = f"{os.getpid() % 100000}"
+    net = Network(bridge=f"lsb{tag}", root=f"{SUBNET}.1")
+    try:
+        _ip("link", "add", net.bridge, "type", "bridge")
+        _ip("addr", "add", f"{net.root}/24", "dev", net.bridge)
+        _ip("link", "set", net.bridge, "up")
+        for i in range(n):
+            h = Host(ns=f"lsh{tag}-{i}", addr=f"{SUBNET}.{10 + i}", veth=f"lsv{tag}{i}")
+            _ip("netns", "add", h.ns)
+            net.hosts.append(h)
+            _ip("link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns)
+            _ip("link", "set", h.veth, "master", net.bridge, "up")
+            _ip("addr", "add", f"{h.addr}/24", "dev", "eth0", ns=h.ns)
+            _ip("link", "set", "eth0", "up", ns=h.ns)
+            _ip("link", "set", "lo", "up", ns=h.ns)
+        yield net
+    finally:
+        for h in net.hosts:
+            subprocess.run(["ip", "netns", "del", h.ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", h.veth], capture_output=True)
+        subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)

@@ -1,0 +1,93 @@
+"""A cluster across emulated hosts (network namespaces on a bridge): the gateway and controller
+in the root namespace, one agent per namespace started by hand as a supervisor would
+(``lambdascale agent``, ``runtime.launcher = external``). A scale-out multicasts blocks between
+namespaces, its pipelines run stages on different hosts, and the tokens equal a single engine's.
+Traffic goes only to loopback and to the namespaces' own addresses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lambdascale.serve.schemas import DeploySpec
+from tests.multihost.netns import emulated_hosts
+from tests.serve.cluster_helpers import SLOW_LINKS, burst, cluster_gateway, greedy_ids, wait_status
+
+PROMPT = [1, 5, 9, 13, 17]
+N_TOKENS = 150  # long enough that the burst is still running when the controller decides (2 s tick)
+BODY = {"prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32).hex().encode())
+    os.close(fd)
+    return path
+
+
+def test_a_cluster_across_three_hosts_scales_out_between_them(tmp_path: Path) -> None:
+    from lambdascale.model.importers import import_model
+
+    with emulated_hosts(3) as net:
+        ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
+        name = ck.dir.name
+        want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
+        port = _free_port(net.root)
+        secret = _secret_file(tmp_path)
+        # what each agent host reads: the cluster's runtime and transfer sections (transfer.bind: auto,
+        # the address its host uses toward the controller: its namespace's)
+        overrides = {"runtime.launcher": "external", "runtime.nodes": 3, "runtime.controller_bind": net.root,
+                     "runtime.controller_port": port, "runtime.secret_file": str(secret),
+                     "runtime.register_timeout_s": 120, "control.autoscale_interval_s": 2.0,
+                     # one holder: it lends stages, so a pipeline forms while the blocks still travel
+                     "runtime.pipeline_helper_blocks": 4, **SLOW_LINKS}
+        cfg_file = tmp_path / "agent.yaml"
+        sections: dict[str, dict] = {}
+        for key, value in overrides.items():
+            sec, field = key.split(".")
+            if sec in ("runtime", "transfer"):
+                sections.setdefault(sec, {})[field] = value
+        cfg_file.write_text(yaml.safe_dump(sections))
+        agents = [subprocess.Popen(h.exec_argv([sys.executable, "-m", "lambdascale.cli", "agent", "--controller",
+                                                f"{net.root}:{port}", "--node", str(i), "--config", str(cfg_file),
+                                                "--token-file", str(secret)]),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                  for i, h in enumerate(net.hosts)]
+        try:
+            spec = DeploySpec(name=name, min_instances=1, max_instances=3, target_concurrency=1)
+            with cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):
+                assert backend.core is not None
+                core = backend.core
+                # every agent listens on its own host's address, and the controller on the bridge's
+                assert {n: core.cluster.agents[n].peer.host for n in range(3)} == \
+                    {i: h.addr for i, h in enumerate(net.hosts)}
+                assert core.cluster.address == (net.root, port)
+                want = backend.codec(name).decode(want_ids)
+                responses = burst(server.url, [{"model": name, **BODY}] * 8)
+                st = wait_status(server.url, lambda st: core.scale_outs_in_progress == 0
+                                 and sum(1 for i in st["instances"] if i["state"] == "full") == 3)
+            assert [r.status_code for r in responses] == [200] * 8
+            assert all(r.json()["choices"][0]["text"] == want for r in responses)
+            assert sum(1 for i in st["instances"] if i["state"] == "full") == 3, st["instances"]
+            assert core.stats.bytes_multicast > 0  # blocks crossed between namespaces
+            pipes = [u.nodes for u in core.units_seen if u.pipelined]
+            assert pipes and all(len(set(p)) > 1 for p in pipes), f"no pipeline across hosts: {pipes}"
+        finally:
+            for p in agents:
+                p.kill()
+            for p in agents:
+                p.wait(timeout=30)
+                if p.stderr is not None:
+                    p.stderr.close()

@@ -112,7 +112,7 @@ class Cluster:
         self._server: asyncio.Server | None = None
         self._req_ids = itertools.count(1)
         self._registered = asyncio.Condition()
-        self._tasks: set[asyncio.Task] = set()
+        self._handlers: set[asyncio.Task] = set()  # one per open control connection (close() waits for them)
         self._monitor: asyncio.Task | None = None
 
     async def start(self) -> tuple[str, int]:
@@ -171,6 +171,10 @@ class Cluster:
             ) from None
 
     async def _on_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            self._handlers.add(me)
+            me.add_done_callback(self._handlers.discard)
         handle: AgentHandle | None = None
         reason = "control connection closed"
         peer = peer_name(writer.get_extra_info("peername"))
@@ -303,3 +307,10 @@ class Cluster:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        # every handler sees its connection end and returns (agents that outlive the controller, as
+        # supervised ones do, would otherwise leave them to be cancelled with the loop, unobserved)
+        if self._handlers:
+            _, late = await asyncio.wait(set(self._handlers), timeout=5)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)

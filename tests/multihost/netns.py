@@ -5,7 +5,7 @@ bridge (root and ``ip`` needed; tests skip with a clear message without them).
 namespace) and ``net.hosts`` (one :class:`Host` per namespace, each with its own address on the
 same /24). Everything is removed on exit, whatever happened. Only these addresses and loopback
 are ever used. ``Host.cap(rate_mbit, delay_ms, loss_pct)`` shapes that host's link with the
-kernel (``tc``: netem for delay and loss, its rate limit for bandwidth) in both directions.
+kernel (``tc``: tbf for a rate, netem for delay and loss) in both directions.
 """
 
 from __future__ import annotations
@@ -55,18 +55,25 @@ class Host:
         return ["ip", "netns", "exec", self.ns, *argv]
 
     def cap(self, rate_mbit: float | None = None, delay_ms: float = 0.0, loss_pct: float = 0.0) -> None:
-        """Shape this host's link with netem, on both ends of its veth pair."""
-        opts = []
-        if delay_ms:
-            opts += ["delay", f"{delay_ms}ms"]
-        if loss_pct:
-            opts += ["loss", f"{loss_pct}%"]
-        if rate_mbit:
-            opts += ["rate", f"{rate_mbit}mbit"]
-        if not opts:
+        """Shape this host's link with the kernel, on both ends of its veth pair: ``tbf`` for a rate
+        alone, ``netem`` when delay or loss is asked for (a RuntimeError says so where the kernel
+        has no netem)."""
+        if delay_ms or loss_pct:
+            opts = ["netem"]
+            if delay_ms:
+                opts += ["delay", f"{delay_ms}ms"]
+            if loss_pct:
+                opts += ["loss", f"{loss_pct}%"]
+            if rate_mbit:
+                opts += ["rate", f"{rate_mbit}mbit"]
+        elif rate_mbit:
+            # a 2 ms bucket (at least 64 KiB) and up to 50 ms of queue: smooth at the cap, no drops
+            burst = max(64 << 10, int(rate_mbit * 1e6 / 8 * 0.002))
+            opts = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms"]
+        else:
             return
-        _run(["tc", "qdisc", "replace", "dev", self.veth, "root", "netem", *opts])
-        _run(["tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *opts], self.ns)
+        _run(["tc", "qdisc", "replace", "dev", self.veth, "root", *opts])
+        _run(["tc", "qdisc", "replace", "dev", "eth0", "root", *opts], self.ns)
 
 
 @dataclass

@@ -91,3 +91,53 @@ def test_a_cluster_across_three_hosts_scales_out_between_them(tmp_path: Path) ->
                 p.wait(timeout=30)
                 if p.stderr is not None:
                     p.stderr.close()
+
+
+def test_kernel_link_caps_bound_a_multicast_between_hosts(tmp_path: Path) -> None:
+    """``Host.cap`` shapes each host's link with tc (tbf): a multicast between the namespaces then
+    takes at least the bound that rate sets, with no Python token bucket on any agent."""
+    import asyncio
+
+    from lambdascale.bench.scale import multicast_bound_s
+    from lambdascale.model.importers import import_model
+    from lambdascale.runtime.launcher import LocalCluster
+    from lambdascale.runtime.messages import HoldModel
+    from lambdascale.runtime.multicast import prepare_receivers, run_multicast
+    from lambdascale.runtime.settings import RuntimeSettings
+    from lambdascale.transfer.settings import TransferSettings
+
+    rate_mbit = 20.0
+    with emulated_hosts(3) as net:
+        ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
+        for h in net.hosts:
+            h.cap(rate_mbit=rate_mbit)
+        port = _free_port(net.root)
+        secret = _secret_file(tmp_path)
+        runtime = RuntimeSettings(launcher="external", nodes=3, controller_bind=net.root, controller_port=port,
+                                  secret_file=str(secret), register_timeout_s=120)
+        transfer = TransferSettings()  # uncapped in Python: only the kernel shapes these links
+        cfg = tmp_path / "agent.yaml"
+        cfg.write_text(yaml.safe_dump({"runtime": runtime.model_dump(mode="json")}))
+        agents = [subprocess.Popen(h.exec_argv([sys.executable, "-m", "lambdascale.cli", "agent", "--controller",
+                                                f"{net.root}:{port}", "--node", str(i), "--config", str(cfg),
+                                                "--token-file", str(secret)]),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                  for i, h in enumerate(net.hosts)]
+
+        async def main() -> float:
+            async with LocalCluster(3, transfer, runtime) as lc:
+                await lc.cluster.request(0, HoldModel(req=0, model_dir=str(ck.dir), ssd_cap=False))
+                await prepare_receivers(lc.cluster, ck.manifest, [1, 2])
+                res = await run_multicast(lc.cluster, ck.manifest, [0], [1, 2])
+                assert set(res.node_full_s) == {1, 2}
+                return res.completion_s
+
+        try:
+            took = asyncio.run(asyncio.wait_for(main(), 180))
+        finally:
+            for p in agents:
+                p.kill()
+            for p in agents:
+                p.wait(timeout=30)
+    bound = multicast_bound_s(3, 1, ck.manifest.n_chunks, ck.manifest.total_bytes, rate_mbit * 1e6 / 8)
+    assert took >= 0.9 * bound, f"the kernel cap did not hold: {took:.2f} s against a {bound:.2f} s bound"

@@ -16,20 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.multihost
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 async def _multicast(n: int, model_dir: Path, transfer, runtime) -> float:
@@ -54,17 +46,14 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -
 
     from lambdascale.runtime.settings import RuntimeSettings
     from lambdascale.transfer.settings import TransferSettings
-    from tests.multihost.netns import emulated_hosts
+    from tests.multihost.netns import agents_on, emulated_hosts, free_port, write_secret
 
     with emulated_hosts(args.hosts) as net:
         if mode == "kernel":
             for h in net.hosts:
                 h.cap(rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
-        port = _free_port(net.root)
-        secret = work / f"{mode}.secret"
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, os.urandom(32).hex().encode())
-        os.close(fd)
+        port = free_port(net.root)
+        secret = write_secret(work / f"{mode}.secret")
         runtime = RuntimeSettings(launcher="external", nodes=args.hosts, controller_bind=net.root,
                                   controller_port=port, secret_file=str(secret), heartbeat_misses=30)
         link = None if mode == "kernel" else args.rate_mbit / 1000
@@ -72,18 +61,8 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -
         cfg = work / f"{mode}.yaml"
         cfg.write_text(yaml.safe_dump({"runtime": runtime.model_dump(mode="json"),
                                        "transfer": transfer.model_dump(mode="json")}))
-        agents = [subprocess.Popen(h.exec_argv([sys.executable, "-m", "lambdascale.cli", "agent", "--controller",
-                                                f"{net.root}:{port}", "--node", str(i), "--config", str(cfg),
-                                                "--token-file", str(secret)]),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                  for i, h in enumerate(net.hosts)]
-        try:
+        with agents_on(net, port, cfg, secret):
             return asyncio.run(_multicast(args.hosts, model_dir, transfer, runtime))
-        finally:
-            for p in agents:
-                p.kill()
-            for p in agents:
-                p.wait(timeout=30)
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -107,3 +108,41 @@ def emulated_hosts(n: int) -> Iterator[Network]:
             subprocess.run(["ip", "netns", "del", h.ns], capture_output=True)
             subprocess.run(["ip", "link", "del", h.veth], capture_output=True)
         subprocess.run(["ip", "link", "del", net.bridge], capture_output=True)
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now (for a controller that must listen on a known one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh cluster secret in ``path``, mode 0600 from its creation."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32).hex().encode())
+    os.close(fd)
+    return path
+
+
+@contextlib.contextmanager
+def agents_on(net: Network, port: int, config: Path, secret: Path,
+              stderr: int | None = subprocess.DEVNULL) -> Iterator[list[subprocess.Popen]]:
+    """One ``lambdascale agent`` per host (node i on host i), as a supervisor would start them,
+    dialing the controller at ``net.root:port``; killed and reaped on exit."""
+    import sys
+
+    procs = [subprocess.Popen(h.exec_argv([sys.executable, "-m", "lambdascale.cli", "agent", "--controller",
+                                           f"{net.root}:{port}", "--node", str(i), "--config", str(config),
+                                           "--token-file", str(secret)]),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+             for i, h in enumerate(net.hosts)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=30)

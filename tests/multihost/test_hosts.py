@@ -6,35 +6,17 @@ Traffic goes only to loopback and to the namespaces' own addresses."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from lambdascale.serve.schemas import DeploySpec
-from tests.multihost.netns import emulated_hosts
+from tests.multihost.netns import agents_on, emulated_hosts, free_port, write_secret
 from tests.serve.cluster_helpers import SLOW_LINKS, burst, cluster_gateway, greedy_ids, wait_status
 
 PROMPT = [1, 5, 9, 13, 17]
 N_TOKENS = 150  # long enough that the burst is still running when the controller decides (2 s tick)
 BODY = {"prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "cluster.secret"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, os.urandom(32).hex().encode())
-    os.close(fd)
-    return path
 
 
 def test_a_cluster_across_three_hosts_scales_out_between_them(tmp_path: Path) -> None:
@@ -44,8 +26,8 @@ def test_a_cluster_across_three_hosts_scales_out_between_them(tmp_path: Path) ->
         ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
         name = ck.dir.name
         want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
-        port = _free_port(net.root)
-        secret = _secret_file(tmp_path)
+        port = free_port(net.root)
+        secret = write_secret(tmp_path / "cluster.secret")
         # what each agent host reads: the cluster's runtime and transfer sections (transfer.bind: auto,
         # the address its host uses toward the controller: its namespace's)
         overrides = {"runtime.launcher": "external", "runtime.nodes": 3, "runtime.controller_bind": net.root,
@@ -60,12 +42,7 @@ def test_a_cluster_across_three_hosts_scales_out_between_them(tmp_path: Path) ->
             if sec in ("runtime", "transfer"):
                 sections.setdefault(sec, {})[field] = value
         cfg_file.write_text(yaml.safe_dump(sections))
-        agents = [subprocess.Popen(h.exec_argv([sys.executable, "-m", "lambdascale.cli", "agent", "--controller",
-                                                f"{net.root}:{port}", "--node", str(i), "--config", str(cfg_file),
-                                                "--token-file", str(secret)]),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                  for i, h in enumerate(net.hosts)]
-        try:
+        with agents_on(net, port, cfg_file, secret):
             spec = DeploySpec(name=name, min_instances=1, max_instances=3, target_concurrency=1)
             with cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):
                 assert backend.core is not None
@@ -84,13 +61,6 @@ def test_a_cluster_across_three_hosts_scales_out_between_them(tmp_path: Path) ->
             assert core.stats.bytes_multicast > 0  # blocks crossed between namespaces
             pipes = [u.nodes for u in core.units_seen if u.pipelined]
             assert pipes and all(len(set(p)) > 1 for p in pipes), f"no pipeline across hosts: {pipes}"
-        finally:
-            for p in agents:
-                p.kill()
-            for p in agents:
-                p.wait(timeout=30)
-                if p.stderr is not None:
-                    p.stderr.close()
 
 
 def test_kernel_link_caps_bound_a_multicast_between_hosts(tmp_path: Path) -> None:
@@ -111,19 +81,13 @@ def test_kernel_link_caps_bound_a_multicast_between_hosts(tmp_path: Path) -> Non
         ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
         for h in net.hosts:
             h.cap(rate_mbit=rate_mbit)
-        port = _free_port(net.root)
-        secret = _secret_file(tmp_path)
+        port = free_port(net.root)
+        secret = write_secret(tmp_path / "cluster.secret")
         runtime = RuntimeSettings(launcher="external", nodes=3, controller_bind=net.root, controller_port=port,
                                   secret_file=str(secret), register_timeout_s=120)
         transfer = TransferSettings()  # uncapped in Python: only the kernel shapes these links
         cfg = tmp_path / "agent.yaml"
         cfg.write_text(yaml.safe_dump({"runtime": runtime.model_dump(mode="json")}))
-        agents = [subprocess.Popen(h.exec_argv([sys.executable, "-m", "lambdascale.cli", "agent", "--controller",
-                                                f"{net.root}:{port}", "--node", str(i), "--config", str(cfg),
-                                                "--token-file", str(secret)]),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                  for i, h in enumerate(net.hosts)]
-
         async def main() -> float:
             async with LocalCluster(3, transfer, runtime) as lc:
                 await lc.cluster.request(0, HoldModel(req=0, model_dir=str(ck.dir), ssd_cap=False))
@@ -132,12 +96,7 @@ def test_kernel_link_caps_bound_a_multicast_between_hosts(tmp_path: Path) -> Non
                 assert set(res.node_full_s) == {1, 2}
                 return res.completion_s
 
-        try:
+        with agents_on(net, port, cfg, secret):
             took = asyncio.run(asyncio.wait_for(main(), 180))
-        finally:
-            for p in agents:
-                p.kill()
-            for p in agents:
-                p.wait(timeout=30)
     bound = multicast_bound_s(3, 1, ck.manifest.n_chunks, ck.manifest.total_bytes, rate_mbit * 1e6 / 8)
     assert took >= 0.9 * bound, f"the kernel cap did not hold: {took:.2f} s against a {bound:.2f} s bound"

@@ -46,7 +46,7 @@ class SystemKind(str, Enum):
 
 
 _ALGO = {SystemKind.LAMBDASCALE: MulticastAlgo.BINOMIAL, SystemKind.FAASNET: MulticastAlgo.FAASNET,
-         SystemKind.NCCL: MulticastAlgo.RING, SystemKind.LOCAL: MulticastAlgo.BINOMIAL}
+         SystemKind.NCCL: MulticastAlgo.RING}
 
 
 def system_plan(system: SystemKind | str, model: str, sources: list[int], receivers: list[int]) -> ScalePlan:

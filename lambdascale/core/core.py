@@ -28,7 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lambdascale.clock import Clock, MonotonicClock
 from lambdascale.config import LambdaScaleConfig
@@ -54,6 +54,9 @@ from lambdascale.pipe.pipelines import Pipeline
 from lambdascale.runtime.cluster import AgentRequestError, Cluster
 from lambdascale.runtime.messages import HoldModel, Warmup
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement, pipeline_batch
+
+if TYPE_CHECKING:
+    from lambdascale.core.scaleout import ScaleOut
 
 log = logging.getLogger("lambdascale.core")
 
@@ -83,7 +86,7 @@ class ServingCore:
         #: called with every unit that starts serving (benchmarks inject faults from here)
         self.on_unit_started: list[Callable[[Unit], None]] = []
         self._bg: set[asyncio.Task[Any]] = set()
-        self.scale_outs: set[Any] = set()  # ScaleOut jobs still running
+        self.scale_outs: set[ScaleOut] = set()  # jobs still running
         self._serial = itertools.count()
         self.memory = NodeMemory(cluster, self.deployments, self.stats, self.spawn)
         # the router the gateway runs: the control plane's dispatch, late binding per serve.late_binding
@@ -420,7 +423,7 @@ class ServingCore:
         """Start every target of ``plan`` (see :meth:`start_scale_out`)."""
         self.start_scale_out(plan, timeline)
 
-    def start_scale_out(self, plan: ScalePlan, timeline: ScaleTimeline) -> Any:
+    def start_scale_out(self, plan: ScalePlan, timeline: ScaleTimeline) -> "ScaleOut | None":
         """Start ``plan`` in the background and return its :class:`~lambdascale.core.scaleout.ScaleOut`
         (None for an unknown model). Targets with a local copy load it; network targets receive the
         model by block multicast (``plan.algo``) from sources holding it, or load from the model

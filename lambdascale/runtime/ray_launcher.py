@@ -19,19 +19,11 @@ import signal
 import subprocess
 from typing import Any
 
-from lambdascale.errors import LambdaScaleError
 from lambdascale.runtime.launcher_base import Launcher, agent_command
+from lambdascale.runtime.ray_connect import connect, import_ray, wait_for_slots
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.auth import SECRET_ENV
 from lambdascale.transfer.settings import TransferSettings
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise LambdaScaleError("the ray launcher needs Ray: pip install 'lambdascale[ray]'") from None
-    return ray
 
 
 class _AgentHost:
@@ -77,16 +69,10 @@ class RayLauncher(Launcher):
         self._pids: dict[int, int] = {}
 
     async def start(self, nodes: list[int], controller: tuple[str, int], secret: bytes) -> None:
-        ray = _import_ray()
-        if not ray.is_initialized():
-            ray.init(address=self.runtime.address, include_dashboard=False, log_to_driver=False)
+        # token auth and a one-line error when the cluster is not there or refuses us (ray_connect)
+        ray = await asyncio.to_thread(connect, self.runtime.address)
         res = self.runtime.ray_resource
-        have = ray.cluster_resources().get(res, 0)
-        if have < len(nodes):
-            raise LambdaScaleError(
-                f"the Ray cluster offers {have:g} units of resource {res!r} but {len(nodes)} agents were asked for; "
-                f"start each Ray node with --resources '{{\"{res}\": 1}}' (runtime.ray_resource)"
-            )
+        await wait_for_slots(ray, res, len(nodes), self.runtime.register_timeout_s)
         host_cls = ray.remote(num_cpus=0, resources={res: 1})(_AgentHost)
         for n in nodes:
             self.actors[n] = host_cls.remote()
@@ -102,13 +88,13 @@ class RayLauncher(Launcher):
         return dict(self._pids)
 
     def kill(self, node: int) -> None:
-        ray = _import_ray()
+        ray = import_ray()
         ray.get(self.actors[node].kill.remote())
 
     async def stop(self) -> None:
         if not self.actors:
             return
-        ray = _import_ray()
+        ray = import_ray()
         try:
             await asyncio.to_thread(ray.get, [a.stop.remote() for a in self.actors.values()], timeout=10)
         finally:

@@ -55,7 +55,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.start()
+        try:
+            await state.start()
+        except BaseException as e:  # uvicorn only says "startup failed": keep the cause for ServerThread
+            app.state.startup_error = e
+            raise
         poller = asyncio.create_task(state.log_timelines())
         try:
             yield

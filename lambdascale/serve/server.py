@@ -8,6 +8,7 @@ and joins the thread, so no test leaves a server behind.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,20 @@ from lambdascale.errors import LambdaScaleError
 
 class ServerError(LambdaScaleError):
     """The gateway could not start (port in use, startup failure)."""
+
+
+class _ExpectedStartupFailure(logging.Filter):
+    """Drops the traceback uvicorn logs for a startup that failed with a :class:`LambdaScaleError`
+    (bad input or an unreachable cluster: the error's one line is the whole story, and
+    :meth:`ServerThread.start` raises it); any other failure keeps its traceback."""
+
+    def __init__(self, app: FastAPI) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = getattr(self.app.state, "startup_error", None)
+        return not (isinstance(err, LambdaScaleError) and str(record.msg).startswith("Traceback"))
 
 
 class ServerThread:
@@ -37,6 +52,8 @@ class ServerThread:
         self.port = port
 
     def _run(self) -> None:
+        quiet = _ExpectedStartupFailure(self.app)
+        logging.getLogger("uvicorn.error").addFilter(quiet)
         loop = asyncio.new_event_loop()
         self.loop = loop
         asyncio.set_event_loop(loop)
@@ -46,6 +63,7 @@ class ServerThread:
             self._error = e
         finally:
             loop.close()
+            logging.getLogger("uvicorn.error").removeFilter(quiet)
 
     def start(self, timeout_s: float = 20.0) -> "ServerThread":
         self._thread.start()
@@ -60,8 +78,15 @@ class ServerThread:
         wait_thread.start()
         wait_thread.join(timeout_s)
         if not self._server.started:
+            died = not self._thread.is_alive()
             self.stop()
-            raise ServerError(f"gateway did not start on {self.host}:{self.port} within {timeout_s}s: {self._error!r}")
+            cause = getattr(self.app.state, "startup_error", None)
+            if died and cause is not None:
+                raise ServerError(f"gateway failed to start on {self.host}:{self.port}: {cause}") from cause
+            if died:
+                raise ServerError(f"gateway failed to start on {self.host}:{self.port}: {self._error!r} "
+                                  "(the log above says why)")
+            raise ServerError(f"gateway did not start on {self.host}:{self.port} within {timeout_s}s")
         sockets = [s for srv in self._server.servers for s in srv.sockets]
         self.port = sockets[0].getsockname()[1]
         return self

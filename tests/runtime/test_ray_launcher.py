@@ -58,7 +58,7 @@ def test_ray_places_agents_that_serve_a_multicast(local_ray, tiny_model: Path) -
 def test_ray_too_few_nodes_is_a_clear_error(local_ray) -> None:
     async def main() -> None:
         with pytest.raises(LambdaScaleError, match=r"offers 3 units of resource 'lambdascale_node' but 4 agents"):
-            async with LocalCluster(4, runtime=RuntimeSettings(launcher="ray")):
+            async with LocalCluster(4, runtime=RuntimeSettings(launcher="ray", register_timeout_s=1)):
                 pass
 
     run_async(main())

@@ -132,7 +132,7 @@ async def _one_multicast(lc: LocalCluster, model_dir: Path, manifest: Manifest, 
     # sources load in parallel (each has its own SSD cap), as they would on separate nodes
     await asyncio.gather(*(lc.cluster.request(s, HoldModel(req=0, model_dir=str(model_dir), ssd_cap=False)) for s in sources))
     load_s = asyncio.get_running_loop().time() - t0
-    await prepare_receivers(lc.cluster, manifest, receivers)
+    await prepare_receivers(lc.cluster, manifest, receivers, model_dir)
     res = await run_multicast(lc.cluster, manifest, sources, receivers, algo)
     return load_s, res
 
@@ -154,7 +154,7 @@ async def run_scale_bench(
         if sources > 1:  # the single-source figure side by side: node 0 alone to every other node
             others = list(range(1, nodes))
             await asyncio.gather(*(lc.cluster.request(n, DropModel(req=0, model=manifest.name)) for n in others))
-            await prepare_receivers(lc.cluster, manifest, others)
+            await prepare_receivers(lc.cluster, manifest, others, model_dir)
             single = await run_multicast(lc.cluster, manifest, [0], others, algo)
     bound = single_bound = None
     if transfer.link_gbps:
@@ -170,7 +170,7 @@ async def run_scale_bench(
     async with LocalCluster(nodes, free, runtime) as lc:
         _, p2p = await _one_multicast(lc, model_dir, manifest, [0], [1], Algo.DIRECT)
         await lc.cluster.request(1, DropModel(req=0, model=manifest.name))
-        await prepare_receivers(lc.cluster, manifest, list(range(1, nodes)))
+        await prepare_receivers(lc.cluster, manifest, list(range(1, nodes)), model_dir)
         mc = await run_multicast(lc.cluster, manifest, [0], list(range(1, nodes)), algo)
     gbps = lambda s: manifest.total_bytes * 8 / s / 1e9  # noqa: E731
     p2p_gbps = gbps(p2p.completion_s)

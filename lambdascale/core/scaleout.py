@@ -105,7 +105,7 @@ class ScaleOut:
         actor = asyncio.get_running_loop().create_task(self._act(placeholder))
         try:
             # no lock: multicasts of one model (disjoint receivers) run side by side, each its own run
-            await prepare_receivers(core.cluster, d.manifest, receivers)
+            await prepare_receivers(core.cluster, d.manifest, receivers, d.model_dir)
             self.result = await run_multicast(core.cluster, d.manifest, sources, receivers, algo=self.plan.algo.value,
                                               on_event=self._hook)
             core.stats.bytes_multicast += self.result.bytes_moved

@@ -190,6 +190,7 @@ class NodeAgent:
             return await self.buffers.hold(msg)
         if isinstance(msg, PrepareReceive):
             manifest = Manifest.model_validate(msg.manifest)
+            self.sends.expect_digests(manifest.name, self.transfer_settings.digest, msg.digests, manifest.n_chunks)
             self.buffers.memory.residency(manifest).gpu = True  # landing zone of an instance (the device copy)
             st = await self.buffers.allocate(manifest)
             return {**self._peer(), "held": sorted(st.held)}

@@ -4,7 +4,9 @@ Weights move only over the transport. A :class:`~lambdascale.runtime.messages.Se
 waits per chunk until this node holds it, then sends it, so forwarding is chunk-level, not
 round-level; only held (verified) chunks are ever forwarded. A receiver checks every arriving
 chunk's range and xxh64 against the manifest before it marks the chunk held and reports
-``ChunkHeld`` (else ``ChunkCorrupt``). ``CancelSends`` stops one multicast's lists (by run and
+``ChunkHeld`` (else ``ChunkCorrupt``); with ``transfer.digest`` on, it also checks the chunk's
+SHA-256/BLAKE3 digest against the ones the controller sent (:meth:`ChunkSends.expect_digests`),
+in a worker thread (both release the GIL). ``CancelSends`` stops one multicast's lists (by run and
 epoch); another multicast of the same model runs on.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import xxhash
 
 from lambdascale.errors import TransferError
+from lambdascale.model.digests import hasher
 from lambdascale.runtime.agent_models import ModelBuffers
 from lambdascale.runtime.messages import PACE, CancelSends, ChunkCorrupt, ChunkHeld, SendChunks, SendFailed
 from lambdascale.runtime.tags import buffer_name, chunk_tag, parse_tag
@@ -38,6 +41,20 @@ class ChunkSends:
         # model -> (multicast run, epoch, task) of its send lists; (model, run) -> last cancelled epoch
         self._tasks: dict[str, list[tuple[int, int, asyncio.Task]]] = {}
         self._cancelled_epoch: dict[tuple[str, int], int] = {}
+        # model -> (algorithm, its hex digest function, digest per chunk) under transfer.digest
+        self._digests: dict[str, tuple[str, Callable[[Any], str], list[str]]] = {}
+
+    def expect_digests(self, model: str, algo: str, digests: list[str] | None, n_chunks: int) -> None:
+        """Check every arriving chunk of ``model`` against ``digests`` too (``algo`` = this node's
+        ``transfer.digest``; ``none`` checks xxh64 only). Fails closed: a node told to check digests
+        refuses a model that comes without them."""
+        if algo == "none":
+            return
+        if digests is None or len(digests) != n_chunks:
+            raise TransferError(f"node {self.node}: transfer.digest = {algo} but the controller sent "
+                                f"{'no' if digests is None else len(digests)} digests for {model}'s {n_chunks} chunks "
+                                "(the controller and this agent must share transfer.digest)")
+        self._digests[model] = (algo, hasher(algo), list(digests))
 
     def sending(self, model: str) -> bool:
         """Whether a send list of ``model`` is still running."""
@@ -110,5 +127,13 @@ class ChunkSends:
             await self._report(ChunkCorrupt(node=self.node, model=model, chunk=chunk, src=arr.src,
                                             detail=f"xxh64 {got} != manifest {ch.xxh64}"))
             return
+        expect = self._digests.get(model)
+        if expect is not None:
+            algo, digest, want = expect
+            got = await asyncio.to_thread(digest, view)
+            if got != want[chunk]:
+                await self._report(ChunkCorrupt(node=self.node, model=model, chunk=chunk, src=arr.src,
+                                                detail=f"{algo} {got[:16]}... != the controller's {want[chunk][:16]}..."))
+                return
         st.mark_held(chunk)
         await self._report(ChunkHeld(node=self.node, model=model, chunk=chunk, src=arr.src))

@@ -96,8 +96,9 @@ class Cluster:
 
     def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1",
                  advertise: str | None = None, port: int = 0, *, secret: bytes | None = None,
-                 handshake_timeout_s: float | None = None) -> None:
+                 handshake_timeout_s: float | None = None, digest: str = "none") -> None:
         self.settings = runtime or RuntimeSettings()
+        self.digest = digest  # transfer.digest: receivers check each chunk's digest too (runtime.multicast)
         self.host = host  # what the listener binds
         self.advertise = advertise or host  # what agents are told to dial
         self.port = port

@@ -85,7 +85,8 @@ class LocalCluster:
         # runtime.secret_file's secret, or a fresh one for this cluster (handed to agents by the launcher)
         secret = load_secret(self.runtime.secret_file)
         self.cluster = Cluster(self.runtime, host=bind, advertise=advertise, port=self.runtime.controller_port,
-                               secret=secret, handshake_timeout_s=self.transfer.connect_timeout_s)
+                               secret=secret, handshake_timeout_s=self.transfer.connect_timeout_s,
+                               digest=self.transfer.digest)
         self.launcher = launcher or make_launcher(self.transfer, self.runtime)
 
     async def __aenter__(self) -> "LocalCluster":

@@ -68,6 +68,8 @@ class PrepareReceive(_Msg):
     type: Literal["prepare_receive"] = "prepare_receive"
     req: int
     manifest: dict[str, Any]
+    #: ``transfer.digest``'s hex digest of every chunk, from the controller's copy (None = off)
+    digests: list[str] | None = None
 
 
 #: Destination of a pacing entry in a :class:`SendChunks` list: ``(chunk, PACE)`` sends nothing,

@@ -24,9 +24,11 @@ import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable
 
-from lambdascale.errors import TransferError
+from lambdascale.errors import LambdaScaleError, TransferError
+from lambdascale.model.digests import chunk_digests
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.multicast import Algo, MulticastPlan, plan_multicast
 from lambdascale.runtime.cluster import Cluster, ClusterEvent, NodeLost, NodeLostError
@@ -116,10 +118,21 @@ def node_send_lists(plan: MulticastPlan, ids: list[int], pace: bool = True) -> d
     return dict(lists)
 
 
-async def prepare_receivers(cluster: Cluster, manifest: Manifest, receivers: list[int]) -> None:
-    """Allocate receive buffers on every receiver, then republish everyone's transport address."""
+async def prepare_receivers(cluster: Cluster, manifest: Manifest, receivers: list[int],
+                            model_dir: Path | None = None) -> None:
+    """Allocate receive buffers on every receiver, then republish everyone's transport address.
+
+    With ``transfer.digest`` on (``cluster.digest``), the receivers also get each chunk's digest,
+    computed from the controller's copy in ``model_dir`` (lambdascale.model.digests)."""
     dump = manifest.model_dump(mode="json")
-    await asyncio.gather(*(cluster.request(r, PrepareReceive(req=0, manifest=dump)) for r in receivers))
+    digests = None
+    if cluster.digest != "none":
+        if model_dir is None:
+            raise LambdaScaleError(f"transfer.digest = {cluster.digest} needs the directory of {manifest.name} "
+                                   "on the controller's host to compute its chunk digests")
+        digests = await asyncio.to_thread(chunk_digests, model_dir, manifest, cluster.digest)
+    await asyncio.gather(*(cluster.request(r, PrepareReceive(req=0, manifest=dump, digests=digests))
+                           for r in receivers))
     await cluster.broadcast_peers()
 
 

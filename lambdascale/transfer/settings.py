@@ -30,6 +30,14 @@ class TransferSettings(BaseModel):
         description="address other agents dial to reach this transport (default: the bound address); for "
         "hosts behind address translation",
     )
+    digest: Literal["none", "sha256", "blake3"] = Field(
+        default="none",
+        description="a cryptographic digest per chunk, checked by every receiver beside the xxh64 (which "
+        "catches corruption, not tampering): for networks that are not trusted. The controller computes the "
+        "digests from its own copy of the model (cached next to it) and sends them with the receivers' "
+        "manifest; off by default because a cluster network is normally trusted and the secret already keeps "
+        "strangers out (cost: docs/BENCHMARKS.md, transfer digest)",
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="give up connecting to a peer after this long")
     stall_timeout_s: float = Field(default=10.0, gt=0, description="a peer that moves no bytes this long is declared dead")
     io_slice_bytes: int = Field(

@@ -32,6 +32,7 @@ import ctypes
 import json
 import os
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -83,6 +84,7 @@ from lambdascale.transfer.auth import (
     take_secret_from_env,
 )
 from lambdascale.transfer.base import Arrival, Transport
+from lambdascale.transfer.conn import tls_contexts
 from lambdascale.transfer.factory import make_transport
 from lambdascale.transfer.settings import TransferSettings
 
@@ -129,6 +131,8 @@ class NodeAgent:
         # one, run() refuses to start (an agent in-process for a test of its parts needs none)
         self._secret = secret
         self.transport: Transport = make_transport(transfer.backend, node, transfer, secret=secret)
+        tls = tls_contexts(transfer.tls_cert, transfer.tls_key, transfer.tls_ca)
+        self._tls_client = tls[1] if tls is not None else None  # the control channel's, as the transport's
         self.buffers = ModelBuffers(node, self.transport, transfer, runtime)
         self.sends = ChunkSends(node, self.transport, self.buffers, self._report, transfer.stall_timeout_s)
         self.stages = AgentStages(node, self.transport, self.buffers, transfer.stall_timeout_s)
@@ -287,8 +291,12 @@ class NodeAgent:
         delay = 0.05
         while True:
             try:
-                return await asyncio.wait_for(asyncio.open_connection(host, port),
+                return await asyncio.wait_for(asyncio.open_connection(host, port, ssl=self._tls_client,
+                                                                      server_hostname="" if self._tls_client else None),
                                               self.transfer_settings.connect_timeout_s)
+            except ssl.SSLError as e:  # the controller is there but its TLS refused us: no retry
+                raise ConnectionError(f"TLS with the controller at {host}:{port} failed: {e} "
+                                      "(transfer.tls_cert / tls_key / tls_ca)") from None
             except (OSError, asyncio.TimeoutError) as e:
                 why = "timed out" if isinstance(e, asyncio.TimeoutError) else (
                     os.strerror(e.errno) if e.errno else str(e))

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,8 +97,10 @@ class Cluster:
 
     def __init__(self, runtime: RuntimeSettings | None = None, host: str = "127.0.0.1",
                  advertise: str | None = None, port: int = 0, *, secret: bytes | None = None,
-                 handshake_timeout_s: float | None = None, digest: str = "none") -> None:
+                 handshake_timeout_s: float | None = None, digest: str = "none",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.settings = runtime or RuntimeSettings()
+        self.tls = tls  # server side of mutual TLS on every control connection (transfer.tls_*), or None
         self.digest = digest  # transfer.digest: receivers check each chunk's digest too (runtime.multicast)
         self.host = host  # what the listener binds
         self.advertise = advertise or host  # what agents are told to dial
@@ -119,13 +122,14 @@ class Cluster:
     async def start(self) -> tuple[str, int]:
         """Listen for agents; returns the (host, port) to give launchers."""
         try:
-            self._server = await asyncio.start_server(self._on_agent, self.host, self.port)
+            self._server = await asyncio.start_server(self._on_agent, self.host, self.port, ssl=self.tls,
+                                                      ssl_handshake_timeout=self._handshake_timeout_s if self.tls else None)
         except OSError as e:
             raise LambdaScaleError(f"the controller cannot listen on {self.host}:{self.port} "
                                    f"(runtime.controller_bind / controller_port): {e.strerror or e}") from None
         self._monitor = asyncio.get_running_loop().create_task(self._watch_heartbeats())
-        log.info("controller listening for agents on %s:%d (agents dial %s:%d)", self.host, self.address[1],
-                 *self.address)
+        log.info("controller listening for agents on %s:%d (agents dial %s:%d; %s)", self.host, self.address[1],
+                 *self.address, "mutual TLS" if self.tls else "no TLS")
         return self.address
 
     @contextlib.contextmanager

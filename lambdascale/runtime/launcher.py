@@ -28,6 +28,7 @@ from lambdascale.runtime.ray_launcher import RayLauncher
 from lambdascale.runtime.settings import RuntimeSettings
 from lambdascale.transfer.addresses import LOOPBACK, resolve, route_source
 from lambdascale.transfer.auth import load_secret
+from lambdascale.transfer.conn import tls_contexts
 from lambdascale.transfer.settings import TransferSettings
 
 __all__ = ["ExternalLauncher", "Launcher", "LocalCluster", "LocalLauncher", "RayLauncher", "agent_command",
@@ -84,9 +85,11 @@ class LocalCluster:
                                    "prove the same secret, each given a copy as --token-file (mode 0600)")
         # runtime.secret_file's secret, or a fresh one for this cluster (handed to agents by the launcher)
         secret = load_secret(self.runtime.secret_file)
+        t = self.transfer
+        tls = tls_contexts(t.tls_cert, t.tls_key, t.tls_ca)  # the controller's side of mutual TLS, when on
         self.cluster = Cluster(self.runtime, host=bind, advertise=advertise, port=self.runtime.controller_port,
                                secret=secret, handshake_timeout_s=self.transfer.connect_timeout_s,
-                               digest=self.transfer.digest)
+                               digest=self.transfer.digest, tls=tls[0] if tls is not None else None)
         self.launcher = launcher or make_launcher(self.transfer, self.runtime)
 
     async def __aenter__(self) -> "LocalCluster":

@@ -41,8 +41,12 @@ import struct
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lambdascale.errors import LambdaScaleError, TransferError
+
+if TYPE_CHECKING:
+    from lambdascale.transfer.conn import Conn
 
 SECRET_ENV = "LAMBDASCALE_CLUSTER_SECRET"
 MIN_SECRET_BYTES = 32
@@ -245,22 +249,25 @@ def _stream_io(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tu
     return recv, send
 
 
-def _sock_io(sock: socket.socket) -> tuple[Recv, Send]:
-    loop = asyncio.get_running_loop()
+def _sock_io(sock: "socket.socket | Conn") -> tuple[Recv, Send]:
+    """recv/send over a raw socket or a transport connection (plain or TLS, transfer.conn)."""
+    from lambdascale.transfer.conn import SockConn
+
+    conn = SockConn(sock) if isinstance(sock, socket.socket) else sock
 
     async def recv(n: int) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
-            k = await loop.sock_recv_into(sock, view[got:])
+            k = await conn.recv_into(view[got:])
             if k == 0:
                 raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
             got += k
         return bytes(buf)
 
     async def send(data: bytes) -> None:
-        await loop.sock_sendall(sock, data)
+        await conn.sendall(data)
 
     return recv, send
 
@@ -283,13 +290,13 @@ async def server_handshake(
     await _bounded(_server(recv, send, secret, channel, peer), channel, peer, timeout, "from")
 
 
-async def client_handshake_sock(sock: socket.socket, secret: bytes, channel: Channel, timeout: float, peer: str) -> None:
+async def client_handshake_sock(sock: "socket.socket | Conn", secret: bytes, channel: Channel, timeout: float, peer: str) -> None:
     """:func:`client_handshake` over a connected non-blocking socket."""
     recv, send = _sock_io(sock)
     await _bounded(_client(recv, send, secret, channel, peer), channel, peer, timeout, "to")
 
 
-async def server_handshake_sock(sock: socket.socket, secret: bytes, channel: Channel, timeout: float, peer: str) -> None:
+async def server_handshake_sock(sock: "socket.socket | Conn", secret: bytes, channel: Channel, timeout: float, peer: str) -> None:
     """:func:`server_handshake` over an accepted non-blocking socket."""
     recv, send = _sock_io(sock)
     await _bounded(_server(recv, send, secret, channel, peer), channel, peer, timeout, "from")

@@ -8,6 +8,7 @@ for (its package is optional).
 from __future__ import annotations
 
 from lambdascale.transfer.base import Transport, TransportKind
+from lambdascale.transfer.conn import tls_contexts
 from lambdascale.transfer.settings import TransferSettings
 from lambdascale.transfer.tcp import TcpTransport
 
@@ -22,7 +23,8 @@ def make_transport(kind: TransportKind | str, node: int, settings: TransferSetti
     """
     kind = TransportKind(kind)
     if kind is TransportKind.TCP:
-        return TcpTransport(node, settings, secret=secret)
+        s = settings or TransferSettings()
+        return TcpTransport(node, settings, secret=secret, tls=tls_contexts(s.tls_cert, s.tls_key, s.tls_ca))
     from lambdascale.transfer.nixl_backend import NixlTransport
 
     return NixlTransport(node, settings)

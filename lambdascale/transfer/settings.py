@@ -38,6 +38,16 @@ class TransferSettings(BaseModel):
         "manifest; off by default because a cluster network is normally trusted and the secret already keeps "
         "strangers out (cost: docs/BENCHMARKS.md, transfer digest)",
     )
+    tls_cert: str | None = Field(
+        default=None,
+        description="PEM certificate every node presents on the control channel and the tcp transport (mutual "
+        "TLS, standard ssl module); with tls_key and tls_ca, or none of the three (TLS off: the channels still "
+        "prove the cluster secret, but bytes travel in the clear)",
+    )
+    tls_key: str | None = Field(default=None, description="PEM private key of tls_cert (keep it mode 0600)")
+    tls_ca: str | None = Field(
+        default=None, description="PEM CA certificate that signed every node's tls_cert; a peer it did not sign is refused"
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="give up connecting to a peer after this long")
     stall_timeout_s: float = Field(default=10.0, gt=0, description="a peer that moves no bytes this long is declared dead")
     io_slice_bytes: int = Field(

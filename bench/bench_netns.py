@@ -8,7 +8,14 @@ kernel row caps every host's veth pair at ``--rate-mbit`` both ways (and adds ``
 the Python row leaves the links alone and caps each agent's send and receive at the same rate.
 Both are compared with the bound (k - 1 + ceil(log2 n)) / k x size / rate. Needs root.
 
+``--burst N`` runs ``bench scale``'s burst instead (the code ``lambdascale bench scale`` runs:
+``run_systems``): N requests fired at once while the model scales out from one source to the
+other hosts, for λScale (execute-while-load pipelines across hosts) and FaaSNet (the same
+multicast, serving only once a node holds the whole model), under each kind of cap, with every
+output checked against a single engine's.
+
     .venv/bin/python bench/bench_netns.py --hosts 4 --rate-mbit 200 [--delay-ms 0.5]
+    .venv/bin/python bench/bench_netns.py --hosts 4 --rate-mbit 200 --burst 16 --max-tokens 16
 """
 
 from __future__ import annotations
@@ -41,7 +48,16 @@ async def _multicast(n: int, model_dir: Path, transfer, runtime) -> float:
         return time.monotonic() - t0
 
 
-def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -> float:
+def _burst(args: argparse.Namespace, model_dir: Path, transfer, runtime, system: str,
+           burst: dict, reference: dict) -> dict:
+    from lambdascale.bench.scale import run_systems
+
+    rows = asyncio.run(run_systems(model_dir, args.hosts, 1, transfer, runtime, burst, reference, [system]))
+    return rows[0]
+
+
+def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, system: str | None = None,
+             burst: dict | None = None, reference: dict | None = None) -> float | dict:
     import yaml
 
     from lambdascale.runtime.settings import RuntimeSettings
@@ -53,15 +69,18 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path) -
             for h in net.hosts:
                 h.cap(rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
         port = free_port(net.root)
-        secret = write_secret(work / f"{mode}.secret")
+        secret = write_secret(work / f"{mode}-{system or 'multicast'}.secret")
         runtime = RuntimeSettings(launcher="external", nodes=args.hosts, controller_bind=net.root,
-                                  controller_port=port, secret_file=str(secret), heartbeat_misses=30)
+                                  controller_port=port, secret_file=str(secret), heartbeat_misses=30,
+                                  register_timeout_s=300)  # agents importing torch on a loaded 2-core VM
         link = None if mode == "kernel" else args.rate_mbit / 1000
         transfer = TransferSettings(link_gbps=link, bucket_burst_bytes=256 << 10, io_slice_bytes=256 << 10)
-        cfg = work / f"{mode}.yaml"
+        cfg = work / f"{mode}-{system or 'multicast'}.yaml"
         cfg.write_text(yaml.safe_dump({"runtime": runtime.model_dump(mode="json"),
                                        "transfer": transfer.model_dump(mode="json")}))
         with agents_on(net, port, cfg, secret):
+            if system is not None:
+                return _burst(args, model_dir, transfer, runtime, system, burst or {}, reference or {})
             return asyncio.run(_multicast(args.hosts, model_dir, transfer, runtime))
 
 
@@ -72,6 +91,8 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=0.0, help="added one-way delay per host link (kernel row)")
     ap.add_argument("--model", default="synthetic:smollm2-135m")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=0, help="fire this many requests during the scale-out (bench scale)")
+    ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_netns.py needs root (network namespaces)", file=sys.stderr)
@@ -86,11 +107,30 @@ def main() -> int:
         bound = multicast_bound_s(args.hosts, 1, m.n_chunks, m.total_bytes, args.rate_mbit * 1e6 / 8)
         print(f"{m.name}: {m.total_bytes / 2**20:.1f} MiB, {m.n_chunks} chunks; {args.hosts} hosts, 1 source, "
               f"{args.rate_mbit:g} Mbit/s per host link; bound {bound:.2f} s")
+        if args.burst:
+            return _burst_table(args, model_dir, work, m, bound)
         print(f"{'cap':26} {'multicast s':>11} {'/ bound':>8}")
         for mode, label in (("kernel", "kernel (tc netem)" if args.delay_ms else "kernel (tc tbf)"),
                             ("python", "python token buckets")):
             t = run_mode(mode, args, model_dir, work)
             print(f"{label:26} {t:>11.2f} {t / bound:>8.2f}", flush=True)
+    return 0
+
+
+def _burst_table(args: argparse.Namespace, model_dir: Path, work: Path, m, bound: float) -> int:
+    from lambdascale.bench.scale import make_burst, reference_outputs
+
+    burst = make_burst(args.burst, m.arch.vocab_size, args.max_tokens)
+    reference = reference_outputs(model_dir, burst)
+    print(f"burst of {args.burst} requests x {args.max_tokens} tokens, 1 source -> {args.hosts - 1} hosts")
+    print("| cap | system | TTFT p50 s | TTFT p99 s | all solo s | pipelines | exact |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for mode, label in (("kernel", "kernel (tc)"), ("python", "python buckets")):
+        for system in ("lambdascale", "faasnet"):
+            r = run_mode(mode, args, model_dir, work, system, burst, reference)
+            assert isinstance(r, dict)
+            print(f"| {label} | {system} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['all_solo_s']:.2f} | "
+                  f"{r['pipelines_formed']} | {r['exact']} |", flush=True)
     return 0
 
 

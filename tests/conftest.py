@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared next to the repository; LAMBDASCALE_SHARED points elsewhere (a worktree outside the workplace)
+SHARED = Path(os.environ.get("LAMBDASCALE_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ every tick and sees an in-progress copy only once the store reports it as a part
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from lambdascale.control.decisions import CopyBack, EvictReason, Eviction, MemoryPlan
 from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import ClusterSnapshot, Holding, ModelView, NodeView
@@ -133,6 +135,9 @@ def _plan_node(
     for tier in CACHE_TIERS:
         in_progress = sum(1 for h in node.holdings if h.tier is tier and not h.complete)
         budget = cfg.memory_max_copy_backs_per_node - in_progress
+        # Rule 4's candidates in LRU order, sorted once per tier (the order does not depend on
+        # the model being copied; which of them are colder than it is filtered per model).
+        lru: list[Holding] | None = None
         for m in by_hotness:
             if budget <= 0:
                 break
@@ -148,19 +153,19 @@ def _plan_node(
                 continue  # can never fit on this node
             if need > free[tier]:
                 # Rule 4: LRU victims among expired, unused copies of this tier.
-                victims = sorted(
-                    (
-                        h
-                        for h in node.holdings
-                        if h.tier is tier
-                        and (h.model, h.tier) not in evicted
-                        and h.model != m.name
-                        and not is_in_use(h, on_node, loading)
-                        and now - h.last_used >= _keep_alive(models.get(h.model), cfg)
-                        and _colder(models.get(h.model), m)
-                    ),
-                    key=lambda h: (_recency(models.get(h.model)), h.last_used, h.model),
-                )
+                if lru is None:
+                    lru = sorted(
+                        (
+                            h
+                            for h in node.holdings
+                            if h.tier is tier
+                            and not is_in_use(h, on_node, loading)
+                            and now - h.last_used >= _keep_alive(models.get(h.model), cfg)
+                        ),
+                        key=lambda h: (_recency(models.get(h.model)), h.last_used, h.model),
+                    )
+                victims = [h for h in lru if (h.model, h.tier) not in evicted and h.model != m.name
+                           and _colder(models.get(h.model), m)]
                 chosen: list[Holding] = []
                 room = free[tier]
                 for v in victims:
@@ -178,8 +183,11 @@ def _plan_node(
     return evictions, copy_backs
 
 
-def manage_memory(snapshot: ClusterSnapshot, cfg: ControlSettings, now: float) -> MemoryPlan:
-    """Evictions and background copy-backs for every node (nodes in id order)."""
+def manage_memory(snapshot: ClusterSnapshot, cfg: ControlSettings, now: float,
+                  nodes: Collection[int] | None = None) -> MemoryPlan:
+    """Evictions and background copy-backs for every node (nodes in id order); ``nodes``: only
+    those node ids (each node's plan depends on its own holdings and the models alone, so a
+    caller that knows a node's plan cannot have changed may leave it out)."""
     models = {m.name: m for m in snapshot.models}
     by_hotness = sorted(models.values(), key=_hotness)
     loading = _loading_models(snapshot)
@@ -187,6 +195,8 @@ def manage_memory(snapshot: ClusterSnapshot, cfg: ControlSettings, now: float) -
     evictions: list[Eviction] = []
     copy_backs: list[CopyBack] = []
     for node in sorted(snapshot.nodes, key=lambda n: n.id):
+        if nodes is not None and node.id not in nodes:
+            continue
         e, c = _plan_node(node, on_nodes.get(node.id, set()), models, by_hotness, loading, cfg, now)
         evictions.extend(e)
         copy_backs.extend(c)

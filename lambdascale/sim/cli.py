@@ -11,7 +11,7 @@ from pathlib import Path
 from lambdascale.config import ConfigError, LambdaScaleConfig, add_config_args, config_from_args
 from lambdascale.errors import LambdaScaleError
 
-_RUN_FIELDS = ["cluster", "model", "systems", "nodes", "gpus_per_node", "duration", "time_scale", "seed",
+_RUN_FIELDS = ["cluster", "model", "catalogue", "model_run_length", "systems", "nodes", "gpus_per_node", "duration", "time_scale", "seed",
                "slo_ttft", "lengths_from", "min_instances", "target_concurrency", "keep_alive_s",
                "host_pool_gib", "host_cache_nodes", "keepalive_baseline_keep_alive_s", "max_batch",
                "max_prefill_tokens", "multicast_mode", "n_blocks", "n_chunks", "chunk_layout", "late_binding", "kick_from_zero",
@@ -58,7 +58,7 @@ def _config(args: argparse.Namespace) -> LambdaScaleConfig:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from lambdascale.sim.report import plot, summarize, table
+    from lambdascale.sim.report import per_model, plot, summarize, table
     from lambdascale.sim.run import simulate, workload_for
 
     if not args.trace:
@@ -86,18 +86,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     rows = [summarize(r, s.slo_ttft) for r in results]
+    what = f"catalogue {s.catalogue}" if s.catalogue else s.model
     header = {"trace": args.trace, "requests": len(w), "duration_s": w.duration_s, "cluster": s.cluster,
-              "model": s.model, "nodes": s.nodes, "seed": s.seed, "slo_ttft_s": s.slo_ttft, "wall_s": wall}
-    paths = plot(results, args.plots, s.slo_ttft, f"({s.model}, {s.nodes} nodes)") if args.plots else []
+              "model": s.model, "catalogue": s.catalogue, "nodes": s.nodes, "seed": s.seed,
+              "slo_ttft_s": s.slo_ttft, "wall_s": wall}
+    paths = plot(results, args.plots, s.slo_ttft, f"({what}, {s.nodes} nodes)") if args.plots else []
     if args.json:
         for row, r in zip(rows, results):
+            row["per_model"] = per_model(r, s.slo_ttft)
             row["scale_event_list"] = [{**e.timeline.to_dict(), "algo": e.algo, "sources": e.n_sources,
                                         "network_targets": e.n_network, "local_tiers": e.tiers}
                                        for e in r.scale_events]
         print(json.dumps({**header, "systems": rows, "config": json.loads(cfg.model_dump_json()),
                           "plots": [str(p) for p in paths]}, indent=1, default=str))
         return 0
-    print(f"{args.trace}: {len(w)} requests over {w.duration_s:.0f} s; {s.model} on {s.nodes} x {s.cluster}; "
+    print(f"{args.trace}: {len(w)} requests over {w.duration_s:.0f} s; {what} on {s.nodes} x {s.cluster}; "
           f"seed {s.seed}; simulated in {wall:.1f} s")
     print(table(rows, s.slo_ttft))
     for p in paths:

@@ -54,6 +54,20 @@ class LinkSpec(BaseModel):
     pcie_GBps: float = Field(gt=0, le=10_000, description="pinned host -> the GPUs of one instance, GB/s in total")
     nvlink_GBps: float = Field(gt=0, le=100_000, description="GPU <-> GPU inside a node, GB/s")
     ssd_GBps: float = Field(gt=0, le=10_000, description="SSD -> host per node, GB/s")
+    flow_GBps: float | None = Field(
+        default=None, gt=0, le=100_000,
+        description="effective network bandwidth one flow of a one-GPU instance gets (its GPU's NIC), GB/s; "
+        "None = the line rate nic_gbps / 8")
+    instance_GBps: float | None = Field(
+        default=None, gt=0, le=100_000,
+        description="effective network bandwidth of an instance spanning several GPUs, all its NICs together, GB/s; "
+        "None = GPUs x flow_GBps")
+    transfer_setup_s: float = Field(default=0.0, ge=0, le=3600,
+                                    description="set-up of one scale-out's transfer before its first chunk moves")
+    nccl_init_per_rank_s: float = Field(
+        default=0.0, ge=0, le=3600,
+        description="a collective's start-up (the NCCL baseline's ring broadcast): seconds per rank beyond the "
+        "root, ranks = GPUs of the sources and receivers")
 
 
 class ClusterSpec(BaseModel):
@@ -68,7 +82,21 @@ class ClusterSpec(BaseModel):
     gpu: GpuSpec
     gpus_per_node: int = Field(default=1, ge=1, le=64, description="GPUs per node")
     host_memory_gib: float = Field(gt=0, description="host memory per node (pinned pool)")
+    ssd_gib: float = Field(default=4096.0, gt=0, le=1e9, description="SSD capacity per node (model cache)")
     links: LinkSpec
+
+    def flow_Bps(self) -> float:
+        """Bytes/s one flow of a one-GPU instance moves over the network."""
+        L = self.links
+        return (L.flow_GBps if L.flow_GBps is not None else L.nic_gbps / 8) * 1e9
+
+    def instance_net_Bps(self, gpus: int) -> float:
+        """Bytes/s an instance of ``gpus`` GPUs moves over the network, all its NICs together."""
+        if gpus <= 1:
+            return self.flow_Bps()
+        if self.links.instance_GBps is not None:
+            return min(gpus * self.flow_Bps(), self.links.instance_GBps * 1e9)
+        return gpus * self.flow_Bps()
 
 
 def preset_names() -> list[str]:

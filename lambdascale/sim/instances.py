@@ -21,53 +21,75 @@ from lambdascale.control.spec import InstanceState
 from lambdascale.pipe.pipeline_types import Pipeline
 from lambdascale.pipe.serving import microbatch_cap, microbatch_slots, pipeline_seqs_for, pipeline_step_tokens
 from lambdascale.sim.events import Priority
-from lambdascale.sim.state import Inst, NodeState, Req, prefill_tokens
+from lambdascale.sim.state import Inst, ModelRun, NodeState, Req, prefill_tokens
 from lambdascale.sim.views import Views
 
 
 class Instances(Views):
     """Creating instances, running their steps, and the GPUs they hold."""
 
-    def _new_inst(self, state: InstanceState, stages: tuple[tuple[int, int, int], ...],
+    def _new_inst(self, m: ModelRun, state: InstanceState, stages: tuple[tuple[int, int, int], ...],
                   pipeline: Pipeline | None = None) -> Inst:
         self._inst_seq += 1
         kind = "p" if pipeline is not None else "i"
-        inst = Inst(f"{self.model.name}-{kind}{self._inst_seq}", state, stages, self.s.max_batch,
-                    self.kv_capacity, pipeline=pipeline)
+        inst = Inst(f"{m.name}-{kind}{self._inst_seq}", state, stages, self.s.max_batch,
+                    m.kv_capacity, m, pipeline=pipeline)
         if pipeline is not None and len(stages) > 1:
             hops = len(stages) - 1
-            inst.comm_s_per_token = hops * self.act_bytes / self.nic_Bps
+            inst.comm_s_per_token = hops * m.act_bytes / m.net_Bps
             inst.comm_latency_s = hops * self.nic_latency
             # As the runtime's pipelines: one step in flight per stage, each over its own requests,
             # and a batch as large as the widest stage's KV memory holds (blocks stand for layers).
-            B = self.model.n_blocks
+            B = m.model.n_blocks
             inst.slots = microbatch_slots(len(stages), self.s.pipeline_microbatches)
             inst.capacity = pipeline_seqs_for(self.s.max_batch, [(a, b) for _, a, b in stages], B,
                                               self.s.pipeline_batch)
-            inst.kv_capacity = self.kv_capacity * inst.capacity // self.s.max_batch
+            inst.kv_capacity = m.kv_capacity * inst.capacity // self.s.max_batch
             inst.bottleneck_share = max(pipeline.loads().values()) / B
         # the step budget grows with the extra sequences, as runtime.pipeline.pipeline_batch's
         inst.step_tokens = pipeline_step_tokens(self.s.max_prefill_tokens, self.s.max_batch, inst.capacity)
         self.insts[inst.id] = inst
+        m.insts[inst.id] = inst
+        m.version += 1
         return inst
 
+    def _drop_inst(self, inst: Inst) -> None:
+        """Forget an instance (drained, or a dissolved pipeline)."""
+        self.insts.pop(inst.id, None)
+        inst.m.insts.pop(inst.id, None)
+        inst.m.version += 1
+
     @staticmethod
-    def _serving(node: NodeState) -> bool:
-        """The node runs a full instance of the model (it may lend its device to pipeline stages)."""
-        return node.inst is not None and node.inst.state is InstanceState.FULL
+    def _serving(node: NodeState, m: ModelRun) -> bool:
+        """The node runs a full instance of ``m`` (it may lend its device to pipeline stages)."""
+        inst = node.insts.get(m.name)
+        return inst is not None and inst.state is InstanceState.FULL
 
-    def _alloc_gpu(self, node: NodeState) -> None:
-        node.gpus_free -= self.model.tp
-        node.gpu_since = self.loop.now()
+    def _own_inst(self, node: NodeState, m: ModelRun, state: InstanceState) -> Inst:
+        """Give ``node``'s GPUs to a new instance of ``m`` (one per model and node)."""
+        if m.name in node.insts:
+            raise RuntimeError(f"node {node.id} already runs an instance of {m.name}")
+        if node.gpus_free < m.model.tp:
+            raise RuntimeError(f"node {node.id}: {m.name} needs {m.model.tp} GPUs, {node.gpus_free} free")
+        node.gpus_free -= m.model.tp
+        inst = self._new_inst(m, state, ((node.id, 0, m.model.n_blocks),))
+        inst.gpu_since = self.loop.now()
+        node.insts[m.name] = inst
+        node.chunks[m.name] = set()
+        self._touch(node)
+        return inst
 
-    def _free_gpu(self, node: NodeState) -> None:
+    def _free_gpu(self, node: NodeState, inst: Inst) -> None:
         now = self.loop.now()
-        if node.gpu_since is not None:
-            self.gpu_seconds += (now - node.gpu_since) * self.model.tp
-        node.gpu_since = None
-        node.gpus_free += self.model.tp
-        node.chunks.clear()
-        node.inst = None
+        m = inst.m
+        if inst.gpu_since is not None:
+            self.gpu_seconds += (now - inst.gpu_since) * m.model.tp
+        inst.gpu_since = None
+        node.gpus_free += m.model.tp
+        node.chunks.pop(m.name, None)
+        node.insts.pop(m.name, None)
+        node.timeline.pop(m.name, None)
+        self._touch(node)
 
     # ---- batch execution --------------------------------------------------------------------
 
@@ -126,7 +148,7 @@ class Instances(Views):
             n_run = max(0, min(cuts[j + 1], nrun) - cuts[j])
             mb_new.append(new[max(0, cuts[j] - nrun):max(0, cuts[j + 1] - nrun)])
             toks = sum(prefill_tokens(r) for r in mb_new[j])
-            c = self.cost.prefill_s(toks) + self.cost.decode_s(n_run)
+            c = inst.m.cost.prefill_s(toks) + inst.m.cost.decode_s(n_run)
             work += c
             lat.append(c + self._comm(inst, toks + n_run))
         busiest = inst.bottleneck_share * max(lat)
@@ -138,33 +160,33 @@ class Instances(Views):
         if inst.helper_share:  # helpers' stages take their share of every step off the helpers' devices
             inst.lent_per_pass = {n: share * work for n, share in inst.helper_share.items()}
             for n, per in inst.lent_per_pass.items():
-                self._lend(n, per * k)
+                self._lend(n, inst.m, per * k)
         elif self._lent_s and len(inst.stages) == 1:
-            start += self._lent_s.pop(inst.stages[0][0], 0.0)  # the node's own work waits for what it lent
+            start += self._lent_s.pop((inst.stages[0][0], inst.m.name), 0.0)  # the node's own work waits for what it lent
         inst.seg_start, inst.seg_fill, inst.seg_period, inst.seg_k, inst.seg_new = start, fill, period, k, new
         inst.seg_first = [ends[j] for j in range(m) for _ in mb_new[j]]
         inst.event = self.loop.schedule(inst.seg_end(k), Priority.STEP, self._step_done, inst)
 
-    def _lend(self, node: int, seconds: float) -> None:
+    def _lend(self, node: int, m: ModelRun, seconds: float) -> None:
         """``node``'s device runs pipeline stages for ``seconds`` (``sim.pipeline_helper_blocks``):
         its own instance's segment in progress ends that much later, as the runtime's device lends
         a running step's time to cross-node steps (``runtime.device``); an idle instance starts its
         next segment that much later. Negative ``seconds`` give back time charged for passes that
         did not run (never ending a segment before now)."""
-        own = self.nodes[node].inst
+        own = self.nodes[node].insts.get(m.name)
         if own is not None and own.event is not None and len(own.stages) == 1:
             shift = max(seconds, self.loop.now() - own.seg_end(own.seg_k))
             self.loop.cancel(own.event)
             own.seg_start += shift
             own.event = self.loop.schedule(own.seg_end(own.seg_k), Priority.STEP, self._step_done, own)
         else:
-            self._lent_s[node] = max(0.0, self._lent_s.get(node, 0.0) + seconds)
+            self._lent_s[(node, m.name)] = max(0.0, self._lent_s.get((node, m.name), 0.0) + seconds)
 
     def _refund(self, inst: Inst, passes: int) -> None:
         """The pipeline's segment runs ``passes`` fewer passes than its helpers were charged for."""
         if passes > 0:
             for n, per in inst.lent_per_pass.items():
-                self._lend(n, -per * passes)
+                self._lend(n, inst.m, -per * passes)
 
     def _cut_segment(self, inst: Inst) -> None:
         """New work arrived during a multi-step decode segment: end it at the next step boundary."""
@@ -199,26 +221,29 @@ class Instances(Views):
                 still.append(r)
         freed = len(still) < len(inst.running)
         inst.running = still
+        name = inst.m.name
         for n in inst.nodes:
             node = self.nodes[n]
-            if now - node.gpu_last_used >= 1.0:  # LRU key at 1 s resolution keeps node views cached
-                node.gpu_last_used = now
-        inst.view = None
+            if now - node.gpu_last_used.get(name, -1e18) >= 1.0:  # LRU key at 1 s resolution keeps node views cached
+                node.gpu_last_used[name] = now
+                self._touch(node)
+        self._dirty(inst)
         self._start_step(inst)
-        if freed or (self.held and self.cfg.router_late_binding):
-            self._pump()
+        if freed or (inst.m.held and self.cfg.router_late_binding):
+            self._pump(inst.m)
 
     def _finish(self, inst: Inst, r: Req, at: float) -> None:
         r.finish = at
         inst.kv_used -= r.kv_tokens
         self.done += 1
-        self._svc_ewma = 0.9 * self._svc_ewma + 0.1 * (at - r.arrival) if self._svc_ewma else at - r.arrival
+        m = inst.m
+        m.svc_ewma = 0.9 * m.svc_ewma + 0.1 * (at - r.arrival) if m.svc_ewma else at - r.arrival
 
     def _maybe_release(self, inst: Inst) -> None:
         """Free a drained instance's GPUs, unless its copy still feeds a multicast (then the
         multicast's end calls this again)."""
         if inst.state is InstanceState.DRAINING and inst.outstanding == 0 and inst.event is None:
-            self.insts.pop(inst.id, None)
+            self._drop_inst(inst)
             node = self.nodes[inst.stages[0][0]]
-            if node.inst is inst and node.source_busy == 0:
-                self._free_gpu(node)
+            if node.insts.get(inst.m.name) is inst and node.source_busy.get(inst.m.name, 0) == 0:
+                self._free_gpu(node, inst)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +24,21 @@ class ScaleRecord:
     n_sources: int
     algo: str
     tiers: dict[str, int]
+    model: str = ""
+
+
+@dataclass
+class ModelStats:
+    """One catalogue model's counters over a run: where its instances started from (``starts``:
+    gpu, host, ssd, store, network -> count), bytes moved to its GPUs per tier, copies evicted."""
+
+    name: str
+    shape: str
+    gpus: int
+    weight: float
+    starts: dict[str, int]
+    bytes_by_tier: dict[str, float]
+    evictions: int
 
 
 @dataclass
@@ -45,6 +60,14 @@ class SimResult:
     events: int
     unfinished: int
     kv_shipped: int = 0  # migrations whose KV cache was shipped (the others recomputed it)
+    model_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # per request: its model
+    models: list[ModelStats] = field(default_factory=list)
+    evictions: int = 0
+    # memory occupancy over time: GPUs held, host pools and SSDs used (shares of the cluster's)
+    mem_t: np.ndarray = field(default_factory=lambda: np.empty(0))
+    mem_gpu: np.ndarray = field(default_factory=lambda: np.empty(0))
+    mem_host: np.ndarray = field(default_factory=lambda: np.empty(0))
+    mem_ssd: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def slo_attainment(self, slo_s: float) -> float:
         ok = np.sum(np.nan_to_num(self.ttft, nan=np.inf) <= slo_s)
@@ -72,4 +95,4 @@ def collect(system: str, arrival: Sequence[float], first_token: Sequence[float],
         unfinished=int(np.sum(np.isnan(fin))), kv_shipped=kv_shipped)
 
 
-__all__ = ["ScaleRecord", "SimResult", "collect"]
+__all__ = ["ModelStats", "ScaleRecord", "SimResult", "collect"]

@@ -20,12 +20,14 @@ class MulticastRun:
 
     Round ``t`` starts when every transfer of round ``t-1`` has landed (the reference's
     round-synchronous execution, ``pipe.play(mode="round")``). ``order`` maps the plan's
-    endpoints to nodes; ``chunk_bytes`` is each chunk's size, ``latency_s`` a send's latency.
+    endpoints to nodes; ``chunk_bytes`` is each chunk's size, ``latency_s`` a send's latency,
+    ``cap`` the most bytes/s one send may take (the instance's NICs, ``ClusterSpec.instance_net_Bps``).
     """
 
     def __init__(self, net: Network, plan: MulticastPlan, order: tuple[int, ...], chunk_bytes: Sequence[float],
-                 latency_s: float, on_chunk: Callable[[int, int], None], on_done: Callable[[], None]) -> None:
-        self.net, self.plan, self.order = net, plan, order
+                 latency_s: float, on_chunk: Callable[[int, int], None], on_done: Callable[[], None],
+                 cap: float | None = None) -> None:
+        self.net, self.plan, self.order, self.cap = net, plan, order, cap
         self.chunk_bytes, self.latency_s = chunk_bytes, latency_s
         self.on_chunk, self.on_done = on_chunk, on_done
         self.r = 0
@@ -46,7 +48,7 @@ class MulticastRun:
         for snd in sends:
             a, b = self.order[snd.src], self.order[snd.dst]
             self.net.start((("out", a), ("in", b)), self.chunk_bytes[snd.chunk], self._landed,
-                           tag=(b, snd.chunk), latency_s=self.latency_s)
+                           tag=(b, snd.chunk), latency_s=self.latency_s, cap=self.cap)
 
     def _landed(self, f: Flow) -> None:
         node, chunk = cast(tuple[int, int], f.tag)
@@ -102,7 +104,7 @@ class ChunkMulticastRun(MulticastRun):
         snd = self.sends[i]
         a, b = self.order[snd.src], self.order[snd.dst]
         self.net.start((("out", a), ("in", b)), self.chunk_bytes[snd.chunk], self._chunk_landed,
-                       tag=i, latency_s=self.latency_s, sent=self._sent)
+                       tag=i, latency_s=self.latency_s, sent=self._sent, cap=self.cap)
 
     def _sent(self, f: Flow) -> None:
         i = cast(int, f.tag)

@@ -39,6 +39,7 @@ class Flow:
     rate: float = 0.0
     started: float = 0.0
     active: bool = False
+    cap: float = math.inf  # most bytes/s this flow may take (its instance's NICs, one load's PCIe share)
 
 
 @dataclass
@@ -60,14 +61,18 @@ class Network:
 
     def start(self, path: tuple[LinkId, ...], nbytes: float, done: Callable[[Flow], None],
               tag: object = None, latency_s: float | None = None,
-              sent: Callable[[Flow], None] | None = None) -> Flow:
+              sent: Callable[[Flow], None] | None = None, cap: float | None = None) -> Flow:
         """Start a flow now; ``sent(flow)`` fires when its last byte left, ``done(flow)`` when it
-        lands ``latency_s`` (default: the network's) later."""
+        lands ``latency_s`` (default: the network's) later. ``cap`` bounds its rate in bytes/s
+        (as a private link of that capacity only it crosses)."""
         for link in path:
             if link not in self.capacity:
                 raise KeyError(f"unknown link {link!r}")
         lat = self.latency_s if latency_s is None else latency_s
-        f = Flow(tuple(path), float(nbytes), done, tag, latency=lat, sent=sent, remaining=float(nbytes))
+        if cap is not None and not cap > 0:
+            raise ValueError(f"flow cap must be positive, got {cap}")
+        f = Flow(tuple(path), float(nbytes), done, tag, latency=lat, sent=sent, remaining=float(nbytes),
+                 cap=math.inf if cap is None else float(cap))
         self._activate(f)
         return f
 
@@ -113,6 +118,7 @@ class Network:
                 cap[link] = self.capacity[link]
             frozen: set[int] = set()
             live = {link: len(u) for link, u in users.items()}
+            capped = sorted((f for f in flows if f.cap < math.inf), key=lambda f: f.cap)
             while len(frozen) < len(flows):
                 best, share = None, math.inf
                 for link, n in live.items():
@@ -120,9 +126,17 @@ class Network:
                         s = cap[link] / n
                         if s < share:
                             best, share = link, s
-                if best is None:
+                # a flow's own cap is a link only it crosses: it binds first when it is the smallest share
+                while capped and id(capped[0]) in frozen:
+                    capped.pop(0)
+                if capped and capped[0].cap < share:
+                    group: list[Flow] = [capped.pop(0)]
+                    share = group[0].cap
+                elif best is None:
                     break
-                for f in users[best]:
+                else:
+                    group = users[best]
+                for f in group:
                     if id(f) in frozen:
                         continue
                     frozen.add(id(f))

@@ -36,7 +36,37 @@ def summarize(r: SimResult, slo_s: float) -> dict[str, Any]:
         "migrations": r.migrations,
         "kv_shipped": r.kv_shipped,
         "sim_events": r.events,
+        "models": len(r.models),
+        "starts_by_tier": _sum_dicts(m.starts for m in r.models),
+        "bytes_by_tier": _sum_dicts(m.bytes_by_tier for m in r.models),
+        "evictions": r.evictions,
+        "host_occupancy_mean": float(np.mean(r.mem_host)) if len(r.mem_host) else math.nan,
+        "gpu_occupancy_mean": float(np.mean(r.mem_gpu)) if len(r.mem_gpu) else math.nan,
     }
+
+
+def _sum_dicts(ds: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
+def per_model(r: SimResult, slo_s: float) -> list[dict[str, Any]]:
+    """One row per catalogue model: its requests' TTFT and SLO attainment, starts by tier (gpu,
+    host, ssd, store, network), bytes moved to its GPUs per tier, copies evicted."""
+    rows = []
+    for j, m in enumerate(r.models):
+        sel = r.model_idx == j
+        t = r.ttft[sel]
+        ok = np.sum(np.nan_to_num(t, nan=np.inf) <= slo_s)
+        rows.append({"model": m.name, "shape": m.shape, "gpus": m.gpus, "weight": m.weight, "requests": int(sel.sum()),
+                     "ttft_p50_s": _pct(t, 50), "ttft_p99_s": _pct(t, 99),
+                     "slo_attainment": float(ok / len(t)) if len(t) else math.nan,
+                     "starts_by_tier": dict(sorted(m.starts.items())),
+                     "bytes_by_tier": dict(sorted(m.bytes_by_tier.items())), "evictions": m.evictions})
+    return rows
 
 
 def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
@@ -93,6 +123,38 @@ def plot(results: Sequence[SimResult], out_dir: Path, slo_s: float, title: str =
     axes[0, 0].set_title(f"instances (blue) vs request rate (orange) {title}")
     fig.tight_layout()
     paths.append(out_dir / "instances.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if len(results[0].models) > 1:
+        # Per-model TTFT p99 against popularity: where the tail lives in a catalogue.
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in results:
+            rows = [x for x in per_model(r, slo_s) if x["requests"]]
+            ax.scatter([x["weight"] for x in rows], [x["ttft_p99_s"] for x in rows], s=10, label=r.system)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("popularity weight")
+        ax.set_ylabel("TTFT p99 (s)")
+        ax.axhline(slo_s, color="grey", ls="--", lw=0.8)
+        ax.set_title(f"per-model TTFT p99 {title}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / "per_model_p99.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(len(results), 1, figsize=(8, 1.6 * len(results) + 0.6), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], results):
+        ax.plot(r.mem_t, r.mem_gpu, lw=0.8, label="GPUs held")
+        ax.plot(r.mem_t, r.mem_host, lw=0.8, label="host pools")
+        ax.plot(r.mem_t, r.mem_ssd, lw=0.8, label="SSDs")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(r.system, fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel("time (s)")
+    axes[0, 0].set_title(f"memory occupancy (share of the cluster's) {title}")
+    fig.tight_layout()
+    paths.append(out_dir / "memory.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 

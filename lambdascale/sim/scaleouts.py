@@ -32,7 +32,7 @@ from lambdascale.sim.events import Priority
 from lambdascale.sim.metrics import ScaleRecord
 from lambdascale.sim.multicasts import ChunkMulticastRun, MulticastRun
 from lambdascale.sim.network import Flow
-from lambdascale.sim.state import ROUTABLE, Inst, NodeState, Req
+from lambdascale.sim.state import ROUTABLE, Inst, ModelRun, NodeState, Req
 
 
 class ScaleOuts(Arrivals):
@@ -41,99 +41,147 @@ class ScaleOuts(Arrivals):
     def _execute(self, plan: ScalePlan) -> ScaleRecord:
         """Start every load of a placement plan: local tiers, multicast, or the model store."""
         now = self.loop.now()
+        m = self.by_name[plan.model]
         self._event_seq += 1
         targets = tuple(t.node for t in plan.targets)
-        tl = ScaleTimeline(self._event_seq, self.model.name, now, targets)
+        tl = ScaleTimeline(self._event_seq, m.name, now, targets)
         tiers: dict[str, int] = {}
         for t in plan.targets:
             tiers[t.local_tier.value] = tiers.get(t.local_tier.value, 0) + 1
         network = list(plan.network_targets)
         use_peers = bool(plan.sources) and bool(network) and self.system.peer_fetch
         rec = ScaleRecord(tl, len(targets), len(network) if use_peers else 0,
-                          len(plan.sources) if use_peers else 0, plan.algo.value if use_peers else "local", tiers)
+                          len(plan.sources) if use_peers else 0, plan.algo.value if use_peers else "local", tiers,
+                          model=m.name)
         self.scale_events.append(rec)
         for t in plan.targets:
             node = self.nodes[t.node]
-            self._alloc_gpu(node)
-            node.inst = self._new_inst(InstanceState.LOADING, ((t.node, 0, self.model.n_blocks),))
-            node.timeline = tl
+            self._own_inst(node, m, InstanceState.LOADING)
+            node.timeline[m.name] = tl
         for t in plan.local_targets:
-            self._local_load(self.nodes[t.node], t.local_tier)
+            self._local_load(self.nodes[t.node], m, t.local_tier)
         if network and not use_peers:
             for n in network:  # no peer fetch: the node's SSD copy, else the model store (SSD-speed)
-                self._local_load(self.nodes[n], Tier.SSD)
+                self._local_load(self.nodes[n], m, Tier.SSD)
         elif network:
-            self._multicast(plan, tl)
+            m.starts["network"] = m.starts.get("network", 0) + len(network)
+            self._multicast(m, plan, tl)
         return rec
 
-    def _local_load(self, node: NodeState, tier: Tier) -> None:
+    def _count(self, m: ModelRun, tier: str, nbytes: float) -> None:
+        m.bytes_by_tier[tier] = m.bytes_by_tier.get(tier, 0.0) + nbytes
+
+    def _local_load(self, node: NodeState, m: ModelRun, tier: Tier) -> None:
+        """Load ``m`` onto ``node``'s GPUs from its own ``tier``: GPU (already there), host memory
+        (PCIe), or SSD (NVMe then PCIe; a node whose SSD lacks the model reads the model store at
+        the same rate). An SSD read is staged in pinned host memory, and the copy stays there when
+        the system caches in host memory and the pool has room for it *now* (reserved as a
+        partial copy for the read's duration: the pool is never over-committed)."""
+        K, nb, name = m.model.n_chunks, m.model.nbytes, m.name
         if tier is Tier.GPU:
-            node.chunks = set(range(self.model.n_chunks))
-            self.loop.after(0.0, Priority.STATE, self._node_full, node)
+            m.starts["gpu"] = m.starts.get("gpu", 0) + 1
+            node.chunks[name] = set(range(K))
+            self._touch(node)
+            self.loop.after(0.0, Priority.STATE, self._node_full, node, m)
             return
-        path: tuple[Any, ...] = (("pcie", node.id),) if tier is Tier.HOST else (("ssd", node.id), ("pcie", node.id))
         if tier is Tier.HOST:
-            node.host_last_used = self.loop.now()
+            path: tuple[Any, ...] = (("pcie", node.id),)
+            node.host[name] = self.loop.now()
+            label = "host"
+        else:
+            path = (("ssd", node.id), ("pcie", node.id))
+            label = "ssd" if name in node.ssd else "store"
+        m.starts[label] = m.starts.get(label, 0) + 1
+        stage = (tier is Tier.SSD and Tier.HOST in m.spec.cache_tiers and self.cfg.memory_copy_back
+                 and name not in node.host and name not in node.host_partial
+                 and node.host_used + nb <= node.host_total)
+        if stage:
+            node.host_partial.add(name)
+            node.host_used += nb
+        self._touch(node)
 
         def done(_: Flow) -> None:
-            node.chunks = set(range(self.model.n_chunks))
-            if (tier is Tier.SSD and Tier.HOST in self.spec.cache_tiers and self.cfg.memory_copy_back
-                    and self.host_total[node.id] >= self.model.nbytes):
-                # The loader stages SSD reads in pinned host memory: the copy stays cached there
-                # if the pool has room (the memory manager evicts it otherwise).
-                node.host, node.host_last_used = True, self.loop.now()
-            self._node_full(node)
+            self._count(m, label, nb)
+            if name in node.chunks:  # its instance may be gone only if the run was cut short
+                node.chunks[name] = set(range(K))
+            if stage:
+                node.host_partial.discard(name)
+                node.host[name] = self.loop.now()
+            self._touch(node)
+            self._node_full(node, m)
 
-        self.net.start(path, self.model.nbytes, done, latency_s=0.0)
+        self.net.start(path, nb, done, latency_s=0.0, cap=self.pcie_Bps)
 
-    def _multicast(self, plan: ScalePlan, tl: ScaleTimeline) -> None:
+    def _multicast(self, m: ModelRun, plan: ScalePlan, tl: ScaleTimeline) -> None:
         order = plan.multicast_nodes()
-        mc = plan_multicast(plan.algo.value, len(order), len(plan.sources), self.model.n_blocks, self.model.n_chunks,
-                            layout=self.model.layout)
+        model = m.model
+        mc = plan_multicast(plan.algo.value, len(order), len(plan.sources), model.n_blocks, model.n_chunks,
+                            layout=model.layout)
         receivers = [order[i] for i in mc.receiver_nodes]
+        now = self.loop.now()
         for s in plan.sources:
-            self.nodes[s.node].source_busy += 1
-            if s.tier is Tier.HOST:
-                self.nodes[s.node].host_last_used = self.loop.now()
+            node = self.nodes[s.node]
+            node.source_busy[m.name] = node.source_busy.get(m.name, 0) + 1
+            if s.tier is Tier.HOST and m.name in node.host:
+                node.host[m.name] = now
+            self._touch(node)
         helpers = lending_helpers([s.node for s in plan.sources],
-                                  {s.node for s in plan.sources if self._serving(self.nodes[s.node])},
+                                  {s.node for s in plan.sources if self._serving(self.nodes[s.node], m)},
                                   self.s.pipeline_helper_blocks)
         # the core's rule: none when no pipeline can form (one receiver pipelines only with a helper)
         planner = pipeline_planner(self.system.execute_while_load and plan.execute_while_load, receivers,
-                                   self.model.n_blocks, self.model.n_chunks, helpers, layout=self.model.layout)
+                                   model.n_blocks, model.n_chunks, helpers, layout=model.layout)
         if planner is not None:
             self._pipelines[tl.event_id] = (planner, tl, {}, set(receivers))
         srcs = [s.node for s in plan.sources]
         run = ChunkMulticastRun if self.s.multicast_mode == "chunk" else MulticastRun
-        run(self.net, mc, order, self.model.chunk_bytes, self.nic_latency,
-            lambda node, chunk: self._on_chunk(node, chunk, tl, planner),
-            lambda: self._release_sources(srcs)).start()
+        player = run(self.net, mc, order, model.chunk_bytes, self.nic_latency,
+                     lambda node, chunk: self._on_chunk(node, m, chunk, tl, planner),
+                     lambda: self._release_sources(m, srcs), cap=m.net_Bps)
+        self.loop.after(self._transfer_start_s(plan, model.tp), Priority.TRANSFER, player.start)
 
-    def _release_sources(self, sources: list[int]) -> None:
+    def _transfer_start_s(self, plan: ScalePlan, tp: int) -> float:
+        """Seconds from the decision to the first chunk moving (``links.transfer_setup_s``, plus a
+        collective's start-up for the ring broadcast of the NCCL baseline:
+        ``links.nccl_init_per_rank_s`` per rank beyond the root, ranks = GPUs taking part)."""
+        L = self.cluster.links
+        t = L.transfer_setup_s
+        if plan.algo.value == "ring":
+            t += L.nccl_init_per_rank_s * (len(plan.multicast_nodes()) * tp - 1)
+        return t
+
+    def _release_sources(self, m: ModelRun, sources: list[int]) -> None:
         """A multicast ended: its sources' copies are free to go (a draining source's GPUs too)."""
         for s in sources:
             node = self.nodes[s]
-            node.source_busy -= 1
-            if node.inst is not None and node.inst.state is InstanceState.DRAINING:
-                self._maybe_release(node.inst)
+            node.source_busy[m.name] -= 1
+            self._touch(node)
+            inst = node.insts.get(m.name)
+            if inst is not None and inst.state is InstanceState.DRAINING:
+                self._maybe_release(inst)
 
-    def _on_chunk(self, node_id: int, chunk: int, tl: ScaleTimeline, planner: PipelinePlanner | None) -> None:
+    def _on_chunk(self, node_id: int, m: ModelRun, chunk: int, tl: ScaleTimeline,
+                  planner: PipelinePlanner | None) -> None:
         node = self.nodes[node_id]
         tl.mark_first_chunk(self.loop.now())
-        if node.inst is None:
+        self._count(m, "network", m.model.chunk_bytes[chunk])
+        chunks = node.chunks.get(m.name)
+        if chunks is None:
             return
-        node.chunks.add(chunk)
-        full = len(node.chunks) == self.model.n_chunks
+        chunks.add(chunk)
+        self._touch(node)
+        full = len(chunks) == m.model.n_chunks
         if full:  # its instance serves before the planner dissolves a pipeline: KV can ship to it
-            self._node_full(node, pump=False)
+            self._node_full(node, m, pump=False)
         if planner is not None and tl.event_id in self._pipelines:
             p = planner.on_chunk(node_id, chunk)
             if p is not None:
-                self._apply_pipelines(tl.event_id, p.form, p.dissolve)
+                self._apply_pipelines(m, tl.event_id, p.form, p.dissolve)
         if full:
-            self._pump()
+            self._pump(m)
 
-    def _apply_pipelines(self, event_id: int, form: tuple[Pipeline, ...], dissolve: tuple[Pipeline, ...]) -> None:
+    def _apply_pipelines(self, m: ModelRun, event_id: int, form: tuple[Pipeline, ...],
+                         dissolve: tuple[Pipeline, ...]) -> None:
         _, tl, running, _ = self._pipelines[event_id]
         for p in dissolve:
             inst = running.pop(p, None)
@@ -142,12 +190,12 @@ class ScaleOuts(Arrivals):
         planner = self._pipelines[event_id][0]
         for p in form:
             stages = tuple((s.node, s.start, s.end) for s in p.stages)
-            inst = self._new_inst(InstanceState.PIPELINED, stages, pipeline=p)
-            inst.helper_share = {n: k / self.model.n_blocks for n, k in p.loads().items() if n in planner.helpers}
+            inst = self._new_inst(m, InstanceState.PIPELINED, stages, pipeline=p)
+            inst.helper_share = {n: k / m.model.n_blocks for n, k in p.loads().items() if n in planner.helpers}
             running[p] = inst
             tl.mark_first_pipeline(self.loop.now())
         if form:
-            self._pump()
+            self._pump(m)
 
     def _dissolve(self, inst: Inst) -> None:
         """Move a pipeline's requests, with their token state, back to the router."""
@@ -183,33 +231,34 @@ class ScaleOuts(Arrivals):
         moved.extend(inst.pending)
         self.migrations += len(inst.running)
         inst.running, inst.pending, inst.seg_new, inst.seg_first = [], deque(), [], []
-        self.insts.pop(inst.id, None)
+        self._drop_inst(inst)
         for r in reversed(moved):
-            self.held.appendleft(r)
+            inst.m.held.appendleft(r)
 
     def _ship_kv(self, inst: Inst, r: Req) -> bool:
         """Ship ``r``'s KV cache from the dissolving pipeline ``inst`` to a full instance with a free
         slot (``pipe.serving.kv_destination``) when that beats recomputing it there
         (``pipe.serving.choose_kv_move``, the runtime's rule; ``sim.kv_move``). Each stage node sends its layers' share as a flow to the destination;
         the request joins the destination's next pass as a running sequence. False: recompute."""
+        m = inst.m
         tokens = r.inp + r.generated
         fulls = [KvTarget(i.id, i.stages[0][0], i.outstanding, i.capacity - i.outstanding, i.kv_capacity - i.kv_used)
-                 for i in self.insts.values() if i.state is InstanceState.FULL and len(i.stages) == 1]
+                 for i in m.insts.values() if i.state is InstanceState.FULL and len(i.stages) == 1]
         target = kv_destination(fulls, r.kv_tokens, inst.receivers)
         if target is None:
             return False
-        dest = self.insts[target.id]
-        move = choose_kv_move(tokens, tokens * self.kv_tok, self.nic_Bps, self.cost.prefill_s(tokens),
+        dest = m.insts[target.id]
+        move = choose_kv_move(tokens, tokens * m.kv_tok, m.net_Bps, m.cost.prefill_s(tokens),
                               self.s.kv_move, self.s.kv_ship_overhead_s)
         if move.choice is not KvMove.SHIP:
             return False
         dest.incoming += 1
         dest.kv_used += r.kv_tokens
-        dest.view = None
+        self._dirty(dest)
         self.kv_shipped += 1
         dn = dest.stages[0][0]
         assert inst.pipeline is not None  # only pipelines dissolve
-        share = {n: k / self.model.n_blocks for n, k in inst.pipeline.loads().items() if n != dn}
+        share = {n: k / m.model.n_blocks for n, k in inst.pipeline.loads().items() if n != dn}
         left = [len(share)]
 
         def landed(_: Flow | None = None) -> None:
@@ -222,17 +271,17 @@ class ScaleOuts(Arrivals):
             self.loop.after(self.s.kv_ship_overhead_s, Priority.TRANSFER, landed)
         for n, sh in share.items():
             self.net.start((("out", n), ("in", dn)), move.kv_bytes * sh, landed,
-                           latency_s=self.nic_latency + self.s.kv_ship_overhead_s)
+                           latency_s=self.nic_latency + self.s.kv_ship_overhead_s, cap=m.net_Bps)
         return True
 
     def _kv_landed(self, dest: Inst, r: Req) -> None:
         dest.incoming -= 1
-        dest.view = None
+        self._dirty(dest)
         if self.insts.get(dest.id) is not dest or dest.state not in ROUTABLE:  # gone meanwhile: recompute
             dest.kv_used -= r.kv_tokens
             r.resume = True
-            self.held.appendleft(r)
-            self._pump()
+            dest.m.held.appendleft(r)
+            self._pump(dest.m)
             return
         r.kv_ready = True
         dest.pending.appendleft(r)
@@ -245,15 +294,16 @@ class ScaleOuts(Arrivals):
         if inst.event is None and self.insts.get(inst.id) is inst:  # nothing started it meanwhile
             self._start_step(inst)
 
-    def _node_full(self, node: NodeState, pump: bool = True) -> None:
+    def _node_full(self, node: NodeState, m: ModelRun, pump: bool = True) -> None:
         now = self.loop.now()
-        inst = node.inst
+        inst = node.insts.get(m.name)
         if inst is None or inst.state is not InstanceState.LOADING:
             return
         inst.state = InstanceState.FULL
-        inst.view = None
-        node.gpu_last_used = now
-        tl = node.timeline
+        self._dirty(inst)
+        node.gpu_last_used[m.name] = now
+        self._touch(node)
+        tl = node.timeline.get(m.name)
         if tl is not None:
             tl.mark_first_pipeline(now)
             tl.mark_node_full(node.id, now)
@@ -267,5 +317,5 @@ class ScaleOuts(Arrivals):
         if inst.remove_when_full:
             self._remove(inst.id)
         if pump:
-            self._pump()
+            self._pump(m)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from lambdascale.control.placement import place_model
 from lambdascale.control.settings import ControlSettings
-from lambdascale.control.spec import InstanceState, Tier
+from lambdascale.control.spec import Tier
 from lambdascale.sim.cluster import ClusterSpec, SimModel
 from lambdascale.sim.costmodel import CostModel
 from lambdascale.sim.events import Priority
@@ -88,19 +88,20 @@ def scale_once(cluster: ClusterSpec, model: SimModel, system: System, settings: 
         "none", np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
     s = settings.model_copy(update={"nodes": nodes, "min_instances": 0})
     sim = Simulation(w, cluster, model, system, s, control, cost)
+    m = sim.models[0]
     for i in range(sources):
         node = sim.nodes[i]
         if tier is Tier.GPU:
-            sim._alloc_gpu(node)
-            node.chunks = set(range(model.n_chunks))
-            node.inst = sim._new_inst(InstanceState.FULL, ((i, 0, model.n_blocks),))
+            sim._warm(node, m)
         elif tier is Tier.HOST:
-            node.host = True
-        node.ssd = True
+            sim._put_host(node, m)
+        if m.name not in node.ssd:
+            node.ssd.add(m.name)
+            node.ssd_used += m.model.nbytes
     snap = sim.snapshot()
     mv = snap.models[0]
     add = nodes - (sources if tier is Tier.GPU else 0)
-    plan = place_model(snap, mv, add, sim.cfg, 0.0)
+    plan = place_model(snap, mv, add, sim.cfg, 0.0, gpus_free=sim._gpus_free_for(m))
     rec = sim._execute(plan)
     for r in sim.reqs:
         sim.loop.schedule(r.arrival, Priority.ARRIVAL, sim._arrive, r)

@@ -14,7 +14,17 @@ class SimSettings(BaseModel):
 
     seed: int = Field(default=0, ge=0, description="seed of every random component")
     cluster: str = Field(default="h800-ib400", description="cluster preset name or preset file")
-    model: str = Field(default="llama2-13b", description="model shape name (llama2-7b/13b/70b, llama3-8b) or a model directory")
+    model: str = Field(default="llama2-13b", description="model shape name (llama2-7b/13b/70b, llama3-8b) or a model directory; "
+                       "the one model of the run when no catalogue is given")
+    catalogue: str | None = Field(
+        default=None,
+        description="models sharing the cluster: a built-in catalogue (serverless-64, finetunes-256) or a catalogue "
+        "file (CSV/YAML, docs/sim-formats.md); None = the one --model")
+    model_run_length: float = Field(
+        default=4.0, ge=1, le=1e6,
+        description="with a catalogue and a trace without a model column: mean length of the runs of consecutive "
+        "requests dealt to one model by popularity (geometric), so each model keeps the trace's bursts; 1 = an even "
+        "thinning of the trace")
     nodes: int = Field(default=8, ge=1, le=4096, description="nodes in the cluster, sources included")
     gpus_per_node: int | None = Field(default=None, ge=1, le=64,
                                       description="GPUs per node; None = the preset's (raised to a model's GPUs per instance, e.g. 4 for a 70B)")
@@ -71,10 +81,11 @@ class SimSettings(BaseModel):
         "gateway's scale-from-zero kick) instead of waiting for the next autoscale tick; every system alike")
     kv_memory_fraction: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory left after weights usable for KV cache")
     host_pool_gib: float | None = Field(default=None, ge=0, le=1e6,
-                                        description="host-memory pool per node for this model's cached copies (other tenants use the rest); None = the preset's host memory")
+                                        description="host-memory pool per node for cached model copies; None = the preset's host memory")
     host_cache_nodes: int | None = Field(default=None, ge=0, le=4096,
-                                         description="nodes (lowest ids) whose host pool may cache this model; the others' pools are taken by other tenants. None = all")
-    ssd_preloaded: bool = Field(default=True, description="every node starts with the model on its SSD")
+                                         description="what-if, off by default: only the nodes (lowest ids) below this have a host pool; "
+                                         "the others' pools belong to tenants outside the simulation. None = every node's pool")
+    ssd_preloaded: bool = Field(default=True, description="every node starts with the models on its SSD (most popular first, as far as it holds them)")
     drain_s: float = Field(default=600.0, ge=0, le=86400, description="time allowed after the last arrival for requests to finish")
     rate_window_s: float = Field(default=10.0, gt=0, le=3600,
                                  description="window over which the simulated observer measures a model's arrival rate")

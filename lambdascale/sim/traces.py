@@ -2,7 +2,10 @@
 
 Formats (detected from the content, not only the name):
 
-* normalized CSV: header ``arrival_s,input_tokens,output_tokens`` (seconds since first request);
+* normalized CSV: header ``arrival_s,input_tokens,output_tokens`` (seconds since first request),
+  optionally a fourth column ``model`` naming each request's catalogue model;
+* BurstGPT CSV: header ``Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type``
+  (seconds; ``Model`` becomes the request's model name);
 * raw Azure LLM 2023 CSV: header ``TIMESTAMP,ContextTokens,GeneratedTokens`` (wall-clock stamps);
 * Mooncake JSONL: one object per line with ``timestamp`` (ms), ``input_length``, ``output_length``;
 * a requests-per-second series: one number per line, one line per second (``Burst.txt``); its
@@ -25,14 +28,22 @@ import numpy as np
 from lambdascale.sim.workload import Workload, WorkloadError, parse_synthetic, streams, synthetic
 
 
-def _finish(name: str, arr: list[float], inp: list[int], out: list[int]) -> Workload:
+def _finish(name: str, arr: list[float], inp: list[int], out: list[int], models: list[str] | None = None,
+            lines: list[int] | None = None) -> Workload:
     a = np.asarray(arr, dtype=np.float64)
     order = np.argsort(a, kind="stable")
     a = a[order]
     if len(a):
         a = a - a[0]
+    names = None if models is None else np.asarray(models, dtype=object)[order]
+    src = None if lines is None else np.asarray(lines, dtype=np.int64)[order]
     return Workload(name, a, np.asarray(inp, dtype=np.int64)[order],
-                    np.maximum(1, np.asarray(out, dtype=np.int64)[order]))
+                    np.maximum(1, np.asarray(out, dtype=np.int64)[order]), model_names=names, source_lines=src)
+
+
+#: BurstGPT's CSV layout (github.com/HPMLL/BurstGPT): seconds since the trace's start, the model
+#: served (ChatGPT or GPT-4), prompt and response tokens, their sum, and the log type.
+BURSTGPT_HEADER = ["Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type"]
 
 
 def _int(path: Path, lineno: int, field: str, value: str) -> int:
@@ -56,18 +67,43 @@ def read_csv_trace(path: Path) -> Workload:
         arr: list[float] = []
         inp: list[int] = []
         out: list[int] = []
-        if header == ["arrival_s", "input_tokens", "output_tokens"]:
+        models: list[str] | None = None
+        lines: list[int] = []
+        if header in (["arrival_s", "input_tokens", "output_tokens"],
+                      ["arrival_s", "input_tokens", "output_tokens", "model"]):
+            width = len(header)
+            models = [] if width == 4 else None
             for i, row in enumerate(reader, start=2):
                 if not row:
                     continue
-                if len(row) != 3:
-                    raise WorkloadError(f"{path}:{i}: expected 3 fields, got {len(row)}")
+                if len(row) != width:
+                    raise WorkloadError(f"{path}:{i}: expected {width} fields, got {len(row)}")
                 try:
                     arr.append(float(row[0]))
                 except ValueError:
                     raise WorkloadError(f"{path}:{i}: field arrival_s is not a number: {row[0]!r}") from None
                 inp.append(_int(path, i, "input_tokens", row[1]))
                 out.append(_int(path, i, "output_tokens", row[2]))
+                if models is not None:
+                    if not row[3].strip():
+                        raise WorkloadError(f"{path}:{i}: field model is empty")
+                    models.append(row[3].strip())
+                lines.append(i)
+        elif header == BURSTGPT_HEADER:
+            models = []
+            for i, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(BURSTGPT_HEADER):
+                    raise WorkloadError(f"{path}:{i}: expected {len(BURSTGPT_HEADER)} fields, got {len(row)}")
+                try:
+                    arr.append(float(row[0]))
+                except ValueError:
+                    raise WorkloadError(f"{path}:{i}: field Timestamp is not a number: {row[0]!r}") from None
+                models.append(row[1].strip())
+                inp.append(_int(path, i, "Request tokens", row[2]))
+                out.append(_int(path, i, "Response tokens", row[3]))
+                lines.append(i)
         elif header == ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
             for i, row in enumerate(reader, start=2):
                 if not row:
@@ -87,12 +123,12 @@ def read_csv_trace(path: Path) -> Workload:
                 out.append(_int(path, i, "GeneratedTokens", row[2]))
         else:
             raise WorkloadError(
-                f"{path}: unknown CSV header {header}; expected arrival_s,input_tokens,output_tokens "
-                "or TIMESTAMP,ContextTokens,GeneratedTokens"
+                f"{path}: unknown CSV header {header}; expected arrival_s,input_tokens,output_tokens[,model], "
+                f"TIMESTAMP,ContextTokens,GeneratedTokens or BurstGPT's {','.join(BURSTGPT_HEADER)}"
             )
     if not arr:
         raise WorkloadError(f"{path}: trace holds no requests")
-    return _finish(path.stem, arr, inp, out)
+    return _finish(path.stem, arr, inp, out, models, lines or None)
 
 
 def read_mooncake(path: Path) -> Workload:

@@ -44,11 +44,17 @@ class Workload:
     arrival_s: np.ndarray
     input_tokens: np.ndarray
     output_tokens: np.ndarray
+    model: np.ndarray | None = None  # int64 catalogue index per request (sim.catalogue.assign_models)
+    model_names: np.ndarray | None = None  # per request: the model a trace's `model` column names (str)
+    source_lines: np.ndarray | None = None  # per request: its line in the trace file (for errors)
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
         if len(self.input_tokens) != n or len(self.output_tokens) != n:
             raise WorkloadError(f"workload {self.name}: arrays differ in length")
+        for a in (self.model, self.model_names, self.source_lines):
+            if a is not None and len(a) != n:
+                raise WorkloadError(f"workload {self.name}: arrays differ in length")
         if n and np.any(np.diff(self.arrival_s) < 0):
             raise WorkloadError(f"workload {self.name}: arrivals are not sorted")
 
@@ -65,7 +71,12 @@ class Workload:
             raise WorkloadError(f"time scale must be positive, got {time_scale}")
         arr = self.arrival_s / time_scale
         keep = slice(None) if duration_s is None else slice(0, int(np.searchsorted(arr, duration_s, side="left")))
-        return Workload(self.name, arr[keep], self.input_tokens[keep], self.output_tokens[keep])
+
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return Workload(self.name, arr[keep], self.input_tokens[keep], self.output_tokens[keep],
+                        cut(self.model), cut(self.model_names), cut(self.source_lines))
 
 
 class Generator(str, Enum):

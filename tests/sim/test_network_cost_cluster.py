@@ -100,7 +100,7 @@ def test_raw_shared_calibration_converts(calibration_dir: Path) -> None:
 def test_presets_and_models(tmp_path: Path) -> None:
     assert {"h800-ib400", "h200-ib400", "a100-roce100"} <= set(preset_names())
     c = load_cluster("h800-ib400")
-    assert c.links.nic_gbps == 400 and c.gpus_per_node == 1
+    assert c.links.nic_gbps == 400 and c.gpus_per_node == 4
     assert resolve_model("llama-2-70b").tp == 4 and resolve_model("13b").tp == 1
     bad = tmp_path / "x.yaml"
     bad.write_text("name: x\ngpu: {name: g, memory_gib: 0}\nhost_memory_gib: 1\nlinks: {nic_gbps: 1, pcie_GBps: 1, nvlink_GBps: 1, ssd_GBps: 1}\n")

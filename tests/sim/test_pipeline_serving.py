@@ -37,7 +37,7 @@ def _sim(w: Workload | None = None, **kw: object) -> Simulation:
 def _pipeline(sim: Simulation, assignment: tuple[int, ...]) -> Inst:
     p = Pipeline(assignment)
     stages = tuple((s.node, s.start, s.end) for s in p.stages)
-    return sim._new_inst(InstanceState.PIPELINED, stages, pipeline=p)
+    return sim._new_inst(sim.models[0], InstanceState.PIPELINED, stages, pipeline=p)
 
 
 def _burst_on(sim: Simulation, inst: Inst, n: int, inp: int, out: int) -> list[Req]:
@@ -91,7 +91,7 @@ def test_a_pipeline_takes_what_its_widest_stage_keeps_in_kv_memory() -> None:
     assert _pipeline(sim, (2, 2, 2, 3, 3, 3, 4, 4)).capacity == 8 * 8 // 3
     assert _pipeline(sim, (2, 3, 2, 3, 2, 3, 2, 3)).bottleneck_share == pytest.approx(0.5)  # a node's blocks add up
     assert _pipeline(_sim(pipeline_batch="instance"), (2, 2, 3, 3, 4, 4, 5, 5)).capacity == 8
-    whole = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    whole = sim._new_inst(sim.models[0], InstanceState.FULL, ((0, 0, 8),))
     assert whole.capacity == 8 and whole.slots == 1 and whole.bottleneck_share == 1.0
 
 
@@ -108,14 +108,13 @@ def test_requests_arriving_at_one_instant_start_as_one_batch() -> None:
 def test_a_lending_source_finishes_its_running_segment_later_by_what_it_lent() -> None:
     sim = _sim(pipeline_helper_blocks=4)
     src = sim.nodes[0]
-    sim._alloc_gpu(src)
-    src.inst = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    sim._warm(src, sim.models[0])
     own = [Req(i, 0.0, 10, 5) for i in range(2)]
-    src.inst.pending.extend(own)
-    sim._start_step(src.inst)
+    src.insts["llama2-7b"].pending.extend(own)
+    sim._start_step(src.insts["llama2-7b"])
     sim.loop.run(until=LAYERS * PREFILL_PER_TOKEN * 20 + 1e-9)  # its prefill pass is over, 4 decode passes run
     alone = sim.loop.now() + 4 * LAYERS * DECODE
-    assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone)
+    assert src.insts["llama2-7b"].seg_end(src.insts["llama2-7b"].seg_k) == pytest.approx(alone)
     pipe = _pipeline(sim, (1, 1, 1, 1, 0, 0, 0, 0))  # the source runs the second half
     pipe.helper_share = {0: 0.5}
     guest = [Req(10 + i, sim.loop.now(), 100, 1) for i in range(2)]
@@ -130,13 +129,12 @@ def test_a_lending_source_finishes_its_running_segment_later_by_what_it_lent() -
 def test_a_dissolved_pipeline_gives_back_the_time_charged_for_passes_it_never_ran() -> None:
     sim = _sim(pipeline_helper_blocks=4)
     src = sim.nodes[0]
-    sim._alloc_gpu(src)
-    src.inst = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
-    src.inst.pending.extend(Req(i, 0.0, 10, 40) for i in range(2))
-    sim._start_step(src.inst)
+    sim._warm(src, sim.models[0])
+    src.insts["llama2-7b"].pending.extend(Req(i, 0.0, 10, 40) for i in range(2))
+    sim._start_step(src.insts["llama2-7b"])
     prefill_end = LAYERS * PREFILL_PER_TOKEN * 20
     sim.loop.run(until=prefill_end + 1e-9)
-    alone = src.inst.seg_end(src.inst.seg_k)
+    alone = src.insts["llama2-7b"].seg_end(src.insts["llama2-7b"].seg_k)
     assert alone == pytest.approx(prefill_end + 39 * LAYERS * DECODE)
     pipe = _pipeline(sim, (1, 1, 1, 1, 0, 0, 0, 0))
     pipe.helper_share = {0: 0.5}
@@ -146,12 +144,12 @@ def test_a_dissolved_pipeline_gives_back_the_time_charged_for_passes_it_never_ra
     sim.loop.run(until=pipe.seg_end(1) + 1e-9)  # its prefill pass is over: 5 decode passes charged
     per_pass = 0.5 * 2 * LAYERS * DECODE  # half the blocks of two micro-batches' decode step
     assert pipe.seg_k == 5 and pipe.lent_per_pass == {0: pytest.approx(per_pass)}
-    assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone + lent_prefill + 5 * per_pass)
+    assert src.insts["llama2-7b"].seg_end(src.insts["llama2-7b"].seg_k) == pytest.approx(alone + lent_prefill + 5 * per_pass)
     sim.loop.run(until=pipe.seg_start + pipe.seg_fill + 0.5 * pipe.seg_period)  # mid second pass
     sim._dissolve(pipe)
     # one pass ran, the one in flight drains; the other three are given back
-    assert src.inst.seg_end(src.inst.seg_k) == pytest.approx(alone + lent_prefill + 2 * per_pass)
-    assert all(r.generated == 2 and r.resume for r in sim.held)
+    assert src.insts["llama2-7b"].seg_end(src.insts["llama2-7b"].seg_k) == pytest.approx(alone + lent_prefill + 2 * per_pass)
+    assert all(r.generated == 2 and r.resume for r in sim.models[0].held)
 
 
 def _dissolving_pipeline(**kw: object) -> tuple[Simulation, Inst, Inst, list[Req]]:
@@ -162,7 +160,7 @@ def _dissolving_pipeline(**kw: object) -> tuple[Simulation, Inst, Inst, list[Req
     pipe.pending.extend(reqs)
     sim._start_step(pipe)
     sim.loop.run(until=pipe.seg_end(1) + 1e-9)  # prefilled: each has its first token
-    dest = sim._new_inst(InstanceState.FULL, ((2, 0, 8),))
+    dest = sim._new_inst(sim.models[0], InstanceState.FULL, ((2, 0, 8),))
     return sim, pipe, dest, reqs
 
 
@@ -171,7 +169,7 @@ def test_a_dissolving_pipeline_ships_its_requests_kv_to_a_full_instance() -> Non
     assert all(r.generated == 1 for r in reqs)
     t0 = sim.loop.now()
     sim._dissolve(pipe)
-    assert sim.kv_shipped == 4 and not sim.held and dest.incoming == 4 and dest.outstanding == 4
+    assert sim.kv_shipped == 4 and not sim.models[0].held and dest.incoming == 4 and dest.outstanding == 4
     # the stages on nodes 3-5 send their three quarters of each cache into node 2's one NIC
     nbytes = 4 * (100 + 1) * sim.kv_tok * 0.75
     landed = t0 + nbytes / sim.nic_Bps + sim.nic_latency + sim.s.kv_ship_overhead_s
@@ -184,11 +182,11 @@ def test_a_dissolving_pipeline_ships_its_requests_kv_to_a_full_instance() -> Non
 def test_recomputing_or_no_free_slot_sends_the_requests_back_to_the_gateway() -> None:
     sim, pipe, dest, reqs = _dissolving_pipeline(kv_move="recompute")
     sim._dissolve(pipe)
-    assert sim.kv_shipped == 0 and list(sim.held) == reqs and all(r.resume for r in reqs)
+    assert sim.kv_shipped == 0 and list(sim.models[0].held) == reqs and all(r.resume for r in reqs)
     sim, pipe, dest, reqs = _dissolving_pipeline()
     dest.capacity = 2  # room for two: the other two recompute wherever the router puts them
     sim._dissolve(pipe)
-    assert sim.kv_shipped == 2 and dest.incoming == 2 and len(sim.held) == 2
+    assert sim.kv_shipped == 2 and dest.incoming == 2 and len(sim.models[0].held) == 2
 
 
 def test_a_pass_splits_its_requests_over_microbatches_as_the_runtime_launches_them() -> None:
@@ -218,7 +216,7 @@ def test_running_sequences_fill_the_first_microbatches_and_new_ones_follow() -> 
 def test_a_pipelines_step_budget_grows_by_its_extra_sequences() -> None:
     sim = _sim(max_prefill_tokens=100)
     inst = _pipeline(sim, (2, 2, 2, 2, 3, 3, 3, 3))  # 16 sequences: 8 more than a full instance
-    assert inst.step_tokens == 108 and sim._new_inst(InstanceState.FULL, ((0, 0, 8),)).step_tokens == 100
+    assert inst.step_tokens == 108 and sim._new_inst(sim.models[0], InstanceState.FULL, ((0, 0, 8),)).step_tokens == 100
     inst.pending.extend(Req(i, 0.0, 54, 1) for i in range(5))
     sim._start_step(inst)
     assert len(inst.seg_new) == 4  # 4 x 54 = 216 = 2 steps x 108 (2 x 100 would take 3)
@@ -229,8 +227,8 @@ def _pipeline_and_full(**kw: object) -> tuple[Simulation, Inst, Inst]:
     sim = _sim(**kw)
     pipe = _pipeline(sim, (2, 2, 3, 3, 4, 4, 5, 5))
     pipe.running.extend(Req(100 + i, 0.0, 10, 50, generated=1) for i in range(4))
-    full = sim._new_inst(InstanceState.FULL, ((2, 0, 8),))
-    sim.held.extend(Req(i, 0.0, 10, 5) for i in range(10))
+    full = sim._new_inst(sim.models[0], InstanceState.FULL, ((2, 0, 8),))
+    sim.models[0].held.extend(Req(i, 0.0, 10, 5) for i in range(10))
     return sim, pipe, full
 
 
@@ -239,11 +237,11 @@ def test_a_receivers_full_instance_keeps_slots_for_the_pipelines_requests() -> N
     pipe.capacity = 4  # the pipeline takes nothing more: only the full instance can
     sim._pump()
     # ceil(4 requests / 4 receivers) = 1 of its 8 slots stays free for a shipped cache
-    assert full.outstanding == 7 and len(sim.held) == 3
+    assert full.outstanding == 7 and len(sim.models[0].held) == 3
     sim, pipe, full = _pipeline_and_full(kv_move="recompute")
     pipe.capacity = 4
     sim._pump()
-    assert full.outstanding == 8 and len(sim.held) == 2  # recompute: moved requests re-queue, nothing kept
+    assert full.outstanding == 8 and len(sim.models[0].held) == 2  # recompute: moved requests re-queue, nothing kept
 
 
 def _scale_out(helper_blocks: int) -> Simulation:
@@ -251,9 +249,7 @@ def _scale_out(helper_blocks: int) -> Simulation:
 
     sim = _sim(nodes=2, pipeline_helper_blocks=helper_blocks)
     src = sim.nodes[0]
-    sim._alloc_gpu(src)
-    src.chunks = set(range(sim.model.n_chunks))
-    src.inst = sim._new_inst(InstanceState.FULL, ((0, 0, 8),))
+    sim._warm(src, sim.models[0])
     snap = sim.snapshot()
     sim._execute(place_model(snap, snap.models[0], 1, sim.cfg, 0.0))
     return sim

@@ -97,9 +97,11 @@ def test_uncontended_multicast_matches_player(algo: str, n: int, sources: int, m
     mc = plan_multicast(algo, n, sources, sim.model.n_blocks, sim.model.n_chunks)
     links = Links(nic_send_bps=sim.nic_Bps, nic_recv_bps=sim.nic_Bps, latency_s=sim.nic_latency)
     ref = play(mc, sim.model.chunk_bytes, links, mode=mode)
+    start = sim._transfer_start_s(plan, sim.model.tp)  # the ring's collective start-up (links.nccl_init_per_rank_s)
+    assert (start > 0) == (algo == "ring")
     for v in range(sources, n):
-        assert rec.timeline.node_full_at[v] == pytest.approx(ref.node_full[v], rel=1e-9, abs=1e-12)
-    assert rec.timeline.all_full_at == pytest.approx(ref.completion_time, rel=1e-9)
+        assert rec.timeline.node_full_at[v] == pytest.approx(start + ref.node_full[v], rel=1e-9, abs=1e-12)
+    assert rec.timeline.all_full_at == pytest.approx(start + ref.completion_time, rel=1e-9)
 
 
 def test_unknown_system_is_named() -> None:

@@ -13,7 +13,10 @@ Sections (each prints one table):
    cache the model grows (the multi-tenant pressure knob), code trace, 16 nodes.
 3b. ``gateway``: the simulated gateway's two mechanisms (late binding, scale-from-zero kick) on
    and off, every system, code trace, 16 nodes: what each contributes and to whom.
-4. ``speed``: the whole Azure conv trace (19,366 requests) on 16 nodes, all five systems: wall time.
+4. ``speed``: the whole Azure conv trace (19,366 requests) on 16 nodes with serverless-64, all five
+   systems: wall and CPU time.
+6. ``catalogue`` (issue 15): the defaults run (serverless-64 on the Azure code trace, 16 nodes),
+   then a sensitivity table over the catalogue's size and host memory per node.
 5. ``burst``: issue 6's acceptance shape, simulated (h200-ib400, Llama-2 7B, 6 nodes, 2 sources on
    GPU, a burst of 48 arriving with the scale-out; times x 100 to compare with the emulated
    cluster of ``bench scale --emulate-device h200:llama2-7b:100``): receivers only and with the
@@ -141,15 +144,67 @@ def section_hostcache(traces: Path) -> None:
 
 
 def section_speed(traces: Path) -> None:
+    import resource
+
     trace = str(traces / "normalized" / "azure_llm_2023_conv.csv")
-    s = SimSettings(model="llama2-13b", cluster="h800-ib400", nodes=16, systems=SYSTEMS, **SERVERLESS)
+    s = SimSettings(catalogue="serverless-64", cluster="h800-ib400", nodes=16, systems=SYSTEMS)
     t0 = time.perf_counter()
+    c0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     res = simulate(s, trace)
     wall = time.perf_counter() - t0
+    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime - c0
+    print(f"(CPU time {cpu:.1f} s; a shared machine's wall time counts other jobs too)")
     rows = [summarize(r, s.slo_ttft) for r in res]
-    print(f"\n## speed: Azure conv trace, {len(res[0].ttft)} requests, 16 nodes, all five systems: {wall:.1f} s wall "
+    print(f"\n## speed: Azure conv trace, {len(res[0].ttft)} requests, serverless-64, 16 nodes, all five systems: {wall:.1f} s wall "
           f"({sum(r.events for r in res)} events)")
     print(table(rows, s.slo_ttft))
+
+
+def _sub_catalogue(n: int, out: Path) -> str:
+    """The ``n`` most popular models of serverless-64 as a catalogue file (its own weights)."""
+    from lambdascale.sim.catalogue import load_catalogue
+
+    cat = load_catalogue("serverless-64")
+    rows = sorted(cat.models, key=lambda m: -m.weight)[:n]
+    p = out / f"serverless-64-top{n}.csv"
+    p.write_text("name,shape,gpus,weight\n" + "".join(f"{m.name},{m.shape},,{m.weight}\n" for m in rows))
+    return str(p)
+
+
+def section_catalogue(traces: Path, plots: Path | None) -> None:
+    """Issue 15: the defaults run (serverless-64, Azure code, 16 nodes), then what moves it: the
+    catalogue's size (its most popular n models, finetunes-256) and host memory per node."""
+    import tempfile
+
+    trace = str(traces / "normalized" / "azure_llm_2023_code.csv")
+    base = SimSettings(catalogue="serverless-64", nodes=16, systems=SYSTEMS)
+    t0 = time.perf_counter()
+    res = simulate(base, trace)
+    rows = [summarize(r, base.slo_ttft) for r in res]
+    print(f"\n## catalogue: defaults (serverless-64, Azure code, 16 x h800-ib400), {time.perf_counter() - t0:.1f} s wall")
+    print(table(rows, base.slo_ttft))
+    print(_ratios(rows))
+    for r in rows:
+        print(f"  {r['system']:<14} starts {r['starts_by_tier']} evictions {r['evictions']} "
+              f"host {r['host_occupancy_mean']:.2f} GPUs {r['gpu_occupancy_mean']:.2f}")
+    if plots is not None:
+        plot(res, plots / "catalogue", base.slo_ttft, "(serverless-64, code trace, 16 nodes)")
+    print("\n## catalogue sensitivity: λScale vs the best baseline (ServerlessLLM) and FaaSNet, code trace, 16 nodes")
+    print(f"{'catalogue':<22}{'host GiB':>9}{'λS p99':>9}{'SLLM p99':>9}{'FaaSNet':>9}{'x SLLM':>8}{'x FaaSNet':>10}"
+          f"{'λS GPU-s':>10}{'SLLM GPU-s':>11}{'λS SLO':>8}{'SLLM SLO':>9}{'λS net starts':>14}")
+    with tempfile.TemporaryDirectory() as d:
+        cases = [("llama2-13b alone", None, 1024.0)] + [(f"serverless-64 top {n}", _sub_catalogue(n, Path(d)), 1024.0)
+                                                        for n in (8, 16, 32)]
+        cases += [("serverless-64", "serverless-64", h) for h in (1024.0, 512.0, 256.0, 128.0)]
+        cases += [("finetunes-256", "finetunes-256", 1024.0)]
+        for label, cat, host in cases:
+            s = base.model_copy(update={"catalogue": cat, "host_pool_gib": host,
+                                        "systems": "lambdascale,serverlessllm,faasnet"})
+            lam, sl, fa = (summarize(r, s.slo_ttft) for r in simulate(s, trace))
+            print(f"{label:<22}{host:>9.0f}{lam['ttft_p99_s']:>9.2f}{sl['ttft_p99_s']:>9.2f}{fa['ttft_p99_s']:>9.2f}"
+                  f"{sl['ttft_p99_s'] / lam['ttft_p99_s']:>8.2f}{fa['ttft_p99_s'] / lam['ttft_p99_s']:>10.2f}"
+                  f"{lam['gpu_seconds']:>10.0f}{sl['gpu_seconds']:>11.0f}{lam['slo_attainment']:>8.3f}"
+                  f"{sl['slo_attainment']:>9.3f}{lam['starts_by_tier'].get('network', 0):>14}", flush=True)
 
 
 def section_burst() -> None:
@@ -178,7 +233,7 @@ def section_burst() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "traces")
-    ap.add_argument("--sections", default="scaling,code,gateway,hostcache,frontier,speed,burst")
+    ap.add_argument("--sections", default="scaling,catalogue,code,gateway,hostcache,frontier,speed,burst")
     ap.add_argument("--plots", type=Path, default=None, help="write PNGs of the 16-node code-trace run here")
     ap.add_argument("--slo-target", type=float, default=0.99, help="SLO attainment the frontier must reach")
     ap.add_argument("--p99-bound", type=float, default=1.0, help="p99 TTFT bound of the frontier's second criterion")
@@ -186,6 +241,8 @@ def main() -> None:
     sections = a.sections.split(",")
     if "scaling" in sections:
         section_scaling()
+    if "catalogue" in sections:
+        section_catalogue(a.traces, a.plots)
     if "code" in sections:
         section_code(a.traces, a.plots)
     if "gateway" in sections:

@@ -71,12 +71,12 @@ def per_model(r: SimResult, slo_s: float) -> list[dict[str, Any]]:
 
 def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
     """Fixed-width text table of :func:`summarize` rows."""
-    head = (f"{'system':<14}{'TTFT p50':>9}{'p90':>8}{'p99':>8}{'TPOT p50':>10}{'p99':>8}"
+    head = (f"{'system':<14}{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>10}{'p99':>8}"
             f"{'SLO<=' + format(slo_s, 'g') + 's':>10}{'GPU-s':>10}{'scales':>7}{'1st serve':>10}{'all full':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['system']:<14}{r['ttft_p50_s']:>9.3f}{r['ttft_p90_s']:>8.3f}{r['ttft_p99_s']:>8.3f}"
+            f"{r['system']:<14}{r['ttft_p50_s']:>9.3f}{r['ttft_p90_s']:>9.3f}{r['ttft_p99_s']:>9.3f}"
             f"{r['tpot_p50_s'] * 1e3:>8.1f}ms{r['tpot_p99_s'] * 1e3:>6.1f}ms{r['slo_attainment'] * 100:>9.1f}%"
             f"{r['gpu_seconds']:>10.0f}{r['scale_events']:>7d}{r['scale_first_serve_mean_s']:>9.2f}s"
             f"{r['scale_all_full_mean_s']:>8.2f}s")

@@ -5,7 +5,8 @@ row: a unique ``name``, a ``shape`` (a registered shape such as ``llama2-7b``, o
 directory with our manifest), optionally ``gpus`` per instance (default: the fewest that hold
 the weights with room for KV cache, as :func:`~lambdascale.sim.cluster.resolve_model` decides),
 and its popularity: a ``weight`` (relative request share, >= 0) or a ``trace`` of its own
-(a trace file, relative to the catalogue file, whose requests are all that model's).
+(a trace file, relative to the catalogue file, whose requests are all that model's; like every
+trace it counts from its first request, which arrives when the simulation starts).
 
 Built-ins (``lambdascale/sim/catalogues/``, each file's header says where its numbers come from):
 ``serverless-64`` and ``finetunes-256``. Errors name the file and line (:class:`CatalogueError`).
@@ -282,6 +283,7 @@ def assign_models(w: Workload, cat: Catalogue, seed: int, run_length: float,
         raise CatalogueError(f"{cat.source}: models with their own trace need a trace reader")
     parts = [main]
     for j, m in own:
+        assert m.trace is not None
         path = Path(m.trace) if cat.base_dir is None or Path(m.trace).is_absolute() else cat.base_dir / m.trace
         t = read(path)
         parts.append(Workload(t.name, t.arrival_s, t.input_tokens, t.output_tokens, np.full(len(t), j, dtype=np.int64)))

@@ -248,6 +248,8 @@ class SimState:
         self.pcie_Bps = L.pcie_GBps * GB
         self.models: list[ModelRun] = []
         for i, e in enumerate(entries):
+            if e.cost is None:
+                raise ValueError(f"model {e.model.name}: no cost model")
             tp = e.model.tp
             spec = DeploymentSpec(
                 min_instances=min(settings.min_instances, settings.nodes), max_instances=settings.nodes,

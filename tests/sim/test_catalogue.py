@@ -137,3 +137,33 @@ def test_many_models_share_the_cluster_and_memory_is_never_over_committed(tmp_pa
         assert len(r.models) == 10 and r.mem_host.max() <= 1.0
     rows = simulate(s, w)
     assert [r.system for r in rows] == ["lambdascale", "serverlessllm"]
+
+
+def test_a_model_with_its_own_trace_takes_that_traces_requests(tmp_path: Path) -> None:
+    _write(tmp_path, "own.csv", "arrival_s,input_tokens,output_tokens\n0.5,10,5\n1.5,10,5\n")
+    cat = load_catalogue(_write(tmp_path, "c.csv", "name,shape,weight,trace\na,llama2-7b,1,\nb,llama2-7b,,own.csv\n"))
+    main = Workload("main", np.array([0.0, 1.0, 2.0]), np.full(3, 10), np.full(3, 5))
+    w = assign_models(main, cat, 0, 4.0, read=read_trace)
+    # a trace counts from its first request, so b's arrive at 0 and 1 (after a's at the same instant)
+    assert list(w.arrival_s) == [0.0, 0.0, 1.0, 1.0, 2.0] and list(w.model) == [0, 1, 0, 1, 0]
+
+
+def test_simulate_cli_json_has_per_model_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    from lambdascale.sim import cli
+
+    cat = _write(tmp_path, "c.csv", "name,shape,weight\na,llama2-7b,2\nb,llama2-13b,1\n")
+    p = argparse.ArgumentParser()
+    cli.register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["simulate", "--catalogue", str(cat), "--trace", "synthetic:poisson,rate=2,duration_s=60",
+                         "--nodes", "2", "--systems", "lambdascale,serverlessllm", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["catalogue"] == str(cat)
+    for row in out["systems"]:
+        assert {"ttft_p50_s", "ttft_p99_s", "slo_attainment", "gpu_seconds", "starts_by_tier", "bytes_by_tier",
+                "evictions"} <= set(row)
+        assert [m["model"] for m in row["per_model"]] == ["a", "b"]
+        assert sum(m["requests"] for m in row["per_model"]) == row["requests"]

@@ -157,3 +157,64 @@ def test_family_features_are_read_from_the_config(tmp_path: Path) -> None:
     assert got["qwen2_moe"].attention_bias and not got["qwen2_moe"].moe.norm_topk_prob
     assert got["mixtral"].moe is not None and got["mixtral"].moe.norm_topk_prob
     assert [got["qwen2.5"].window_of(i) for i in range(4)] == [None, None, WINDOW, WINDOW]
+
+
+# ---- bad input: each error names the file and the field ------------------------------------
+
+def _config_dir(tmp_path: Path, case: str, **edit: Any) -> Path:
+    d = tmp_path / case
+    build_hf_dir(d, case)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_unsupported_feature_and_unknown_router_name_file_and_field(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lambdascale.errors import CheckpointError
+    from lambdascale.model.importers import import_model
+
+    d = _config_dir(tmp_path, "mistral", mlp_bias=True)
+    with pytest.raises(CheckpointError, match=r"mistral/config\.json: field mlp_bias=True is not supported"):
+        import_model(str(d), tmp_path / "models")
+    d = _config_dir(tmp_path, "mixtral", scoring_func="sigmoid")
+    with pytest.raises(CheckpointError, match=r"mixtral/config\.json: unknown MoE router type: field scoring_func='sigmoid'"):
+        import_model(str(d), tmp_path / "models")
+    d = _config_dir(tmp_path, "gemma3", hidden_activation="relu")
+    with pytest.raises(CheckpointError, match=r"gemma3/config\.json: field hidden_activation='relu' is not supported"):
+        import_model(str(d), tmp_path / "models")
+    # the CLI says it in one line, exit status 2, nothing imported
+    assert main(["import", str(d), "--models-dir", str(tmp_path / "models"), "--quiet"]) == 2
+    assert "hidden_activation='relu'" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "gemma3").exists()
+
+
+def test_manifest_with_an_unknown_router_names_the_field(tmp_path: Path) -> None:
+    from lambdascale.errors import CheckpointError
+    from lambdascale.model.manifest import read_manifest
+
+    build_hf_dir(tmp_path / "qwen3_moe", "qwen3_moe")
+    ck = _import(tmp_path / "qwen3_moe", tmp_path / "models")
+    m = json.loads((ck.dir / "manifest.json").read_text())
+    m["arch"]["moe"]["router"] = "sigmoid_group_topk"
+    (ck.dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match=r"manifest\.json: invalid manifest:\n  arch\.moe\.router: "):
+        read_manifest(ck.dir)
+
+
+def test_missing_shard_names_the_index_and_the_shard(tmp_path: Path) -> None:
+    from lambdascale.errors import CheckpointError
+    from lambdascale.model.importers import import_model
+
+    d = tmp_path / "sharded"
+    model = build_hf_dir(tmp_path / "src", "qwen3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(d, max_shard_size="100KB")
+    for f in (tmp_path / "src").glob("tokenizer*"):
+        (d / f.name).write_bytes(f.read_bytes())
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=rf"sharded/model\.safetensors\.index\.json: weight_map names shard {shards[1].name}"):
+        import_model(str(d), tmp_path / "models")

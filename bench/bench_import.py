@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from lambdascale.model.importers import import_model
-from lambdascale.model.importers.ggml_quants import DEQUANTIZERS
 from lambdascale.model.importers.tokenizer import synthetic_tokenizer_files
 
 H, FF, HEADS, VOCAB = 2048, 5632, 16, 32000
@@ -129,7 +128,7 @@ def make_safetensors(d: Path, size: int, fp8: bool) -> None:
 def make_gguf(path: Path, size: int, qtype: str) -> None:
     import gguf
 
-    per, bsize, _ = DEQUANTIZERS[qtype]
+    per, bsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
     layers = layers_for(size, bsize / per)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_embedding_length(H)

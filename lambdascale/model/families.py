@@ -256,8 +256,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen3_moe": FamilySpec(Family.QWEN3_MOE, "Qwen3MoeForCausalLM", {"qk_norm": True}, _qwen_moe, _QWEN_EXPERTS),
 }
 
-#: Config fields that turn on something we do not run, and the value we do run.
-_UNSUPPORTED = {"mlp_bias": False, "use_qk_norm": None, "attention_chunk_size": None, "clip_qkv": None}
+#: Config fields that turn on something we do not run, and the values (besides absent/null) we run.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"mlp_bias": (False,), "use_qk_norm": (False,), "attention_chunk_size": (),
+                                            "clip_qkv": ()}
 
 _HINTS = {"gemma3": "the multimodal Gemma 3; import its text model (model_type gemma3_text) instead"}
 
@@ -277,7 +278,7 @@ def arch_from_hf_config(cfg: Config) -> ModelArch:
     """
     spec = spec_for(cfg.get("model_type"))
     for key, ok in _UNSUPPORTED.items():
-        if cfg.get(key) not in (None, ok):
+        if cfg.get(key) is not None and cfg[key] not in ok:
             raise ValueError(f"field {key}={cfg[key]!r} is not supported by lambdascale's {spec.family.value} model")
     rope = _rope_params(cfg)
     kwargs: dict[str, Any] = {

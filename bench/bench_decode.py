@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lambdascale.model.families import hf_config
 from lambdascale.engine.engine import Engine
 from lambdascale.engine.sampling import SamplingParams
 from lambdascale.engine.settings import EngineSettings
@@ -53,7 +54,7 @@ def _load(models_dir: Path | None) -> tuple[str, Engine, dict[str, torch.Tensor]
 def _hf(engine: Engine, tensors: dict[str, torch.Tensor]):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**engine.arch.to_hf_config())
+    cfg = AutoConfig.for_model(**hf_config(engine.arch))
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

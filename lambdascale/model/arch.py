@@ -14,15 +14,75 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Family(str, Enum):
-    """Supported architecture families (SmolLM is a Llama)."""
+    """Supported architecture families (SmolLM is a Llama; Qwen2.5 is a Qwen2; Phi-4 is a Phi-3).
+
+    The family names where a model came from; what the model *computes* is entirely in the
+    feature fields of :class:`ModelArch`, set per family by ``lambdascale.model.families``.
+    """
 
     LLAMA = "llama"
     QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
     MISTRAL = "mistral"
+    GEMMA2 = "gemma2"
+    GEMMA3 = "gemma3_text"
+    PHI3 = "phi3"
+    MIXTRAL = "mixtral"
+    QWEN2_MOE = "qwen2_moe"
+    QWEN3_MOE = "qwen3_moe"
+
+
+class Activation(str, Enum):
+    """The gated MLP's activation: ``down(act(gate(x)) * up(x))`` (SwiGLU or GeGLU)."""
+
+    SILU = "silu"
+    GELU_TANH = "gelu_pytorch_tanh"
+
+
+class LayerKind(str, Enum):
+    """What a layer's attention sees: every earlier token, or the last ``sliding_window`` of them."""
+
+    FULL = "full_attention"
+    SLIDING = "sliding_attention"
+
+
+class RouterKind(str, Enum):
+    """How a mixture-of-experts layer picks its experts for a token.
+
+    ``softmax_topk``: softmax over all experts' router logits in float32, keep the top k
+    (renormalised to sum 1 when ``norm_topk_prob``), as Mixtral, Qwen2-MoE and Qwen3-MoE do.
+    """
+
+    SOFTMAX_TOPK = "softmax_topk"
+
+
+class MoEArch(BaseModel):
+    """The mixture-of-experts part of a model: which layers route, over how many experts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_experts: int = Field(gt=0)
+    top_k: int = Field(gt=0, description="experts each token runs")
+    expert_intermediate_size: int = Field(gt=0)
+    router: RouterKind = RouterKind.SOFTMAX_TOPK
+    norm_topk_prob: bool = Field(default=True, description="renormalise the top-k probabilities to sum 1")
+    shared_expert_intermediate_size: int | None = Field(
+        default=None, gt=0, description="an always-on expert scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE)"
+    )
+    dense_layers: tuple[int, ...] = Field(default=(), description="layers with a dense MLP of intermediate_size instead")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEArch":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        return self
 
 
 class ModelArch(BaseModel):
-    """Shape and numerics of a Llama-family decoder. Field names follow Hugging Face configs."""
+    """Shape and numerics of a decoder-only transformer. Field names follow Hugging Face configs.
+
+    The defaults are Llama's; every other field turns on one feature another family needs.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,6 +104,24 @@ class ModelArch(BaseModel):
     attention_bias: bool = Field(default=False, description="q/k/v projections carry a bias (Qwen2)")
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # ---- features of the other families (defaults: off) ------------------------------------
+    hidden_act: Activation = Activation.SILU
+    qk_norm: bool = Field(default=False, description="per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)")
+    norm_unit_offset: bool = Field(default=False, description="RMSNorm scales by (1 + weight), in float32 (Gemma)")
+    sandwich_norms: bool = Field(
+        default=False, description="norms after attention and MLP too (pre/post_feedforward_layernorm; Gemma 2/3)"
+    )
+    scale_embeddings: bool = Field(default=False, description="embeddings times sqrt(hidden_size) (Gemma)")
+    query_pre_attn_scalar: float | None = Field(default=None, gt=0, description="attention scale is this ** -0.5")
+    attn_logit_softcapping: float | None = Field(default=None, gt=0, description="scores -> c * tanh(scores / c)")
+    final_logit_softcapping: float | None = Field(default=None, gt=0, description="logits -> c * tanh(logits / c)")
+    sliding_window: int | None = Field(default=None, gt=0, description="a sliding layer sees this many tokens")
+    layer_types: tuple[LayerKind, ...] | None = Field(
+        default=None, description="per layer; None: every layer sliding when sliding_window is set, else full"
+    )
+    rope_local_theta: float | None = Field(default=None, gt=0, description="RoPE base of sliding layers (Gemma 3)")
+    partial_rotary_factor: float = Field(default=1.0, gt=0, le=1, description="share of head_dim RoPE rotates (Phi-4-mini)")
+    moe: MoEArch | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelArch":
@@ -57,23 +135,86 @@ class ModelArch(BaseModel):
                 f"hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}; set head_dim"
             )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            if LayerKind.SLIDING in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} gives an odd rotary dimension {self.rotary_dim}")
+        if self.moe is not None and any(not 0 <= i < self.num_hidden_layers for i in self.moe.dense_layers):
+            raise ValueError(f"moe.dense_layers {list(self.moe.dense_layers)} names layers outside 0..{self.num_hidden_layers - 1}")
         return self
+
+    # ---- per-layer features ---------------------------------------------------------------
+    def layer_kind(self, i: int) -> LayerKind:
+        """Full or sliding attention for layer ``i``."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return LayerKind.SLIDING if self.sliding_window is not None else LayerKind.FULL
+
+    def window_of(self, i: int) -> int | None:
+        """Tokens layer ``i`` attends to (itself included), or None for every earlier token."""
+        return self.sliding_window if self.layer_kind(i) is LayerKind.SLIDING else None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i not in self.moe.dense_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dimensions of each head that RoPE rotates (the rest pass through)."""
+        return int(self.dim_per_head * self.partial_rotary_factor)
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.dim_per_head) ** -0.5
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (attention, MLP, two norms)."""
+    def _attn_params(self) -> int:
         h, d = self.hidden_size, self.dim_per_head
         q = self.num_attention_heads * d
         kv = self.num_key_value_heads * d
         attn = h * q + 2 * h * kv + q * h
         if self.attention_bias:
             attn += q + 2 * kv
-        mlp = 3 * h * self.intermediate_size
-        return attn + mlp + 2 * h
+        if self.qk_norm:
+            attn += 2 * d
+        return attn + (4 if self.sandwich_norms else 2) * h
+
+    def _mlp_params(self, i: int, active: bool) -> int:
+        h = self.hidden_size
+        if not self.is_moe_layer(i):
+            return 3 * h * self.intermediate_size
+        moe = self.moe
+        assert moe is not None
+        experts = moe.top_k if active else moe.num_experts
+        out = h * moe.num_experts + experts * 3 * h * moe.expert_intermediate_size
+        if moe.shared_expert_intermediate_size:
+            out += 3 * h * moe.shared_expert_intermediate_size + h
+        return out
+
+    def layer_params(self, i: int | None = None) -> int:
+        """Parameters of decoder layer ``i`` (attention, MLP or all experts, norms); the mean over
+        layers when ``i`` is None. These are the bytes a layer moves and stores."""
+        if i is None:
+            return sum(self.layer_params(j) for j in range(self.num_hidden_layers)) // self.num_hidden_layers
+        return self._attn_params() + self._mlp_params(i, active=False)
+
+    def active_layer_params(self, i: int | None = None) -> int:
+        """Parameters one token runs through in layer ``i``: an MoE layer counts its router, its
+        top-k experts and its shared expert, not the experts it skips (the compute of a step).
+        Equal to :meth:`layer_params` for a dense layer; the mean over layers when ``i`` is None."""
+        if i is None:
+            return sum(self.active_layer_params(j) for j in range(self.num_hidden_layers)) // self.num_hidden_layers
+        return self._attn_params() + self._mlp_params(i, active=True)
+
+    def layers_params(self, start: int, end: int) -> int:
+        """Total parameters of decoder layers ``[start, end)``."""
+        return sum(self.layer_params(i) for i in range(start, end))
 
     def embed_params(self) -> int:
         return self.vocab_size * self.hidden_size
@@ -83,7 +224,7 @@ class ModelArch(BaseModel):
         return self.hidden_size + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
 
     def total_params(self) -> int:
-        return self.embed_params() + self.num_hidden_layers * self.layer_params() + self.head_params()
+        return self.embed_params() + self.layers_params(0, self.num_hidden_layers) + self.head_params()
 
     def total_bytes(self, dtype_bytes: int = 2) -> int:
         return self.total_params() * dtype_bytes
@@ -97,72 +238,14 @@ class ModelArch(BaseModel):
         return self.hidden_size * dtype_bytes
 
     def with_layers(self, n: int) -> "ModelArch":
-        """The same shape with ``n`` decoder layers (shrinks a large shape for benchmarks)."""
-        return self.model_copy(update={"num_hidden_layers": n})
-
-    # ---- Hugging Face config round trip ---------------------------------------------------
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
-        """Build from a Hugging Face ``config.json`` dict; raises ValueError on unsupported models."""
-        model_type = cfg.get("model_type")
-        families = {"llama": Family.LLAMA, "qwen2": Family.QWEN2, "mistral": Family.MISTRAL}
-        if model_type not in families:
-            raise ValueError(
-                f"unsupported architecture model_type={model_type!r}; supported: {sorted(families)}"
-            )
-        family = families[model_type]
-        kwargs: dict[str, Any] = {
-            "family": family,
-            "vocab_size": cfg["vocab_size"],
-            "hidden_size": cfg["hidden_size"],
-            "intermediate_size": cfg["intermediate_size"],
-            "num_hidden_layers": cfg["num_hidden_layers"],
-            "num_attention_heads": cfg["num_attention_heads"],
-            "num_key_value_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            "head_dim": cfg.get("head_dim"),
-            "max_position_embeddings": cfg.get("max_position_embeddings", 4096),
-            "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6 if family is Family.QWEN2 else 1e-5),
-            "rope_theta": cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            "rope_scaling": cfg.get("rope_scaling"),
-            "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-            "attention_bias": bool(cfg.get("attention_bias", family is Family.QWEN2)),
-            "bos_token_id": cfg.get("bos_token_id"),
-            "eos_token_id": cfg.get("eos_token_id"),
-        }
-        return cls(**kwargs)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """A Hugging Face style config dict (used for reference checks with transformers)."""
-        arch_name = {
-            Family.LLAMA: "LlamaForCausalLM",
-            Family.QWEN2: "Qwen2ForCausalLM",
-            Family.MISTRAL: "MistralForCausalLM",
-        }[self.family]
-        out: dict[str, Any] = {
-            "architectures": [arch_name],
-            "model_type": self.family.value,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-        }
-        if self.head_dim is not None:
-            out["head_dim"] = self.head_dim
-        if self.family is Family.LLAMA:
-            out["attention_bias"] = self.attention_bias
-        if self.bos_token_id is not None:
-            out["bos_token_id"] = self.bos_token_id
-        if self.eos_token_id is not None:
-            out["eos_token_id"] = self.eos_token_id
-        return out
+        """The same shape with ``n`` decoder layers (shrinks a large shape for benchmarks); a
+        layer-type pattern repeats, MoE dense layers past ``n`` drop."""
+        update: dict[str, Any] = {"num_hidden_layers": n}
+        if self.layer_types is not None:
+            update["layer_types"] = tuple(self.layer_types[i % len(self.layer_types)] for i in range(n))
+        if self.moe is not None:
+            update["moe"] = self.moe.model_copy(update={"dense_layers": tuple(i for i in self.moe.dense_layers if i < n)})
+        return ModelArch.model_validate({**self.model_dump(), **update})
 
 
 def plan_blocks(num_layers: int, n_blocks: int) -> list[tuple[int, int]]:
@@ -215,6 +298,20 @@ SHAPES: dict[str, ModelArch] = {
                             num_key_value_heads=2, max_position_embeddings=32768,
                             rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=True,
                             tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    # Mixture-of-experts shapes (the simulator charges their compute by active parameters):
+    # Mixtral-8x7B (46.7B total, 12.9B active) and Qwen3-30B-A3B (30.5B total, 3.3B active).
+    "mixtral-8x7b": ModelArch(family=Family.MIXTRAL, vocab_size=32000, hidden_size=4096,
+                              intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6,
+                              moe=MoEArch(num_experts=8, top_k=2, expert_intermediate_size=14336),
+                              bos_token_id=1, eos_token_id=2),
+    "qwen3-30b-a3b": ModelArch(family=Family.QWEN3_MOE, vocab_size=151936, hidden_size=2048,
+                               intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                               num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+                               rms_norm_eps=1e-6, rope_theta=1e6, qk_norm=True,
+                               moe=MoEArch(num_experts=128, top_k=8, expert_intermediate_size=768,
+                                           norm_topk_prob=True),
+                               bos_token_id=151643, eos_token_id=151645),
     "tiny-llama": _llama(vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2),

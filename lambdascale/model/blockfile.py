@@ -49,7 +49,13 @@ TORCH_DTYPES: dict[DType, torch.dtype] = {
 # ---- canonical tensor names ----------------------------------------------------------------
 
 def layer_tensor_shapes(arch: ModelArch, i: int) -> dict[str, tuple[int, ...]]:
-    """HF names and shapes of decoder layer ``i`` (weights are [out_features, in_features])."""
+    """HF names and shapes of decoder layer ``i`` (weights are [out_features, in_features]).
+
+    The features of ``arch`` decide the set: q/k norms ([head_dim]), Gemma's norms around the
+    MLP, biases; an MoE layer holds its router (``mlp.gate.weight`` [E, h]) and every expert
+    stacked (``mlp.experts.{gate,up}_proj`` [E, I, h], ``down_proj`` [E, h, I]), so a block keeps
+    its layers' experts together and runs alone, plus the shared expert where the family has one.
+    """
     h, d = arch.hidden_size, arch.dim_per_head
     q, kv, ff = arch.num_attention_heads * d, arch.num_key_value_heads * d, arch.intermediate_size
     p = f"model.layers.{i}."
@@ -60,14 +66,34 @@ def layer_tensor_shapes(arch: ModelArch, i: int) -> dict[str, tuple[int, ...]]:
         p + "self_attn.v_proj.weight": (kv, h),
         p + "self_attn.o_proj.weight": (h, q),
         p + "post_attention_layernorm.weight": (h,),
-        p + "mlp.gate_proj.weight": (ff, h),
-        p + "mlp.up_proj.weight": (ff, h),
-        p + "mlp.down_proj.weight": (h, ff),
     }
+    if arch.sandwich_norms:
+        out[p + "pre_feedforward_layernorm.weight"] = (h,)
+        out[p + "post_feedforward_layernorm.weight"] = (h,)
+    moe = arch.moe
+    if moe is not None and arch.is_moe_layer(i):
+        e, ei = moe.num_experts, moe.expert_intermediate_size
+        out[p + "mlp.gate.weight"] = (e, h)
+        out[p + "mlp.experts.gate_proj"] = (e, ei, h)
+        out[p + "mlp.experts.up_proj"] = (e, ei, h)
+        out[p + "mlp.experts.down_proj"] = (e, h, ei)
+        if moe.shared_expert_intermediate_size:
+            si = moe.shared_expert_intermediate_size
+            out[p + "mlp.shared_expert.gate_proj.weight"] = (si, h)
+            out[p + "mlp.shared_expert.up_proj.weight"] = (si, h)
+            out[p + "mlp.shared_expert.down_proj.weight"] = (h, si)
+            out[p + "mlp.shared_expert_gate.weight"] = (1, h)
+    else:
+        out[p + "mlp.gate_proj.weight"] = (ff, h)
+        out[p + "mlp.up_proj.weight"] = (ff, h)
+        out[p + "mlp.down_proj.weight"] = (h, ff)
     if arch.attention_bias:
         out[p + "self_attn.q_proj.bias"] = (q,)
         out[p + "self_attn.k_proj.bias"] = (kv,)
         out[p + "self_attn.v_proj.bias"] = (kv,)
+    if arch.qk_norm:
+        out[p + "self_attn.q_norm.weight"] = (d,)
+        out[p + "self_attn.k_norm.weight"] = (d,)
     return out
 
 

@@ -64,6 +64,7 @@ from lambdascale.model.manifest import (
     ChunkEntry,
     DType,
     Manifest,
+    TensorEntry,
     block_file_name,
     read_manifest,
 )
@@ -222,13 +223,15 @@ def write_checkpoint(
     source: str = "",
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    source_dtype: Callable[[str], str | None] | None = None,
 ) -> Checkpoint:
     """Write a model in our format, atomically: temp dir, fsynced files, one rename.
 
     ``block_source(b, layers)`` is called once per block, so only one block's tensors are in
     memory at a time. Every tensor is checked against the names and shapes the arch implies and
     cast to ``dtype``. The model gets ``K = blocks x chunks_per_block`` equal-byte transfer chunks
-    over its whole stream (format version 2). ``progress(tensor_bytes)`` is called after each block file is written
+    over its whole stream (format version 2). The manifest lists every tensor's dtype, shape and
+    byte range, with ``source_dtype(name)`` (what it was converted from) when given. ``progress(tensor_bytes)`` is called after each block file is written
     (tensor bytes, header excluded, so the total is known up front: :func:`model_tensor_bytes`).
     """
     models_dir = Path(models_dir)
@@ -279,7 +282,15 @@ def write_checkpoint(
             del ordered, got
             if nbytes != expected_sizes[b]:
                 raise CheckpointError(f"{name}: block {b} file has {nbytes} bytes, planned {expected_sizes[b]}")
-            blocks.append(BlockEntry(index=b, layers=layers, file=fname, offset=offset, nbytes=nbytes))
+            head_len = len(header_from_specs({k: (tdtype, v) for k, v in expected.items()}))
+            entries, pos = [], head_len
+            for tname, shape in expected.items():
+                n = math.prod(shape) * dtype.itemsize
+                entries.append(TensorEntry(name=tname, dtype=dtype, shape=shape, offset=pos, nbytes=n,
+                                           source_dtype=source_dtype(tname) if source_dtype else None))
+                pos += n
+            blocks.append(BlockEntry(index=b, layers=layers, file=fname, offset=offset, nbytes=nbytes,
+                                     tensors=tuple(entries)))
             offset += nbytes
             if progress is not None:
                 progress(data_bytes)

@@ -1,4 +1,4 @@
-"""A compact PyTorch Llama-family decoder, built per execution block.
+"""A compact PyTorch decoder for every supported family, built per execution block.
 
 Why our own: execute-while-load needs any contiguous range of layers to run alone, on hidden
 states handed over from another process, with the KV cache of only its own layers. So the unit
@@ -6,10 +6,14 @@ here is a :class:`StageModel`: layers ``[start, end)`` plus the embedding when i
 stage and the final norm + LM head when it is the last. A full model is simply the stage
 covering every layer.
 
-Covered: Llama 1/2/3 (RoPE default/linear/dynamic/llama3/yarn scaling), SmolLM (a Llama),
-Mistral (no sliding window: contexts here stay within it), Qwen2 (q/k/v bias); grouped-query
-attention; SwiGLU MLP; tied or untied embeddings. Numerics follow Hugging Face's reference
-(RMSNorm in float32, rotate-half RoPE), so float32 logits agree to ~1e-6.
+Covered (``lambdascale.model.families``): Llama 1/2/3 (RoPE default/linear/dynamic/llama3/yarn
+scaling), SmolLM, Mistral and Phi-3/4 (sliding window, partial rotary), Qwen2/2.5 (q/k/v bias),
+Qwen3 (q/k norms), Gemma 2/3 ((1 + w) norms around attention and MLP, GeGLU, scaled embeddings,
+soft-capped scores and logits, sliding layers alternating with global ones, a RoPE base per
+kind), Mixtral / Qwen2-MoE / Qwen3-MoE (top-k routed experts, a shared expert);
+grouped-query attention; tied or untied embeddings. The layer reads only the feature fields of
+:class:`ModelArch`, never the family. Numerics follow Hugging Face's reference (RMSNorm in
+float32, rotate-half RoPE), so float32 logits agree to ~1e-6.
 
 Layout of a step: the tokens of every sequence in the batch are flattened into one
 ``[N, hidden]`` matrix (N = sum of new tokens), so all projections are single matmuls; only
@@ -23,118 +27,29 @@ and writes the per-layer buffers it is handed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lambdascale.errors import CheckpointError
-from lambdascale.model.arch import ModelArch
+from lambdascale.model.arch import LayerKind, ModelArch
+from lambdascale.model.attention import AttentionMetadata, DecodeBatch, attention
+from lambdascale.model.blockfile import block_tensor_shapes
+from lambdascale.model.moe import DenseMLP, MoEMLP
 from lambdascale.model.rope import RotaryEmbedding, apply_rope
+
+__all__ = ["AttentionMetadata", "DecoderLayer", "KVBuffers", "StageModel", "expected_shapes", "invariant_linear",
+           "rms_norm"]
 
 #: Per-layer KV buffers: (k, v), each of shape [slot_capacity, n_kv_heads, token_capacity, head_dim].
 KVBuffers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """Where each sequence's new tokens sit in the flat batch and in the KV cache.
-
-    Sequence i owns rows ``[offsets[i], offsets[i] + lengths[i])`` of the flat ``[N, hidden]``
-    input, its cache slot is ``slots[i]`` and its new tokens take positions
-    ``starts[i] .. starts[i] + lengths[i] - 1`` (``starts[i]`` = tokens already cached).
-    """
-
-    slots: tuple[int, ...]
-    starts: tuple[int, ...]
-    lengths: tuple[int, ...]
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out, acc = [], 0
-        for n in self.lengths:
-            out.append(acc)
-            acc += n
-        return tuple(out)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.lengths)
-
-    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """int64 positions of every new token, shape [N]."""
-        return torch.cat(
-            [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(self.starts, self.lengths)]
-        ).to(device)
-
-    def last_token_rows(self) -> list[int]:
-        """Row of each sequence's last new token in the flat batch (where its logits come from)."""
-        return [o + n - 1 for o, n in zip(self.offsets, self.lengths)]
-
-
-@dataclass(frozen=True)
-class _DecodeBatch:
-    """Per-step index tensors for the batched single-token rows, built once for all layers."""
-
-    rows: int  # the first ``rows`` sequences have one new token each
-    slot_t: torch.Tensor  # [B] int64 cache slots
-    pos_t: torch.Tensor  # [B] int64 position of each new token
-    mask: torch.Tensor  # [B, 1, 1, T] bool: key j visible to row b (j <= pos_b)
-    t_max: int  # keys to read: max(pos) + 1
-    slot_range: tuple[int, int] | None  # (lo, hi) when the slots are exactly lo..hi-1 in order
-
-    @classmethod
-    def build(cls, meta: AttentionMetadata, rows: int, device: torch.device) -> "_DecodeBatch | None":
-        if rows == 0:
-            return None
-        slots, starts = meta.slots[:rows], meta.starts[:rows]
-        slot_t = torch.tensor(slots, dtype=torch.int64, device=device)
-        pos_t = torch.tensor(starts, dtype=torch.int64, device=device)
-        t_max = max(starts) + 1
-        mask = (torch.arange(t_max, device=device)[None, :] <= pos_t[:, None])[:, None, None, :]
-        lo = min(slots)
-        contiguous = list(slots) == list(range(lo, lo + rows))
-        return cls(rows, slot_t, pos_t, mask, t_max, (lo, lo + rows) if contiguous else None)
-
-
-def layer_tensor_names(arch: ModelArch, i: int) -> list[str]:
-    """Canonical (Hugging Face) names of decoder layer ``i``'s tensors."""
-    p = f"model.layers.{i}."
-    names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-    names += [p + f"self_attn.{x}_proj.weight" for x in ("q", "k", "v", "o")]
-    if arch.attention_bias:
-        names += [p + f"self_attn.{x}_proj.bias" for x in ("q", "k", "v")]
-    names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    return names
-
-
 def expected_shapes(arch: ModelArch, layers: tuple[int, int], first: bool, last: bool) -> dict[str, tuple[int, ...]]:
-    """Every tensor a stage needs, with its shape (the contract with the checkpoint format)."""
-    h, d, inter = arch.hidden_size, arch.dim_per_head, arch.intermediate_size
-    q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
-    out: dict[str, tuple[int, ...]] = {}
-    if first:
-        out["model.embed_tokens.weight"] = (arch.vocab_size, h)
-    for i in range(*layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-        out[p + "self_attn.q_proj.weight"] = (q, h)
-        out[p + "self_attn.k_proj.weight"] = (kv, h)
-        out[p + "self_attn.v_proj.weight"] = (kv, h)
-        out[p + "self_attn.o_proj.weight"] = (h, q)
-        if arch.attention_bias:
-            out[p + "self_attn.q_proj.bias"] = (q,)
-            out[p + "self_attn.k_proj.bias"] = (kv,)
-            out[p + "self_attn.v_proj.bias"] = (kv,)
-        out[p + "mlp.gate_proj.weight"] = (inter, h)
-        out[p + "mlp.up_proj.weight"] = (inter, h)
-        out[p + "mlp.down_proj.weight"] = (h, inter)
-    if last:
-        out["model.norm.weight"] = (h,)
-        out["lm_head.weight"] = (arch.vocab_size, h)
-    return out
+    """Every tensor a stage needs, with its shape: the block format's (one contract, in
+    :func:`lambdascale.model.blockfile.block_tensor_shapes`)."""
+    return block_tensor_shapes(arch, layers, first, last)
 
 
 #: Below this many rows, CPU BLAS picks row-count-dependent kernels (measured on torch 2.13): a
@@ -155,16 +70,23 @@ def invariant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
     return F.linear(torch.cat([x, pad]), w, b)[:m]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back before the weight, as the reference does."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in float32.
+
+    Llama's casts back before the weight (``w * x.to(dtype)``); Gemma's (``unit_offset``) scales
+    by ``1 + w`` in float32 and casts after, as each reference does.
+    """
     dtype = x.dtype
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + weight.to(torch.float32))).to(dtype)
     return weight * xf.to(dtype)
 
 
 class DecoderLayer:
-    """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); with ``sandwich_norms`` the
+    attention and MLP outputs are normed too before they join the residual (Gemma 2/3)."""
 
     def __init__(
         self, arch: ModelArch, t: Mapping[str, torch.Tensor], index: int, batch_invariant: bool = False
@@ -173,11 +95,17 @@ class DecoderLayer:
         self.index = index
         self.set_batch_invariant(batch_invariant)
         self.eps = arch.rms_norm_eps
+        self.unit_offset = arch.norm_unit_offset
         self.n_heads = arch.num_attention_heads
         self.n_kv = arch.num_key_value_heads
         self.d = arch.dim_per_head
+        self.kind = arch.layer_kind(index)
+        self.window = arch.window_of(index)
+        self.softcap = arch.attn_logit_softcapping
         self.ln1 = t[p + "input_layernorm.weight"]
         self.ln2 = t[p + "post_attention_layernorm.weight"]
+        self.ln_pre_ff = t.get(p + "pre_feedforward_layernorm.weight")  # sandwich norms only
+        self.ln_post_ff = t.get(p + "post_feedforward_layernorm.weight")
         self.wq = t[p + "self_attn.q_proj.weight"]  # [heads*d, hidden]
         self.wk = t[p + "self_attn.k_proj.weight"]  # [kv*d, hidden]
         self.wv = t[p + "self_attn.v_proj.weight"]  # [kv*d, hidden]
@@ -185,92 +113,51 @@ class DecoderLayer:
         self.bq = t.get(p + "self_attn.q_proj.bias")
         self.bk = t.get(p + "self_attn.k_proj.bias")
         self.bv = t.get(p + "self_attn.v_proj.bias")
-        self.w_gate = t[p + "mlp.gate_proj.weight"]  # [inter, hidden]
-        self.w_up = t[p + "mlp.up_proj.weight"]  # [inter, hidden]
-        self.w_down = t[p + "mlp.down_proj.weight"]  # [hidden, inter]
-        self.scale = self.d ** -0.5
+        self.q_norm = t.get(p + "self_attn.q_norm.weight")  # [d], qk_norm only
+        self.k_norm = t.get(p + "self_attn.k_norm.weight")
+        self.mlp: DenseMLP | MoEMLP
+        if arch.is_moe_layer(index):
+            self.mlp = MoEMLP(arch, t, p)
+        else:
+            self.mlp = DenseMLP(t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"],
+                                t[p + "mlp.down_proj.weight"], arch.hidden_act)
+        self.scale = arch.attn_scale
 
     def set_batch_invariant(self, on: bool) -> None:
         """Switch padded projections and per-sequence attention on or off."""
         self.batch_invariant = on
         self.linear = invariant_linear if on else F.linear
 
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, w, self.eps, self.unit_offset)
+
     def __call__(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Mapping[LayerKind, tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
-        decode: "_DecodeBatch | None",
+        decode: DecodeBatch | None,
     ) -> torch.Tensor:
         n = x.shape[0]
-        h = rms_norm(x, self.ln1, self.eps)  # [N, hidden]
+        h = self._norm(x, self.ln1)  # [N, hidden]
         lin = self.linear
         q = lin(h, self.wq, self.bq).view(n, self.n_heads, self.d)  # [N, H, d]
         k = lin(h, self.wk, self.bk).view(n, self.n_kv, self.d)  # [N, KV, d]
         v = lin(h, self.wv, self.bv).view(n, self.n_kv, self.d)  # [N, KV, d]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)  # per head, over d
+        cos, sin = rope[self.kind]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        attn = self._attention(q, k, v, meta, kv, decode)  # [N, H*d]
-        x = x + lin(attn, self.wo)
-        h = rms_norm(x, self.ln2, self.eps)
-        return x + lin(F.silu(lin(h, self.w_gate)) * lin(h, self.w_up), self.w_down)
-
-    def _attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-        kv: tuple[torch.Tensor, torch.Tensor],
-        decode: "_DecodeBatch | None",
-    ) -> torch.Tensor:
-        """Write new k/v into the cache, attend every query to its sequence's cached prefix.
-
-        The first ``decode.rows`` sequences have exactly one new token each and are batched;
-        the rest (prefill segments) run one by one with a causal mask offset by their start.
-        """
-        kc, vc = kv  # [slots, KV, T_cap, d]
-        out = torch.empty(q.shape[0], self.n_heads, self.d, dtype=q.dtype, device=q.device)
         dec = None if self.batch_invariant else decode  # invariant: every sequence attends alone
-        decode_rows = dec.rows if dec is not None else 0
-        if dec is not None:
-            kc[dec.slot_t, :, dec.pos_t] = k[:decode_rows]  # [B, KV, d] scattered at (slot, :, pos)
-            vc[dec.slot_t, :, dec.pos_t] = v[:decode_rows]
-            if dec.slot_range is not None:
-                lo, hi = dec.slot_range
-                keys, vals = kc[lo:hi, :, :dec.t_max], vc[lo:hi, :, :dec.t_max]  # views, no copy
-            else:
-                keys, vals = kc[dec.slot_t, :, :dec.t_max], vc[dec.slot_t, :, :dec.t_max]  # [B, KV, T, d]
-            qd = q[:decode_rows].unsqueeze(2)  # [B, H, 1, d]
-            o = F.scaled_dot_product_attention(
-                qd, keys, vals, attn_mask=dec.mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv,
-            )  # [B, H, 1, d]
-            out[:decode_rows] = o.squeeze(2)
-        offsets = meta.offsets
-        for i in range(decode_rows, len(meta.slots)):
-            slot, start, length, off = meta.slots[i], meta.starts[i], meta.lengths[i], offsets[i]
-            end = start + length
-            kc[slot, :, start:end] = k[off:off + length].transpose(0, 1)  # [KV, L, d]
-            vc[slot, :, start:end] = v[off:off + length].transpose(0, 1)
-            keys = kc[slot, :, :end].unsqueeze(0)  # [1, KV, end, d]
-            vals = vc[slot, :, :end].unsqueeze(0)
-            qs = q[off:off + length].transpose(0, 1).unsqueeze(0)  # [1, H, L, d]
-            if start == 0:
-                o = F.scaled_dot_product_attention(
-                    qs, keys, vals, is_causal=True, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
-                )
-            else:
-                # query i (position start+i) sees keys 0..start+i
-                mask = torch.arange(end, device=q.device)[None, :] <= (
-                    torch.arange(length, device=q.device)[:, None] + start
-                )  # [L, end]
-                o = F.scaled_dot_product_attention(
-                    qs, keys, vals, attn_mask=mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv
-                )
-            out[off:off + length] = o[0].transpose(0, 1)  # [L, H, d]
-        return out.reshape(q.shape[0], self.n_heads * self.d)
+        attn = attention(q, k, v, meta, kv, dec, scale=self.scale, window=self.window, softcap=self.softcap)
+        o = lin(attn, self.wo)  # [N, hidden]
+        if self.ln_pre_ff is not None and self.ln_post_ff is not None:
+            x = x + self._norm(o, self.ln2)
+            return x + self._norm(self.mlp(self._norm(x, self.ln_pre_ff), lin), self.ln_post_ff)
+        x = x + o
+        return x + self.mlp(self._norm(x, self.ln2), lin)
 
 
 class StageModel:
@@ -307,7 +194,10 @@ class StageModel:
             raise CheckpointError("a last stage needs model.norm.weight and lm_head.weight")
         any_t = next(iter(tensors.values()))
         self.dtype = any_t.dtype
-        self.rope = RotaryEmbedding(arch, self.device)
+        # one RoPE table per attention kind among this stage's layers (Gemma 3's sliding layers
+        # have a base of their own; otherwise both kinds share the global table)
+        kinds = {arch.layer_kind(i) for i in range(*layers)}
+        self.ropes = {k: RotaryEmbedding(arch, self.device, local=k is LayerKind.SLIDING) for k in kinds}
 
     def set_batch_invariant(self, on: bool) -> None:
         """Make every row's output independent of the batch it runs in (see the module docstring)."""
@@ -394,23 +284,27 @@ class StageModel:
                 raise ValueError(f"first stage takes int64 token ids of shape [N], got {x.dtype} {tuple(x.shape)}")
             assert self.embed is not None  # set for every first stage by from_tensors
             h = F.embedding(x, self.embed)  # [N, hidden]
+            if self.arch.scale_embeddings:  # Gemma: sqrt(hidden) rounded to the weights' dtype first
+                h = h * torch.tensor(self.arch.hidden_size ** 0.5, dtype=h.dtype)
         else:
             h = x.to(self.dtype)
         if h.shape[0] != meta.num_tokens:
             raise ValueError(f"batch has {h.shape[0]} rows but metadata describes {meta.num_tokens} tokens")
         positions = meta.positions(self.device)
         seq_len = max(s + n for s, n in zip(meta.starts, meta.lengths))
-        cos, sin = self.rope.cos_sin(positions, h.dtype, seq_len)  # [N, d] each
-        dec = _DecodeBatch.build(meta, decode_rows, self.device)
+        rope = {k: r.cos_sin(positions, h.dtype, seq_len) for k, r in self.ropes.items()}  # [N, rotary_dim] each
+        dec = DecodeBatch.build(meta, decode_rows, self.device)
         for layer, buf in zip(self.layers, kv):
-            h = layer(h, cos, sin, meta, buf, dec)
+            h = layer(h, rope, meta, buf, dec)
         if not self.last:
             return h
         assert self.norm is not None and self.lm_head is not None  # set for every last stage
         if not all_logits:
             h = h[meta.last_token_rows()]  # [num_seqs, hidden]
-        h = rms_norm(h, self.norm, self.arch.rms_norm_eps)
+        h = rms_norm(h, self.norm, self.arch.rms_norm_eps, self.arch.norm_unit_offset)
         lin = invariant_linear if self.batch_invariant else F.linear
-        return lin(h, self.lm_head).to(torch.float32)  # [rows, vocab]
+        logits = lin(h, self.lm_head).to(torch.float32)  # [rows, vocab]
+        cap = self.arch.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     __call__ = forward

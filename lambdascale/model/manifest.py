@@ -79,8 +79,30 @@ class ChunkEntry(BaseModel):
         return self.offset + self.length
 
 
+class TensorEntry(BaseModel):
+    """One tensor of a block file: its dtype, shape and byte range in the file, and what it was
+    converted from (``source_dtype``: the checkpoint's stored type, e.g. ``Q4_K``, ``F8_E4M3``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    offset: int = Field(gt=0, description="byte offset in the block file (after the header)")
+    nbytes: int = Field(ge=0)
+    source_dtype: str | None = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
 class BlockEntry(BaseModel):
-    """One execution block: its layer range, file, and place in the model's stream."""
+    """One execution block: its layer range, file, and place in the model's stream.
+
+    ``tensors`` (written since issue 17; empty in older manifests) lists every tensor with its
+    dtype; they tile the file's data section in order, so the block stays one contiguous range.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -89,6 +111,19 @@ class BlockEntry(BaseModel):
     file: str
     offset: int = Field(ge=0, description="byte offset of this block's file in the model's stream")
     nbytes: int = Field(gt=0, description="size of the block file, header included")
+    tensors: tuple[TensorEntry, ...] = ()
+
+    @model_validator(mode="after")
+    def _tiled(self) -> "BlockEntry":
+        if self.tensors:
+            pos = self.tensors[0].offset
+            for t in self.tensors:
+                if t.offset != pos:
+                    raise ValueError(f"tensor {t.name} starts at byte {t.offset}, expected {pos} (tensors must tile the block)")
+                pos = t.end
+            if pos != self.nbytes:
+                raise ValueError(f"tensors end at byte {pos}, the block file has {self.nbytes}")
+        return self
 
     @property
     def end(self) -> int:

@@ -29,7 +29,8 @@ import torch
 from lambdascale.errors import InvalidRequestError
 from lambdascale.model.arch import ModelArch
 
-_SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn")
+#: RoPE scaling types we compute (``rope_scaling["rope_type"]``).
+SUPPORTED_SCALING = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def _rope_type(scaling: dict[str, Any] | None) -> str:
@@ -50,18 +51,22 @@ def _scaling_param(scaling: dict[str, Any], key: str, rope_type: str) -> Any:
     return scaling[key]
 
 
-def compute_inv_freq(arch: ModelArch, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (float32, shape [head_dim/2]) and the cos/sin scale for ``arch``.
+def compute_inv_freq(arch: ModelArch, seq_len: int | None = None, local: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float32, shape [rotary_dim/2]) and the cos/sin scale for ``arch``.
 
     ``seq_len`` matters only for ``dynamic`` scaling (the longest sequence in the batch).
-    Raises ``InvalidRequestError`` for an unknown scaling type, naming the supported ones.
+    ``local``: the table of sliding-window layers where the arch gives them a base of their own
+    (Gemma 3: ``rope_local_theta``, unscaled). Raises ``InvalidRequestError`` for an unknown
+    scaling type, naming the supported ones.
     """
-    dim = arch.dim_per_head
+    dim = arch.rotary_dim
+    if local and arch.rope_local_theta is not None:
+        return _base_inv_freq(arch.rope_local_theta, dim), 1.0
     theta = arch.rope_theta
     scaling = arch.rope_scaling or {}
     rope_type = _rope_type(arch.rope_scaling)
-    if rope_type not in _SUPPORTED:
-        raise InvalidRequestError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(_SUPPORTED)}")
+    if rope_type not in SUPPORTED_SCALING:
+        raise InvalidRequestError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_SCALING)}")
     if rope_type == "default":
         return _base_inv_freq(theta, dim), 1.0
     if rope_type == "linear":
@@ -121,14 +126,14 @@ class RotaryEmbedding:
     """cos/sin for arbitrary position ids; weight-free, one per stage.
 
     ``cos_sin(positions)`` takes int64 positions of shape [N] and returns two tensors of shape
-    [N, head_dim] in ``dtype`` (computed in float32 first, as the reference does).
+    [N, rotary_dim] in ``dtype`` (computed in float32 first, as the reference does).
     """
 
-    def __init__(self, arch: ModelArch, device: torch.device | str = "cpu") -> None:
+    def __init__(self, arch: ModelArch, device: torch.device | str = "cpu", local: bool = False) -> None:
         self.arch = arch
         self.device = torch.device(device)
-        self.dynamic = _rope_type(arch.rope_scaling) == "dynamic"
-        inv, scale = compute_inv_freq(arch)
+        self.dynamic = _rope_type(arch.rope_scaling) == "dynamic" and not (local and arch.rope_local_theta is not None)
+        inv, scale = compute_inv_freq(arch, local=local)
         self.inv_freq = inv.to(self.device)  # [d/2] float32
         self.scale = scale
 
@@ -142,8 +147,14 @@ class RotaryEmbedding:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [N, heads, d] by per-token ``cos``/``sin`` [N, d] (rotate-half convention)."""
-    half = x.shape[-1] // 2
+    """Rotate ``x`` [N, heads, d] by per-token ``cos``/``sin`` [N, r] (rotate-half convention).
+
+    With partial rotary (r < d) only the first r dimensions of each head turn; the rest pass.
+    """
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    half = r // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

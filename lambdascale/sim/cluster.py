@@ -169,11 +169,14 @@ class SimModel:
 
 
 def block_nbytes(arch: ModelArch, n_blocks: int, dtype_bytes: int = 2) -> list[int]:
-    """Bytes of each execution block of ``arch`` cut by :func:`plan_blocks` (headers left out)."""
+    """Bytes of each execution block of ``arch`` cut by :func:`plan_blocks` (headers left out).
+
+    A mixture-of-experts layer counts every expert: a block moves and stores all of them.
+    """
     ranges = plan_blocks(arch.num_hidden_layers, n_blocks)
     out = []
     for b, (l0, l1) in enumerate(ranges):
-        params = (l1 - l0) * arch.layer_params()
+        params = arch.layers_params(l0, l1)
         params += arch.embed_params() if b == 0 else 0
         params += arch.head_params() if b == len(ranges) - 1 else 0
         out.append(params * dtype_bytes)

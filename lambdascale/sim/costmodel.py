@@ -144,7 +144,10 @@ class CostModel:
     def build(cls, cal: Calibration, model_name: str, arch: ModelArch, *, prefill_scale: float = 1.0,
               decode_scale: float = 1.0, tp: int = 1, tp_overhead: float = 0.15,
               dtype_bytes: int = 2) -> "CostModel":
-        layer_bytes = arch.layer_params() * dtype_bytes
+        # Step time scales with the weights a token runs through: a mixture-of-experts layer
+        # counts its router, top-k and shared experts (active parameters), not every expert;
+        # the bytes a block moves (multicast, loads, memory) count them all (cluster.block_nbytes).
+        layer_bytes = arch.active_layer_params() * dtype_bytes
         if model_name in cal.models:
             t, ratio = cal.models[model_name], 1.0
         else:

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from lambdascale.model.families import hf_config
 from lambdascale.model.arch import SHAPES, ModelArch
 
 FAMILIES = ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral"]
@@ -21,7 +22,7 @@ def hf_model(shape: str, seed: int = 0):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = AutoConfig.for_model(**arch.to_hf_config())
+        cfg = AutoConfig.for_model(**hf_config(arch))
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     # random init gives std-0.02 weights whose logits are nearly flat; widen them so greedy
     # decisions are well separated and an implementation error shows as a different token

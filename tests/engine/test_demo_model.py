@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lambdascale.model.families import hf_config
 from lambdascale.cli import main
 from lambdascale.engine.engine import Engine
 from lambdascale.engine.sampling import SamplingParams
@@ -44,7 +45,7 @@ def test_demo_matches_transformers(demo_engine: Engine, demo_ckpt) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for b in range(demo_ckpt.manifest.n_blocks):
         tensors.update(demo_ckpt.block_tensors(b, dtype=torch.float32))
-    cfg = AutoConfig.for_model(**arch.to_hf_config())
+    cfg = AutoConfig.for_model(**hf_config(arch))
     with warnings.catch_warnings(), torch.device("meta"):  # no random init of 135M weights
         warnings.simplefilter("ignore")
         ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

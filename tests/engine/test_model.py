@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lambdascale.model.families import hf_config
 from lambdascale.engine.stage import SeqSlice, Stage, StageBatch, full_stage, split_stages
 from lambdascale.errors import CheckpointError, InvalidRequestError
 from lambdascale.model.arch import SHAPES, plan_blocks
@@ -131,7 +132,7 @@ def test_rope_scaling_matches_transformers(scaling: dict) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     arch = SHAPES["tiny-llama"].model_copy(update={"rope_scaling": scaling})
-    cfg = LlamaConfig(**arch.to_hf_config())
+    cfg = LlamaConfig(**hf_config(arch))
     ref_inv, ref_scale = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu")
     inv, scale = compute_inv_freq(arch)
     assert torch.allclose(inv, ref_inv.float(), rtol=1e-6)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lambdascale.model.families import hf_config
 from lambdascale.errors import CheckpointError
 from lambdascale.model.arch import SHAPES
 from lambdascale.model.checkpoint import find_model
@@ -83,7 +84,7 @@ def _write_hf_dir(d: Path, shape: str, tokenizer_src: Path, shard: bool) -> dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = SHAPES[shape]
-    cfg = AutoConfig.for_model(**arch.to_hf_config())
+    cfg = AutoConfig.for_model(**hf_config(arch))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(d, max_shard_size="100KB" if shard else "1GB")

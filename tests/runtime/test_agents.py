@@ -137,7 +137,7 @@ def test_agent_keeps_heartbeating_while_it_makes_large_buffers_resident(tiny_mod
     blocks, chunks = [], []
     for blk in manifest.blocks:
         chunks.append(manifest.chunks[0].model_copy(update={"index": blk.index, "offset": blk.index * big, "length": big}))
-        blocks.append(blk.model_copy(update={"offset": blk.index * big, "nbytes": big}))
+        blocks.append(blk.model_copy(update={"offset": blk.index * big, "nbytes": big, "tensors": ()}))
     data = manifest.model_dump(mode="json")
     data.update(name="huge", blocks=[b.model_dump(mode="json") for b in blocks],
                 chunks=[c.model_dump(mode="json") for c in chunks])

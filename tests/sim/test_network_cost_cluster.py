@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lambdascale.model.arch import SHAPES
-from lambdascale.sim.cluster import ClusterError, load_cluster, preset_names, resolve_model
+from lambdascale.sim.cluster import ClusterError, block_nbytes, load_cluster, preset_names, resolve_model
 from lambdascale.sim.costmodel import CalibrationError, CostModel, load_calibration
 from lambdascale.sim.events import EventLoop
 from lambdascale.sim.network import Network
@@ -77,6 +77,24 @@ def test_cost_model_interpolates_and_scales() -> None:
     # A shape without its own entry borrows the nearest one, scaled by layer bytes.
     small = CostModel.build(cal, "tiny-llama", SHAPES["tiny-llama"])
     assert 0 < small.decode_s(1) < m.decode_s(1)
+
+
+def test_moe_computes_by_active_params_and_moves_total_bytes() -> None:
+    """Mixtral-8x7B's step costs what a dense model of its active weights costs (router + 2 of 8
+    experts per layer), while its blocks carry all 8 experts."""
+    cal = load_calibration("h200")
+    moe = SHAPES["mixtral-8x7b"]
+    assert moe.moe is not None
+    # the dense model of the same active shape: one MLP as wide as the two active experts
+    dense = moe.model_copy(update={"moe": None, "intermediate_size": 2 * moe.moe.expert_intermediate_size})
+    m, d = CostModel.build(cal, "mixtral-8x7b", moe), CostModel.build(cal, "dense", dense)
+    assert m.decode_s(8) == pytest.approx(d.decode_s(8), rel=1e-3)  # only the router differs
+    assert m.prefill_s(512) == pytest.approx(d.prefill_s(512), rel=1e-3)
+    total = sum(block_nbytes(moe, 8))
+    assert total == moe.total_bytes() > 3.5 * sum(block_nbytes(dense, 8))  # 46.7B vs 12.9B params
+    assert moe.total_params() / 1e9 == pytest.approx(46.7, rel=0.01)
+    assert (moe.total_params() - moe.num_hidden_layers * (moe.layer_params() - moe.active_layer_params())) / 1e9 == \
+        pytest.approx(12.9, rel=0.01)
 
 
 def test_calibration_errors_name_field(tmp_path: Path) -> None:

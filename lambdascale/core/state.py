@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lambdascale.control.snapshot import DeploymentSpec
-from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.serving import KvPolicy
@@ -43,6 +43,7 @@ class TokenOut:
     index: int            # position in the request's output (0 = first token)
     finish: Finish | None
     unit: str             # the unit that computed it
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 #: Receives a request's tokens in order, or one exception that ends the request.
@@ -61,6 +62,7 @@ class Request:
     out: list[int]
     sink: RequestSink
     done: bool = False
+    next_logprobs: TokenLogprobs | None = None  # the logprobs of the token about to be delivered
 
     def token_state(self) -> TokenState:
         return TokenState(self.prompt, tuple(self.out), self.params, self.seed)

@@ -26,13 +26,14 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 import torch
 
 from lambdascale.engine.runner import ModelRunner
-from lambdascale.engine.sampling import SamplingParams, sample_batch
+from lambdascale.engine.sampling import History, SamplingParams, TokenLogprobs, sample_rows
 from lambdascale.engine.scheduler import SchedulerOutput, SeqView, prefill_chunk_size, schedule
 from lambdascale.engine.sequence import FinishReason, RequestOutput, Sequence, SeqStatus, TokenState
 from lambdascale.engine.settings import EngineSettings
 from lambdascale.engine.stage import Stage, full_stage, stage_from_checkpoint
 from lambdascale.errors import InvalidRequestError
 from lambdascale.model.arch import ModelArch
+from lambdascale.model.generation import GenerationDefaults
 from lambdascale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Prompt = str | Seq[int]
@@ -77,8 +78,11 @@ class Engine:
         stages: Seq[Stage],
         tokenizer: Tokenizer | None = None,
         settings: EngineSettings | None = None,
+        generation: GenerationDefaults | None = None,
     ) -> None:
         self.settings = settings or EngineSettings()
+        #: the checkpoint's generation defaults (the gateway applies them; their end ids end requests here)
+        self.generation = generation or GenerationDefaults()
         self.arch = arch
         self.runner = ModelRunner(stages)
         self.tokenizer = tokenizer
@@ -90,6 +94,7 @@ class Engine:
             eos.update(arch.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
+        eos.update(self.generation.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self._seqs: dict[str, Sequence] = {}
         self._waiting: deque[str] = deque()
@@ -139,7 +144,7 @@ class Engine:
             ckpt, range(ckpt.manifest.n_blocks), max_len, settings.max_batch_size, device, dtype
         )
         tok = Tokenizer.from_dir(ckpt.tokenizer_dir)
-        return cls(arch, [stage], tok, settings)
+        return cls(arch, [stage], tok, settings, ckpt.manifest.generation)
 
     # ---- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | None = None, messages: Seq[dict[str, str]] | None = None) -> list[int]:
@@ -266,10 +271,11 @@ class Engine:
         if not result.request_ids:
             return []
         seqs = [self._seqs[r] for r in result.request_ids]
-        new = sample_batch(
-            result.logits, [q.params for q in seqs], [q.seed for q in seqs], [len(q.output_ids) for q in seqs]
-        )
-        return [self._postprocess(q, t) for q, t in zip(seqs, new)]
+        hist = [History(q.prompt_ids if q.params.needs_prompt else (), q.output_ids if q.params.needs_output else ())
+                for q in seqs]
+        new = sample_rows(result.logits, [q.params for q in seqs], [q.seed for q in seqs],
+                          [len(q.output_ids) for q in seqs], hist, self.eos_token_ids)
+        return [self._postprocess(q, s.token, s.logprobs) for q, s in zip(seqs, new)]
 
     def _schedule(self) -> SchedulerOutput:
         running = [self._view(r) for r in self._running]
@@ -291,7 +297,7 @@ class Engine:
         ids = frozenset(params.stop_token_ids)
         return ids if params.ignore_eos else ids | self.eos_token_ids
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         """Append ``token``, apply the stop rules, and produce the stream delta."""
         p = seq.params
         seq.output_ids.append(token)
@@ -319,7 +325,7 @@ class Engine:
             upto = len(seq.text) - _stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted:upto] if upto > seq.emitted else ""
         seq.emitted = max(seq.emitted, upto)
-        out = self._output(seq, [token], delta)
+        out = self._output(seq, [token], delta, (logprobs,) if logprobs is not None else ())
         if seq.finished:
             self._forget(seq.request_id)
         return out
@@ -335,7 +341,8 @@ class Engine:
         seq.stop_reason = s
         return FinishReason.STOP
 
-    def _output(self, seq: Sequence, tokens: list[int], text: str) -> RequestOutput:
+    def _output(self, seq: Sequence, tokens: list[int], text: str,
+                logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         out = RequestOutput(
             request_id=seq.request_id,
             token_ids=tuple(tokens),
@@ -346,6 +353,7 @@ class Engine:
             num_output_tokens=len(seq.output_ids),
             stop_reason=seq.stop_reason,
             token_state=seq.token_state(),
+            logprobs=logprobs,
         )
         buf = self._buffers.get(seq.request_id)
         if buf is not None:

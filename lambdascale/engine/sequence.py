@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 from lambdascale.model.tokenizer import IncrementalDetokenizer
 
 
@@ -80,7 +80,8 @@ class RequestOutput:
     """One streamed update of a request: what is new since the previous update.
 
     ``text`` is the new text (never part of a stop string, never half a character);
-    ``token_ids`` the new token ids. The final update has ``finished`` set and a
+    ``token_ids`` the new token ids; ``logprobs`` one entry per new token when the request asked
+    for them (``SamplingParams.logprobs``), else empty. The final update has ``finished`` set and a
     ``finish_reason``; ``token_state`` lets the caller continue the request elsewhere.
     """
 
@@ -93,3 +94,4 @@ class RequestOutput:
     num_output_tokens: int
     stop_reason: int | str | None = None
     token_state: TokenState | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()

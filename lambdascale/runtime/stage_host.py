@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from lambdascale.engine.sampling import SamplingParams, sample_batch
+from lambdascale.engine.sampling import History, SamplingParams, sample_rows
 from lambdascale.engine.stage import SeqSlice, Stage, StageBatch
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.checkpoint import tensors_from_block_bytes
@@ -169,10 +169,17 @@ class StageHost:
         # last stage: out is logits [n_seqs, vocab]
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)
         params = [SamplingParams(**p) for p, _, _ in msg.sample]
+        if msg.history is not None and len(msg.history) != len(msg.sample):
+            raise LambdaScaleError(f"step {msg.step}: {len(msg.history)} histories for {len(msg.sample)} samples")
+        hist = [History(pr or (), out or ()) for pr, out in msg.history] if msg.history is not None else None
         # off the event loop: a draw over a large vocabulary takes milliseconds per sampled row
-        tokens = await asyncio.to_thread(sample_batch, logits, params, [s for _, s, _ in msg.sample],
-                                         [i for _, _, i in msg.sample])
-        return {"tokens": tokens}
+        drawn = await asyncio.to_thread(sample_rows, logits, params, [s for _, s, _ in msg.sample],
+                                        [i for _, _, i in msg.sample], hist, msg.eos)
+        reply: dict = {"tokens": [d.token for d in drawn]}
+        if any(d.logprobs is not None for d in drawn):
+            reply["logprobs"] = [None if d.logprobs is None else [d.logprobs.logprob, [list(t) for t in d.logprobs.top]]
+                                 for d in drawn]
+        return reply
 
     def export_kv(self, seqs: list[str], buffer: str) -> dict:
         """Pack the KV of ``seqs`` into a new transport buffer ``buffer`` (layout: see ``ExportKv``).

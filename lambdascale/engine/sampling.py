@@ -128,7 +128,7 @@ class SamplingParams:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -145,7 +145,7 @@ def gumbel_noise(seed: int, index: int, tokens: np.ndarray) -> np.ndarray:
     so the noise of a token does not depend on which other tokens are asked for. float64, [len].
     """
     import numpy as np
-    base = np.uint64(_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)))
+    base = np.uint64(splitmix64(splitmix64(seed & _MASK64) ^ (index & _MASK64)))
     x = base + (tokens.astype(np.uint64) + np.uint64(1)) * np.uint64(_GAMMA)  # uint64 arrays wrap silently
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

@@ -95,8 +95,10 @@ def test_chat_stream_is_sse_ending_with_done_and_usage(client) -> None:
 
 def test_models_health_metrics(client) -> None:
     assert client.get("/v1/models").json() == {
-        "object": "list", "data": [{"id": MODEL, "object": "model", "created": pytest.approx(0, abs=2**40), "owned_by": "lambdascale"}]}
-    assert client.get(f"/v1/models/{MODEL}").status_code == 200
+        "object": "list", "data": [{"id": MODEL, "object": "model", "created": pytest.approx(0, abs=2**40),
+                                    "owned_by": "lambdascale", "max_model_len": 512}]}
+    one = client.get(f"/v1/models/{MODEL}")
+    assert one.status_code == 200 and one.json()["max_model_len"] == 512 and one.json()["id"] == MODEL
     assert client.get("/v1/models/nope").status_code == 404
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["models"] == [MODEL] and h["nodes_alive"] == 1

@@ -59,6 +59,7 @@ class LoneSurrogate(ValueError):
     """A request string holds a lone surrogate; ``path`` is the field's dotted path inside its model."""
 
     def __init__(self, path: str) -> None:
+        path = _printable(path)  # a dict key may hold the surrogate; pydantic cannot carry it in a message
         super().__init__(f"'{path}' holds a lone UTF-16 surrogate (not valid Unicode text)")
         self.path = path
 
@@ -422,6 +423,12 @@ class Detokenize(_Strict):
     tokens: list[int] = Field(max_length=10_000_000)
 
 
+def _printable(s: str) -> str:
+    """``s`` with lone surrogates written as ``\\udxxx``: an error naming the client's bad input must still encode."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(s) else s
+
+
 def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error envelope."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error envelope (text the client sent, as a field path or in the message, made encodable)."""
+    return {"error": {"message": _printable(message), "type": type_,
+                      "param": _printable(param) if param is not None else None, "code": code}}

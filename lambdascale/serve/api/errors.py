@@ -44,8 +44,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in e.get("loc", ()) if p != "body"]
     cause = e.get("ctx", {}).get("error")
     if isinstance(cause, LoneSurrogate):  # raised for a whole model: its path says which field
-        param = ".".join([*loc, cause.path])
-        return f"invalid value for '{param}': {cause.args[0]}", param
+        where = ".".join([*loc, cause.path])
+        return f"invalid value for '{where}': {cause.args[0]}", where
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value")
     if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):

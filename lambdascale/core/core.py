@@ -262,8 +262,16 @@ class ServingCore:
                 r.done = True
                 self.requests.pop(rid, None)
             lps, r.next_logprobs = r.next_logprobs, None
-            r.sink(TokenOut(tok, len(r.out) - 1, reason, unit_id, lps))
+            plps: tuple[TokenLogprobs, ...] = ()
+            if len(r.out) == 1 and r.params.prompt_logprobs is not None and len(r.prompt_lps) >= len(r.prompt) - 1:
+                plps = tuple(r.prompt_lps[p] for p in range(1, len(r.prompt)))
+            r.sink(TokenOut(tok, len(r.out) - 1, reason, unit_id, lps, plps))
         return on_token
+
+    def _on_prompt_logprobs(self, rid: str, start: int, lps: tuple[TokenLogprobs, ...]) -> None:
+        r = self.requests.get(rid)
+        if r is not None and not r.done:  # a prefill redone after a move writes the same positions again
+            r.prompt_lps.update({start + k: lp for k, lp in enumerate(lps)})
 
     def _on_logprobs(self, rid: str, lps: TokenLogprobs) -> None:
         r = self.requests.get(rid)
@@ -350,7 +358,8 @@ class ServingCore:
         await pipe.form()
         u.forming_s = self.clock.now() - t0
         u.pipe, u.server = pipe, PipelineServer(pipe, d.eos, on_token=self._token_sink(u.id),
-                                                   on_logprobs=self._on_logprobs)
+                                                   on_logprobs=self._on_logprobs,
+                                                   on_prompt_logprobs=self._on_prompt_logprobs)
         u.loading = False
         u.started_at = self.clock.now()
         self.units_seen.append(u)

@@ -44,6 +44,7 @@ class TokenOut:
     finish: Finish | None
     unit: str             # the unit that computed it
     logprobs: TokenLogprobs | None = None  # when the request asked for them
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # on the first token: prompt positions 1.., when asked for
 
 
 #: Receives a request's tokens in order, or one exception that ends the request.
@@ -63,6 +64,7 @@ class Request:
     sink: RequestSink
     done: bool = False
     next_logprobs: TokenLogprobs | None = None  # the logprobs of the token about to be delivered
+    prompt_lps: dict[int, TokenLogprobs] = field(default_factory=dict)  # prompt position -> logprobs (idempotent)
 
     def token_state(self) -> TokenState:
         return TokenState(self.prompt, tuple(self.out), self.params, self.seed)

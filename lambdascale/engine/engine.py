@@ -26,7 +26,14 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 import torch
 
 from lambdascale.engine.runner import ModelRunner
-from lambdascale.engine.sampling import History, SamplingParams, TokenLogprobs, sample_rows
+from lambdascale.engine.sampling import (
+    History,
+    SamplingParams,
+    TokenLogprobs,
+    prompt_targets,
+    prompt_token_logprobs,
+    sample_rows,
+)
 from lambdascale.engine.scheduler import SchedulerOutput, SeqView, prefill_chunk_size, schedule
 from lambdascale.engine.sequence import FinishReason, RequestOutput, Sequence, SeqStatus, TokenState
 from lambdascale.engine.settings import EngineSettings
@@ -264,7 +271,15 @@ class Engine:
         if sched.is_empty:
             return []
         tokens = {s.request_id: self._seqs[s.request_id].all_ids[s.start:s.start + s.length] for s in sched.seqs}
-        result = self.runner.execute(sched, tokens)
+        full = frozenset(s.request_id for s in sched.seqs if self._seqs[s.request_id].params.prompt_logprobs is not None
+                         and s.start + 1 < len(self._seqs[s.request_id].prompt_ids))
+        result = self.runner.execute(sched, tokens, full)
+        for s in sched.seqs:
+            if s.request_id in result.full_logits:
+                q = self._seqs[s.request_id]
+                lps = prompt_token_logprobs(result.full_logits[s.request_id], prompt_targets(q.prompt_ids, s.start, s.length),
+                                            q.params.prompt_logprobs or 0)
+                q.prompt_lps.update({s.start + 1 + k: lp for k, lp in enumerate(lps)})
         self.steps += 1
         for s in sched.seqs:
             self._seqs[s.request_id].num_computed = s.start + s.length
@@ -325,10 +340,19 @@ class Engine:
             upto = len(seq.text) - _stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted:upto] if upto > seq.emitted else ""
         seq.emitted = max(seq.emitted, upto)
-        out = self._output(seq, [token], delta, (logprobs,) if logprobs is not None else ())
+        out = self._output(seq, [token], delta, (logprobs,) if logprobs is not None else (),
+                           self._prompt_logprobs(seq))
         if seq.finished:
             self._forget(seq.request_id)
         return out
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> tuple[TokenLogprobs, ...]:
+        """With a request's first output token: its prompt's logprobs (positions 1..), once all are in."""
+        n = len(seq.prompt_ids)
+        if len(seq.output_ids) != 1 or seq.params.prompt_logprobs is None or len(seq.prompt_lps) < n - 1:
+            return ()
+        return tuple(seq.prompt_lps[p] for p in range(1, n))
 
     def _check_stop_strings(self, seq: Sequence, old_len: int) -> FinishReason | None:
         longest = max(len(s) for s in seq.params.stop)
@@ -342,7 +366,7 @@ class Engine:
         return FinishReason.STOP
 
     def _output(self, seq: Sequence, tokens: list[int], text: str,
-                logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
+                logprobs: tuple[TokenLogprobs, ...] = (), prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         out = RequestOutput(
             request_id=seq.request_id,
             token_ids=tuple(tokens),
@@ -354,6 +378,7 @@ class Engine:
             stop_reason=seq.stop_reason,
             token_state=seq.token_state(),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         buf = self._buffers.get(seq.request_id)
         if buf is not None:

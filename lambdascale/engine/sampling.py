@@ -71,6 +71,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata={"help": "(token id, bias in [-100, 100]) pairs"})
     min_tokens: int = field(default=0, metadata={"help": "tokens generated before a stop token may be drawn"})
     logprobs: int | None = field(default=None, metadata={"help": "top logprobs per token, [0, 20]; None = none"})
+    prompt_logprobs: int | None = field(default=None, metadata={"help": "top logprobs per prompt token, [0, 20]; None = none"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -100,8 +101,10 @@ class SamplingParams:
             raise InvalidRequestError("logit_bias names a token id twice")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {n}")
 
     @property
     def greedy(self) -> bool:
@@ -180,10 +183,12 @@ class TokenLogprobs:
 
 @dataclass(frozen=True, slots=True)
 class Sampled:
-    """One draw: the token, and its logprobs when the request asked for them."""
+    """One draw: the token, and its logprobs when the request asked for them; ``prompt`` the
+    logprobs of the prompt tokens this step's rows predicted (``SamplingParams.prompt_logprobs``)."""
 
     token: int
     logprobs: TokenLogprobs | None = None
+    prompt: tuple[TokenLogprobs, ...] = ()
 
 
 def stop_ids(params: SamplingParams, eos_ids: Collection[int]) -> frozenset[int]:
@@ -235,6 +240,27 @@ def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
         vals, ids = torch.topk(lp, min(n, lp.numel()))
         top = tuple((int(i), float(p)) for i, p in zip(ids.tolist(), vals.tolist()))
     return TokenLogprobs(float(lp[token]), top)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: Sequence[int], n: int) -> tuple[TokenLogprobs, ...]:
+    """Raw logprob of ``targets[r]`` under row r of ``logits`` [R, V] (R >= len(targets)), with each
+    row's top ``n``: the prompt logprobs of the prompt tokens those rows predict."""
+    import torch
+    if not targets:
+        return ()
+    lp = torch.log_softmax(logits[: len(targets)].detach().to("cpu", torch.float32), dim=-1)  # [T, V]
+    picked = lp[torch.arange(len(targets)), torch.tensor(list(targets), dtype=torch.long)].tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(targets)
+    if n > 0:
+        vals, ids = torch.topk(lp, min(n, lp.shape[1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return tuple(TokenLogprobs(float(p), t) for p, t in zip(picked, tops))
+
+
+def prompt_targets(prompt: Sequence[int], start: int, length: int) -> list[int]:
+    """The prompt tokens that rows ``[start, start + length)`` of a step predict (row j predicts
+    position j + 1), in row order."""
+    return list(prompt[start + 1: min(start + length + 1, len(prompt))])
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, seed: int, index: int,

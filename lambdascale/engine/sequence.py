@@ -58,6 +58,7 @@ class Sequence:
     text: str = ""  # output text decoded so far (stop strings cut off)
     emitted: int = 0  # characters of ``text`` already streamed out
     arrival: int = 0  # admission order (FIFO tie-break)
+    prompt_lps: dict[int, TokenLogprobs] = field(default_factory=dict)  # prompt position -> its logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -95,3 +96,5 @@ class RequestOutput:
     stop_reason: int | str | None = None
     token_state: TokenState | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
+    #: on a request's first output token, when it asked for them: positions 1.. of the prompt
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()

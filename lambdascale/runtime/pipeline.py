@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
-from lambdascale.engine.sampling import History, Sampled, SamplingParams, TokenLogprobs
+from lambdascale.engine.sampling import History, Sampled, SamplingParams, TokenLogprobs, prompt_targets
 from lambdascale.engine.scheduler import next_step_tokens, prefill_chunk_size
 from lambdascale.engine.sequence import TokenState
 from lambdascale.errors import InvalidRequestError
@@ -150,7 +150,7 @@ class RemotePipeline:
     async def step(self, seqs: list[tuple[str, int, int]], token_ids: list[int],
                    sample: list[tuple[SamplingParams, int, int]], release: Sequence[str] = (),
                    slot: int = 0, history: Sequence[History] | None = None,
-                   eos: Sequence[int] = ()) -> list[Sampled]:
+                   eos: Sequence[int] = (), prompt_targets: Sequence[Sequence[int] | None] | None = None) -> list[Sampled]:
         """Run one step; returns one draw per sequence (in ``seqs`` order).
 
         Steps in flight at once must use different ``slot`` values in ``[0, slots)`` and hold
@@ -171,13 +171,19 @@ class RemotePipeline:
                 token_ids=token_ids if i == 0 else None,
                 sample=sample_d if i == last else None, release=list(release), slot=slot,
                 history=hist if i == last else None, eos=list(eos) if i == last else [],
+                prompt_targets=[list(t) if t else None for t in prompt_targets] if i == last and prompt_targets else None,
             ))
             for i, p in enumerate(self.placements)
         ))
         tokens = list(replies[-1].get("tokens", []))
         lps = replies[-1].get("logprobs") or [None] * len(tokens)
-        return [Sampled(int(t), None if lp is None else TokenLogprobs(float(lp[0]), tuple((int(a), float(b)) for a, b in lp[1])))
-                for t, lp in zip(tokens, lps)]
+        plps = replies[-1].get("prompt_logprobs") or [None] * len(tokens)
+
+        def lp_of(x: list) -> TokenLogprobs:
+            return TokenLogprobs(float(x[0]), tuple((int(a), float(b)) for a, b in x[1]))
+
+        return [Sampled(int(t), None if lp is None else lp_of(lp), tuple(lp_of(x) for x in pl) if pl else ())
+                for t, lp, pl in zip(tokens, lps, plps)]
 
     async def dissolve(self) -> None:
         async def one(n: int) -> None:
@@ -229,6 +235,8 @@ class PipelineServer:
     on_token: Callable[[str, int], None] | None = None
     #: called just before ``on_token`` with the token's logprobs, for requests that asked for them
     on_logprobs: Callable[[str, TokenLogprobs], None] | None = None
+    #: (request, first prompt position, logprobs) for the prompt tokens a step's rows predicted
+    on_prompt_logprobs: Callable[[str, int, tuple[TokenLogprobs, ...]], None] | None = None
     reqs: dict[str, _Req] = field(default_factory=dict)
     finished: dict[str, list[int]] = field(default_factory=dict)
     _release: list[str] = field(default_factory=list)
@@ -393,6 +401,10 @@ class PipelineServer:
             # index of the token each step samples: position computed + n, minus the prompt
             sample = [(r.params, r.seed, max(0, r.computed + n - len(r.prompt))) for r, n in batch]
             extra: dict[str, object] = {}
+            targets = [prompt_targets(r.prompt, r.computed, n) if r.params.prompt_logprobs is not None else []
+                       for r, n in batch]
+            if any(targets):
+                extra["prompt_targets"] = targets
             if any(r.params.processed for r, _ in batch):  # what logit processing reads travels only then
                 extra["history"] = [History(r.prompt if r.params.needs_prompt else (),
                                             r.out[:i] if r.params.needs_output else ())
@@ -429,6 +441,8 @@ class PipelineServer:
             if r is None:  # dropped while its step ran: free its KV with the next step
                 self._release.append(rid)
                 continue
+            if isinstance(drawn, Sampled) and drawn.prompt and self.on_prompt_logprobs is not None:
+                self.on_prompt_logprobs(rid, r.computed + 1, drawn.prompt)
             r.computed += n
             if r.computed < len(r.all_ids):  # a prompt chunk, or a replayed output: nothing to emit
                 idx = r.computed - len(r.prompt)

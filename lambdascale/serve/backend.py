@@ -73,6 +73,7 @@ class SamplingSpec:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     logprobs: int | None = None  # top logprobs per token (0 = the token's own only; None = none)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo + logprobs)
 
     def params(self) -> "SamplingParams":
         """The engine's :class:`SamplingParams` (every backend with a real model maps through here)."""
@@ -83,7 +84,7 @@ class SamplingSpec:
             seed=self.seed, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias, min_tokens=self.min_tokens,
-            logprobs=self.logprobs,
+            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -106,6 +107,8 @@ class TokenEvent:
     index: int                      # position in the output (0 = first generated token)
     finish_reason: FinishReason | None = None
     logprobs: "TokenLogprobs | None" = None  # when the request asked for them
+    #: on the first token, when asked for: the prompt's positions 1.. (position 0 has none)
+    prompt_logprobs: "tuple[TokenLogprobs, ...]" = ()
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ class ClusterBackend:
                     finished = True
                     raise item
                 reason = FinishReason(item.finish.value) if item.finish is not None else None
-                yield TokenEvent(item.token_id, item.index, reason, item.logprobs)
+                yield TokenEvent(item.token_id, item.index, reason, item.logprobs, item.prompt_logprobs)
                 if reason is not None:
                     finished = True
                     return

@@ -207,7 +207,8 @@ class EngineBackend:
                     last = k == len(item.token_ids) - 1
                     yield TokenEvent(token_id=tok, index=item.num_output_tokens - len(item.token_ids) + k,
                                      finish_reason=reason if last else None,
-                                     logprobs=item.logprobs[k] if k < len(item.logprobs) else None)
+                                     logprobs=item.logprobs[k] if k < len(item.logprobs) else None,
+                                     prompt_logprobs=item.prompt_logprobs if k == 0 else ())
                 if done:
                     return
         finally:

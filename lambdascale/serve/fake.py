@@ -258,8 +258,12 @@ class FakeBackend:
                 stop = (tok in sp.stop_token_ids) or (not sp.ignore_eos and tok in self._codec.eos_token_ids)
                 last = stop or index + 1 >= limit
                 reason = (FinishReason.STOP if stop else FinishReason.LENGTH) if last else None
+                prompt_lps: "tuple[TokenLogprobs, ...]" = ()
+                if sp.prompt_logprobs is not None and index == 0:
+                    prompt_lps = tuple(fake_logprobs(t, sp.prompt_logprobs) for t in request.prompt_ids[1:])
                 yield TokenEvent(token_id=tok, index=index, finish_reason=reason,
-                                 logprobs=fake_logprobs(tok, sp.logprobs) if sp.logprobs is not None else None)
+                                 logprobs=fake_logprobs(tok, sp.logprobs) if sp.logprobs is not None else None,
+                                 prompt_logprobs=prompt_lps)
                 index += 1
                 if last:
                     finished = True

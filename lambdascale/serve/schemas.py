@@ -134,6 +134,10 @@ class _SamplingFields(_Strict):
         """Top logprobs per token the client asked for (None = no logprobs); each endpoint spells it its way."""
         return None
 
+    def prompt_logprobs_n(self) -> int | None:
+        """Top logprobs per prompt token (None = none; only completions' echo asks)."""
+        return None
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -172,12 +176,9 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError("token ids must be non-negative")
         return v
 
-    @model_validator(mode="after")
-    def _echo(self) -> "CompletionRequest":
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported yet; "
-                             "echo alone, or logprobs alone, are")
-        return self
+    def prompt_logprobs_n(self) -> int | None:
+        """``echo`` with ``logprobs``: the prompt's tokens get logprobs too (OpenAI's legacy semantics)."""
+        return self.logprobs if self.echo else None
 
 
 class TextPart(_Strict):
@@ -288,8 +289,8 @@ class CompletionLogprobs(TypedDict):
     """The legacy completions ``logprobs`` object: one entry per token of the choice (or chunk)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the prompt's first token (echo), which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

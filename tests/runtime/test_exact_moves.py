@@ -52,7 +52,7 @@ EXTRAS: list[dict] = [
     {"logit_bias": ((7, 100.0),), "min_tokens": 3, "stop_token_ids": (7,)},
     {"logprobs": 2, "repetition_penalty": 0.8},
     {"stop_token_ids": (5, 6)},
-    {},
+    {"prompt_logprobs": 1},  # every row's logits on the last stage: the sampled row must not change
     {"frequency_penalty": 2.0, "presence_penalty": 2.0},
 ]
 
@@ -321,7 +321,7 @@ def test_gateway_backend_is_exact_with_the_mode_when_a_node_dies(model_dir: Path
                     max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=st.seed, ignore_eos=True,
                     presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                     repetition_penalty=p.repetition_penalty, logit_bias=p.logit_bias, min_tokens=p.min_tokens,
-                    stop_token_ids=p.stop_token_ids, logprobs=p.logprobs))
+                    stop_token_ids=p.stop_token_ids, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs))
                 out = []
                 async for ev in backend.generate(req):
                     out.append(ev.token_id)

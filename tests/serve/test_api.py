@@ -151,7 +151,6 @@ BAD_REQUESTS = [
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "stop_token_ids": [999]}).encode(), 400, "stop_token_ids"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "min_tokens": 9, "max_tokens": 3}).encode(), 400, "min_tokens"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logprobs": 21}).encode(), 400, "logprobs"),
-    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logprobs": 2, "echo": True}).encode(), 400, "echo"),
     ("/v1/completions", b'{"model": "fake-llm", "prompt": "a\\ud800b"}', 400, "surrogate"),
     ("/v1/completions", b'{"model": "fake-llm", "prompt": ["a\\udfffb"]}', 400, "prompt.0"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "stop": ""}).encode(), 400, "stop"),

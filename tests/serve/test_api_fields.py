@@ -72,3 +72,20 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(client) -> None:
     bad = client.post("/tokenize", content=b'{"model": "fake-llm", "prompt": "\\ud800"}',
                       headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "surrogate" in bad.json()["error"]["message"]
+
+
+def test_echo_with_logprobs_gives_the_prompts_logprobs_too(client) -> None:
+    """OpenAI's legacy semantics: the prompt's tokens lead the logprobs, the first with null."""
+    body = {"model": MODEL, "prompt": "hey", "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
+    ch = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = ch["logprobs"]
+    want = _text("hey", 2, 0.0, None)
+    assert ch["text"] == "hey" + want
+    assert lp["tokens"] == ["", "h", "e", "y", *want]  # the BOS decodes to nothing
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == [-0.5] * 5 and all(len(t) == 1 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [0, 0, 1, 2, 3, 4]
+    r = client.post("/v1/completions", json=body | {"stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    streamed = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert streamed == lp["tokens"] and "".join(c["choices"][0]["text"] for c in chunks) == ch["text"]

@@ -121,6 +121,14 @@ def test_cluster_logprobs_n_and_penalties_through_the_openai_sdk(cluster_server,
         assert [max(d.values()) for d in choice.logprobs.top_logprobs] == pytest.approx(
             [w.top[0][1] for w in want], abs=1e-4)
     assert r.choices[0].text != r.choices[1].text
+    # echo + logprobs: the agents' last stage returns the prompt's logprobs (every row's logits)
+    echo = client.completions.create(model=name, prompt=PROMPT, max_tokens=2, temperature=0, echo=True, logprobs=1,
+                                     extra_body={"ignore_eos": True})
+    ref = list(eng.generate(PROMPT, SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=1,
+                                                   ignore_eos=True)))
+    want = [lp.logprob for lp in ref[0].prompt_logprobs] + [lp for o in ref for lp in (x.logprob for x in o.logprobs)]
+    got = echo.choices[0].logprobs.token_logprobs
+    assert got[0] is None and got[1:] == pytest.approx(want, abs=1e-4) and len(got) == len(PROMPT) + 2
     chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                           temperature=0, logprobs=True, top_logprobs=1, stream=True,
                                           stream_options={"include_usage": True})

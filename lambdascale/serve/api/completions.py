@@ -11,7 +11,7 @@ from lambdascale.serve.api.errors import ApiError
 from lambdascale.serve.api.generation import Entry, Generation, GenerationHandler
 from lambdascale.serve.api.logprobs import completion_logprobs
 from lambdascale.serve.backend import FinishReason, TextCodec
-from lambdascale.serve.schemas import Completion, CompletionChunk, CompletionRequest, Usage
+from lambdascale.serve.schemas import Completion, CompletionChunk, CompletionLogprobs, CompletionRequest, Usage
 
 
 class CompletionsHandler(GenerationHandler[CompletionRequest]):
@@ -60,9 +60,15 @@ class CompletionsHandler(GenerationHandler[CompletionRequest]):
         return {"id": g0.response_id, "object": "text_completion", "created": g0.created, "model": g0.model,
                 "choices": [{"index": i, "text": self._echoed(body, g) + g.stream.text,
                              "finish_reason": (g.reason or FinishReason.LENGTH).value,
-                             "logprobs": completion_logprobs(g._codec, g.entries) if body.logprobs is not None else None}
+                             "logprobs": self._logprobs(body, g) if body.logprobs is not None else None}
                             for i, g in enumerate(gens)],
                 "usage": usage}
+
+    @staticmethod
+    def _logprobs(body: CompletionRequest, g: Generation) -> CompletionLogprobs:
+        if not body.echo:
+            return completion_logprobs(g._codec, g.entries)
+        return completion_logprobs(g._codec, g.entries, prompt=g.request.prompt_ids, prompt_lps=g.prompt_logprobs)
 
     def chunk(self, gen: Generation, index: int, delta: str | None, reason: FinishReason | None,
               entry: Entry | None) -> CompletionChunk:
@@ -74,4 +80,9 @@ class CompletionsHandler(GenerationHandler[CompletionRequest]):
         """With ``echo``, each choice's stream starts with the prompt's text."""
         if not body.echo:
             return []
-        return [self.chunk(g, i, self._echoed(body, g), None, None) for i, g in enumerate(gens)]
+        chunks = [self.chunk(g, i, self._echoed(body, g), None, None) for i, g in enumerate(gens)]
+        if body.logprobs is not None:  # the prompt's tokens, with their logprobs, come with its text
+            for c, g in zip(chunks, gens):
+                c["choices"][0]["logprobs"] = completion_logprobs(g._codec, (), prompt=g.request.prompt_ids,
+                                                                  prompt_lps=g.prompt_logprobs)
+        return chunks

@@ -211,6 +211,11 @@ class Generation:
         self.reason = FinishReason.LENGTH
         yield stream.flush(), FinishReason.LENGTH, None
 
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprobs, ...]:
+        """The prompt's logprobs (positions 1..) the first token brought, when asked for."""
+        return self._first.prompt_logprobs if self._first is not None else ()
+
     def cumulative_logprob(self) -> float:
         return sum(lp.logprob for _, lp in self.entries)
 
@@ -455,7 +460,8 @@ class GenerationHandler(ABC, Generic[Body]):
                             stop_token_ids=tuple(body.stop_token_ids or ()),
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                             repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=bias,
-                            min_tokens=body.min_tokens, logprobs=body.top_logprobs_n())
+                            min_tokens=body.min_tokens, logprobs=body.top_logprobs_n(),
+                            prompt_logprobs=body.prompt_logprobs_n())
 
     async def _sse(self, body: Body, gens: Sequence[Generation], include_usage: bool) -> AsyncIterator[str]:
         def framed(chunk: Mapping[str, Any]) -> str:

@@ -29,11 +29,26 @@ def chat_logprobs(codec: TextCodec, entries: Sequence[tuple[int, TokenLogprobs]]
 
 
 def completion_logprobs(codec: TextCodec, entries: Sequence[tuple[int, TokenLogprobs]],
-                        offset: int = 0) -> CompletionLogprobs:
+                        offset: int = 0, prompt: Sequence[int] = (),
+                        prompt_lps: Sequence[TokenLogprobs] = ()) -> CompletionLogprobs:
     """The legacy object; ``text_offset`` counts characters from ``offset`` (where the choice's
-    text, or this chunk's, starts). Two alternatives that decode to the same text keep the likelier."""
+    text, or this chunk's, starts). Two alternatives that decode to the same text keep the likelier.
+    With ``echo``, the ``prompt`` ids come first: the first with null logprobs (nothing predicts it),
+    the others with ``prompt_lps`` (positions 1..)."""
     out: CompletionLogprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     pos = offset
+    if prompt:
+        lead: list[tuple[int, TokenLogprobs | None]] = [(prompt[0], None), *zip(prompt[1:], prompt_lps)]
+        for tok, plp in lead:
+            text = _text(codec, tok)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(plp.logprob if plp is not None else None)
+            ptop: dict[str, float] = {}
+            for i, p in (plp.top if plp is not None else ()):
+                ptop.setdefault(_text(codec, i), p)
+            out["top_logprobs"].append(ptop if plp is not None else None)
+            out["text_offset"].append(pos)
+            pos += len(text)
     for tok, lp in entries:
         text = _text(codec, tok)
         out["tokens"].append(text)

@@ -273,7 +273,7 @@ class Engine:
         tokens = {s.request_id: self._seqs[s.request_id].all_ids[s.start:s.start + s.length] for s in sched.seqs}
         full = frozenset(s.request_id for s in sched.seqs if self._seqs[s.request_id].params.prompt_logprobs is not None
                          and s.start + 1 < len(self._seqs[s.request_id].prompt_ids))
-        result = self.runner.execute(sched, tokens, full)
+        result = self.runner.execute(sched, tokens, full) if full else self.runner.execute(sched, tokens)
         for s in sched.seqs:
             if s.request_id in result.full_logits:
                 q = self._seqs[s.request_id]

@@ -50,7 +50,7 @@ def inverse_cdf_token(logits: torch.Tensor, params: SamplingParams, seed: int, i
         probs, idx = probs[:keep], idx[:keep]
     cum = torch.cumsum(probs, dim=0)
     mask = (1 << 64) - 1
-    u = (sampling._splitmix64(sampling._splitmix64(seed & mask) ^ (index & mask)) >> 11) / float(1 << 53)
+    u = (sampling.splitmix64(sampling.splitmix64(seed & mask) ^ (index & mask)) >> 11) / float(1 << 53)
     pick = min(int(torch.searchsorted(cum, torch.tensor(u * float(cum[-1]), dtype=cum.dtype), right=True)),
                cum.numel() - 1)
     return int(idx[pick])

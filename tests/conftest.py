@@ -35,18 +35,23 @@ def calibration_dir() -> Path:
 def demo_model_dir() -> Path:
     """A models directory holding ``smollm2-135m`` in our block format (imported once, cached).
 
-    The cache lives in ``~/.cache/lambdascale/test-models/v<format version>`` (override with
-    ``LAMBDASCALE_TEST_MODELS``), so a format change re-imports; a file lock makes concurrent
+    The cache lives in ``~/.cache/lambdascale/test-models/v<format version>-<schema digest>``
+    (override the base with ``LAMBDASCALE_TEST_MODELS``): the digest is of the manifest's JSON
+    schema, so a checkout whose manifest reads other fields (another branch, a new field) gets a
+    cache of its own instead of rewriting one another checkout reads. A file lock makes concurrent
     test sessions import it only once. Returns the models directory (use
     ``find_model(demo_model_dir, "smollm2-135m")``).
     """
+    import hashlib
+    import json
     import os
 
     from lambdascale.model.importers import DEMO_MODEL, import_model
-    from lambdascale.model.manifest import FORMAT_VERSION
+    from lambdascale.model.manifest import FORMAT_VERSION, Manifest
 
     base = Path(os.environ.get("LAMBDASCALE_TEST_MODELS", Path.home() / ".cache" / "lambdascale" / "test-models"))
-    d = base / f"v{FORMAT_VERSION}"
+    schema = hashlib.sha256(json.dumps(Manifest.model_json_schema(), sort_keys=True).encode()).hexdigest()[:10]
+    d = base / f"v{FORMAT_VERSION}-{schema}"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

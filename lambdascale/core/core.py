@@ -47,7 +47,7 @@ from lambdascale.core.state import (
     TokenOut,
     Unit,
 )
-from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 from lambdascale.errors import BackendUnavailableError, InvalidRequestError, LambdaScaleError, ModelNotServedError
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.pipelines import Pipeline
@@ -261,8 +261,22 @@ class ServingCore:
             if reason is not None:
                 r.done = True
                 self.requests.pop(rid, None)
-            r.sink(TokenOut(tok, len(r.out) - 1, reason, unit_id))
+            lps, r.next_logprobs = r.next_logprobs, None
+            plps: tuple[TokenLogprobs, ...] = ()
+            if len(r.out) == 1 and r.params.prompt_logprobs is not None and len(r.prompt_lps) >= len(r.prompt) - 1:
+                plps = tuple(r.prompt_lps[p] for p in range(1, len(r.prompt)))
+            r.sink(TokenOut(tok, len(r.out) - 1, reason, unit_id, lps, plps))
         return on_token
+
+    def _on_prompt_logprobs(self, rid: str, start: int, lps: tuple[TokenLogprobs, ...]) -> None:
+        r = self.requests.get(rid)
+        if r is not None and not r.done:  # a prefill redone after a move writes the same positions again
+            r.prompt_lps.update({start + k: lp for k, lp in enumerate(lps)})
+
+    def _on_logprobs(self, rid: str, lps: TokenLogprobs) -> None:
+        r = self.requests.get(rid)
+        if r is not None and not r.done:
+            r.next_logprobs = lps  # delivered with the token, which comes next (PipelineServer.on_logprobs)
 
     def dispatch(self, d: Deployment) -> int:
         """Late binding: hand queued requests of ``d`` to units that can start them now; returns how many."""
@@ -343,7 +357,9 @@ class ServingCore:
         t0 = self.clock.now()
         await pipe.form()
         u.forming_s = self.clock.now() - t0
-        u.pipe, u.server = pipe, PipelineServer(pipe, d.eos, on_token=self._token_sink(u.id))
+        u.pipe, u.server = pipe, PipelineServer(pipe, d.eos, on_token=self._token_sink(u.id),
+                                                   on_logprobs=self._on_logprobs,
+                                                   on_prompt_logprobs=self._on_prompt_logprobs)
         u.loading = False
         u.started_at = self.clock.now()
         self.units_seen.append(u)

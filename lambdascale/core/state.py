@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lambdascale.control.snapshot import DeploymentSpec
-from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 from lambdascale.engine.sequence import TokenState
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.serving import KvPolicy
@@ -43,6 +43,8 @@ class TokenOut:
     index: int            # position in the request's output (0 = first token)
     finish: Finish | None
     unit: str             # the unit that computed it
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # on the first token: prompt positions 1.., when asked for
 
 
 #: Receives a request's tokens in order, or one exception that ends the request.
@@ -61,6 +63,8 @@ class Request:
     out: list[int]
     sink: RequestSink
     done: bool = False
+    next_logprobs: TokenLogprobs | None = None  # the logprobs of the token about to be delivered
+    prompt_lps: dict[int, TokenLogprobs] = field(default_factory=dict)  # prompt position -> logprobs (idempotent)
 
     def token_state(self) -> TokenState:
         return TokenState(self.prompt, tuple(self.out), self.params, self.seed)

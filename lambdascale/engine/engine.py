@@ -26,13 +26,21 @@ from typing import Any, Iterator, Mapping, Sequence as Seq
 import torch
 
 from lambdascale.engine.runner import ModelRunner
-from lambdascale.engine.sampling import SamplingParams, sample_batch
+from lambdascale.engine.sampling import (
+    History,
+    SamplingParams,
+    TokenLogprobs,
+    prompt_targets,
+    prompt_token_logprobs,
+    sample_rows,
+)
 from lambdascale.engine.scheduler import SchedulerOutput, SeqView, prefill_chunk_size, schedule
 from lambdascale.engine.sequence import FinishReason, RequestOutput, Sequence, SeqStatus, TokenState
 from lambdascale.engine.settings import EngineSettings
 from lambdascale.engine.stage import Stage, full_stage, stage_from_checkpoint
 from lambdascale.errors import InvalidRequestError
 from lambdascale.model.arch import ModelArch
+from lambdascale.model.generation import GenerationDefaults
 from lambdascale.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Prompt = str | Seq[int]
@@ -77,8 +85,11 @@ class Engine:
         stages: Seq[Stage],
         tokenizer: Tokenizer | None = None,
         settings: EngineSettings | None = None,
+        generation: GenerationDefaults | None = None,
     ) -> None:
         self.settings = settings or EngineSettings()
+        #: the checkpoint's generation defaults (the gateway applies them; their end ids end requests here)
+        self.generation = generation or GenerationDefaults()
         self.arch = arch
         self.runner = ModelRunner(stages)
         self.tokenizer = tokenizer
@@ -90,6 +101,7 @@ class Engine:
             eos.update(arch.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
+        eos.update(self.generation.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self._seqs: dict[str, Sequence] = {}
         self._waiting: deque[str] = deque()
@@ -139,7 +151,7 @@ class Engine:
             ckpt, range(ckpt.manifest.n_blocks), max_len, settings.max_batch_size, device, dtype
         )
         tok = Tokenizer.from_dir(ckpt.tokenizer_dir)
-        return cls(arch, [stage], tok, settings)
+        return cls(arch, [stage], tok, settings, ckpt.manifest.generation)
 
     # ---- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt | None = None, messages: Seq[dict[str, str]] | None = None) -> list[int]:
@@ -259,17 +271,26 @@ class Engine:
         if sched.is_empty:
             return []
         tokens = {s.request_id: self._seqs[s.request_id].all_ids[s.start:s.start + s.length] for s in sched.seqs}
-        result = self.runner.execute(sched, tokens)
+        full = frozenset(s.request_id for s in sched.seqs if self._seqs[s.request_id].params.prompt_logprobs is not None
+                         and s.start + 1 < len(self._seqs[s.request_id].prompt_ids))
+        result = self.runner.execute(sched, tokens, full) if full else self.runner.execute(sched, tokens)
+        for s in sched.seqs:
+            if s.request_id in result.full_logits:
+                q = self._seqs[s.request_id]
+                lps = prompt_token_logprobs(result.full_logits[s.request_id], prompt_targets(q.prompt_ids, s.start, s.length),
+                                            q.params.prompt_logprobs or 0)
+                q.prompt_lps.update({s.start + 1 + k: lp for k, lp in enumerate(lps)})
         self.steps += 1
         for s in sched.seqs:
             self._seqs[s.request_id].num_computed = s.start + s.length
         if not result.request_ids:
             return []
         seqs = [self._seqs[r] for r in result.request_ids]
-        new = sample_batch(
-            result.logits, [q.params for q in seqs], [q.seed for q in seqs], [len(q.output_ids) for q in seqs]
-        )
-        return [self._postprocess(q, t) for q, t in zip(seqs, new)]
+        hist = [History(q.prompt_ids if q.params.needs_prompt else (), q.output_ids if q.params.needs_output else ())
+                for q in seqs]
+        new = sample_rows(result.logits, [q.params for q in seqs], [q.seed for q in seqs],
+                          [len(q.output_ids) for q in seqs], hist, self.eos_token_ids)
+        return [self._postprocess(q, s.token, s.logprobs) for q, s in zip(seqs, new)]
 
     def _schedule(self) -> SchedulerOutput:
         running = [self._view(r) for r in self._running]
@@ -291,7 +312,7 @@ class Engine:
         ids = frozenset(params.stop_token_ids)
         return ids if params.ignore_eos else ids | self.eos_token_ids
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         """Append ``token``, apply the stop rules, and produce the stream delta."""
         p = seq.params
         seq.output_ids.append(token)
@@ -319,10 +340,19 @@ class Engine:
             upto = len(seq.text) - _stop_holdback(seq.text, p.stop)
         delta = seq.text[seq.emitted:upto] if upto > seq.emitted else ""
         seq.emitted = max(seq.emitted, upto)
-        out = self._output(seq, [token], delta)
+        out = self._output(seq, [token], delta, (logprobs,) if logprobs is not None else (),
+                           self._prompt_logprobs(seq))
         if seq.finished:
             self._forget(seq.request_id)
         return out
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> tuple[TokenLogprobs, ...]:
+        """With a request's first output token: its prompt's logprobs (positions 1..), once all are in."""
+        n = len(seq.prompt_ids)
+        if len(seq.output_ids) != 1 or seq.params.prompt_logprobs is None or len(seq.prompt_lps) < n - 1:
+            return ()
+        return tuple(seq.prompt_lps[p] for p in range(1, n))
 
     def _check_stop_strings(self, seq: Sequence, old_len: int) -> FinishReason | None:
         longest = max(len(s) for s in seq.params.stop)
@@ -335,7 +365,8 @@ class Engine:
         seq.stop_reason = s
         return FinishReason.STOP
 
-    def _output(self, seq: Sequence, tokens: list[int], text: str) -> RequestOutput:
+    def _output(self, seq: Sequence, tokens: list[int], text: str,
+                logprobs: tuple[TokenLogprobs, ...] = (), prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         out = RequestOutput(
             request_id=seq.request_id,
             token_ids=tuple(tokens),
@@ -346,6 +377,8 @@ class Engine:
             num_output_tokens=len(seq.output_ids),
             stop_reason=seq.stop_reason,
             token_state=seq.token_state(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         buf = self._buffers.get(seq.request_id)
         if buf is not None:

@@ -7,7 +7,7 @@ runtime does the same over the network with the same :class:`Stage` API).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -25,6 +25,8 @@ class RunnerOutput:
 
     request_ids: tuple[str, ...]
     logits: torch.Tensor
+    #: every row's logits [length, vocab] of the sequences asked for in ``execute(full=...)``
+    full_logits: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -38,8 +40,10 @@ class ModelRunner:
         self.stages = list(stages)
         self.device = stages[0].model.device
 
-    def execute(self, sched: SchedulerOutput, token_ids: Mapping[str, Sequence[int]]) -> RunnerOutput:
-        """``token_ids[rid]`` are the tokens of that sequence's scheduled range, in order."""
+    def execute(self, sched: SchedulerOutput, token_ids: Mapping[str, Sequence[int]],
+                full: frozenset[str] = frozenset()) -> RunnerOutput:
+        """``token_ids[rid]`` are the tokens of that sequence's scheduled range, in order; the
+        sequences in ``full`` also get every row's logits (prompt logprobs)."""
         if sched.is_empty:
             return RunnerOutput((), torch.empty(0, 0))
         batch = StageBatch(tuple(SeqSlice(s.request_id, s.start, s.length) for s in sched.seqs))
@@ -50,10 +54,21 @@ class ModelRunner:
                 raise ValueError(f"request {s.request_id}: {len(ids)} token ids for a step of {s.length}")
             flat.extend(ids)
         x = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        want_full = bool(full & {s.request_id for s in sched.seqs})
         for st in self.stages:
-            x = st.forward(batch, x)
+            x = st.forward(batch, x, all_logits=want_full and st.last)
+        if not want_full:
+            rows = [i for i, s in enumerate(sched.seqs) if s.sample]
+            return RunnerOutput(tuple(sched.seqs[i].request_id for i in rows), x[rows].float().cpu())
+        ends, pos = [], 0  # x: [N, vocab]; each sequence's last row is its sampling row
+        per: dict[str, torch.Tensor] = {}
+        for s in sched.seqs:
+            if s.request_id in full:
+                per[s.request_id] = x[pos:pos + s.length].float().cpu()
+            pos += s.length
+            ends.append(pos - 1)
         rows = [i for i, s in enumerate(sched.seqs) if s.sample]
-        return RunnerOutput(tuple(sched.seqs[i].request_id for i in rows), x[rows].float().cpu())
+        return RunnerOutput(tuple(sched.seqs[i].request_id for i in rows), x[[ends[i] for i in rows]].float().cpu(), per)
 
     def release(self, request_id: str) -> None:
         """Free the request's KV cache in every stage."""

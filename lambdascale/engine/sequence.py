@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 from lambdascale.model.tokenizer import IncrementalDetokenizer
 
 
@@ -58,6 +58,7 @@ class Sequence:
     text: str = ""  # output text decoded so far (stop strings cut off)
     emitted: int = 0  # characters of ``text`` already streamed out
     arrival: int = 0  # admission order (FIFO tie-break)
+    prompt_lps: dict[int, TokenLogprobs] = field(default_factory=dict)  # prompt position -> its logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +81,8 @@ class RequestOutput:
     """One streamed update of a request: what is new since the previous update.
 
     ``text`` is the new text (never part of a stop string, never half a character);
-    ``token_ids`` the new token ids. The final update has ``finished`` set and a
+    ``token_ids`` the new token ids; ``logprobs`` one entry per new token when the request asked
+    for them (``SamplingParams.logprobs``), else empty. The final update has ``finished`` set and a
     ``finish_reason``; ``token_state`` lets the caller continue the request elsewhere.
     """
 
@@ -93,3 +95,6 @@ class RequestOutput:
     num_output_tokens: int
     stop_reason: int | str | None = None
     token_state: TokenState | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    #: on a request's first output token, when it asked for them: positions 1.. of the prompt
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()

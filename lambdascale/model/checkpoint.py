@@ -38,6 +38,7 @@ import xxhash
 
 from lambdascale.errors import CheckpointError, ModelNotFoundError
 from lambdascale.model.arch import ModelArch, plan_blocks
+from lambdascale.model.generation import GenerationDefaults
 from lambdascale.model.blockfile import (  # re-exported: runtime, store and benches import them from here
     ALIGN,
     MAX_HEADER_BYTES,
@@ -224,6 +225,7 @@ def write_checkpoint(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     source_dtype: Callable[[str], str | None] | None = None,
+    generation: GenerationDefaults | None = None,
 ) -> Checkpoint:
     """Write a model in our format, atomically: temp dir, fsynced files, one rename.
 
@@ -309,6 +311,7 @@ def write_checkpoint(
         manifest = Manifest(
             format_version=FORMAT_VERSION, name=name, arch=arch, dtype=dtype,
             tokenizer_files=sorted(tok_names), source=source, blocks=blocks, chunks=hasher.chunks(),
+            generation=generation,
         )
         mpath = tmp / MANIFEST_NAME
         fd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

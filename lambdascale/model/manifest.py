@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from lambdascale.errors import CheckpointError
 from lambdascale.model.arch import ModelArch
+from lambdascale.model.generation import GenerationDefaults
 from lambdascale.pipe.layout import ChunkLayout
 
 FORMAT = "lambdascale-blocks"
@@ -170,6 +171,9 @@ class Manifest(BaseModel):
         default_factory=list, description="files under tokenizer/ (tokenizer.json, tokenizer_config.json, ...)"
     )
     source: str = Field(default="", description="what the model was imported from")
+    generation: GenerationDefaults | None = Field(
+        default=None, description="the checkpoint's own generation defaults, read at import "
+        "(model/generation.py); None: imported before they were recorded (the next import records them)")
     blocks: list[BlockEntry] = Field(min_length=1)
     chunks: list[ChunkEntry] = Field(min_length=1, description="transfer chunks tiling the model's stream, in order")
     _layout: ChunkLayout | None = PrivateAttr(default=None)
@@ -258,6 +262,22 @@ class Manifest(BaseModel):
             s, e = max(ch.offset, blk.offset), min(ch.end, blk.end)
             parts.append((b, s - blk.offset, e - s))
         return parts
+
+
+def record_generation(model_dir: str | Path, generation: GenerationDefaults) -> Manifest:
+    """Rewrite ``<model_dir>/manifest.json`` with ``generation`` recorded (atomically: temp file, rename)."""
+    import os
+
+    m = read_manifest(model_dir).model_copy(update={"generation": generation})
+    path = Path(model_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(m.model_dump_json(indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot record generation defaults: {e.strerror}") from None
+    return m
 
 
 def read_manifest(model_dir: str | Path) -> Manifest:

@@ -227,7 +227,13 @@ class StageStep(_Msg):
     Stage 0 gets the new ``token_ids`` (flat, in ``seqs`` order); the others receive hidden
     states ``[N, hidden]`` from their predecessor over the transport, tagged with ``step``. The
     last stage samples one token per sequence from ``sample`` = (SamplingParams as a dict,
-    seed, token index) and replies ``{"tokens": [...]}``. ``release`` frees KV of finished or
+    seed, token index) and replies ``{"tokens": [...]}``, plus ``"logprobs"`` (per sequence
+    ``[logprob, [[id, logprob], ...]]`` or null) when a sequence asked for them. ``history`` (per
+    sequence: prompt ids or null, output ids before this token or null) and ``eos`` (the model's
+    EOS ids) come only when a sequence's params read them (penalties, ``min_tokens``).
+    ``prompt_targets`` (per sequence: the prompt tokens its rows predict, or null) asks the last
+    stage for every row's logits of those sequences; the reply's ``"prompt_logprobs"`` has, per
+    sequence, null or one ``[logprob, [[id, logprob], ...]]`` per target. ``release`` frees KV of finished or
     moved sequences first. ``slot`` names the region of the hidden-state buffers this step uses
     (the controller gives each step in flight its own; see ``FormStage.slots``). A stage runs its
     steps one at a time; steps in flight hold disjoint sequences.
@@ -241,6 +247,9 @@ class StageStep(_Msg):
     seqs: list[tuple[str, int, int]]
     token_ids: list[int] | None = None
     sample: list[tuple[dict[str, Any], int, int]] | None = None
+    history: list[tuple[list[int] | None, list[int] | None]] | None = None
+    eos: list[int] = Field(default_factory=list)
+    prompt_targets: list[list[int] | None] | None = None
     release: list[str] = Field(default_factory=list)
     slot: int = Field(default=0, ge=0)
 

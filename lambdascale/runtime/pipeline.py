@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
-from lambdascale.engine.sampling import SamplingParams
+from lambdascale.engine.sampling import History, Sampled, SamplingParams, TokenLogprobs, prompt_targets
 from lambdascale.engine.scheduler import next_step_tokens, prefill_chunk_size
 from lambdascale.engine.sequence import TokenState
 from lambdascale.errors import InvalidRequestError
@@ -149,27 +149,41 @@ class RemotePipeline:
 
     async def step(self, seqs: list[tuple[str, int, int]], token_ids: list[int],
                    sample: list[tuple[SamplingParams, int, int]], release: Sequence[str] = (),
-                   slot: int = 0) -> list[int]:
-        """Run one step; returns one sampled token per sequence (in ``seqs`` order).
+                   slot: int = 0, history: Sequence[History] | None = None,
+                   eos: Sequence[int] = (), prompt_targets: Sequence[Sequence[int] | None] | None = None) -> list[Sampled]:
+        """Run one step; returns one draw per sequence (in ``seqs`` order).
 
         Steps in flight at once must use different ``slot`` values in ``[0, slots)`` and hold
-        disjoint sequences (:class:`PipelineServer` sees to both).
+        disjoint sequences (:class:`PipelineServer` sees to both). ``history`` (one per sample)
+        and ``eos`` are what the sampler's logit processing reads (penalties, ``min_tokens``).
         """
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is outside the pipeline's {self.slots} slots")
         step = self._step
         self._step += 1
         sample_d = [(asdict(p), seed, idx) for p, seed, idx in sample]
+        hist = ([(list(h.prompt_ids) or None, list(h.output_ids) or None) for h in history]
+                if history is not None else None)
         last = len(self.placements) - 1
         replies = await asyncio.gather(*(
             self.cluster.request(p.node, StageStep(
                 req=0, pipeline=self.name, index=i, step=step, seqs=seqs,
                 token_ids=token_ids if i == 0 else None,
                 sample=sample_d if i == last else None, release=list(release), slot=slot,
+                history=hist if i == last else None, eos=list(eos) if i == last else [],
+                prompt_targets=[list(t) if t else None for t in prompt_targets] if i == last and prompt_targets else None,
             ))
             for i, p in enumerate(self.placements)
         ))
-        return list(replies[-1].get("tokens", []))
+        tokens = list(replies[-1].get("tokens", []))
+        lps = replies[-1].get("logprobs") or [None] * len(tokens)
+        plps = replies[-1].get("prompt_logprobs") or [None] * len(tokens)
+
+        def lp_of(x: list) -> TokenLogprobs:
+            return TokenLogprobs(float(x[0]), tuple((int(a), float(b)) for a, b in x[1]))
+
+        return [Sampled(int(t), None if lp is None else lp_of(lp), tuple(lp_of(x) for x in pl) if pl else ())
+                for t, lp, pl in zip(tokens, lps, plps)]
 
     async def dissolve(self) -> None:
         async def one(n: int) -> None:
@@ -219,6 +233,10 @@ class PipelineServer:
     pipe: RemotePipeline
     eos_token_ids: frozenset[int] = frozenset()
     on_token: Callable[[str, int], None] | None = None
+    #: called just before ``on_token`` with the token's logprobs, for requests that asked for them
+    on_logprobs: Callable[[str, TokenLogprobs], None] | None = None
+    #: (request, first prompt position, logprobs) for the prompt tokens a step's rows predicted
+    on_prompt_logprobs: Callable[[str, int, tuple[TokenLogprobs, ...]], None] | None = None
     reqs: dict[str, _Req] = field(default_factory=dict)
     finished: dict[str, list[int]] = field(default_factory=dict)
     _release: list[str] = field(default_factory=list)
@@ -232,7 +250,7 @@ class PipelineServer:
     decode_step_s: float | None = None
     #: most steps this server has had in flight at once
     max_in_flight: int = 0
-    _flights: dict["asyncio.Task[list[int]]", _Flight] = field(default_factory=dict)
+    _flights: dict["asyncio.Task[list[Sampled]]", _Flight] = field(default_factory=dict)
     _started: int = 0
 
     @property
@@ -382,12 +400,22 @@ class PipelineServer:
             ids = [t for r, n in batch for t in r.all_ids[r.computed:r.computed + n]]
             # index of the token each step samples: position computed + n, minus the prompt
             sample = [(r.params, r.seed, max(0, r.computed + n - len(r.prompt))) for r, n in batch]
-            task = asyncio.ensure_future(self.pipe.step(seqs, ids, sample, release, slot=slot))
+            extra: dict[str, object] = {}
+            targets = [prompt_targets(r.prompt, r.computed, n) if r.params.prompt_logprobs is not None else []
+                       for r, n in batch]
+            if any(targets):
+                extra["prompt_targets"] = targets
+            if any(r.params.processed for r, _ in batch):  # what logit processing reads travels only then
+                extra["history"] = [History(r.prompt if r.params.needs_prompt else (),
+                                            r.out[:i] if r.params.needs_output else ())
+                                    for (r, _), (_, _, i) in zip(batch, sample)]
+                extra["eos"] = sorted(self.eos_token_ids)
+            task = asyncio.ensure_future(self.pipe.step(seqs, ids, sample, release, slot=slot, **extra))  # type: ignore[arg-type]
             self._started += 1
             self._flights[task] = _Flight([(r.rid, n) for r, n in batch], slot, len(ids), time.monotonic(), self._started)
             self.max_in_flight = max(self.max_in_flight, len(self._flights))
 
-    def _finish(self, done: set["asyncio.Task[list[int]]"]) -> BaseException | None:
+    def _finish(self, done: set["asyncio.Task[list[Sampled]]"]) -> BaseException | None:
         """Apply finished steps in the order they started; returns the first error."""
         err: BaseException | None = None
         mine = [t for t in done if t in self._flights]  # another drain may have applied some
@@ -399,18 +427,22 @@ class PipelineServer:
             self._apply(f, task.result())
         return err
 
-    def _apply(self, f: _Flight, tokens: list[int]) -> None:
+    def _apply(self, f: _Flight, tokens: Sequence[Sampled | int]) -> None:
         took = max(time.monotonic() - f.t0, 1e-6)
         if self.depth == 1 and all(n > 1 for _, n in f.batch):  # prefill-only: this instance's prefill rate
             rate = f.ids / took
             self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.5 * (self.prefill_tokens_per_s + rate)
         elif self.depth == 1 and all(n == 1 for _, n in f.batch):  # decode-only: what one replayed token costs
             self.decode_step_s = took if self.decode_step_s is None else 0.5 * (self.decode_step_s + took)
-        for (rid, n), t in zip(f.batch, tokens):
+        for (rid, n), drawn in zip(f.batch, tokens):
+            # a stand-in pipe (tests) may answer plain token ids
+            t, lps = (drawn.token, drawn.logprobs) if isinstance(drawn, Sampled) else (int(drawn), None)
             r = self.reqs.get(rid)
             if r is None:  # dropped while its step ran: free its KV with the next step
                 self._release.append(rid)
                 continue
+            if isinstance(drawn, Sampled) and drawn.prompt and self.on_prompt_logprobs is not None:
+                self.on_prompt_logprobs(rid, r.computed + 1, drawn.prompt)
             r.computed += n
             if r.computed < len(r.all_ids):  # a prompt chunk, or a replayed output: nothing to emit
                 idx = r.computed - len(r.prompt)
@@ -420,6 +452,8 @@ class PipelineServer:
                         self.replay_mismatches += 1
                 continue
             r.out.append(t)
+            if lps is not None and self.on_logprobs is not None:
+                self.on_logprobs(r.rid, lps)
             if self.on_token is not None:
                 self.on_token(r.rid, t)
             stop = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos_token_ids)

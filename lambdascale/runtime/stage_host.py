@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from lambdascale.engine.sampling import SamplingParams, sample_batch
+from lambdascale.engine.sampling import History, SamplingParams, prompt_token_logprobs, sample_rows
 from lambdascale.engine.stage import SeqSlice, Stage, StageBatch
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.checkpoint import tensors_from_block_bytes
@@ -148,7 +148,9 @@ class StageHost:
                 x = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.hidden).to(self.device)  # [N, hidden]
             t0 = asyncio.get_running_loop().time()
             busy_from = time.monotonic()
-            out = await asyncio.to_thread(self.stage.forward, batch, x)
+            # every row's logits [N, vocab] when a sequence asks for its prompt's logprobs
+            full = self.stage.last and msg.prompt_targets is not None and any(t for t in msg.prompt_targets)
+            out = await asyncio.to_thread(self.stage.forward, batch, x, full)
             if self.timer is not None:  # emulated accelerator: the step lasts at least its GPU time
                 floor = self.timer.floor_s(sum(s.length for s in batch.seqs if s.length > 1),
                                            sum(1 for s in batch.seqs if s.length == 1))
@@ -166,13 +168,37 @@ class StageHost:
             await self.agent.transport.send(self.next_node, self.out_name, base, flat.size,
                                             hidden_tag(self.pipeline, msg.step, self.index + 1), urgent=True)
             return {}
-        # last stage: out is logits [n_seqs, vocab]
+        # last stage: out is logits [n_seqs, vocab], or [N, vocab] with every row (``full``)
         assert msg.sample is not None and len(msg.sample) == len(msg.seqs)
+        prompt_lps: list[list | None] = []
+        if full:
+            assert msg.prompt_targets is not None
+            if len(msg.prompt_targets) != len(msg.seqs):
+                raise LambdaScaleError(f"step {msg.step}: {len(msg.prompt_targets)} prompt targets for {len(msg.seqs)} sequences")
+            ends, pos = [], 0
+            for (_, _, n), targets, (p, _, _) in zip(msg.seqs, msg.prompt_targets, msg.sample):
+                if targets:
+                    lps = prompt_token_logprobs(logits[pos:pos + n], targets, int(p.get("prompt_logprobs") or 0))
+                    prompt_lps.append([[lp.logprob, [list(t) for t in lp.top]] for lp in lps])
+                else:
+                    prompt_lps.append(None)
+                pos += n
+                ends.append(pos - 1)
+            logits = logits[ends]  # [n_seqs, vocab]: each sequence's last row samples
         params = [SamplingParams(**p) for p, _, _ in msg.sample]
+        if msg.history is not None and len(msg.history) != len(msg.sample):
+            raise LambdaScaleError(f"step {msg.step}: {len(msg.history)} histories for {len(msg.sample)} samples")
+        hist = [History(pr or (), out or ()) for pr, out in msg.history] if msg.history is not None else None
         # off the event loop: a draw over a large vocabulary takes milliseconds per sampled row
-        tokens = await asyncio.to_thread(sample_batch, logits, params, [s for _, s, _ in msg.sample],
-                                         [i for _, _, i in msg.sample])
-        return {"tokens": tokens}
+        drawn = await asyncio.to_thread(sample_rows, logits, params, [s for _, s, _ in msg.sample],
+                                        [i for _, _, i in msg.sample], hist, msg.eos)
+        reply: dict = {"tokens": [d.token for d in drawn]}
+        if prompt_lps:
+            reply["prompt_logprobs"] = prompt_lps
+        if any(d.logprobs is not None for d in drawn):
+            reply["logprobs"] = [None if d.logprobs is None else [d.logprobs.logprob, [list(t) for t in d.logprobs.top]]
+                                 for d in drawn]
+        return reply
 
     def export_kv(self, seqs: list[str], buffer: str) -> dict:
         """Pack the KV of ``seqs`` into a new transport buffer ``buffer`` (layout: see ``ExportKv``).

@@ -91,6 +91,8 @@ def create_app(
     app.post("/v1/chat/completions", response_model=None)(chat.chat_completions)
     app.get("/v1/models")(models.list_models)
     app.get("/v1/models/{name}")(models.get_model)
+    app.post("/tokenize")(models.tokenize)
+    app.post("/detokenize")(models.detokenize)
     app.get("/health")(health.health)
     app.get("/metrics")(health.metrics)
     app.get("/admin/models")(admin.admin_list)

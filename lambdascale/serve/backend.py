@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
 from lambdascale.control.timeline import ScaleTimeline
 # re-exported: defined in errors.py because the serving core raises them too
 from lambdascale.errors import BackendUnavailableError, ModelNotServedError  # noqa: F401
 from lambdascale.serve.schemas import DeploySpec
+
+if TYPE_CHECKING:
+    from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class FinishReason(str, Enum):
@@ -64,6 +67,25 @@ class SamplingSpec:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None  # top logprobs per token (0 = the token's own only; None = none)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo + logprobs)
+
+    def params(self) -> "SamplingParams":
+        """The engine's :class:`SamplingParams` (every backend with a real model maps through here)."""
+        from lambdascale.engine.sampling import SamplingParams
+
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            seed=self.seed, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias, min_tokens=self.min_tokens,
+            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,9 @@ class TokenEvent:
     token_id: int
     index: int                      # position in the output (0 = first generated token)
     finish_reason: FinishReason | None = None
+    logprobs: "TokenLogprobs | None" = None  # when the request asked for them
+    #: on the first token, when asked for: the prompt's positions 1.. (position 0 has none)
+    prompt_logprobs: "tuple[TokenLogprobs, ...]" = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +166,10 @@ class TextCodec(Protocol):
     eos_token_ids: frozenset[int]
     context_length: int
     vocab_size: int
+    #: the model's own generation defaults (``model.generation.GenerationDefaults`` fields that
+    #: are set: temperature, top_p, top_k, repetition_penalty, max_tokens); the gateway uses them
+    #: for what a request leaves unset
+    generation_defaults: dict[str, Any]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (with the model's BOS if it uses one)."""

@@ -22,7 +22,6 @@ from lambdascale.clock import MonotonicClock
 from lambdascale.config import LambdaScaleConfig
 from lambdascale.core.core import ServingCore
 from lambdascale.core.state import TokenOut
-from lambdascale.engine.sampling import SamplingParams
 from lambdascale.errors import LambdaScaleError
 from lambdascale.serve.backend import (
     BackendStatus,
@@ -102,9 +101,13 @@ class ClusterBackend:
             eos = {arch.eos_token_id} if isinstance(arch.eos_token_id, int) else set(arch.eos_token_id or [])
             if tok.eos_token_id is not None:
                 eos.add(tok.eos_token_id)
+            gen = ckpt.manifest.generation
+            if gen is not None:
+                eos.update(gen.eos_token_ids)
             max_len = min(self.config.engine.max_model_len or arch.max_position_embeddings,
                           arch.max_position_embeddings)
-            self._codecs[spec.name] = TokenizerCodec(tok, frozenset(eos), max_len, arch.vocab_size)
+            self._codecs[spec.name] = TokenizerCodec(tok, frozenset(eos), max_len, arch.vocab_size,
+                                                     gen.sampling() if gen is not None else None)
             model_dir, manifest = Path(ckpt.dir), ckpt.manifest
         else:
             d = core.deployments[spec.name]
@@ -124,9 +127,7 @@ class ClusterBackend:
     # ---- the data path ----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         sp = request.sampling
-        params = SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                                top_k=max(sp.top_k, 0), seed=sp.seed, stop_token_ids=sp.stop_token_ids,
-                                ignore_eos=sp.ignore_eos)
+        params = sp.params()
         seed = sp.seed if sp.seed is not None else secrets.randbits(63)
         events: asyncio.Queue[TokenOut | BaseException] = asyncio.Queue()
         core = self._core()
@@ -140,7 +141,7 @@ class ClusterBackend:
                     finished = True
                     raise item
                 reason = FinishReason(item.finish.value) if item.finish is not None else None
-                yield TokenEvent(item.token_id, item.index, reason)
+                yield TokenEvent(item.token_id, item.index, reason, item.logprobs, item.prompt_logprobs)
                 if reason is not None:
                     finished = True
                     return

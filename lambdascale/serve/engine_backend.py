@@ -50,7 +50,7 @@ def engine_codec(engine: Any) -> TokenizerCodec:
     if engine.tokenizer is None:
         raise ModelNotServedError("the model has no tokenizer; the gateway needs one for text prompts")
     return TokenizerCodec(engine.tokenizer, frozenset(engine.eos_token_ids), int(engine.max_len),
-                          int(engine.arch.vocab_size))
+                          int(engine.arch.vocab_size), engine.generation.sampling())
 
 
 @dataclass
@@ -176,17 +176,13 @@ class EngineBackend:
         return self._worker(model).codec
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        from lambdascale.engine.sampling import SamplingParams
         from lambdascale.engine.sequence import TokenState
 
         w = self._worker(request.model)
         if w.error is not None:
             raise BackendUnavailableError(f"engine of model {request.model!r} failed: {w.error!r}")
         sp = request.sampling
-        params = SamplingParams(
-            max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
-            top_k=max(sp.top_k, 0), seed=sp.seed, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
-        )
+        params = sp.params()
         seed = sp.seed if sp.seed is not None else secrets.randbits(63)
         state = TokenState(tuple(request.prompt_ids), tuple(request.output_ids), params, seed)
         rid = request.request_id
@@ -210,7 +206,9 @@ class EngineBackend:
                 for k, tok in enumerate(item.token_ids):
                     last = k == len(item.token_ids) - 1
                     yield TokenEvent(token_id=tok, index=item.num_output_tokens - len(item.token_ids) + k,
-                                     finish_reason=reason if last else None)
+                                     finish_reason=reason if last else None,
+                                     logprobs=item.logprobs[k] if k < len(item.logprobs) else None,
+                                     prompt_logprobs=item.prompt_logprobs if k == 0 else ())
                 if done:
                     return
         finally:

@@ -15,6 +15,7 @@ import hashlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lambdascale.control.timeline import ScaleTimeline
 from lambdascale.serve.schemas import DeploySpec
@@ -32,6 +33,9 @@ from lambdascale.serve.backend import (
     TokenEvent,
 )
 
+if TYPE_CHECKING:
+    from lambdascale.engine.sampling import TokenLogprobs
+
 #: Generated tokens are drawn from these bytes, so every output decodes to plain text.
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz "
 
@@ -46,6 +50,7 @@ class FakeCodec:
         self.context_length = context_length
         self.vocab_size = 258
         self.eos_token_ids = frozenset({self.EOS})
+        self.generation_defaults: dict[str, object] = {}  # tests set the model's own defaults here
 
     def encode(self, text: str) -> list[int]:
         return [self.BOS, *text.encode("utf-8")]
@@ -70,6 +75,15 @@ def fake_token(prompt_ids: Sequence[int], index: int, temperature: float, seed: 
     if temperature > 0:
         h.update(int(seed if seed is not None else 0).to_bytes(8, "little", signed=True))
     return _ALPHABET[int.from_bytes(h.digest(), "little") % len(_ALPHABET)]
+
+
+def fake_logprobs(token: int, n: int) -> "TokenLogprobs":
+    """The fake model's logprobs of ``token``: -0.5 for it, then the next alphabet letters, each 1 lower."""
+    from lambdascale.engine.sampling import TokenLogprobs
+
+    others = [c for c in _ALPHABET if c != token]
+    top = [(token, -0.5)] + [(c, -1.5 - k) for k, c in enumerate(others)]
+    return TokenLogprobs(-0.5, tuple(top[:n]))
 
 
 @dataclass
@@ -244,7 +258,12 @@ class FakeBackend:
                 stop = (tok in sp.stop_token_ids) or (not sp.ignore_eos and tok in self._codec.eos_token_ids)
                 last = stop or index + 1 >= limit
                 reason = (FinishReason.STOP if stop else FinishReason.LENGTH) if last else None
-                yield TokenEvent(token_id=tok, index=index, finish_reason=reason)
+                prompt_lps: "tuple[TokenLogprobs, ...]" = ()
+                if sp.prompt_logprobs is not None and index == 0:
+                    prompt_lps = tuple(fake_logprobs(t, sp.prompt_logprobs) for t in request.prompt_ids[1:])
+                yield TokenEvent(token_id=tok, index=index, finish_reason=reason,
+                                 logprobs=fake_logprobs(tok, sp.logprobs) if sp.logprobs is not None else None,
+                                 prompt_logprobs=prompt_lps)
                 index += 1
                 if last:
                     finished = True

@@ -17,9 +17,10 @@ from lambdascale.serve.backend import TextCodec
 class TextStream:
     """Turns generated token ids into text deltas; ``push`` reports when a stop string matched."""
 
-    def __init__(self, codec: TextCodec, stops: Sequence[str] = ()) -> None:
+    def __init__(self, codec: TextCodec, stops: Sequence[str] = (), min_tokens: int = 0) -> None:
         self._codec = codec
         self._stops = tuple(stops)
+        self._min_tokens = min_tokens  # stop strings match only once this many tokens exist (vLLM's rule)
         self._longest = max((len(s) for s in self._stops), default=0)
         self.ids: list[int] = []
         self.text = ""
@@ -34,7 +35,7 @@ class TextStream:
         """
         self.ids.append(token_id)
         text = self._codec.decode(self.ids)
-        if self._stops:
+        if self._stops and len(self.ids) >= self._min_tokens:
             start = max(0, self._sent - self._longest)
             hits = [i for i in (text.find(s, start) for s in self._stops) if i >= 0]
             if hits:

@@ -110,3 +110,32 @@ def test_nucleus_first_look_keeps_the_same_tokens_as_a_full_sort(scale: float, m
     assert fast == [sample_token(lg, p, 3, i) for i in range(30)]
     vals, ids = torch.sort(torch.softmax(lg.double() / 0.8, 0), descending=True)
     assert set(fast) <= set(ids[: int((vals.cumsum(0) < 0.95).sum()) + 1].tolist())  # drawn from the nucleus
+
+
+@pytest.mark.parametrize("budget", [512, 8])  # one prefill, or chunks of 8 tokens
+def test_prompt_logprobs_equal_a_full_forward_and_penalties_change_only_the_draw(budget: int, tmp_path) -> None:
+    """``prompt_logprobs``: one raw logprob per prompt position 1.., chunked or not, delivered with
+    the first token; a logit_bias changes the drawn token but not the (raw) logprobs reported."""
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.settings import EngineSettings
+    from lambdascale.engine.stage import SeqSlice, StageBatch
+    from lambdascale.model.importers import import_model
+
+    ck = import_model("synthetic:tiny-llama", tmp_path)
+    eng = Engine.from_checkpoint(ck.dir, EngineSettings(device="cpu", max_num_batched_tokens=budget, max_batch_size=2))
+    prompt = [1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41]
+    outs = list(eng.generate(prompt, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2, logprobs=1)))
+    assert [len(o.prompt_logprobs) for o in outs] == [len(prompt) - 1, 0, 0]
+    st = eng.runner.stages[0]
+    full = torch.log_softmax(st.forward(StageBatch((SeqSlice("ref", 0, len(prompt)),)), torch.tensor(prompt),
+                                        all_logits=True), -1)  # [L, V]
+    st.release("ref")
+    got = outs[0].prompt_logprobs
+    assert [g.logprob for g in got] == pytest.approx([float(full[j - 1, prompt[j]]) for j in range(1, len(prompt))], abs=1e-5)
+    assert all(len(g.top) == 2 and g.top[0][1] >= g.top[1][1] for g in got)
+    first = outs[0].token_ids[0]
+    biased = list(eng.generate(prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=0,
+                                                      logit_bias=((first, -100.0),))))
+    assert biased[0].token_ids[0] != first  # the draw saw the bias; the reported logprob is the raw one
+    assert biased[0].logprobs[0].logprob == pytest.approx(float(torch.log_softmax(
+        st.forward(StageBatch((SeqSlice("ref", 0, len(prompt)),)), torch.tensor(prompt)), -1)[0, biased[0].token_ids[0]]), abs=1e-5)

@@ -41,6 +41,23 @@ MAX_STEP_TOKENS = 24
 MAX_SEQS = 8  # prefill chunks of 24 - 8 = 16 tokens: prompts of 17-20 tokens take two chunks
 
 
+#: per request of the burst, the logit processing it also asks for (issue 19: every one of them is a
+#: pure function of the token state, so moved requests stay exact with them too). r3 forces its stop
+#: token with a bias that min_tokens holds off for 5 tokens, so it ends with it as its 6th (the burst's
+#: work stays that of 6 tokens per request, which the scale-out test's timing assumes). Without
+#: their extras r1, r2, r3 and r7 produce other tokens (checked when the burst was written).
+EXTRAS: list[dict] = [
+    {"presence_penalty": 0.7, "frequency_penalty": 0.4},
+    {"repetition_penalty": 1.4},
+    {"logit_bias": ((790, -100.0), (11, 3.0), (13, -2.5))},
+    {"logit_bias": ((7, 100.0),), "min_tokens": 5, "stop_token_ids": (7,)},
+    {"logprobs": 2, "repetition_penalty": 0.8},
+    {"stop_token_ids": (5, 6)},
+    {"prompt_logprobs": 1},  # every row's logits on the last stage: the sampled row must not change
+    {"frequency_penalty": 2.0, "presence_penalty": 2.0},
+]
+
+
 def _burst() -> dict[str, TokenState]:
     import random
 
@@ -48,7 +65,8 @@ def _burst() -> dict[str, TokenState]:
     out = {}
     for i in range(8):
         prompt = tuple(rng.randrange(3, ARCH.vocab_size) for _ in range(rng.randint(8, 20)))
-        params = SamplingParams(max_tokens=6, temperature=0.0 if i % 2 else 0.8, top_p=0.95, ignore_eos=True)
+        params = SamplingParams(max_tokens=6, temperature=0.0 if i % 2 else 0.8, top_p=0.95, ignore_eos=True,
+                                **EXTRAS[i])
         out[f"r{i}"] = TokenState(prompt, (), params, 100 + i)
     return out
 
@@ -191,6 +209,9 @@ def test_pipeline_outputs_equal_the_reference_in_both_numerics(model_dir: Path, 
     default, invariant = run_async(main(), timeout=120)
     assert invariant == references[True]
     assert default == references[False]
+    r3 = references[True]["r3"]
+    assert len(r3) == 6 and r3[-1] == 7 and 7 not in r3[:-1]  # min_tokens held the forced stop off
+    assert 790 not in references[True]["r2"] and 790 not in references[False]["r2"]  # banned by its bias
 
 
 @pytest.mark.parametrize("move", ["recompute", "ship", "node-dies"])
@@ -299,7 +320,10 @@ def test_gateway_backend_is_exact_with_the_mode_when_a_node_dies(model_dir: Path
             async def one(rid: str, st: TokenState) -> list[int]:
                 p = st.params
                 req = GenerationRequest(rid, name, st.prompt_ids, SamplingSpec(
-                    max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=st.seed, ignore_eos=True))
+                    max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=st.seed, ignore_eos=True,
+                    presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                    repetition_penalty=p.repetition_penalty, logit_bias=p.logit_bias, min_tokens=p.min_tokens,
+                    stop_token_ids=p.stop_token_ids, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs))
                 out = []
                 async for ev in backend.generate(req):
                     out.append(ev.token_id)

@@ -95,8 +95,10 @@ def test_chat_stream_is_sse_ending_with_done_and_usage(client) -> None:
 
 def test_models_health_metrics(client) -> None:
     assert client.get("/v1/models").json() == {
-        "object": "list", "data": [{"id": MODEL, "object": "model", "created": pytest.approx(0, abs=2**40), "owned_by": "lambdascale"}]}
-    assert client.get(f"/v1/models/{MODEL}").status_code == 200
+        "object": "list", "data": [{"id": MODEL, "object": "model", "created": pytest.approx(0, abs=2**40),
+                                    "owned_by": "lambdascale", "max_model_len": 512}]}
+    one = client.get(f"/v1/models/{MODEL}")
+    assert one.status_code == 200 and one.json()["max_model_len"] == 512 and one.json()["id"] == MODEL
     assert client.get("/v1/models/nope").status_code == 404
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["models"] == [MODEL] and h["nodes_alive"] == 1
@@ -138,13 +140,24 @@ BAD_REQUESTS = [
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": True}).encode(), 400, "temperature"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "top_p": 1.5}).encode(), 400, "top_p"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "top_k": -5}).encode(), 400, "top_k"),
-    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), 400, "n"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 17}).encode(), 400, "n"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "n": 2, "best_of": 1}).encode(), 400, "best_of"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "best_of": 3, "stream": True}).encode(), 400, "best_of"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "presence_penalty": 2.5}).encode(), 400, "presence_penalty"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "repetition_penalty": 0}).encode(), 400, "repetition_penalty"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}).encode(), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}).encode(), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logit_bias": {"999": 1}}).encode(), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "stop_token_ids": [999]}).encode(), 400, "stop_token_ids"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "min_tokens": 9, "max_tokens": 3}).encode(), 400, "min_tokens"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logprobs": 21}).encode(), 400, "logprobs"),
+    ("/v1/completions", b'{"model": "fake-llm", "prompt": "a\\ud800b"}', 400, "surrogate"),
+    ("/v1/completions", b'{"model": "fake-llm", "prompt": ["a\\udfffb"]}', 400, "prompt.0"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "stop": ""}).encode(), 400, "stop"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "stop": list("abcde")}).encode(), 400, "stop"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": []}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": [-1]}).encode(), 400, "prompt"),
-    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "logprobs": 3}).encode(), 400, "logprobs"),
     ("/v1/completions", json.dumps({"model": "no-such-model", "prompt": "x"}).encode(), 404, "does not exist"),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages"),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": ""}]}).encode(), 400, "text"),
@@ -153,6 +166,14 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                          "max_completion_tokens": 0}).encode(), 400, "max_completion_tokens"),
     ("/v1/chat/completions", json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "gpt-4"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                         "top_logprobs": 2}).encode(), 400, "logprobs"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                         "logprobs": True, "top_logprobs": 21}).encode(), 400, "top_logprobs"),
+    ("/v1/chat/completions", b'{"model": "fake-llm", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", b'{"model": "fake-llm", "messages": [{"role": "user", "content": [{"type": "text", '
+     b'"text": "\\ud83d"}]}]}', 400, "surrogate"),
 ]
 
 

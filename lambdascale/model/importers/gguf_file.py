@@ -22,6 +22,7 @@ from lambdascale.errors import CheckpointError
 from lambdascale.model.arch import Family, ModelArch
 from lambdascale.model.blockfile import block_tensor_shapes
 from lambdascale.model.checkpoint import BlockSource
+from lambdascale.model.generation import GenerationDefaults, from_gguf_fields
 from lambdascale.model.importers.tokenizer import byte_level_bpe_files
 
 #: GGUF tensor types we read: plain floats and the block quantizations of llama.cpp's legacy and
@@ -143,6 +144,9 @@ class GGUFSource:
                     f"{self.path}: tensor {t.name} has GGUF quant type {name}, which lambdascale does not read "
                     f"(reads: {', '.join(READ_TYPES)})"
                 )
+    def generation_defaults(self) -> GenerationDefaults:
+        """The file's own sampling metadata and end-of-turn ids (``model/generation.py``)."""
+        return from_gguf_fields(lambda k: _field(self.reader, k), str(self.path))
 
     def tensor(self, gguf_name: str) -> torch.Tensor:
         """One tensor dequantized to float32, in HF shape and (for Q/K) HF row order."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import Request
 from fastapi.responses import Response
 
-from lambdascale.serve.api.generation import Generation, GenerationHandler
+from lambdascale.serve.api.generation import Entry, Generation, GenerationHandler
+from lambdascale.serve.api.logprobs import chat_logprobs
 from lambdascale.serve.backend import FinishReason, TextCodec
-from lambdascale.serve.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta
+from lambdascale.serve.schemas import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, Usage
 
 
 class ChatHandler(GenerationHandler[ChatCompletionRequest]):
@@ -28,22 +31,27 @@ class ChatHandler(GenerationHandler[ChatCompletionRequest]):
     def max_tokens(self, body: ChatCompletionRequest) -> int | None:
         return body.effective_max_tokens()
 
-    def response(self, gen: Generation, reason: FinishReason) -> ChatCompletion:
-        return {"id": gen.id, "object": "chat.completion", "created": gen.created, "model": gen.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.stream.text},
-                             "finish_reason": reason.value, "logprobs": None}],
-                "usage": gen.usage()}
+    def response(self, body: ChatCompletionRequest, gens: Sequence[Generation], usage: Usage) -> ChatCompletion:
+        g0 = gens[0]
+        return {"id": g0.response_id, "object": "chat.completion",
+                "created": g0.created, "model": g0.model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": g.stream.text},
+                             "finish_reason": (g.reason or FinishReason.LENGTH).value,
+                             "logprobs": chat_logprobs(g._codec, g.entries) if body.logprobs else None}
+                            for i, g in enumerate(gens)],
+                "usage": usage}
 
-    def chunk(self, gen: Generation, delta: str | None, reason: FinishReason | None,
-              role: bool = False) -> ChatCompletionChunk:
+    def chunk(self, gen: Generation, index: int, delta: str | None, reason: FinishReason | None,
+              entry: Entry | None, role: bool = False) -> ChatCompletionChunk:
         d: ChatDelta = {}
         if role:
             d["role"] = "assistant"
         if delta:
             d["content"] = delta
-        return {"id": gen.id, "object": "chat.completion.chunk", "created": gen.created, "model": gen.model,
-                "choices": [{"index": 0, "delta": d, "finish_reason": reason.value if reason else None,
-                             "logprobs": None}]}
+        return {"id": gen.response_id, "object": "chat.completion.chunk", "created": gen.created,
+                "model": gen.model,
+                "choices": [{"index": index, "delta": d, "finish_reason": reason.value if reason else None,
+                             "logprobs": chat_logprobs(gen._codec, [entry]) if entry is not None else None}]}
 
-    def opening_chunks(self, gen: Generation) -> list[ChatCompletionChunk]:
-        return [self.chunk(gen, None, None, role=True)]
+    def opening_chunks(self, body: ChatCompletionRequest, gens: Sequence[Generation]) -> list[ChatCompletionChunk]:
+        return [self.chunk(g, i, None, None, None, role=True) for i, g in enumerate(gens)]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import Request
 from fastapi.responses import Response
 
 from lambdascale.serve.api.errors import ApiError
-from lambdascale.serve.api.generation import Generation, GenerationHandler
+from lambdascale.serve.api.generation import Entry, Generation, GenerationHandler
+from lambdascale.serve.api.logprobs import completion_logprobs
 from lambdascale.serve.backend import FinishReason, TextCodec
-from lambdascale.serve.schemas import Completion, CompletionChunk, CompletionRequest
+from lambdascale.serve.schemas import Completion, CompletionChunk, CompletionLogprobs, CompletionRequest, Usage
 
 
 class CompletionsHandler(GenerationHandler[CompletionRequest]):
@@ -38,12 +41,48 @@ class CompletionsHandler(GenerationHandler[CompletionRequest]):
     def max_tokens(self, body: CompletionRequest) -> int | None:
         return body.max_tokens
 
-    def response(self, gen: Generation, reason: FinishReason) -> Completion:
-        return {"id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
-                "choices": [{"index": 0, "text": gen.stream.text, "finish_reason": reason.value, "logprobs": None}],
-                "usage": gen.usage()}
+    def best_of(self, body: CompletionRequest) -> int:
+        return body.best_of or body.n
 
-    def chunk(self, gen: Generation, delta: str | None, reason: FinishReason | None) -> CompletionChunk:
-        return {"id": gen.id, "object": "text_completion", "created": gen.created, "model": gen.model,
-                "choices": [{"index": 0, "text": delta or "", "finish_reason": reason.value if reason else None,
-                             "logprobs": None}]}
+    @staticmethod
+    def _echoed(body: CompletionRequest, gen: Generation) -> str:
+        """The prompt's text as ``echo`` returns it (a text prompt as sent; token ids decoded)."""
+        if not body.echo:
+            return ""
+        if isinstance(body.prompt, str):
+            return body.prompt
+        if body.prompt and isinstance(body.prompt[0], str):
+            return body.prompt[0]  # type: ignore[return-value]
+        return gen._codec.decode(gen.request.prompt_ids)
+
+    def response(self, body: CompletionRequest, gens: Sequence[Generation], usage: Usage) -> Completion:
+        g0 = gens[0]
+        return {"id": g0.response_id, "object": "text_completion", "created": g0.created, "model": g0.model,
+                "choices": [{"index": i, "text": self._echoed(body, g) + g.stream.text,
+                             "finish_reason": (g.reason or FinishReason.LENGTH).value,
+                             "logprobs": self._logprobs(body, g) if body.logprobs is not None else None}
+                            for i, g in enumerate(gens)],
+                "usage": usage}
+
+    @staticmethod
+    def _logprobs(body: CompletionRequest, g: Generation) -> CompletionLogprobs:
+        if not body.echo:
+            return completion_logprobs(g._codec, g.entries)
+        return completion_logprobs(g._codec, g.entries, prompt=g.request.prompt_ids, prompt_lps=g.prompt_logprobs)
+
+    def chunk(self, gen: Generation, index: int, delta: str | None, reason: FinishReason | None,
+              entry: Entry | None) -> CompletionChunk:
+        return {"id": gen.response_id, "object": "text_completion", "created": gen.created, "model": gen.model,
+                "choices": [{"index": index, "text": delta or "", "finish_reason": reason.value if reason else None,
+                             "logprobs": completion_logprobs(gen._codec, [entry]) if entry is not None else None}]}
+
+    def opening_chunks(self, body: CompletionRequest, gens: Sequence[Generation]) -> list[CompletionChunk]:
+        """With ``echo``, each choice's stream starts with the prompt's text."""
+        if not body.echo:
+            return []
+        chunks = [self.chunk(g, i, self._echoed(body, g), None, None) for i, g in enumerate(gens)]
+        if body.logprobs is not None:  # the prompt's tokens, with their logprobs, come with its text
+            for c, g in zip(chunks, gens):
+                c["choices"][0]["logprobs"] = completion_logprobs(g._codec, (), prompt=g.request.prompt_ids,
+                                                                  prompt_lps=g.prompt_logprobs)
+        return chunks

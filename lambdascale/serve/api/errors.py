@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lambdascale.serve.metrics import Outcome
-from lambdascale.serve.schemas import error_body
+from lambdascale.serve.schemas import LoneSurrogate, error_body
 
 log = logging.getLogger("lambdascale.serve")
 
@@ -42,6 +42,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if e.get("type") == "json_invalid":
         return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    cause = e.get("ctx", {}).get("error")
+    if isinstance(cause, LoneSurrogate):  # raised for a whole model: its path says which field
+        where = ".".join([*loc, cause.path])
+        return f"invalid value for '{where}': {cause.args[0]}", where
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value")
     if param is None and e.get("type") in ("missing", "model_attributes_type", "dict_type"):

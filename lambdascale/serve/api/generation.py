@@ -6,7 +6,8 @@ awaited before any header so that "no capacity" is a real 503 -> text deltas thr
 :class:`TextStream` (stop strings, split characters) -> one JSON body or SSE events. An endpoint
 module only says how its prompt becomes token ids and how its response and chunks look
 (:class:`GenerationHandler`'s abstract methods); the flow, the accounting and the SSE framing are
-here, once.
+here, once. ``n`` (and ``best_of``) choices are that many generations of one prompt, each admitted
+and seeded on its own (:func:`choice_seed`), opened, collected and streamed together.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from lambdascale.engine.sampling import TokenLogprobs, splitmix64
 from lambdascale.errors import InvalidRequestError
 from lambdascale.serve.api.errors import ApiError
 from lambdascale.serve.api.state import GatewayState
@@ -98,25 +101,43 @@ async def until_disconnect(request: Request, aw: Any, timeout_s: float | None = 
 
 # ---- one generation ---------------------------------------------------------------------------
 
+#: a visible token with its logprobs, as :meth:`Generation.events` yields and records them
+Entry = tuple[int, TokenLogprobs]
+
+
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """Seed of choice ``i`` of a request seeded ``seed``: choice 0 keeps it (``n=1`` is unchanged),
+    the others get a SplitMix64 mix of (seed, i), so choices are independent and reproducible.
+    Unseeded requests stay unseeded (each backend request then draws a seed of its own)."""
+    if seed is None or i == 0:
+        return seed
+    return splitmix64((seed ^ (i * 0x9E3779B97F4A7C15)) & ((1 << 64) - 1)) >> 1  # in [0, 2**63)
+
+
 class Generation:
     """One admitted request in the backend: its first token, its text deltas, its metrics and its cleanup.
 
-    Built by :meth:`open`, which admits the request and waits for the first token. :meth:`finish`
+    Built by :func:`open_generations`, which admits it and waits for its first token. :meth:`finish`
     (counted once, whatever ends the request) releases the admission; :meth:`close` ends the
-    backend's iterator and aborts the request, shielded from cancellation.
+    backend's iterator and aborts the request, shielded from cancellation. ``entries`` collects
+    the logprobs of the visible tokens when the request asked for them.
     """
 
     def __init__(self, state: GatewayState, endpoint: str, request: GenerationRequest, codec: TextCodec,
-                 stops: list[str]) -> None:
+                 stops: list[str], min_tokens: int = 0, counted: bool = True) -> None:
         self._state, self._endpoint, self.request, self._codec = state, endpoint, request, codec
+        self._counted = counted  # one choice of a request counts it in the requests metric
         self.t0 = state.clock.now()
         self._agen = state.backend.generate(request)
-        self.stream = TextStream(codec, stops)
+        self.stream = TextStream(codec, stops, min_tokens)
         self._last = self.t0
         self.generated = 0  # tokens generated (stop tokens included, as OpenAI counts them)
         self._released = False
         self._first: TokenEvent | None = None
         self.created = 0  # the response's ``created``, set once the first token is in
+        self.entries: list[Entry] = []
+        self.reason: FinishReason | None = None
+        self.response_id = request.request_id  # the id the client sees (one for all choices)
 
     @property
     def id(self) -> str:
@@ -126,41 +147,11 @@ class Generation:
     def model(self) -> str:
         return self.request.model
 
-    @classmethod
-    async def open(cls, state: GatewayState, endpoint: str, request: GenerationRequest, codec: TextCodec,
-                   stops: list[str], client: Request) -> Generation:
-        """Admit ``request`` (429) and wait for its first token (503 when none comes, 400 when the engine refuses)."""
-        state.admit(request.model)
-        gen = cls(state, endpoint, request, codec, stops)
-        await gen._first_token(client)
-        gen.created = int(time.time())
-        return gen
-
-    async def _first_token(self, client: Request) -> None:
-        model, serve = self.model, self._state.config.serve
+    async def _pull_first(self) -> None:
         try:
-            self._first = await until_disconnect(client, self._agen.__anext__(), serve.first_token_timeout_s)
+            self._first = await self._agen.__anext__()
         except StopAsyncIteration:
             self._first = None
-        except FirstTokenTimeout:
-            await self._fail(Outcome.UNAVAILABLE)
-            raise ApiError(503, f"no first token for model '{model}' within serve.first_token_timeout_s="
-                           f"{serve.first_token_timeout_s:g}s (no instance could start?)", "server_error",
-                           "no_capacity", headers=self._state.retry_after()) from None
-        except BackendUnavailableError as e:
-            await self._fail(Outcome.UNAVAILABLE)
-            raise ApiError(503, f"no capacity left for model '{model}': {e}", "server_error", "no_capacity",
-                           headers=self._state.retry_after()) from None
-        except InvalidRequestError as e:
-            await self._fail(Outcome.BAD_REQUEST)
-            raise ApiError(400, str(e), "invalid_request_error", "engine_rejected") from None
-        except ModelNotServedError as e:  # undeployed between lookup and start
-            await self._fail(Outcome.UNAVAILABLE)
-            raise ApiError(503, f"model '{model}' is not served any more: {e}", "server_error", "no_capacity",
-                           headers=self._state.retry_after()) from None
-        except BaseException:
-            await self._fail(Outcome.CLIENT_GONE)
-            raise
 
     async def _fail(self, outcome: Outcome) -> None:
         self.finish(outcome)
@@ -171,7 +162,8 @@ class Generation:
         if not self._released:
             self._released = True
             self._state.release(self.model)
-            self._state.metrics.requests.labels(self._endpoint, self.model, outcome.value).inc()
+            if self._counted:
+                self._state.metrics.requests.labels(self._endpoint, self.model, outcome.value).inc()
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -189,8 +181,9 @@ class Generation:
         self._last = now
         metrics.tokens.labels(self.model).inc()
 
-    async def events(self) -> AsyncIterator[tuple[str, FinishReason | None]]:
-        """(text delta, finish reason on the last one); ends the backend early on a stop string."""
+    async def events(self) -> AsyncIterator[tuple[str, FinishReason | None, Entry | None]]:
+        """(text delta, finish reason on the last one, the token's logprobs entry or None); ends the
+        backend early on a stop string. Hidden stop tokens (EOS, stop ids) get no entry."""
         codec, stream, stop_ids = self._codec, self.stream, self.request.sampling.stop_token_ids
         ev = self._first
         while ev is not None:
@@ -199,45 +192,147 @@ class Generation:
             hidden = ev.finish_reason is FinishReason.STOP and (
                 ev.token_id in codec.eos_token_ids or ev.token_id in stop_ids)
             delta = "" if hidden else stream.push(ev.token_id)
+            entry = (ev.token_id, ev.logprobs) if ev.logprobs is not None and not hidden else None
+            if entry is not None:
+                self.entries.append(entry)
             if stream.stopped:
-                yield delta, FinishReason.STOP
+                self.reason = FinishReason.STOP
+                yield delta, FinishReason.STOP, entry
                 return
             if ev.finish_reason is not None:
-                yield delta + stream.flush(), ev.finish_reason
+                self.reason = ev.finish_reason
+                yield delta + stream.flush(), ev.finish_reason, entry
                 return
-            yield delta, None
+            yield delta, None, entry
             try:
                 ev = await self._agen.__anext__()
             except StopAsyncIteration:
                 ev = None
-        yield stream.flush(), FinishReason.LENGTH
+        self.reason = FinishReason.LENGTH
+        yield stream.flush(), FinishReason.LENGTH, None
 
-    async def collect(self, client: Request) -> FinishReason:
-        """Run to the end for a non-streamed response (503 when capacity is lost); the text is ``stream.text``."""
-        async def drain() -> FinishReason | None:
-            last: FinishReason | None = None
-            async for _delta, r in self.events():
-                last = r
-            return last
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprobs, ...]:
+        """The prompt's logprobs (positions 1..) the first token brought, when asked for."""
+        return self._first.prompt_logprobs if self._first is not None else ()
 
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for _, lp in self.entries)
+
+
+def usage_of(gens: Sequence[Generation]) -> Usage:
+    """One request's usage: its prompt once, every choice's generated tokens (best_of's unreturned ones too)."""
+    n_prompt = len(gens[0].request.prompt_ids)
+    done = sum(g.generated for g in gens)
+    return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}
+
+
+async def open_generations(state: GatewayState, endpoint: str, requests: Sequence[GenerationRequest],
+                           codec: TextCodec, stops: list[str], client: Request,
+                           min_tokens: int = 0) -> list[Generation]:
+    """Admit every request (429) and wait for each one's first token (503 when none comes, 400 when
+    the engine refuses); on any failure every one of them is released and closed."""
+    gens: list[Generation] = []
+    try:
+        for i, r in enumerate(requests):
+            state.admit(r.model)
+            gens.append(Generation(state, endpoint, r, codec, stops, min_tokens, counted=i == 0))
+    except BaseException:  # a 429: the request is counted once, by the handler
+        for g in gens:
+            g._counted = False
+            await g._fail(Outcome.OVERLOADED)
+        raise
+    model, serve = requests[0].model, state.config.serve
+
+    async def fail(outcome: Outcome) -> None:
+        for g in gens:
+            await g._fail(outcome)
+
+    try:
+        await until_disconnect(client, asyncio.gather(*(g._pull_first() for g in gens)), serve.first_token_timeout_s)
+    except FirstTokenTimeout:
+        await fail(Outcome.UNAVAILABLE)
+        raise ApiError(503, f"no first token for model '{model}' within serve.first_token_timeout_s="
+                       f"{serve.first_token_timeout_s:g}s (no instance could start?)", "server_error",
+                       "no_capacity", headers=state.retry_after()) from None
+    except BackendUnavailableError as e:
+        await fail(Outcome.UNAVAILABLE)
+        raise ApiError(503, f"no capacity left for model '{model}': {e}", "server_error", "no_capacity",
+                       headers=state.retry_after()) from None
+    except InvalidRequestError as e:
+        await fail(Outcome.BAD_REQUEST)
+        raise ApiError(400, str(e), "invalid_request_error", "engine_rejected") from None
+    except ModelNotServedError as e:  # undeployed between lookup and start
+        await fail(Outcome.UNAVAILABLE)
+        raise ApiError(503, f"model '{model}' is not served any more: {e}", "server_error", "no_capacity",
+                       headers=state.retry_after()) from None
+    except BaseException:
+        await fail(Outcome.CLIENT_GONE)
+        raise
+    created = int(time.time())
+    for g in gens:
+        g.created = created
+    return gens
+
+
+async def collect_all(gens: Sequence[Generation], client: Request) -> None:
+    """Run every choice to the end for a non-streamed response (503 when capacity is lost); each
+    one's text is ``stream.text`` and its finish reason ``reason``."""
+    async def drain(g: Generation) -> None:
+        async for _ in g.events():
+            pass
+
+    try:
+        await until_disconnect(client, asyncio.gather(*(drain(g) for g in gens)))
+    except BackendUnavailableError as e:
+        for g in gens:
+            g.finish(Outcome.UNAVAILABLE)
+        raise ApiError(503, f"capacity lost while generating for model '{gens[0].model}': {e}", "server_error",
+                       "no_capacity", headers=gens[0]._state.retry_after()) from None
+    except BaseException:
+        for g in gens:
+            g.finish(Outcome.CLIENT_GONE)
+        raise
+    finally:
+        for g in gens:
+            await g.close()
+    for g in gens:
+        g.finish(Outcome.OK)
+
+
+async def merged_events(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, str, FinishReason | None, Entry | None]]:
+    """Every choice's events as (choice index, delta, reason, entry), in the order they come; one
+    choice is iterated directly, several through one task each. An error of any ends the stream."""
+    if len(gens) == 1:
+        async for delta, reason, entry in gens[0].events():
+            yield 0, delta, reason, entry
+        return
+    q: asyncio.Queue[tuple[int, str, FinishReason | None, Entry | None] | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int, g: Generation) -> None:
         try:
-            reason = await until_disconnect(client, drain())
-        except BackendUnavailableError as e:
-            self.finish(Outcome.UNAVAILABLE)
-            raise ApiError(503, f"capacity lost while generating for model '{self.model}': {e}", "server_error",
-                           "no_capacity", headers=self._state.retry_after()) from None
-        except BaseException:
-            self.finish(Outcome.CLIENT_GONE)
-            raise
+            async for delta, reason, entry in g.events():
+                q.put_nowait((i, delta, reason, entry))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            q.put_nowait(e)
         finally:
-            await self.close()
-        self.finish(Outcome.OK)
-        return reason or FinishReason.LENGTH
+            q.put_nowait(None)
 
-    def usage(self) -> Usage:
-        n_prompt = len(self.request.prompt_ids)
-        return {"prompt_tokens": n_prompt, "completion_tokens": self.generated,
-                "total_tokens": n_prompt + self.generated}
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---- the endpoints' common handler ------------------------------------------------------------
@@ -262,16 +357,22 @@ class GenerationHandler(ABC, Generic[Body]):
         """The completion budget the client asked for (None = as much as fits, up to the default)."""
 
     @abstractmethod
-    def response(self, gen: Generation, reason: FinishReason) -> Mapping[str, Any]:
-        """The non-streamed body once ``gen`` ended for ``reason``."""
+    def response(self, body: Body, gens: Sequence[Generation], usage: Usage) -> Mapping[str, Any]:
+        """The non-streamed body once every choice in ``gens`` (in choice order) ended."""
 
     @abstractmethod
-    def chunk(self, gen: Generation, delta: str | None, reason: FinishReason | None) -> Mapping[str, Any]:
-        """One stream chunk carrying ``delta``, and ``reason`` on the last one."""
+    def chunk(self, gen: Generation, index: int, delta: str | None, reason: FinishReason | None,
+              entry: Entry | None) -> Mapping[str, Any]:
+        """One stream chunk of choice ``index`` carrying ``delta`` (and its token's logprobs), and
+        ``reason`` on the choice's last one."""
 
-    def opening_chunks(self, gen: Generation) -> Sequence[Mapping[str, Any]]:
-        """Chunks sent before the first text (chat: the assistant role)."""
+    def opening_chunks(self, body: Body, gens: Sequence[Generation]) -> Sequence[Mapping[str, Any]]:
+        """Chunks sent before the first text (chat: the assistant role of each choice)."""
         return []
+
+    def best_of(self, body: Body) -> int:
+        """Choices generated (``best_of`` of completions); the ``n`` most likely are returned."""
+        return body.n
 
     async def handle(self, body: Body, request: Request) -> Response:
         """Serve one request; early failures (auth, lookup, limits) are counted here, later ones by Generation."""
@@ -298,23 +399,40 @@ class GenerationHandler(ABC, Generic[Body]):
         _spec, codec = self.state.lookup(body.model)
         ids = self.prompt_ids(body, codec)
         sampling = self.sampling(body, ids, codec)
-        req = GenerationRequest(request_id=self.id_prefix + uuid.uuid4().hex, model=body.model,
-                                prompt_ids=tuple(ids), sampling=sampling)
-        gen = await Generation.open(self.state, self.endpoint, req, codec, body.stop_list(), request)
+        best_of = self.best_of(body)
+        if best_of > body.n and sampling.logprobs is None:
+            sampling = replace(sampling, logprobs=0)  # the ranking needs each token's logprob
+        rid = self.id_prefix + uuid.uuid4().hex
+        reqs = [GenerationRequest(request_id=rid if best_of == 1 else f"{rid}-{i}", model=body.model,
+                                  prompt_ids=tuple(ids), sampling=replace(sampling, seed=choice_seed(sampling.seed, i)))
+                for i in range(best_of)]
+        gens = await open_generations(self.state, self.endpoint, reqs, codec, body.stop_list(), request,
+                                      sampling.min_tokens)
+        for g in gens:
+            g.response_id = rid
         if not body.stream:
-            return JSONResponse(self.response(gen, await gen.collect(request)))
+            await collect_all(gens, request)
+            chosen = gens
+            if best_of > body.n:  # the n most likely by cumulative logprob, in generation order
+                best = sorted(range(len(gens)), key=lambda i: -gens[i].cumulative_logprob())[:body.n]
+                chosen = [gens[i] for i in sorted(best)]
+            return JSONResponse(self.response(body, chosen, usage_of(gens)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(self._sse(gen, include_usage), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(self._sse(body, gens, include_usage), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
 
     def sampling(self, body: Body, prompt_ids: list[int], codec: TextCodec) -> SamplingSpec:
-        """Check the prompt and budget against the context and the stop strings against their limit."""
+        """The request's sampling: fields it sets, else the model's generation defaults
+        (``codec.generation_defaults``, read from the checkpoint at import), else OpenAI's; and the
+        checks that need the model (context, vocabulary) or the config (stop strings)."""
         serve = self.state.config.serve
         ctx, n, max_tokens = codec.context_length, len(prompt_ids), self.max_tokens(body)
+        model_default = codec.generation_defaults
         if n >= ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens; the prompt has {n} tokens.",
                            "invalid_request_error", "context_length_exceeded", self.prompt_param)
         if max_tokens is None:
-            max_tokens = min(serve.default_max_tokens, ctx - n)
+            max_tokens = min(model_default.get("max_tokens", serve.default_max_tokens), ctx - n)
         elif n + max_tokens > ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                            f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion).",
@@ -323,31 +441,52 @@ class GenerationHandler(ABC, Generic[Body]):
         if len(stops) > serve.max_stop_strings:
             raise ApiError(400, f"at most {serve.max_stop_strings} stop strings are allowed (got {len(stops)})",
                            "invalid_request_error", None, "stop")
-        return SamplingSpec(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            top_k=body.top_k, seed=body.seed, ignore_eos=body.ignore_eos)
+        if body.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})",
+                           "invalid_request_error", None, "min_tokens")
+        bias = body.logit_bias_pairs()
+        for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or [])):
+            bad = [t for t in ids if t >= codec.vocab_size]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} in {param} is outside the vocabulary (size {codec.vocab_size})",
+                               "invalid_request_error", None, param)
 
-    async def _sse(self, gen: Generation, include_usage: bool) -> AsyncIterator[str]:
+        def pick(name: str, fallback: Any) -> Any:
+            v = getattr(body, name)
+            return v if v is not None else model_default.get(name, fallback)
+
+        return SamplingSpec(max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+                            top_k=pick("top_k", -1), seed=body.seed, ignore_eos=body.ignore_eos,
+                            stop_token_ids=tuple(body.stop_token_ids or ()),
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            repetition_penalty=pick("repetition_penalty", 1.0), logit_bias=bias,
+                            min_tokens=body.min_tokens, logprobs=body.top_logprobs_n(),
+                            prompt_logprobs=body.prompt_logprobs_n())
+
+    async def _sse(self, body: Body, gens: Sequence[Generation], include_usage: bool) -> AsyncIterator[str]:
         def framed(chunk: Mapping[str, Any]) -> str:
             return sse_event({**chunk, "usage": None} if include_usage else chunk)
 
+        first = gens[0]
         outcome = Outcome.CLIENT_GONE
         try:
-            for c in self.opening_chunks(gen):
+            for c in self.opening_chunks(body, gens):
                 yield framed(c)
-            async for delta, reason in gen.events():
-                if delta or reason is not None:
-                    yield framed(self.chunk(gen, delta, reason))
+            async for i, delta, reason, entry in merged_events(gens):
+                if delta or reason is not None or entry is not None:
+                    yield framed(self.chunk(gens[i], i, delta, reason, entry))
             if include_usage:
-                yield sse_event({"id": gen.id, "object": self.chunk_object, "created": gen.created,
-                                 "model": gen.model, "choices": [], "usage": gen.usage()}, compact=False)
+                yield sse_event({"id": first.response_id, "object": self.chunk_object, "created": first.created,
+                                 "model": first.model, "choices": [], "usage": usage_of(gens)}, compact=False)
             outcome = Outcome.OK
             yield SSE_DONE
         except BackendUnavailableError as e:
             # Headers are gone: end the stream with an error event the openai SDK raises as APIError.
             outcome = Outcome.UNAVAILABLE
-            err = error_body(f"capacity lost while generating for model '{gen.model}': {e}", "server_error", 503)
+            err = error_body(f"capacity lost while generating for model '{first.model}': {e}", "server_error", 503)
             yield sse_event(err, compact=False)
             yield SSE_DONE
         finally:
-            gen.finish(outcome)
-            await gen.close()
+            for g in gens:
+                g.finish(outcome)
+                await g.close()

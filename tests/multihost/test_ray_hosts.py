@@ -76,8 +76,10 @@ def test_ray_cluster_across_three_hosts(tmp_path: Path, demo_model_dir: Path,
             ck = import_model("synthetic:tiny-llama", tmp_path, n_blocks=4, chunks_per_block=2)
             name = ck.dir.name
             want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
+            # heartbeat_misses: 3 Ray nodes, 3 agents and a gateway on two cores miss beats under load
             overrides = {"runtime.launcher": "ray", "runtime.address": address, "runtime.nodes": 3,
                          "runtime.register_timeout_s": 120, "control.autoscale_interval_s": 2.0,
+                         "runtime.heartbeat_misses": 30,
                          "runtime.pipeline_helper_blocks": 4, **SLOW_LINKS}
             spec = DeploySpec(name=name, min_instances=1, max_instances=3, target_concurrency=1)
             with joined_as_driver(home, monkeypatch), cluster_gateway(tmp_path, overrides, [spec]) as (backend, server):

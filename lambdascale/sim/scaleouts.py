@@ -99,16 +99,19 @@ class ScaleOuts(Arrivals):
             node.host_partial.add(name)
             node.host_used += nb
         self._touch(node)
+        own = node.insts.get(name)
 
         def done(_: Flow) -> None:
             self._count(m, label, nb)
-            if name in node.chunks:  # its instance may be gone only if the run was cut short
+            ours = node.insts.get(name) is own  # its instance is gone if its node died meanwhile (sim/faults.py)
+            if ours and name in node.chunks:
                 node.chunks[name] = set(range(K))
-            if stage:
+            if stage and name in node.host_partial:  # not lost with its node's memory meanwhile
                 node.host_partial.discard(name)
                 node.host[name] = self.loop.now()
             self._touch(node)
-            self._node_full(node, m)
+            if ours:
+                self._node_full(node, m)
 
         self.net.start(path, nb, done, latency_s=0.0, cap=self.pcie_Bps)
 
@@ -166,7 +169,7 @@ class ScaleOuts(Arrivals):
         tl.mark_first_chunk(self.loop.now())
         self._count(m, "network", m.model.chunk_bytes[chunk])
         chunks = node.chunks.get(m.name)
-        if chunks is None:
+        if chunks is None or node.timeline.get(m.name) is not tl:  # its instance is gone (a node that died: sim/faults.py)
             return
         chunks.add(chunk)
         self._touch(node)

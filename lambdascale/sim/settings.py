@@ -94,4 +94,21 @@ class SimSettings(BaseModel):
     sample_interval_s: float = Field(default=1.0, gt=0, le=3600, description="period of the instances/rate time series")
     duration: float | None = Field(default=None, gt=0, description="replay only the first this-many seconds of the trace")
     lengths_from: str | None = Field(default=None, description="trace file whose token lengths requests-per-second series and synthetic workloads draw from")
+    node_faults: str = Field(
+        default="",
+        description="nodes that leave and return, comma-separated KIND@SECONDS:NODE[+SECONDS] (e.g. "
+        "'pause@30:2+20,crash@60:3'): a pause stops the node for the given time (it keeps its memory), a crash "
+        "kills it (it keeps its SSD copies); both return as a new incarnation by the runtime's membership rules "
+        "(lambdascale.membership, docs/arch/sim.md 'Node loss'), for every model the node held")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=3600, description="as runtime.heartbeat_s (detection of a pause)")
+    heartbeat_misses: int = Field(default=5, ge=1, le=1000, description="as runtime.heartbeat_misses")
+    rejoin_s: float = Field(
+        default=0.2, ge=0, le=3600,
+        description="a continued agent's re-registration until it is alive (measured on the embedded default: "
+        "0.1-0.3 s from SIGCONT; bench/chaos.py)")
+    respawn_backoff_s: float = Field(default=0.5, gt=0, le=3600, description="as runtime.respawn_backoff_s")
+    agent_start_s: float = Field(
+        default=3.0, ge=0, le=3600,
+        description="a restarted agent's process start until it registers (its Python and torch imports: ~3 s on "
+        "the 2-core sandbox, bench/chaos.py)")
     time_scale: float = Field(default=1.0, gt=0, le=1e4, description="speed up the trace's arrivals by this factor")

@@ -14,9 +14,10 @@ comes from the shared policies in ``lambdascale.control`` and ``lambdascale.pipe
 :class:`Simulation` is the top of a stack of layers, one module each (:mod:`lambdascale.sim.state`
 draws it): the state, the control plane's views of it (``views.py``), instances and their steps
 (``instances.py``), arrivals and dispatch (``arrivals.py``), scale-outs with their multicasts,
-pipelines and KV shipping (``scaleouts.py``, ``multicasts.py``); this module adds the controller
-pass (observe -> decide -> act), the memory manager's actions, sampling and the run itself, and
-``metrics.py`` turns a run into a :class:`SimResult`.
+pipelines and KV shipping (``scaleouts.py``, ``multicasts.py``), nodes that leave and return
+(``faults.py``); this module adds the controller pass (observe -> decide -> act), the memory
+manager's actions, sampling and the run itself, and ``metrics.py`` turns a run into a
+:class:`SimResult`.
 
 Costs: GPU-seconds = GPUs held by instances (from the moment a node is picked as a target, so
 loading counts) integrated over time, until the simulation ends.
@@ -34,13 +35,13 @@ from lambdascale.control.memory import manage_memory
 from lambdascale.control.placement import place_model
 from lambdascale.control.spec import InstanceState, Tier
 from lambdascale.sim.events import Priority
+from lambdascale.sim.faults import Faults
 from lambdascale.sim.metrics import ModelStats, ScaleRecord, SimResult, collect
 from lambdascale.sim.network import Flow
-from lambdascale.sim.scaleouts import ScaleOuts
 from lambdascale.sim.state import Inst, ModelRun, NodeState
 
 
-class Simulation(ScaleOuts):
+class Simulation(Faults):
     """Replays ``workload`` against ``system`` on a cluster of ``settings.nodes`` nodes shared by
     every model of the catalogue.
 
@@ -137,7 +138,9 @@ class Simulation(ScaleOuts):
         ``control.memory`` guarantees it)."""
         n = self.nodes[node_id]
         m = self.by_name[model]
-        if tier is Tier.HOST and model in n.host:
+        if tier is Tier.GPU and model in n.chunks and model not in n.insts:
+            del n.chunks[model]  # a device copy kept through a pause, no instance on it (sim/faults.py)
+        elif tier is Tier.HOST and model in n.host:
             del n.host[model]
             n.host_used -= m.model.nbytes
         elif tier is Tier.SSD and model in n.ssd:
@@ -177,10 +180,11 @@ class Simulation(ScaleOuts):
 
         def done(_: Flow) -> None:
             self._copying.discard(key)
-            if c.to_tier is Tier.HOST:
+            # a copy whose node crashed meanwhile lost its partial copy (sim/faults.py): nothing lands
+            if c.to_tier is Tier.HOST and c.model in n.host_partial:
                 n.host_partial.discard(c.model)
                 n.host[c.model] = self.loop.now()
-            else:
+            elif c.to_tier is Tier.SSD and c.model in n.ssd_partial:
                 n.ssd_partial.discard(c.model)
                 n.ssd.add(c.model)
             self._touch(n)
@@ -241,6 +245,7 @@ class Simulation(ScaleOuts):
                 if node.gpus_free >= m.model.tp and m.name not in node.insts:
                     self._warm(node, m)
                     placed += 1
+        self._schedule_faults()
         for r in self.reqs:
             self.loop.schedule(r.arrival, Priority.ARRIVAL, self._arrive, r)
         self.loop.schedule(0.0, Priority.CONTROL, self._tick)

@@ -17,7 +17,8 @@ below it (and the three hooks :class:`SimState` declares for the layers above)::
           └─ Instances    (sim/instances.py: batch steps, micro-batches, lending device time)
               └─ Arrivals     (sim/arrivals.py: the gateway queue and late-binding dispatch)
                   └─ ScaleOuts    (sim/scaleouts.py: loads, multicasts, λPipe pipelines, KV shipping)
-                      └─ Simulation   (sim/simulator.py: the controller pass, start, run)
+                      └─ Faults       (sim/faults.py: nodes that pause or crash, die and return)
+                          └─ Simulation   (sim/simulator.py: the controller pass, start, run)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lambdascale.control.settings import ControlSettings
 from lambdascale.control.snapshot import InstanceView, ModelView, NodeView
 from lambdascale.control.spec import DeploymentSpec, InstanceState, Tier
 from lambdascale.control.timeline import ScaleTimeline
+from lambdascale.membership import MemberState
 from lambdascale.pipe.pipeline_types import Pipeline
 from lambdascale.pipe.pipelines import PipelinePlanner
 from lambdascale.sim.cluster import ClusterSpec, SimModel
@@ -191,7 +193,8 @@ class NodeState:
     host_total: int = 0
     ssd_total: int = 0
     insts: dict[str, Inst] = field(default_factory=dict)  # model -> the node's own (loading or full) instance
-    chunks: dict[str, set[int]] = field(default_factory=dict)  # model -> chunks on its GPUs (loading or full)
+    # model -> chunks on its GPUs (loading or full); a model with no instance here: a device copy kept through a pause
+    chunks: dict[str, set[int]] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)  # complete host copies: model -> last used
     host_partial: set[str] = field(default_factory=set)
     ssd: set[str] = field(default_factory=set)
@@ -290,6 +293,9 @@ class SimState:
         self.nodes = [NodeState(n, g, g, host_total=int(host_pool * GIB) if n < hc else 0, ssd_total=ssd_total)
                       for n in range(settings.nodes)]
         self.host_total = [n.host_total for n in self.nodes]
+        # membership (sim/faults.py): only alive nodes are in the snapshot; each return is a new incarnation
+        self.member: dict[int, MemberState] = {n: MemberState.ALIVE for n in range(settings.nodes)}
+        self.incarnation: dict[int, int] = {n: 1 for n in range(settings.nodes)}
         if settings.ssd_preloaded:
             # every node's SSD starts with the catalogue, most popular first, as far as it fits
             for m in sorted(self.models, key=lambda m: (-m.weight, m.idx)):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from lambdascale.control.router import work_tokens
 from lambdascale.control.snapshot import ClusterSnapshot, Holding, InstanceView, ModelView, NodeView, Stage
 from lambdascale.control.spec import Tier
+from lambdascale.membership import MemberState
 from lambdascale.sim.state import Inst, ModelRun, NodeState, SimState, prefill_tokens
 
 
@@ -65,6 +66,12 @@ class Views(SimState):
             else:
                 held = int(sum(m.model.chunk_bytes[c] for c in chunks))
                 out.append(Holding(name, Tier.GPU, held, last, blocks=m.model.blocks_held(chunks)))
+        if len(node.chunks) > len(node.insts):  # device copies kept through a pause, no instance on them (sim/faults.py)
+            for name, chunks in node.chunks.items():
+                m = self.by_name[name]
+                if name not in node.insts and len(chunks) == m.model.n_chunks:
+                    out.append(Holding(name, Tier.GPU, m.model.nbytes, node.gpu_last_used.get(name, 0.0),
+                                       pinned=node.source_busy.get(name, 0) > 0))
         # host and SSD holdings change far less often than GPU ones: rebuilt only when their inputs moved
         busy = tuple(sorted(k for k, v in node.source_busy.items() if v > 0))
         hkey = (tuple(node.host.items()), tuple(node.host_partial), busy)
@@ -104,10 +111,12 @@ class Views(SimState):
         return not m.recent
 
     def snapshot(self, only: ModelRun | None = None, active: bool = False) -> ClusterSnapshot:
-        """Every node and every model (``only``: that model alone, for a scale-from-zero kick;
+        """Every alive node and every model (``only``: that model alone, for a scale-from-zero kick;
         ``active``: only models with something to decide, for the autoscaler and placement; the
         memory manager always gets every model, as an absent one would count as undeployed)."""
         models: Sequence[ModelRun] = ((only,) if only is not None
                                       else [m for m in self.models if not self._idle(m)] if active else self.models)
-        return ClusterSnapshot(nodes=tuple(self._node_view(n) for n in self.nodes),
+        # a suspect or dead node is in no snapshot: nothing is placed there, it is no source (sim/faults.py)
+        return ClusterSnapshot(nodes=tuple(self._node_view(n) for n in self.nodes
+                                           if self.member[n.id] is MemberState.ALIVE),
                                models=tuple(self._model_view(m) for m in models))

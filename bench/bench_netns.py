@@ -72,7 +72,9 @@ def run_mode(mode: str, args: argparse.Namespace, model_dir: Path, work: Path, s
         secret = write_secret(work / f"{mode}-{system or 'multicast'}.secret")
         runtime = RuntimeSettings(launcher="external", nodes=args.hosts, controller_bind=net.root,
                                   controller_port=port, secret_file=str(secret), heartbeat_misses=30,
-                                  register_timeout_s=300)  # agents importing torch on a loaded 2-core VM
+                                  register_timeout_s=300,  # agents importing torch on a loaded 2-core VM
+                                  # the source lends stages of the first pipelines (bench/configs/issue6-acceptance.yaml)
+                                  pipeline_helper_blocks=2)
         link = None if mode == "kernel" else args.rate_mbit / 1000
         transfer = TransferSettings(link_gbps=link, bucket_burst_bytes=256 << 10, io_slice_bytes=256 << 10)
         cfg = work / f"{mode}-{system or 'multicast'}.yaml"

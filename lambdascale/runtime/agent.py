@@ -13,9 +13,18 @@ dispatch; the work is done by three parts it owns:
 * :class:`~lambdascale.runtime.agent_stages.AgentStages`: pipeline stages built from the buffers
   (torch loaded lazily), their steps on the node's one device, and their KV moves.
 
-Dying with the launcher: the agent exits when its control connection closes, when its parent
-process changes (checked every heartbeat) and, on Linux, through ``PR_SET_PDEATHSIG`` = SIGKILL
-set at start-up, so a hard kill of the controller leaves no orphan.
+Sessions and incarnations: each registration opens a session the controller numbers (its
+incarnation, :class:`~lambdascale.runtime.messages.Welcome`); every message of the session
+carries it. When the channel ends (the controller declared this node dead after a pause, or
+restarted), the agent fences the old incarnation off on its side (its requests, send lists,
+stages, copy-backs and transient buffers are stopped; a late reply of it is never sent on the new
+channel), then registers again with what it holds now (SSD files re-verified, memory as it
+stands) and takes work as the next incarnation.
+
+Dying with the launcher: the agent exits when its parent process changes (checked every
+heartbeat), on ``Shutdown``, when no controller answers within ``runtime.register_timeout_s``
+and, on Linux, through ``PR_SET_PDEATHSIG`` = SIGKILL set at start-up, so a hard kill of the
+controller leaves no orphan.
 
 Run as ``python -m lambdascale.runtime.agent --controller HOST:PORT --node N``
 (:func:`lambdascale.runtime.launcher_base.agent_command`), the cluster secret in the environment
@@ -28,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import ssl
@@ -57,6 +68,7 @@ from lambdascale.runtime.messages import (
     GetStatus,
     Heartbeat,
     HoldingsReport,
+    Ping,
     HoldModel,
     ImportKv,
     PrepareReceive,
@@ -69,11 +81,12 @@ from lambdascale.runtime.messages import (
     Shutdown,
     StageStep,
     Warmup,
+    Welcome,
     read_msg,
     write_msg,
 )
 from lambdascale.runtime.settings import RuntimeSettings
-from lambdascale.runtime.tags import HIDDEN_PREFIX, KV_PREFIX, chunk_tag, kv_tag
+from lambdascale.runtime.tags import HIDDEN_PREFIX, KV_PREFIX, buffer_name, chunk_tag, kv_tag
 from lambdascale.transfer.addresses import bind_transport, interface_of
 from lambdascale.transfer.auth import (
     SECRET_ENV,
@@ -88,6 +101,7 @@ from lambdascale.transfer.conn import tls_contexts
 from lambdascale.transfer.factory import make_transport
 from lambdascale.transfer.settings import TransferSettings
 
+log = logging.getLogger("lambdascale.agent")
 PR_SET_PDEATHSIG = 1
 _NO_SECRET = f"set {SECRET_ENV} to it in hex, or pass --token-file PATH to a file of mode 0600 holding it"
 
@@ -139,11 +153,11 @@ class NodeAgent:
         self._writer: asyncio.StreamWriter | None = None
         self._write_lock = asyncio.Lock()
         self._stop = asyncio.Event()
-
-    async def _report(self, msg: Any) -> None:
-        assert self._writer is not None
-        async with self._write_lock:
-            await write_msg(self._writer, msg)
+        #: the incarnation the controller gave this process's current session (0: none yet)
+        self.incarnation = 0
+        self.rejoins = 0
+        #: messages of an ended incarnation this agent dropped instead of sending
+        self.fenced_here = 0
 
     def _peer(self) -> dict:
         return {"peer": self.transport.info().model_dump(mode="json")}
@@ -160,6 +174,9 @@ class NodeAgent:
         return {
             "node": self.node,
             "pid": os.getpid(),
+            "incarnation": self.incarnation,
+            "rejoins": self.rejoins,
+            "fenced_here": self.fenced_here,
             "models": {n: sorted(s.held) for n, s in models.items()},
             # xxh64 of every block's slice of the stream: lets a test compare a node's bytes with the files
             "block_digests": {
@@ -249,37 +266,63 @@ class NodeAgent:
         if isinstance(msg, Shutdown):
             self._stop.set()
             return {}
+        if isinstance(msg, Ping):
+            return {}
         raise ControlError(f"node {self.node}: unexpected message {type(msg).__name__}")
 
-    async def _serve_request(self, msg: Any) -> None:
+    async def _serve_request(self, msg: Any, inc: int) -> None:
         try:
             data = await self._handle(msg)
             reply = Reply(req=msg.req, data=data)
         except (LambdaScaleError, OSError, ValueError, RuntimeError) as e:
             reply = Reply(req=msg.req, ok=False, error=f"node {self.node}: {e}")
-        await self._report(reply)
+        await self._report(reply, inc)
 
-    # ---- loops -----------------------------------------------------------------------------
-    async def _control_loop(self, reader: asyncio.StreamReader) -> None:
-        tasks: set[asyncio.Task] = set()
+    # ---- sessions: one per incarnation -----------------------------------------------------------
+    async def _report(self, msg: Any, inc: int | None = None) -> None:
+        """Send ``msg`` stamped with the incarnation it belongs to (default: the current one).
+
+        A message of an earlier incarnation (a reply to a request of a session that ended) is
+        dropped here: it may never reach the controller as the new incarnation's. A channel that
+        breaks while writing ends the session (its reader sees it); the message is lost with it.
+        """
+        inc = self.incarnation if inc is None else inc
+        writer = self._writer
+        if writer is None or inc != self.incarnation or inc == 0:
+            self.fenced_here += 1
+            return
+        if hasattr(msg, "inc"):
+            msg = msg.model_copy(update={"inc": inc})
+        try:
+            async with self._write_lock:
+                await write_msg(writer, msg)
+        except (ConnectionError, OSError, RuntimeError):
+            pass
+
+    async def _control_loop(self, reader: asyncio.StreamReader, inc: int, tasks: set[asyncio.Task]) -> None:
         while True:
             msg = await read_msg(reader)
             if msg is None:
-                return  # controller gone: die with it
-            t = asyncio.get_running_loop().create_task(self._serve_request(msg))
+                return  # the controller closed the channel: declared dead, or gone
+            t = asyncio.get_running_loop().create_task(self._serve_request(msg, inc))
             tasks.add(t)
-            t.add_done_callback(tasks.discard)
+            t.add_done_callback(lambda t: self._done(t, tasks, f"a {type(msg).__name__} request"))
+
+    def _done(self, t: asyncio.Task, tasks: set[asyncio.Task], what: str) -> None:
+        tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("node %d: %s failed: %r", self.node, what, t.exception(), exc_info=t.exception())
 
     async def _arrival_loop(self) -> None:
         while True:
             await self._on_arrival(await self.transport.arrivals.get())
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, inc: int) -> None:
         while True:
             await asyncio.sleep(self.runtime.heartbeat_s)
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 return  # launcher gone (re-parented): die with it
-            await self._report(Heartbeat(node=self.node))
+            await self._report(Heartbeat(node=self.node), inc)
 
     async def _dial_controller(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the controller, retrying while it is not reachable yet (a supervised agent
@@ -309,41 +352,94 @@ class NodeAgent:
             await asyncio.sleep(delay)  # backoff between attempts, not a wait for an event
             delay = min(delay * 2, 1.0)
 
-    async def run(self) -> None:
-        if self._secret is None:
-            raise AuthError(f"agent {self.node}: no cluster secret ({_NO_SECRET})")
+    async def _register(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+        """Dial, prove the secret, register with what this node holds; the new incarnation."""
         host, port = self.controller
-        self.buffers.start_arena()  # made resident in a worker thread while we register
-        await self.transport.start()
-        try:
-            reader, writer = await self._dial_controller()
-        except BaseException:
-            await self.transport.close()
-            raise
+        reader, writer = await self._dial_controller()
         try:
             await client_handshake(reader, writer, self._secret, Channel.CONTROL,
                                    self.transfer_settings.connect_timeout_s, f"the controller at {host}:{port}")
+            # the SSD tier as the files really are (checksums), memory tiers as they stand
+            dropped = {m: why for m, why in (await asyncio.to_thread(self.buffers.memory.verify_ssd)).items()
+                       if why != "ok"}
+            for m, why in dropped.items():
+                print(f"agent {self.node}: SSD copy of {m} dropped: {why}", file=sys.stderr, flush=True)
+            await write_msg(writer, Register(node=self.node, pid=os.getpid(), peer=self.transport.info(),
+                                             incarnation=self.incarnation, holdings=self.holdings()))
+            welcome = await asyncio.wait_for(read_msg(reader), self.runtime.register_timeout_s)
         except BaseException:
-            await self.transport.close()
             writer.close()
             raise
-        self._writer = writer
-        await self._report(Register(node=self.node, pid=os.getpid(), peer=self.transport.info()))
-        loops = [
-            asyncio.ensure_future(self._control_loop(reader)),
-            asyncio.ensure_future(self._arrival_loop()),
-            asyncio.ensure_future(self._heartbeat_loop()),
-            asyncio.ensure_future(self._stop.wait()),
-        ]
+        if not isinstance(welcome, Welcome):
+            writer.close()
+            raise ConnectionError(f"the controller at {host}:{port} refused node {self.node}'s registration "
+                                  "(is another agent running as this node?)")
+        return reader, writer, welcome.incarnation
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inc: int) -> str:
+        """Serve one incarnation until its channel ends; returns why ("stop", "parent", "closed")."""
+        self._writer, self.incarnation = writer, inc
+        tasks: set[asyncio.Task] = set()
+        control = asyncio.ensure_future(self._control_loop(reader, inc, tasks))
+        beat = asyncio.ensure_future(self._heartbeat_loop(inc))
+        stop = asyncio.ensure_future(self._stop.wait())
+        loops = {control: "control loop", beat: "heartbeat loop", stop: "stop"}
         try:
-            await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._writer = None
             for t in loops:
                 t.cancel()
+            for t, what in loops.items():
+                with contextlib.suppress(asyncio.CancelledError):
+                    try:
+                        await t
+                    except (ConnectionError, ControlError, OSError) as e:
+                        print(f"agent {self.node}: control channel of incarnation {inc} broke in its {what}: {e}",
+                              file=sys.stderr, flush=True)
+            # fence this incarnation off here too: nothing it started runs on into the next one
+            for t in list(tasks):
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            stopping = self.sends.cancel_all()
+            await asyncio.gather(*stopping, return_exceptions=True)
+            self.buffers.cancel_copies()
+            self.stages.reset()
+            keep = {buffer_name(m) for m in self.buffers.models}
+            for name in self.transport.buffer_names():
+                if name not in keep:
+                    self.transport.unregister(name)  # hidden states and shipped KV of the old incarnation
+            writer.close()
+        if stop in done:
+            return "stop"
+        if beat in done:
+            return "parent"
+        return "closed"
+
+    async def run(self) -> None:
+        """Register, serve, and rejoin as a new incarnation whenever the channel ends (the
+        controller declared this node dead, or restarted); exit on Shutdown, when the launcher
+        is gone, or when no controller answers within ``runtime.register_timeout_s``."""
+        if self._secret is None:
+            raise AuthError(f"agent {self.node}: no cluster secret ({_NO_SECRET})")
+        self.buffers.start_arena()  # made resident in a worker thread while we register
+        await self.transport.start()
+        arrivals = asyncio.ensure_future(self._arrival_loop())
+        try:
+            while True:
+                reader, writer, inc = await self._register()
+                why = await self._session(reader, writer, inc)
+                if why != "closed":
+                    return
+                self.rejoins += 1
+                print(f"agent {self.node}: control channel of incarnation {inc} closed (declared dead, or the "
+                      "controller restarted); rejoining", file=sys.stderr, flush=True)
+        finally:
+            arrivals.cancel()
+            await asyncio.gather(arrivals, return_exceptions=True)
             self.sends.cancel_all()
             self.buffers.cancel_copies()
             await self.transport.close()
-            writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -276,6 +277,59 @@ class AgentMemory:
                 r.ssd_complete = True
             except (LambdaScaleError, PoolFullError):
                 continue
+
+    def verify_ssd(self) -> dict[str, str]:
+        """Check every complete SSD copy's block files against the manifest's chunk checksums
+        (blocking: a worker thread's job). A copy that fails (a file missing, short, or with a
+        chunk whose xxh64 differs) is removed and its capacity freed: a node reports only what it
+        really holds. Returns model -> "ok" or why it was dropped."""
+        out: dict[str, str] = {}
+        if self.ssd_dir is None or self.ssd is None:
+            return out
+        for name, r in list(self.models.items()):
+            if not r.ssd_complete or r.copies:
+                continue
+            why = self._check_files(self.ssd_dir / name, r.manifest)
+            out[name] = why or "ok"
+            if why is None:
+                continue
+            shutil.rmtree(self.ssd_dir / name, ignore_errors=True)
+            if r.ssd_alloc is not None:
+                self.ssd.free(r.ssd_alloc)
+            r.ssd_alloc, r.ssd_complete = None, False
+            r.last_used.pop(MemTier.SSD, None)
+            if not r.labelled:
+                del self.models[name]
+        return out
+
+    @staticmethod
+    def _check_files(d: Path, m: Manifest) -> str | None:
+        """None when every chunk of ``m`` reads back from ``d``'s block files with its xxh64."""
+        files: dict[int, Any] = {}
+        try:
+            for blk in m.blocks:
+                path = d / blk.file
+                if not path.is_file() or path.stat().st_size != blk.nbytes:
+                    return f"{path} is missing or not {blk.nbytes} bytes"
+            for ch in m.chunks:
+                h = xxhash.xxh64()
+                for b, off, ln in m.chunk_parts(ch.index):
+                    f = files.get(b)
+                    if f is None:
+                        f = files[b] = open(d / m.blocks[b].file, "rb")
+                    f.seek(off)
+                    data = f.read(ln)
+                    if len(data) != ln:
+                        return f"{d / m.blocks[b].file}: short read"
+                    h.update(data)
+                if h.hexdigest() != ch.xxh64:
+                    return f"chunk {ch.index} fails its xxh64 check"
+        except OSError as e:
+            return f"cannot read {d}: {e}"
+        finally:
+            for f in files.values():
+                f.close()
+        return None
 
     # ---- report ----------------------------------------------------------------------------------
     def report(self, now: float, held: dict[str, set[int]], receiving: set[str], sending: set[str]) -> dict:

@@ -13,6 +13,7 @@ epoch); another multicast of the same model runs on.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from lambdascale.runtime.tags import buffer_name, chunk_tag, parse_tag
 from lambdascale.transfer.base import Arrival, Transport
 
 Report = Callable[[Any], Awaitable[None]]
+log = logging.getLogger("lambdascale.agent")
 
 
 class ChunkSends:
@@ -66,7 +68,13 @@ class ChunkSends:
     def start(self, msg: SendChunks) -> None:
         self.buffers.model(msg.model)  # refused for a model this node does not hold
         task = asyncio.get_running_loop().create_task(self._run(msg.model, msg.sends, msg.epoch, msg.run))
+        task.add_done_callback(self._log_failure)
         self._tasks.setdefault(msg.model, []).append((msg.run, msg.epoch, task))
+
+    def _log_failure(self, t: asyncio.Task) -> None:
+        """A send list that failed other than by a send (reported as SendFailed): said once, here."""
+        if not t.cancelled() and t.exception() is not None:
+            log.error("node %d: a send list failed: %r", self.node, t.exception(), exc_info=t.exception())
 
     async def cancel(self, msg: CancelSends) -> dict:
         """Stop one multicast's lists up to ``msg.epoch``; another multicast of the model runs on."""
@@ -86,10 +94,13 @@ class ChunkSends:
         state = self.buffers.models.get(msg.model)
         return {"held": sorted(state.held) if state else []}
 
-    def cancel_all(self) -> None:
-        for lst in self._tasks.values():
-            for _, _, t in lst:
-                t.cancel()
+    def cancel_all(self) -> list[asyncio.Task]:
+        """Stop every send list (this node's incarnation ended); returns the tasks stopping."""
+        out = [t for lst in self._tasks.values() for _, _, t in lst if not t.done()]
+        for t in out:
+            t.cancel()
+        self._tasks.clear()
+        return out
 
     async def _run(self, model: str, sends: list[tuple[int, int]], epoch: int, run: int = 0) -> None:
         st = self.buffers.model(model)

@@ -118,6 +118,17 @@ class AgentStages:
             owner.stages.discard(msg.pipeline)
         return {"peer": self.transport.info().model_dump(mode="json")}
 
+    def reset(self) -> int:
+        """Drop every stage (the controller forgot them with this node's last incarnation); the
+        buffers they were built from stay, labelled as the device copy. Returns how many."""
+        n = len(self.stages)
+        for pipeline in {p for p, _ in self.stages}:
+            self.dissolve(DissolveStage(req=0, pipeline=pipeline))
+        for fut in self._hidden.values():
+            fut.cancel()
+        self._hidden.clear()
+        return n
+
     async def export_kv(self, msg: ExportKv) -> dict:
         host = self._stage(msg.pipeline, msg.index)
         result: dict = await asyncio.to_thread(host.export_kv, msg.seqs, msg.buffer)

@@ -42,6 +42,14 @@ class Launcher(ABC):
     def pids(self) -> dict[int, int]:
         """Process id of each agent started (for fault injection and orphan checks)."""
 
+    def restarts(self) -> dict[int, int]:
+        """Times each node's agent was restarted after it died (launchers that supervise count them)."""
+        return {}
+
+    def signal(self, node: int, sig: int) -> None:
+        """Send a signal to one agent (fault injection); launchers that own no process refuse."""
+        raise NotImplementedError(f"{type(self).__name__} cannot signal node {node}'s agent")
+
     @abstractmethod
     def kill(self, node: int) -> None:
         """SIGKILL one agent (fault injection)."""

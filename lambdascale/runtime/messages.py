@@ -324,18 +324,48 @@ class Shutdown(_Msg):
     req: int
 
 
+class Ping(_Msg):
+    """Are you there? (the controller's probe of a live node when another process registers as it)"""
+
+    type: Literal["ping"] = "ping"
+    req: int
+
+
+class Welcome(_Msg):
+    """The controller's answer to a :class:`Register`: the incarnation the agent now is. The agent
+    stamps every message of this session with it; a refused registration gets no answer (the
+    channel closes)."""
+
+    type: Literal["welcome"] = "welcome"
+    incarnation: int = Field(ge=1)
+
+
 # ---- agent -> controller ---------------------------------------------------------------------
 
+#: Every agent -> controller message but ``Register`` carries ``inc``: the incarnation of the session
+#: it belongs to (:class:`Welcome`). The controller drops any whose ``inc`` is not the node's current
+#: one, so nothing an earlier incarnation sends after it was declared dead reaches its state.
+def _incarnation() -> Any:
+    return Field(default=0, ge=0, description="incarnation of the sending session (Welcome)")
+
+
 class Register(_Msg):
+    """First message of a session. ``incarnation``: the one this process last held (0 = never
+    registered); ``holdings``: what the node holds now, its SSD files verified against their
+    checksums (the report a rejoining node is admitted with)."""
+
     type: Literal["register"] = "register"
     node: int
     pid: int
     peer: PeerInfo
+    incarnation: int = Field(default=0, ge=0)
+    holdings: HoldingsReport | None = None
 
 
 class Heartbeat(_Msg):
     type: Literal["heartbeat"] = "heartbeat"
     node: int
+    inc: int = _incarnation()
 
 
 class ChunkHeld(_Msg):
@@ -343,6 +373,7 @@ class ChunkHeld(_Msg):
 
     type: Literal["chunk_held"] = "chunk_held"
     node: int
+    inc: int = _incarnation()
     model: str
     chunk: int
     src: int
@@ -353,6 +384,7 @@ class ChunkCorrupt(_Msg):
 
     type: Literal["chunk_corrupt"] = "chunk_corrupt"
     node: int
+    inc: int = _incarnation()
     model: str
     chunk: int
     src: int
@@ -368,11 +400,13 @@ class SendFailed(_Msg):
     epoch: int
     error: str
     run: int = 0
+    inc: int = _incarnation()
 
 
 class Reply(_Msg):
     type: Literal["reply"] = "reply"
     req: int
+    inc: int = _incarnation()
     ok: bool = True
     error: str = ""
     data: dict[str, Any] = Field(default_factory=dict)
@@ -380,10 +414,10 @@ class Reply(_Msg):
 
 Message = Annotated[
     Union[
-        SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown,
+        SetPeers, HoldModel, PrepareReceive, SendChunks, CancelSends, GetStatus, DropModel, CorruptNext, Shutdown, Ping,
         GetHoldings, EvictModel, CopyBackModel,
         FormStage, StageStep, DissolveStage, Warmup, ExportKv, RegisterBuffer, SendBuffer, ImportKv,
-        Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
+        Welcome, Register, Heartbeat, ChunkHeld, ChunkCorrupt, SendFailed, Reply,
     ],
     Field(discriminator="type"),
 ]

@@ -239,7 +239,7 @@ async def run_multicast(
                 prog.bytes_moved += manifest.chunk(ev.chunk).length
                 await resend(ev.chunk, ev.node, prefer=ev.src)
             elif isinstance(ev, SendFailed):
-                if ev.epoch == prog.epoch and ev.dst not in prog.lost and cluster.agents[ev.dst].status.value == "up":
+                if ev.epoch == prog.epoch and ev.dst not in prog.lost and ev.dst in cluster.alive():
                     if ev.chunk not in prog.holdings[ev.dst]:
                         await resend(ev.chunk, ev.dst, prefer=None)
             elif isinstance(ev, NodeLost) and ev.node in prog.holdings and ev.node not in prog.lost:

@@ -38,6 +38,27 @@ class RuntimeSettings(BaseModel):
     heartbeat_misses: int = Field(
         default=5, ge=1, le=1000, description="heartbeats missed in a row before the controller declares an agent lost"
     )
+    respawn: bool = Field(
+        default=True,
+        description="the local launcher restarts an agent process that died (runtime.respawn_backoff_s); the "
+        "new process registers as the node's next incarnation. External agents are restarted by their own "
+        "supervisor (docs/deploy.md), Ray's by Ray",
+    )
+    respawn_backoff_s: float = Field(
+        default=0.5, gt=0, le=3600,
+        description="wait before restarting a dead agent, doubled for each death in a row up to "
+        "respawn_backoff_max_s (a first crash is back in well under the 10 s the membership issue asks; "
+        "Kubernetes' CrashLoopBackOff starts at 10 s, systemd's RestartSec at 0.1 s)",
+    )
+    respawn_backoff_max_s: float = Field(
+        default=30.0, gt=0, le=86400,
+        description="cap of the restart backoff (an agent that dies at once on every start is tried twice a minute)",
+    )
+    respawn_reset_s: float = Field(
+        default=60.0, gt=0, le=86400,
+        description="an agent that ran this long before dying starts its backoff over (Kubernetes resets after 10 min "
+        "of running; a minute is many heartbeats here)",
+    )
     register_timeout_s: float = Field(
         default=60.0, gt=0, description="how long the controller waits for launched agents to register"
     )

@@ -30,7 +30,7 @@ def _gone(pid: int) -> bool:
 
 def test_agents_register_answer_and_report_loss(tiny_model: Path) -> None:
     async def main() -> None:
-        async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=0.2)) as lc:
+        async with LocalCluster(2, runtime=RuntimeSettings(heartbeat_s=0.2, respawn=False)) as lc:
             c = lc.cluster
             assert c.alive() == [0, 1]
             st = await c.request(1, GetStatus(req=0))

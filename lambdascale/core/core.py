@@ -51,7 +51,7 @@ from lambdascale.engine.sampling import SamplingParams, TokenLogprobs
 from lambdascale.errors import BackendUnavailableError, InvalidRequestError, LambdaScaleError, ModelNotServedError
 from lambdascale.model.manifest import Manifest
 from lambdascale.pipe.pipelines import Pipeline
-from lambdascale.runtime.cluster import AgentRequestError, Cluster
+from lambdascale.runtime.cluster import AgentRequestError, Cluster, MemberEvent
 from lambdascale.runtime.messages import HoldModel, Warmup
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement, pipeline_batch
 
@@ -94,6 +94,8 @@ class ServingCore:
         self.controller: Any = None
         self._ctl_task: asyncio.Task[None] | None = None
         self._ctl_stop: asyncio.Event | None = None
+        self._started = False
+        cluster.watch(self._on_member)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,6 +107,7 @@ class ServingCore:
             t0 = self.clock.now()
             await asyncio.gather(*(self.cluster.request(n, Warmup(req=0)) for n in self.cluster.alive()))
             log.info("node agents warmed (torch imported) in %.2f s", self.clock.now() - t0)
+        self._started = True
         if self.autoscale:
             from lambdascale.control.controller import Controller
 
@@ -139,6 +142,15 @@ class ServingCore:
                 log.error("background task failed: %r", t.exception(), exc_info=t.exception())
         task.add_done_callback(done)
         return task
+
+    # ---- membership (core/members.py) ----------------------------------------------------------
+    def _on_member(self, ev: MemberEvent) -> None:
+        from lambdascale.core.members import on_member
+
+        on_member(self, ev)
+
+    def _members_current(self, u: Unit) -> bool:
+        return all(self.cluster.is_current(n, inc) for n, inc in u.members.items())
 
     @property
     def scale_outs_in_progress(self) -> int:
@@ -350,6 +362,7 @@ class ServingCore:
     async def _form(self, d: Deployment, u: Unit, placements: list[StagePlacement]) -> None:
         s = self.settings
         seqs, step_tokens = pipeline_batch(placements, d.manifest, s.max_seqs, s.max_step_tokens, s.pipeline_batch)
+        u.members = {p.node: self.cluster.incarnation(p.node) for p in placements}
         pipe = RemotePipeline(self.cluster, d.manifest, placements, max_len=d.max_len, max_seqs=seqs,
                               max_step_tokens=step_tokens, name=f"{u.id}.{next(self._serial)}",
                               emulate_device=s.emulate_device, device=s.device, dtype=s.dtype,
@@ -364,14 +377,25 @@ class ServingCore:
         u.started_at = self.clock.now()
         self.units_seen.append(u)
         u.task = asyncio.get_running_loop().create_task(self._worker(d, u))
+        u.task.add_done_callback(self._worker_done)
         d.wakeup.set()
         for hook in self.on_unit_started:
             hook(u)
+
+    @staticmethod
+    def _worker_done(t: "asyncio.Task[None]") -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("a unit's worker failed: %r", t.exception(), exc_info=t.exception())
 
     async def _worker(self, d: Deployment, u: Unit) -> None:
         srv = u.server
         assert srv is not None and u.pipe is not None
         while u.alive:
+            if not self._members_current(u):  # a member died (or came back as a new incarnation)
+                await srv.drain(suppress=True)
+                gone = sorted(n for n, inc in u.members.items() if not self.cluster.is_current(n, inc))
+                await self._lose(d, u, LambdaScaleError(f"node(s) {gone} declared dead"))
+                return
             if u.draining and not srv.busy:
                 u.alive = False
                 if u in d.units:
@@ -481,7 +505,7 @@ class ServingCore:
         if not self.autoscale:
             return False
         used = {u.node for dd in self.deployments.values() for u in dd.units}
-        return any(n not in used for n in self.cluster.alive())
+        return any(n not in used for n in self.cluster.healthy())
 
     # ---- observation ------------------------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:

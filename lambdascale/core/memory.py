@@ -49,6 +49,16 @@ class NodeMemory:
     def forget(self, node: int, model: str) -> None:
         self.held.get(node, set()).discard(model)
 
+    def drop_node(self, node: int) -> None:
+        """The node died: it holds nothing the core may count on (status, metrics, the snapshot)."""
+        self.held.pop(node, None)
+        self.reports.pop(node, None)
+
+    def adopt_report(self, node: int, report: Any) -> None:
+        """A new incarnation registered with this report of what it really holds."""
+        self.held.pop(node, None)
+        self.reports[node] = report
+
     # ---- observation -------------------------------------------------------------------------
     def poll(self) -> None:
         """Ask for fresh reports in the background unless a poll is running (the next snapshot uses them)."""
@@ -58,8 +68,11 @@ class NodeMemory:
     async def refresh(self) -> None:
         """Ask every live agent for its holdings."""
         nodes = self.cluster.alive()
+        incs = {n: self.cluster.incarnation(n) for n in nodes}
         reps = await asyncio.gather(*(self.cluster.holdings(n) for n in nodes), return_exceptions=True)
         for n, rep in zip(nodes, reps):
+            if not self.cluster.is_current(n, incs[n]):
+                continue  # died (or rejoined) meanwhile: that report is of an incarnation gone
             if isinstance(rep, NodeLostError):
                 self.reports.pop(n, None)
             elif not isinstance(rep, BaseException):

@@ -66,7 +66,9 @@ class ScaleOut:
     async def run(self) -> None:
         core, d, plan = self.core, self.d, self.plan
         net = set(plan.network_targets)
-        sources = [s.node for s in plan.sources if core.memory.holds(s.node, d.name) and s.node not in net]
+        healthy = set(core.cluster.healthy())  # a dead or suspect node is never a source
+        sources = [s.node for s in plan.sources
+                   if core.memory.holds(s.node, d.name) and s.node not in net and s.node in healthy]
         via_multicast: list[tuple[int, Unit]] = []
         local: list[tuple[int, Unit]] = []
         for t in plan.targets:

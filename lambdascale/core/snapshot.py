@@ -1,8 +1,10 @@
 """The control plane's view of the core's cluster: nodes with their tiers, models with their units.
 
 One GPU slot per node (a node with a full instance has none free); holdings from the agents'
-reports (:class:`~lambdascale.core.memory.NodeMemory`). Units on a dead node and draining units
-are left out: the autoscaler must not count them.
+reports (:class:`~lambdascale.core.memory.NodeMemory`). Units on a dead node (or formed on an
+incarnation that is gone) and draining units are left out: the autoscaler must not count them. A
+suspect node is listed with no free GPU and no holdings: nothing new goes there and it is no
+multicast source; a dead one is not listed at all.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ _UNREPORTED_HOST_BYTES = 1 << 50
 
 def build_snapshot(core: "ServingCore") -> ClusterSnapshot:
     alive = set(core.cluster.alive())
+    healthy = set(core.cluster.healthy())
     busy = {u.node for d in core.deployments.values() for u in d.units if not u.pipelined}
     now = core.clock.now()
     core.memory.poll()  # fresh holdings for the next pass
     nodes = []
     for n in sorted(alive):
+        if n not in healthy:  # suspect: its units stay counted, but it takes nothing new and is no source
+            nodes.append(NodeView(id=n, gpus_total=1, gpus_free=0, host_bytes_total=0, host_bytes_free=0))
+            continue
         tiers = core.memory.node_tiers(n, now)
         if tiers is not None:
             hs, h_tot, h_free, s_tot, s_free = tiers
@@ -44,7 +50,8 @@ def build_snapshot(core: "ServingCore") -> ClusterSnapshot:
     for d in core.deployments.values():
         insts = []
         for u in d.units:
-            if any(n not in alive for n in u.nodes) or u.draining:
+            if any(n not in alive for n in u.nodes) or u.draining or not all(
+                    core.cluster.is_current(n, inc) for n, inc in u.members.items()):
                 continue
             n_run = len(u.server.reqs) if u.server is not None else 0
             state = InstanceState.LOADING if u.loading else (

@@ -90,6 +90,7 @@ class Unit:
     loading: bool = False
     draining: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held for a step; dissolution waits for it
+    members: dict[int, int] = field(default_factory=dict)  # node -> the incarnation its stages were formed on
     started_at: float | None = None  # when it began taking requests (core clock)
     forming_s: float = 0.0           # how long its stages took to form
 
@@ -180,6 +181,8 @@ class CoreStats:
     memory_ops: dict[str, int] = field(default_factory=lambda: {
         "evicted": 0, "evict_refused": 0, "copy_backs": 0, "copy_back_refused": 0})
     node_lost_at: dict[int, float] = field(default_factory=dict)  # node -> when a scale-out learned of its loss
+    nodes_lost: int = 0             # members declared dead (each incarnation once)
+    nodes_rejoined: int = 0         # new incarnations admitted after the first
 
     @property
     def kv_moves(self) -> dict[str, int]:

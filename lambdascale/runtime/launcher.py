@@ -58,7 +58,7 @@ def controller_addresses(runtime: RuntimeSettings) -> tuple[str, str]:
 def make_launcher(transfer: TransferSettings, runtime: RuntimeSettings) -> Launcher:
     """The launcher ``runtime.launcher`` names (Ray itself is imported only when the ray one starts)."""
     if runtime.launcher == "local":
-        return LocalLauncher(transfer, runtime)
+        return LocalLauncher(transfer, runtime, stderr_path=runtime.agent_log_file)
     if runtime.launcher == "external":
         if runtime.controller_port == 0:
             raise LambdaScaleError("runtime.launcher = external needs a fixed runtime.controller_port: "

@@ -59,6 +59,10 @@ class RuntimeSettings(BaseModel):
         description="an agent that ran this long before dying starts its backoff over (Kubernetes resets after 10 min "
         "of running; a minute is many heartbeats here)",
     )
+    agent_log_file: str | None = Field(
+        default=None,
+        description="file the local launcher appends its agents' stderr to (None: the gateway's own stderr)",
+    )
     register_timeout_s: float = Field(
         default=60.0, gt=0, description="how long the controller waits for launched agents to register"
     )

@@ -141,7 +141,10 @@ class NodeInfo:
 
     node_id: str
     alive: bool
-    tiers: dict[str, tuple[Tier, ...]] = field(default_factory=dict)  # model -> tiers holding it
+    tiers: dict[str, tuple[Tier, ...]] = field(default_factory=dict)  # model -> tiers holding it (none when dead)
+    state: str = "alive"      # membership: alive | suspect | dead | rejoining
+    incarnation: int = 0      # grows on every (re)join
+    restarts: int = 0         # times its agent was restarted by the gateway's supervisor
 
 
 @dataclass(frozen=True)

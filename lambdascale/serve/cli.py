@@ -145,12 +145,13 @@ def render_status(st: dict[str, Any]) -> Any:
     from rich.table import Table
 
     nodes = Table(title="nodes", title_justify="left")
-    nodes.add_column("node")
-    nodes.add_column("alive")
-    nodes.add_column("models by tier")
+    for col in ("node", "state", "incarnation", "restarts", "models by tier"):
+        nodes.add_column(col)
     for n in st["nodes"]:
         tiers = ", ".join(f"{m}: {'/'.join(ts)}" for m, ts in sorted(n["tiers"].items())) or "-"
-        nodes.add_row(str(n["node_id"]), "yes" if n["alive"] else "[red]DEAD[/red]", tiers)
+        state = n.get("state", "alive" if n["alive"] else "dead")
+        shown = {"alive": "alive", "dead": "[red]DEAD[/red]"}.get(state, f"[yellow]{state}[/yellow]")
+        nodes.add_row(str(n["node_id"]), shown, str(n.get("incarnation", "")), str(n.get("restarts", 0)), tiers)
     inst = Table(title="instances and pipelines", title_justify="left")
     for col in ("instance", "model", "state", "nodes", "running"):
         inst.add_column(col)

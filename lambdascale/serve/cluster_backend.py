@@ -78,6 +78,10 @@ class ClusterBackend:
         """Fault injection: SIGKILL one agent."""
         self._lc.launcher.kill(node)
 
+    def signal_node(self, node: int, sig: int) -> None:
+        """Fault injection: send ``sig`` to one agent (SIGSTOP pauses it, SIGCONT continues it)."""
+        self._lc.launcher.signal(node, sig)
+
     async def close(self) -> None:
         if self.core is not None:
             await self.core.close()
@@ -167,6 +171,8 @@ class ClusterBackend:
         (the same holdings the control plane sees); before any report, the models the core put in
         the node's buffers count as host copies."""
         core = self._core()
+        if n not in self.cluster.alive():
+            return {}  # a dead node holds nothing anyone may count on
         tiers = core.memory.node_tiers(n, core.clock.now())
         if tiers is None:
             return {m: (Tier.HOST,) for m in sorted(core.memory.held.get(n, ()))}
@@ -181,14 +187,18 @@ class ClusterBackend:
         if core is None:
             return BackendStatus()
         alive = set(self.cluster.alive()) if self._lc is not None else set()
+        restarts = self._lc.launcher.restarts() if self._lc is not None else {}
         st = core.stats
+        c = self.cluster
         return BackendStatus(
-            nodes=tuple(NodeInfo(str(n), n in alive, self._node_tiers(n)) for n in range(self.n_nodes)),
+            nodes=tuple(NodeInfo(str(n), n in alive, self._node_tiers(n), c.state(n).value, c.incarnation(n),
+                                 restarts.get(n, 0)) for n in range(self.n_nodes)),
             instances=tuple(InstanceInfo(
                 u.id, d.name,
                 InstanceState.LOADING if u.loading else (InstanceState.PIPELINED if u.pipelined else InstanceState.FULL),
                 tuple(str(n) for n in u.nodes), len(u.server.reqs) if u.server is not None else 0)
-                for d in core.deployments.values() for u in d.units if all(n in alive for n in u.nodes)),
+                for d in core.deployments.values() for u in d.units
+                if all(n in alive for n in u.nodes) and core._members_current(u)),
             queues={d.name: len(d.queue) for d in core.deployments.values()},
             bytes_multicast=st.bytes_multicast,
             kv_moves=st.kv_moves,

@@ -293,7 +293,7 @@ class FakeBackend:
         models = tuple(sorted(self._deployed))
         return BackendStatus(
             nodes=tuple(
-                NodeInfo(node_id=i.node_id, alive=i.alive, tiers={m: (Tier.HOST,) for m in models} if i.alive else {})
+                NodeInfo(node_id=i.node_id, alive=i.alive, state="alive" if i.alive else "dead", tiers={m: (Tier.HOST,) for m in models} if i.alive else {})
                 for i in self._instances
             ),
             instances=tuple(

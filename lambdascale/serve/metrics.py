@@ -54,6 +54,14 @@ class GatewayMetrics:
             "lambdascale_instances", "serving units by model and state", ["model", "state"], registry=r
         )
         self.nodes_alive = Gauge("lambdascale_nodes_alive", "live nodes", registry=r)
+        self.node_state = Gauge("lambdascale_node_state", "1 for each node's membership state (alive, suspect, "
+                                "dead, rejoining)", ["node", "state"], registry=r)
+        self.node_incarnation = Gauge("lambdascale_node_incarnation", "each node's incarnation (grows on every "
+                                      "(re)join)", ["node"], registry=r)
+        self.node_restarts = Gauge("lambdascale_node_restarts_total", "times the gateway restarted a node's agent "
+                                   "after it died", ["node"], registry=r)
+        self.node_holdings = Gauge("lambdascale_node_holdings", "1 for each model copy a live node holds, by tier "
+                                   "(a dead node holds none)", ["node", "model", "tier"], registry=r)
         self.bytes_multicast = Gauge("lambdascale_bytes_multicast_total", "bytes sent by block multicast", registry=r)
         self.scale_events = Gauge(
             "lambdascale_scale_events_total", "scale events by direction", ["direction"], registry=r
@@ -72,6 +80,15 @@ class GatewayMetrics:
                     sum(1 for i in status.instances if i.model == m and i.state == st)
                 )
         self.nodes_alive.set(sum(1 for n in status.nodes if n.alive))
+        self.node_holdings.clear()  # only what the nodes hold now: a node that died drops out
+        for n in status.nodes:
+            for st in ("alive", "suspect", "dead", "rejoining"):
+                self.node_state.labels(n.node_id, st).set(1 if n.state == st else 0)
+            self.node_incarnation.labels(n.node_id).set(n.incarnation)
+            self.node_restarts.labels(n.node_id).set(n.restarts)
+            for model, tiers in n.tiers.items():
+                for t in tiers:
+                    self.node_holdings.labels(n.node_id, model, t.value).set(1)
         self.bytes_multicast.set(status.bytes_multicast)
         for direction, n in status.scale_events.items():
             self.scale_events.labels(direction).set(n)

@@ -80,7 +80,8 @@ class AdminHandler:
         self.check_key(request)
         st = self.state.backend.status()
         return {
-            "nodes": [{"node_id": n.node_id, "alive": n.alive,
+            "nodes": [{"node_id": n.node_id, "alive": n.alive, "state": n.state, "incarnation": n.incarnation,
+                       "restarts": n.restarts,
                        "tiers": {m: [t.value for t in ts] for m, ts in n.tiers.items()}} for n in st.nodes],
             "instances": [asdict(i) | {"state": i.state.value, "nodes": list(i.nodes)} for i in st.instances],
             "queues": st.queues,

@@ -12,6 +12,7 @@ test checks). The request path itself is described in ``api/generation.py``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lambdascale.clock import Clock, MonotonicClock
 from lambdascale.config import LambdaScaleConfig
+from lambdascale.tasks import log_failure
 from lambdascale.serve.api.admin import AdminHandler
 from lambdascale.serve.api.auth import KeyCheck
 from lambdascale.serve.api.chat import ChatHandler
@@ -61,10 +63,12 @@ def create_app(
             app.state.startup_error = e
             raise
         poller = asyncio.create_task(state.log_timelines())
+        poller.add_done_callback(log_failure("the gateway's scale-timeline logger", logging.getLogger("lambdascale.serve")))
         try:
             yield
         finally:
             poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
             await state.close(close_registry=own_registry)
 
     app = FastAPI(title="lambdascale gateway", version="0.1.0", lifespan=lifespan)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import uuid
 from typing import Any
@@ -24,7 +25,10 @@ from typing import Any
 import numpy as np
 
 from lambdascale.errors import TransferError
+from lambdascale.tasks import log_failure
 from lambdascale.transfer.base import Arrival, BufferInfo, PeerInfo, Transport, TransportKind
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("UCX_TLS", "cma,self,tcp")
 
@@ -64,6 +68,7 @@ class NixlTransport(Transport):
         for name, arr in self._buffers.items():
             self._register_backend(name, arr)
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_notifs())
+        self._poll_task.add_done_callback(log_failure(f"node {self.node}: nixl's notification poller", log))
 
     def _register_backend(self, name: str, arr: np.ndarray) -> None:
         if self._agent is None:

@@ -26,6 +26,7 @@ import ssl
 import struct
 
 from lambdascale.errors import TransferError
+from lambdascale.tasks import log_failure
 from lambdascale.transfer.addresses import LOOPBACK, resolve
 from lambdascale.transfer.auth import AuthError, Channel, client_handshake_sock, peer_name, server_handshake_sock
 from lambdascale.transfer.base import Arrival, PeerInfo, Transport, TransportKind
@@ -107,6 +108,7 @@ class TcpTransport(Transport):
         log.info("node %d: tcp transport listening on %s:%d (advertised as %s; %s)", self.node, self.host,
                  lsock.getsockname()[1], self.advertised, "mutual TLS" if self._tls else "no TLS")
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._accept_task.add_done_callback(log_failure(f"node {self.node}: the transport's accept loop", log))
 
     def info(self) -> PeerInfo:
         if self._listener is None:
@@ -124,6 +126,7 @@ class TcpTransport(Transport):
             t = loop.create_task(self._serve_sock(conn))
             self._conn_tasks.add(t)
             t.add_done_callback(self._conn_tasks.discard)
+            t.add_done_callback(log_failure(f"node {self.node}: a transport connection's receiver", log))
 
     async def _serve_sock(self, sock: socket.socket) -> None:
         """TLS first where it is on (a peer that cannot complete it is logged and dropped), then the

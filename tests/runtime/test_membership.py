@@ -147,3 +147,52 @@ def test_membership_rules() -> None:
     assert next_incarnation(3, 0) == 4 and next_incarnation(3, 7) == 8  # only ever grows
     assert [respawn_delay_s(k, 0.5, 4.0) for k in range(6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
     assert tiers_kept(FaultKind.PAUSE) == {"gpu", "host", "ssd"} and tiers_kept(FaultKind.CRASH) == {"ssd"}
+
+
+def test_a_restarted_agent_reports_its_verified_ssd_copy_and_is_a_warm_start(tiny_model, tmp_path) -> None:
+    """kill -9 two agents holding SSD copies, one of them damaged: the supervisor restarts both, each
+    registers with its SSD files checked against their checksums (the damaged copy is dropped, not
+    reported) and the serving core's snapshot shows the good one as that node's SSD-tier holding."""
+    from lambdascale.config import load_config
+    from lambdascale.control.spec import Tier
+    from lambdascale.core.core import ServingCore
+    from lambdascale.model.manifest import read_manifest
+    from lambdascale.runtime.launcher import LocalCluster
+    from lambdascale.runtime.messages import HoldModel
+
+    manifest = read_manifest(tiny_model)
+    rt = RuntimeSettings(heartbeat_s=0.2, agent_ssd_dir=str(tmp_path / "ssd"))
+
+    async def main() -> None:
+        async with LocalCluster(2, runtime=rt) as lc:
+            c = lc.cluster
+            core = ServingCore(c, load_config(None, {}))
+            for n in (0, 1):
+                await c.request(n, HoldModel(req=0, model_dir=str(tiny_model)))
+                await c.copy_back(n, manifest.name, "ssd")
+            async def ssd_done(n: int) -> bool:
+                rep = await c.holdings(n)
+                return any(h.tier == "ssd" and h.blocks is None and not h.in_use for h in rep.holdings)
+            for n in (0, 1):
+                for _ in range(200):
+                    if await ssd_done(n):
+                        break
+                    await asyncio.sleep(0.02)  # polling the agent's report until its copy-back is done
+                assert await ssd_done(n)
+            blk = tmp_path / "ssd" / "node0" / manifest.name / manifest.blocks[2].file
+            data = bytearray(blk.read_bytes())
+            data[7] ^= 0xFF
+            blk.write_bytes(bytes(data))  # node 0's copy is damaged on disk
+            incs = {n: c.incarnation(n) for n in (0, 1)}
+            lc.launcher.kill(0)
+            lc.launcher.kill(1)
+            await until(lambda: all(c.incarnation(n) > incs[n] and n in c.alive() for n in (0, 1)), 60)
+            assert lc.launcher.restarts() == {0: 1, 1: 1}
+            tiers = {n: {h.tier for h in c.join_reports[n].holdings if h.model == manifest.name} for n in (0, 1)}
+            assert tiers == {0: set(), 1: {"ssd"}}, tiers  # a restart keeps disk, loses memory; bad files dropped
+            assert not blk.parent.exists()
+            snap = core.snapshot()
+            held = {n.id: {(h.model, h.tier) for h in n.holdings} for n in snap.nodes}
+            assert held[1] == {(manifest.name, Tier.SSD)} and held[0] == set()
+
+    run_async(main(), timeout=120)

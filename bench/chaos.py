@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if now >= next_fault and not paused:
                 n = rng.randrange(args.nodes)
                 kind = rng.choice(["pause", "kill"])
-                faults.append({"node": n, "kind": kind, "at": now, "inc": c.incarnation(n),
-                               "dispatches": len(backend.core.dispatch_log)})
+                faults.append({"node": n, "kind": kind, "at": now, "inc": c.incarnation(n)})
                 if kind == "pause":
                     backend.signal_node(n, signal.SIGSTOP)
                     paused[n] = now + rng.uniform(args.pause_min, args.pause_max)
@@ -172,17 +171,16 @@ def main(argv: list[str] | None = None) -> int:
 def summarize(backend: ClusterBackend, faults: list[dict[str, Any]], results: list[dict[str, Any]],
               series: list[tuple[float, int]], t0: float, args: argparse.Namespace) -> dict[str, Any]:
     c = backend.cluster
-    units = {u.id: u for u in backend.core.units_seen}
-    log = list(backend.core.dispatch_log)
+    units = list(backend.core.units_seen)
     hist = list(c.history)
     out = []
     for f in faults:
         n, at = f["node"], f["at"]
         dead = next((e.at for e in hist if e.node == n and e.incarnation == f["inc"] and e.state.value == "dead"), None)
         back = next((e for e in hist if e.node == n and e.incarnation > f["inc"] and e.state.value == "alive"), None)
-        # dispatch_log has no times: the first dispatch to a unit of the new incarnation, timed by when the unit started
-        serving = next((units[uid].started_at for _, _, uid in log[f["dispatches"]:]
-                        if uid in units and back is not None and units[uid].members.get(n) == back.incarnation), None)
+        # the first request dispatched to a unit formed on the new incarnation (core clock = monotonic)
+        serving = min((u.first_request_at for u in units if back is not None and u.first_request_at is not None
+                       and u.members.get(n) == back.incarnation), default=None)
         out.append({"node": n, "kind": f["kind"], "at_s": round(at - t0, 1),
                     "detect_s": None if dead is None else round(dead - at, 2),
                     "back_s": None if back is None else round(back.at - at, 2),

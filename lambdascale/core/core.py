@@ -302,6 +302,9 @@ class ServingCore:
             d.queue.remove(rid)
             u.server.add(rid, self.requests[rid].token_state())
             self.dispatch_log.append((d.name, rid, u.id))
+            u.requests_taken += 1
+            if u.first_request_at is None:
+                u.first_request_at = self.clock.now()
         if moves:
             d.wakeup.set()  # a unit that was idle has work now
         return len(moves)

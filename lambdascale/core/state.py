@@ -92,6 +92,8 @@ class Unit:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # held for a step; dissolution waits for it
     members: dict[int, int] = field(default_factory=dict)  # node -> the incarnation its stages were formed on
     started_at: float | None = None  # when it began taking requests (core clock)
+    first_request_at: float | None = None  # when the first request was dispatched to it (core clock)
+    requests_taken: int = 0          # requests dispatched to it
     forming_s: float = 0.0           # how long its stages took to form
 
     @property

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory) -> tuple[Path, str]:
 def cluster_server(tiny) -> Iterator[tuple[ServerThread, ClusterBackend, str]]:
     models_dir, name = tiny
     # Generous start-up limits: three agent processes importing torch on a loaded 2-core machine.
-    cfg = load_config(None, {"runtime.nodes": 3, "runtime.register_timeout_s": 240,
+    cfg = load_config(None, {"runtime.nodes": 3, "runtime.register_timeout_s": 240, "runtime.respawn": False,
                              "engine.max_batch_size": 4,
                              "engine.max_model_len": 256, "control.autoscale_interval_s": 30.0,
                              "serve.timeline_poll_s": 0.05})

@@ -336,11 +336,14 @@ class Cluster:
             return False
 
     async def _join(self, h: AgentHandle, reg: Register) -> None:
-        """Admit a new incarnation: every member learns its address, then it is alive."""
+        """Admit a new incarnation: it learns every member's address, then it is alive and the
+        members learn its address (in the background: a suspect member must not hold it up)."""
+        nodes = sorted(set(self.alive()) | {h.node})
+        peers = [self.agents[n].peer for n in nodes]
         try:
-            await self.broadcast_peers(extra=h.node)
+            await self.request(h.node, SetPeers(req=0, peers=peers))
         except (NodeLostError, AgentRequestError) as e:
-            log.warning("controller: node %d incarnation %d: peers not all told of it: %s", h.node, h.incarnation, e)
+            log.warning("controller: node %d incarnation %d did not take its peers: %s", h.node, h.incarnation, e)
         if h.status is not MemberState.REJOINING:
             return  # died while joining
         h.status = MemberState.ALIVE
@@ -351,6 +354,11 @@ class Cluster:
         self._member_event(h, "rejoined" if rejoin else "joined")
         async with self._registered:
             self._registered.notify_all()
+
+        async def tell(n: int) -> None:
+            with contextlib.suppress(NodeLostError, AgentRequestError):
+                await self.request(n, SetPeers(req=0, peers=[h.peer]))
+        await asyncio.gather(*(tell(n) for n in self.alive() if n != h.node))
 
     def _fence(self, h: AgentHandle, msg: Any, why: str) -> None:
         self.fenced[h.node] = self.fenced.get(h.node, 0) + 1

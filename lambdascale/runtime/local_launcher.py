@@ -5,7 +5,7 @@ Each agent is armed three ways against orphaning: ``PR_SET_PDEATHSIG`` (SIGKILL 
 launcher's process dies), a parent-pid check every heartbeat, and exit when no controller answers.
 
 Supervision (``runtime.respawn``): the launcher started its agents, so it restarts one that dies
-(a crash, an OOM kill, ``kill -9``) after a capped exponential backoff
+(a crash, an OOM kill, ``kill -9``: any exit but a clean one) after a capped exponential backoff
 (:func:`lambdascale.membership.respawn_delay_s`: ``respawn_backoff_s`` doubling per death in a row,
 at most ``respawn_backoff_max_s``; an agent that ran ``respawn_reset_s`` starts over). The new
 process registers as the node's next incarnation. :meth:`LocalLauncher.restarts` counts them per
@@ -84,8 +84,8 @@ class LocalLauncher(Launcher):
             await asyncio.sleep(_WATCH_S)  # a poll of the children, not a wait standing in for an event
             now = loop.time()
             for n, p in list(self.procs.items()):
-                if self._stopping or p.poll() is None:
-                    continue
+                if self._stopping or p.poll() is None or p.returncode == 0:
+                    continue  # running, or it exited cleanly (Shutdown, its launcher gone): not a death
                 if n not in due:
                     ran = now - self._started_at.get(n, now)
                     self._failures[n] = 1 if ran >= rt.respawn_reset_s else self._failures.get(n, 0) + 1

@@ -68,7 +68,8 @@ def test_registry_rejects_a_corrupt_file(tmp_path) -> None:
 
 def test_status_shows_nodes_tiers_instances_queues(client) -> None:
     st = client.get("/admin/status").json()
-    assert st["nodes"] == [{"node_id": "node-0", "alive": True, "tiers": {MODEL: ["host"]}}]
+    assert st["nodes"] == [{"node_id": "node-0", "alive": True, "state": "alive", "incarnation": 0, "restarts": 0,
+                            "tiers": {MODEL: ["host"]}}]
     assert st["instances"][0]["model"] == MODEL and st["instances"][0]["state"] == "full"
     assert st["queues"] == {MODEL: 0}
     assert [d["name"] for d in st["deployments"]] == [MODEL]
@@ -105,3 +106,21 @@ def test_default_registry_lives_beside_the_models_cache_not_in_the_working_direc
     monkeypatch.setenv("HOME", str(tmp_path))
     path = ServeSettings().registry_path
     assert path == tmp_path / ".cache" / "lambdascale" / "registry.sqlite"
+
+
+def test_status_shows_each_nodes_state_incarnation_and_restarts(client) -> None:
+    from rich.console import Console
+
+    from lambdascale.serve.cli import render_status
+
+    st = client.get("/admin/status").json()
+    assert {"state", "incarnation", "restarts"} <= set(st["nodes"][0])
+    st["nodes"] = [{"node_id": "0", "alive": True, "state": "alive", "incarnation": 3, "restarts": 2,
+                    "tiers": {MODEL: ["gpu"]}},
+                   {"node_id": "1", "alive": False, "state": "dead", "incarnation": 1, "restarts": 0, "tiers": {}},
+                   {"node_id": "2", "alive": True, "state": "suspect", "incarnation": 1, "restarts": 0, "tiers": {}}]
+    console = Console(record=True, width=160)
+    console.print(render_status(st))
+    cells = [ln.replace("│", " ").replace("┃", " ").split() for ln in console.export_text().splitlines()]
+    rows = {c[0]: c for c in cells if c and c[0] in ("0", "1", "2")}
+    assert rows["0"][1:4] == ["alive", "3", "2"] and rows["1"][1:3] == ["DEAD", "1"] and rows["2"][1] == "suspect"

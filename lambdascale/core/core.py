@@ -54,6 +54,7 @@ from lambdascale.pipe.pipelines import Pipeline
 from lambdascale.runtime.cluster import AgentRequestError, Cluster, MemberEvent
 from lambdascale.runtime.messages import HoldModel, Warmup
 from lambdascale.runtime.pipeline import PipelineServer, RemotePipeline, StagePlacement, pipeline_batch
+from lambdascale.tasks import log_failure
 
 if TYPE_CHECKING:
     from lambdascale.core.scaleout import ScaleOut
@@ -204,6 +205,8 @@ class ServingCore:
             if u.task is not None:
                 u.task.cancel()
                 await asyncio.gather(u.task, return_exceptions=True)
+            if u.server is not None:
+                await u.server.abandon()  # steps the cancelled worker had in flight
             if u.pipe is not None:
                 await u.pipe.dissolve()  # best effort: a lost node has nothing to free
         err = BackendUnavailableError(f"model {name!r} was undeployed or the backend closed")
@@ -380,15 +383,10 @@ class ServingCore:
         u.started_at = self.clock.now()
         self.units_seen.append(u)
         u.task = asyncio.get_running_loop().create_task(self._worker(d, u))
-        u.task.add_done_callback(self._worker_done)
+        u.task.add_done_callback(log_failure(f"the worker of unit {u.id}", log))
         d.wakeup.set()
         for hook in self.on_unit_started:
             hook(u)
-
-    @staticmethod
-    def _worker_done(t: "asyncio.Task[None]") -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.error("a unit's worker failed: %r", t.exception(), exc_info=t.exception())
 
     async def _worker(self, d: Deployment, u: Unit) -> None:
         srv = u.server

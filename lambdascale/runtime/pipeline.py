@@ -387,6 +387,15 @@ class PipelineServer:
         if err is not None and not suppress:
             raise err
 
+    async def abandon(self) -> None:
+        """Stop every step in flight without applying it (the unit is being torn down): each is
+        cancelled and waited for, so none ends with an exception nobody retrieves."""
+        tasks = list(self._flights)
+        self._flights.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _launch(self) -> None:
         free = sorted(set(range(self.depth)) - {f.slot for f in self._flights.values()})
         for i, slot in enumerate(free):

@@ -95,6 +95,8 @@ async def until_disconnect(request: Request, aw: Any, timeout_s: float | None = 
     except BaseException:  # the cancellation (or whatever the generator raised while closing)
         pass
     if watcher in done:
+        if not watcher.cancelled():
+            watcher.exception()  # retrieved: a receive that failed means the client is gone too
         raise ClientGone
     raise FirstTokenTimeout
 

@@ -33,5 +33,6 @@ class ExternalLauncher(Launcher):
                                "stop it there")
 
     async def stop(self) -> None:
-        """Nothing to stop: when the controller closes, each agent's control channel ends and its
-        supervisor decides whether to start it again."""
+        """Nothing to stop: when the controller closes, each agent's control channel ends and the
+        agent dials again for ``runtime.register_timeout_s`` (a gateway restarting gets its nodes
+        back as new incarnations), then exits and its supervisor decides whether to start it again."""

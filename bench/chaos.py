@@ -10,7 +10,7 @@ it). Requests in flight through a node that dies must move and finish: the run r
 
 * per fault: time to detect (fault -> declared dead), time until the node is back (a new
   incarnation alive) and until it serves again (a request dispatched to a unit formed on that
-  incarnation);
+  incarnation), a pause's from its SIGCONT, a kill's from the kill;
 * requests per outcome: 200, each 4xx/5xx code, and hung (no answer within ``--timeout`` s);
   a run passes with zero 5xx and zero hung;
 * nodes alive over time, as a plot (matplotlib) next to the JSON.
@@ -134,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         paused: dict[int, float] = {}
         while time.monotonic() < end:
             now = time.monotonic()
-            series.append((now - t0, len(c.alive())))
+            series.append((now - t0, len(c.healthy())))
             for n, until in list(paused.items()):
                 if now >= until:
                     backend.signal_node(n, signal.SIGCONT)
                     del paused[n]
+                    next(f for f in reversed(faults) if f["node"] == n)["continued"] = time.monotonic()
             if now >= next_fault and not paused:
                 n = rng.randrange(args.nodes)
                 kind = rng.choice(["pause", "kill"])
@@ -181,22 +182,27 @@ def summarize(backend: ClusterBackend, faults: list[dict[str, Any]], results: li
         # the first request dispatched to a unit formed on the new incarnation (core clock = monotonic)
         serving = min((u.first_request_at for u in units if back is not None and u.first_request_at is not None
                        and u.members.get(n) == back.incarnation), default=None)
+        # a pause is back when continued plus its re-registration: time that from the SIGCONT
+        since = f.get("continued", at)
         out.append({"node": n, "kind": f["kind"], "at_s": round(at - t0, 1),
+                    "paused_s": round(since - at, 2) if "continued" in f else None,
                     "detect_s": None if dead is None else round(dead - at, 2),
-                    "back_s": None if back is None else round(back.at - at, 2),
-                    "serving_s": None if serving is None else round(serving - at, 2)})
+                    "back_s": None if back is None else round(back.at - since, 2),
+                    "serving_s": None if serving is None else round(serving - since, 2)})
     outcomes: dict[str, int] = {}
     for r in results:
         k = "hung" if r["status"] == -1 else str(r["status"])
         outcomes[k] = outcomes.get(k, 0) + 1
 
-    def stat(key: str) -> dict[str, float] | None:
-        xs = [f[key] for f in out if f[key] is not None]
+    def stat(key: str, kind: str) -> dict[str, float] | None:
+        xs = [f[key] for f in out if f[key] is not None and f["kind"] == kind]
         return {"median": round(statistics.median(xs), 2), "max": round(max(xs), 2), "n": len(xs)} if xs else None
 
     restarts = backend._lc.launcher.restarts()
     return {"minutes": args.minutes, "nodes": args.nodes, "clients": args.clients, "requests": len(results),
-            "outcomes": outcomes, "detect_s": stat("detect_s"), "back_s": stat("back_s"), "serving_s": stat("serving_s"),
+            "outcomes": outcomes,
+            # pause: detect from SIGSTOP; back and serving from SIGCONT. kill: all three from the kill
+            **{f"{kind}_{key}": stat(key, kind) for kind in ("pause", "kill") for key in ("detect_s", "back_s", "serving_s")},
             "restarts": restarts, "fenced": dict(c.fenced),
             "latency_s_p50": round(statistics.median([r["s"] for r in results]), 3) if results else None,
             "min_alive": min((a for _, a in series), default=0), "faults": out}
@@ -217,7 +223,7 @@ def plot(series: list[tuple[float, int]], faults: list[dict[str, Any]], t0: floa
         ax.axvline(f["at"] - t0, color="red" if f["kind"] == "kill" else "orange", ls="--", lw=0.8)
     ax.set_ylim(-0.2, nodes + 0.5)
     ax.set_xlabel("seconds (dashed: red kill, orange pause)")
-    ax.set_ylabel("nodes alive")
+    ax.set_ylabel("nodes alive\n(not suspect)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -171,8 +171,8 @@ class ClusterBackend:
         (the same holdings the control plane sees); before any report, the models the core put in
         the node's buffers count as host copies."""
         core = self._core()
-        if n not in self.cluster.alive():
-            return {}  # a dead node holds nothing anyone may count on
+        if self._lc is None or n not in self.cluster.alive():
+            return {}  # a dead node (or a closed cluster) holds nothing anyone may count on
         tiers = core.memory.node_tiers(n, core.clock.now())
         if tiers is None:
             return {m: (Tier.HOST,) for m in sorted(core.memory.held.get(n, ()))}
@@ -186,13 +186,17 @@ class ClusterBackend:
         core = self.core
         if core is None:
             return BackendStatus()
-        alive = set(self.cluster.alive()) if self._lc is not None else set()
-        restarts = self._lc.launcher.restarts() if self._lc is not None else {}
+        lc = self._lc
+        alive = set(lc.cluster.alive()) if lc is not None else set()
+        restarts = lc.launcher.restarts() if lc is not None else {}
         st = core.stats
-        c = self.cluster
+
+        def node(n: int) -> NodeInfo:
+            state, inc = (lc.cluster.state(n).value, lc.cluster.incarnation(n)) if lc is not None else ("dead", 0)
+            return NodeInfo(str(n), n in alive, self._node_tiers(n), state, inc, restarts.get(n, 0))
+
         return BackendStatus(
-            nodes=tuple(NodeInfo(str(n), n in alive, self._node_tiers(n), c.state(n).value, c.incarnation(n),
-                                 restarts.get(n, 0)) for n in range(self.n_nodes)),
+            nodes=tuple(node(n) for n in range(self.n_nodes)),
             instances=tuple(InstanceInfo(
                 u.id, d.name,
                 InstanceState.LOADING if u.loading else (InstanceState.PIPELINED if u.pipelined else InstanceState.FULL),

@@ -1,9 +1,10 @@
 """Cluster membership rules, pure: a node's state from its silence, the restart backoff of a
 supervised agent, and what a node still holds when it returns.
 
-The runtime's controller (:mod:`lambdascale.runtime.cluster`) and the embedded launcher's
-supervisor (:mod:`lambdascale.runtime.local_launcher`) apply these functions; they are pure so a
-simulator's fault model can apply the same ones (not done yet: the simulator models no node loss). The rules and where they come from are in
+The runtime's controller (:mod:`lambdascale.runtime.cluster`), the embedded launcher's supervisor
+(:mod:`lambdascale.runtime.local_launcher`) and the simulator's fault model
+(:mod:`lambdascale.sim.faults`) all apply these functions, so a policy tried in the simulator sees
+nodes leave and return as the running system does. The rules and where they come from are in
 docs/arch/runtime.md ("Membership").
 """
 

@@ -140,10 +140,6 @@ class Transport(ABC):
         if arr is not None:
             self._unregister_backend(name, arr)
 
-    def buffer_names(self) -> list[str]:
-        """Names of the registered buffers."""
-        return sorted(self._buffers)
-
     def has_buffer(self, name: str) -> bool:
         """Whether a buffer ``name`` is registered here."""
         return name in self._buffers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -62,3 +63,28 @@ def test_ray_too_few_nodes_is_a_clear_error(local_ray) -> None:
                 pass
 
     run_async(main())
+
+
+def test_ray_restarts_a_killed_agent_as_a_new_incarnation(local_ray) -> None:
+    """kill -9 of an agent on Ray: its hosting actor restarts it (capped backoff), the new process
+    registers as the node's next incarnation with a new pid, and the restart is counted."""
+    rt = RuntimeSettings(launcher="ray", heartbeat_s=0.2, respawn_backoff_s=0.1)
+
+    async def main() -> None:
+        async with LocalCluster(2, runtime=rt) as lc:
+            c = lc.cluster
+            before = lc.launcher.pids()
+            inc = c.incarnation(1)
+            lc.launcher.kill(1)
+
+            async def back() -> None:
+                while not (c.incarnation(1) > inc and 1 in c.alive()):
+                    await asyncio.sleep(0.02)  # polling the controller's membership
+            await asyncio.wait_for(back(), 60)
+            after = lc.launcher.pids()
+            assert after[1] != before[1] and after[0] == before[0]
+            assert lc.launcher.restarts() == {1: 1}
+            st = await c.request(1, GetStatus(req=0))
+            assert st["pid"] == after[1]
+
+    run_async(main(), timeout=120)

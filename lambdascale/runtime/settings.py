@@ -42,7 +42,7 @@ class RuntimeSettings(BaseModel):
         default=True,
         description="the local launcher restarts an agent process that died (runtime.respawn_backoff_s); the "
         "new process registers as the node's next incarnation. External agents are restarted by their own "
-        "supervisor (docs/deploy.md), Ray's by Ray",
+        "supervisor (docs/deploy.md); on Ray the agent's hosting actor restarts it and Ray restarts the actor",
     )
     respawn_backoff_s: float = Field(
         default=0.5, gt=0, le=3600,

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 r["system"] = system
             result["systems"] += rows
-            result["all_exact"] = all(r["exact"] for r in result["systems"])
+            result["all_exact"] = all(r.get("exact", False) for r in result["systems"])
             result["wall_s"] = time.monotonic() - t_start
             if out:
                 Path(out).write_text(json.dumps(result, indent=2))
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'system':16} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'all solo ms':>11} "
           f"{'MiB moved':>9} {'pipes':>5} {'1st pipe ms':>11} {'exact':>5}")
     for x in result["systems"]:
+        if x.get("failed"):
+            print(f"{x['system']:16} FAILED: {x['error']}")
+            continue
         pipes = [t for name, t in x["instance_started_s"].items() if name.startswith("pipe")]
         first_pipe = f"{min(pipes) * 1e3:.1f}" if pipes else "-"
         print(f"{x['system']:16} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "

@@ -62,6 +62,9 @@ def _register_scale(bench_subparsers: Any) -> None:
                         "(runtime.device_arena_gb = the model's size unless the config sets it); "
                         "--no-device-arena makes and touches a fresh buffer during each scale-out (default: on)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="also write the result as JSON to PATH, rewritten as each system finishes (a run cut "
+                        "short keeps the systems measured so far)")
     p.set_defaults(func=_cmd_scale)
 
 

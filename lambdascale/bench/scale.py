@@ -28,14 +28,16 @@ and more nodes add no compute capacity.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
+import os
 import shutil
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from lambdascale.errors import LambdaScaleError
 from lambdascale.model.manifest import Manifest, read_manifest
@@ -189,6 +191,13 @@ async def run_scale_bench(
     )
 
 
+def write_result(r: ScaleBenchResult, path: Path) -> None:
+    """``r`` as JSON in ``path``, replaced atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(r), indent=2))
+    os.replace(tmp, path)
+
+
 def format_table(r: ScaleBenchResult) -> str:
     rows = [
         ("model", f"{r.model} ({r.model_bytes / 2**20:.1f} MiB, {r.n_blocks} blocks, {r.n_chunks} chunks)"),
@@ -237,9 +246,12 @@ def _systems_table(systems: list[dict[str, Any]]) -> str:
     faasnet and nccl, < 1 vs local)."""
     hdr = f"{'system':12} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} {'last 1st tok ms':>15} {'last done ms':>12} " \
           f"{'all solo ms':>11} {'MiB moved':>9} {'pipes':>5} {'exact':>5} {'ls p99 / this':>13}"
-    ls = next((x["ttft_p99_s"] for x in systems if x["system"] == "lambdascale"), None)
+    ls = next((x["ttft_p99_s"] for x in systems if x["system"] == "lambdascale" and not x.get("failed")), None)
     lines = [hdr]
     for x in systems:
+        if x.get("failed"):
+            lines.append(f"{x['system']:12} FAILED: {x['error']}")
+            continue
         ratio = f"{ls / x['ttft_p99_s']:.2f}" if ls is not None and x["ttft_p99_s"] > 0 else "n/a"
         lines.append(f"{x['system']:12} {x['ttft_p50_s'] * 1e3:>11.1f} {x['ttft_p99_s'] * 1e3:>11.1f} "
                      f"{x['last_first_token_s'] * 1e3:>15.1f} {x.get('last_done_s', 0.0) * 1e3:>12.1f} "
@@ -302,8 +314,13 @@ def reference_outputs(model_dir: Path, burst: dict[str, Any], device: str = "cpu
 async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: TransferSettings, runtime: RuntimeSettings,
                       burst: dict[str, Any], reference: dict[str, list[int]], systems: list[str],
                       max_seqs: int = 8, device: str = "cpu", dtype: str = "float32",
-                      batch_invariant: bool = False) -> list[dict[str, Any]]:
+                      batch_invariant: bool = False,
+                      on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """One fresh cluster per system: sources hold the model, the burst is fired as it scales out.
+
+    A system that fails (an agent lost, a request timed out) is a row ``{"system", "failed": True,
+    "error"}`` and the next system still runs: one failure never discards the others' figures.
+    ``on_row`` gets each row as soon as its system is done (``--out`` rewrites its file with it).
 
     ``device`` is where stages compute ("cuda" on a GPU machine: every agent shares the GPU and
     copies each block host -> GPU as its stage forms). ``batch_invariant``: engine.batch_invariant
@@ -316,13 +333,20 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     rows = []
     for system in systems:
-        async with LocalCluster(nodes, transfer, runtime) as lc:
-            await prepare_sources(lc.cluster, nodes, list(range(sources)), model_dir)
-            rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)), list(range(sources, nodes)),
-                                        burst, system, eos_ids, max_seqs=max_seqs,
-                                        emulate_device=runtime.emulate_device, device=device,
-                                        link_gbps=transfer.link_gbps, dtype=dtype,  # type: ignore[arg-type]
-                                        batch_invariant=batch_invariant)
+        try:
+            async with LocalCluster(nodes, transfer, runtime) as lc:
+                await prepare_sources(lc.cluster, nodes, list(range(sources)), model_dir)
+                rep = await serve_scale_out(lc.cluster, model_dir, manifest, list(range(sources)),
+                                            list(range(sources, nodes)), burst, system, eos_ids, max_seqs=max_seqs,
+                                            emulate_device=runtime.emulate_device, device=device,
+                                            link_gbps=transfer.link_gbps, dtype=dtype,  # type: ignore[arg-type]
+                                            batch_invariant=batch_invariant)
+        except (LambdaScaleError, OSError, asyncio.TimeoutError) as e:  # report it; the next system still runs
+            rows.append({"system": system, "failed": True, "error": f"{type(e).__name__}: {e}"})
+            _progress(f"{system}: FAILED: {rows[-1]['error']}")
+            if on_row is not None:
+                on_row(rows[-1])
+            continue
         ttft = list(rep.ttft.values())
         rows.append({
             "system": system, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
@@ -342,6 +366,8 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
             "finish_s": dict(rep.finish), "last_done_s": max(rep.finish.values(), default=0.0),
         })
         _progress(f"{system}: TTFT p99 {rows[-1]['ttft_p99_s']:.2f} s, exact {rows[-1]['exact']}")
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -420,13 +446,24 @@ def _run_bench_scale(args: Any, cfg: Any, transfer: TransferSettings, models_dir
 
             result.emulate_device = parse_profile(cfg.runtime.emulate_device).spec
         systems = args.systems.split(",")
-        result.systems = asyncio.run(run_systems(
-            model_dir, args.nodes, args.sources, transfer, runtime, burst, ref, systems,
-            max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv))
+        out = getattr(args, "out", None)
+
+        def keep(rows: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+            def on_row(row: dict[str, Any]) -> None:
+                rows.append(row)
+                if out:
+                    write_result(result, Path(out))
+            return on_row
+
+        run_systems_ = functools.partial(run_systems, model_dir, args.nodes, args.sources, transfer)
+        asyncio.run(run_systems_(runtime, burst, ref, systems, max_seqs=args.max_seqs, dtype=args.stage_dtype,
+                                 batch_invariant=inv, on_row=keep(result.systems)))
         if args.also_without_emulation and cfg.runtime.emulate_device:
-            result.systems_without_emulation = asyncio.run(run_systems(
-                model_dir, args.nodes, args.sources, transfer, runtime.model_copy(update={"emulate_device": None}),
-                burst, ref, systems, max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv))
+            asyncio.run(run_systems_(runtime.model_copy(update={"emulate_device": None}), burst, ref, systems,
+                                     max_seqs=args.max_seqs, dtype=args.stage_dtype, batch_invariant=inv,
+                                     on_row=keep(result.systems_without_emulation)))
+    if getattr(args, "out", None):
+        write_result(result, Path(args.out))
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:

@@ -177,7 +177,8 @@ class ServingCore:
             if alive:
                 node = min(alive, key=lambda n: (len(self.memory.held.get(n, ())), n))
                 try:
-                    await self.cluster.request(node, HoldModel(req=0, model_dir=str(model_dir)))
+                    await self.cluster.request(node, HoldModel(req=0, model_dir=str(model_dir)),
+                                               timeout=self.hold_timeout(manifest))
                     self.memory.mark_held(node, name)
                 except AgentRequestError as e:  # host tier full (runtime.host_capacity_gb): first start loads from the store
                     log.warning("deploy of %s: host tier of node %d not warmed: %s", name, node, e)
@@ -241,6 +242,15 @@ class ServingCore:
         if not d.units:
             self.kick()  # decide now rather than at the next tick: the first token waits on this start
         return r
+
+    def hold_timeout(self, manifest: Manifest) -> float:
+        """How long a ``HoldModel`` of ``manifest`` may take: ``runtime.request_timeout_s`` on top of
+        twice its read through the SSD cap (``transfer.ssd_gbps``). A 1.26 GB model at 0.047 Gbit/s
+        reads for 214 s: with the request timeout alone (120 s by default) a healthy node loading
+        it was reported as not answering (issue 19), and the whole ``bench scale`` run was lost."""
+        gbps = self.config.transfer.ssd_gbps
+        read_s = manifest.total_bytes * 8 / (gbps * 1e9) if gbps else 0.0
+        return self.config.runtime.request_timeout_s + 2 * read_s
 
     def abort(self, rid: str) -> None:
         """Forget a request wherever it is (queued, or admitted: its KV is freed by a later step)."""
@@ -335,7 +345,8 @@ class ServingCore:
         u = unit if unit is not None else self._new_unit(d, node)
         try:
             if not self.memory.holds(node, d.name):
-                await self.cluster.request(node, HoldModel(req=0, model_dir=str(d.model_dir), tier="gpu", reuse=True))
+                await self.cluster.request(node, HoldModel(req=0, model_dir=str(d.model_dir), tier="gpu", reuse=True),
+                                           timeout=self.hold_timeout(d.manifest))
                 self.memory.mark_held(node, d.name)
             if timeline is not None:
                 timeline.mark_node_full(node, self.clock.now())

@@ -102,3 +102,64 @@ def test_bench_scale_rejects_no_emulation_rerun_without_emulation(capsys) -> Non
     assert "--max-seqs must be in [1, 1024], got 0" in capsys.readouterr().err
     assert main(["bench", "scale", "--pipeline-helper-blocks", "-1"]) == 2
     assert "pipeline_helper_blocks" in capsys.readouterr().err
+
+
+def test_a_failed_system_keeps_the_others(tmp_path, monkeypatch) -> None:
+    """A system whose run fails (here nccl: an agent did not answer) is reported as failed with its
+    error; the systems before and after it keep their figures, in the table, the JSON and the
+    ``--out`` file rewritten as each system finishes."""
+    import asyncio
+
+    from lambdascale.bench import burst, scale
+    from lambdascale.bench.burst import ScaleOutReport, SystemKind
+    from lambdascale.runtime.cluster import NodeLostError
+
+    class _Cluster:
+        def __init__(self, *a, **k) -> None:
+            self.cluster = None
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+    async def prepare(*a, **k) -> None:
+        return None
+
+    async def serve(cluster, model_dir, manifest, sources, receivers, burst_, system, *a, **k):
+        if system == "nccl":
+            raise NodeLostError("node 2 did not answer HoldModel within 120.0s (runtime.request_timeout_s)")
+        return ScaleOutReport(SystemKind(system), ttft={"r0": 0.5}, finish={"r0": 1.0}, outputs={"r0": [1, 2]})
+
+    monkeypatch.setattr(scale, "LocalCluster", _Cluster)
+    monkeypatch.setattr(burst, "prepare_sources", prepare)
+    monkeypatch.setattr(burst, "serve_scale_out", serve)
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(scale, "read_manifest", lambda d: SimpleNamespace(arch=SimpleNamespace(eos_token_id=2)))
+    result = scale.ScaleBenchResult(model="m", model_bytes=1, n_chunks=1, n_blocks=1, nodes=3, sources=1,
+                                    transport="tcp", link_gbps=None, ssd_gbps=None, source_load_s=0.0,
+                                    multicast_s=0.0, bound_s=None, vs_bound=None, p2p_gbps=0.0)
+    out = tmp_path / "result.json"
+    seen: list[list[str]] = []
+
+    def on_row(row) -> None:
+        result.systems.append(row)
+        scale.write_result(result, out)
+        seen.append([r["system"] for r in json.loads(out.read_text())["systems"]])
+
+    from lambdascale.runtime.settings import RuntimeSettings
+    from lambdascale.transfer.settings import TransferSettings
+
+    rows = asyncio.run(scale.run_systems(tmp_path, 3, 1, TransferSettings(), RuntimeSettings(),
+                                         {"r0": None}, {"r0": [1, 2]}, ["lambdascale", "faasnet", "nccl", "local"],
+                                         on_row=on_row))
+    assert [r["system"] for r in rows] == ["lambdascale", "faasnet", "nccl", "local"]
+    assert [bool(r.get("failed")) for r in rows] == [False, False, True, False]
+    assert "did not answer HoldModel" in rows[2]["error"] and rows[3]["exact"] is True
+    assert seen == [["lambdascale"], ["lambdascale", "faasnet"], ["lambdascale", "faasnet", "nccl"],
+                    ["lambdascale", "faasnet", "nccl", "local"]]
+    table = scale._systems_table(rows)
+    assert "nccl         FAILED: NodeLostError: node 2 did not answer HoldModel" in table
+    assert table.count("\n") == 4

@@ -327,6 +327,7 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
     on every stage of every system (``reference`` must come from the same numerics).
     """
     from lambdascale.bench.burst import prepare_sources, serve_scale_out
+    from lambdascale.config import LambdaScaleConfig
 
     manifest = read_manifest(model_dir)
     eos = manifest.arch.eos_token_id
@@ -340,7 +341,9 @@ async def run_systems(model_dir: Path, nodes: int, sources: int, transfer: Trans
                                             list(range(sources, nodes)), burst, system, eos_ids, max_seqs=max_seqs,
                                             emulate_device=runtime.emulate_device, device=device,
                                             link_gbps=transfer.link_gbps, dtype=dtype,  # type: ignore[arg-type]
-                                            batch_invariant=batch_invariant)
+                                            batch_invariant=batch_invariant,
+                                            # the agents' caps: the core sizes a load's timeout by the SSD cap
+                                            config=LambdaScaleConfig(transfer=transfer))
         except (LambdaScaleError, OSError, asyncio.TimeoutError) as e:  # report it; the next system still runs
             rows.append({"system": system, "failed": True, "error": f"{type(e).__name__}: {e}"})
             _progress(f"{system}: FAILED: {rows[-1]['error']}")

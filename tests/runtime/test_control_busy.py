@@ -41,7 +41,7 @@ def test_control_is_answered_promptly_while_loading_and_computing(tiny_model: Pa
     slow = read_manifest(second_model)
     load_s = 4.0
     ssd_gbps = slow.total_bytes * 8 / load_s / 1e9  # the capped load lasts ~4 s
-    transfer = TransferSettings(ssd_gbps=ssd_gbps)
+    transfer = TransferSettings(ssd_gbps=ssd_gbps, bucket_burst_bytes=32768)
     runtime = RuntimeSettings(heartbeat_s=0.2, heartbeat_misses=50, emulate_device="h200:llama2-7b:100")
 
     async def main() -> tuple[list[float], list[float], float, int]:
@@ -91,3 +91,32 @@ def test_hold_timeout_covers_the_capped_read() -> None:
     assert t > cfg.runtime.request_timeout_s + 214 * 1.5  # its read alone takes 214 s
     assert ServingCore.hold_timeout(SimpleNamespace(config=load_config(None, {})), manifest) == \
         load_config(None, {}).runtime.request_timeout_s  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(240)
+def test_a_load_longer_than_the_request_timeout_is_waited_for(tiny_model: Path) -> None:
+    """The issue's failure in small: an instance whose load through the SSD cap takes ~3 s, with
+    ``runtime.request_timeout_s`` = 1 s. The core waits for the read (it used to report the node
+    as not answering ``HoldModel`` and lose the start)."""
+    from lambdascale.config import LambdaScaleConfig
+    from lambdascale.control.snapshot import DeploymentSpec
+    from lambdascale.core.core import ServingCore
+
+    m = read_manifest(tiny_model)
+    transfer = TransferSettings(ssd_gbps=m.total_bytes * 8 / 3.0 / 1e9, bucket_burst_bytes=32768)
+    runtime = RuntimeSettings(heartbeat_s=0.2, heartbeat_misses=50, request_timeout_s=1.0)
+
+    async def main() -> float:
+        async with LocalCluster(1, transfer, runtime) as lc:
+            core = ServingCore(lc.cluster, LambdaScaleConfig(transfer=transfer, runtime=runtime))
+            t0 = time.monotonic()
+            try:
+                d = await core.deploy(m.name, tiny_model, m, DeploymentSpec(min_instances=1), frozenset({2}), 256,
+                                      start_on=[0])
+                assert d.serving
+            finally:
+                await core.close()
+            return time.monotonic() - t0
+
+    took = run_async(main(), timeout=200)
+    assert took > 2.0  # the load really outlasted request_timeout_s

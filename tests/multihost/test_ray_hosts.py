@@ -24,7 +24,7 @@ from tests.serve.cluster_helpers import SLOW_LINKS, burst, cluster_gateway, gree
 
 pytestmark = pytest.mark.ray
 PROMPT = [1, 5, 9, 13, 17]
-N_TOKENS = 150  # long enough that the burst is still running when the controller decides (2 s tick)
+N_TOKENS = 240  # long enough that the burst is still running when the controller decides (0.5 s tick)
 BODY = {"prompt": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}
 
 
@@ -78,7 +78,7 @@ def test_ray_cluster_across_three_hosts(tmp_path: Path, demo_model_dir: Path,
             want_ids = greedy_ids(ck.dir, PROMPT, N_TOKENS)
             # heartbeat_misses: 3 Ray nodes, 3 agents and a gateway on two cores miss beats under load
             overrides = {"runtime.launcher": "ray", "runtime.address": address, "runtime.nodes": 3,
-                         "runtime.register_timeout_s": 120, "control.autoscale_interval_s": 2.0,
+                         "runtime.register_timeout_s": 120, "control.autoscale_interval_s": 0.5,
                          "runtime.heartbeat_misses": 30,
                          "runtime.pipeline_helper_blocks": 4, **SLOW_LINKS}
             spec = DeploySpec(name=name, min_instances=1, max_instances=3, target_concurrency=1)

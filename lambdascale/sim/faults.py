@@ -116,27 +116,7 @@ class Faults(ScaleOuts):
         active = inst.event is not None
         self.loop.cancel(inst.event)
         inst.event = None
-        now = self.loop.now()
-        out: list[Req] = []
-        if active:
-            for r, first in zip(inst.seg_new, inst.seg_first):
-                if inst.seg_start + first <= now:
-                    if r.resume:
-                        r.resume = False
-                    else:
-                        r.first_token = inst.seg_start + first
-                    r.generated += 1
-                    if r.generated < r.out:
-                        inst.running.append(r)
-                    else:
-                        self._finish(inst, r, inst.seg_start + first)
-                else:
-                    out.append(r)
-            if inst.seg_k > 1 and not inst.seg_new and inst.running:
-                steps = min(inst.passes_done(now), inst.seg_k - 1)
-                for r in inst.running:
-                    r.generated += steps
-                self._refund(inst, inst.seg_k - min(steps + 1, inst.seg_k))
+        out = self._settle_cut(inst, self.loop.now()) if active else []
         for r in inst.running:
             r.migrations += 1
             r.resume = True

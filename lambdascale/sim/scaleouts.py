@@ -200,12 +200,13 @@ class ScaleOuts(Arrivals):
         if form:
             self._pump(m)
 
-    def _dissolve(self, inst: Inst) -> None:
-        """Move a pipeline's requests, with their token state, back to the router."""
-        self.loop.cancel(inst.event)
-        inst.event = None
+    def _settle_cut(self, inst: Inst, now: float) -> list[Req]:
+        """An instance's segment cut at ``now`` (a dissolution, or its node stopping): what it
+        computed so far counts, and the requests whose prefill was still in progress are returned
+        (it is lost: they redo it elsewhere). Decode steps finished before the cut are credited; a
+        pipeline's helpers finish the pass in progress (the runtime drains steps in flight), the
+        rest never runs."""
         moved: list[Req] = []
-        now = self.loop.now()
         for r, first in zip(inst.seg_new, inst.seg_first):
             if inst.seg_start + first <= now:  # its micro-batch's prefill is done: the token was streamed
                 if r.resume:
@@ -218,14 +219,19 @@ class ScaleOuts(Arrivals):
                 else:
                     self._finish(inst, r, inst.seg_start + first)
             else:
-                moved.append(r)  # a prefill in progress is lost: redo it elsewhere
+                moved.append(r)
         if inst.seg_k > 1 and not inst.seg_new and inst.running:
-            # Credit the decode steps finished before the cut.
-            steps = inst.passes_done(now)
+            steps = min(inst.passes_done(now), inst.seg_k - 1)
             for r in inst.running:
-                r.generated += min(steps, inst.seg_k - 1)
-            # the helpers finish the pass in progress (the runtime drains steps in flight); the rest never runs
+                r.generated += steps
             self._refund(inst, inst.seg_k - min(steps + 1, inst.seg_k))
+        return moved
+
+    def _dissolve(self, inst: Inst) -> None:
+        """Move a pipeline's requests, with their token state, back to the router."""
+        self.loop.cancel(inst.event)
+        inst.event = None
+        moved = self._settle_cut(inst, self.loop.now())
         for r in inst.running:
             r.migrations += 1
             if not self._ship_kv(inst, r):

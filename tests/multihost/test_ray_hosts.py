@@ -19,7 +19,7 @@ import pytest
 from lambdascale.serve.schemas import DeploySpec
 from tests.multihost.netns import Network, emulated_hosts, free_port
 from tests.multihost.raynodes import ray_env, ray_home, ray_node, wait_for_port
-from tests.runtime.test_ray_readme import _serve, _stop, _url_or_exit, expected_greedy
+from tests.runtime.test_ray_readme import _serve, _stop, _url_or_exit, demo_greedy_text, expected_greedy
 from tests.serve.cluster_helpers import SLOW_LINKS, burst, cluster_gateway, greedy_ids, wait_status
 
 pytestmark = pytest.mark.ray
@@ -107,11 +107,6 @@ def test_ray_cluster_across_three_hosts(tmp_path: Path, demo_model_dir: Path,
             try:
                 url, out = _url_or_exit(proc, 240)
                 assert url is not None, out + _stop(proc)
-                import httpx
-
-                r = httpx.post(url + "/v1/completions", timeout=120, json={
-                    "model": "smollm2-135m", "prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
-                assert r.status_code == 200, r.text
-                assert r.json()["choices"][0]["text"] == want_text
+                assert demo_greedy_text(url, ids, 12) == want_text
             finally:
                 _stop(proc)

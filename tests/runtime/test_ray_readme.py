@@ -69,6 +69,14 @@ def expected_greedy(models_dir: Path, n_tokens: int) -> tuple[list[int], str]:
     return ids, tok.decode(greedy_ids(d, ids, n_tokens))
 
 
+def demo_greedy_text(url: str, ids: list[int], n_tokens: int) -> str:
+    """The gateway's greedy completion of ``ids`` on the demo model (asserts a 200)."""
+    r = httpx.post(url + "/v1/completions", timeout=120, json={
+        "model": "smollm2-135m", "prompt": ids, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"])
+
+
 def test_the_readme_ray_commands_serve_with_token_auth(tmp_path: Path, demo_model_dir: Path) -> None:
     home = ray_home(tmp_path)  # ~/.ray/auth_token exists: `ray start` turns token auth on
     env = ray_env(home)
@@ -91,10 +99,7 @@ def test_the_readme_ray_commands_serve_with_token_auth(tmp_path: Path, demo_mode
         try:
             url, out = _url_or_exit(proc, 240)
             assert url is not None, out + _stop(proc)
-            r = httpx.post(url + "/v1/completions", timeout=120, json={
-                "model": "smollm2-135m", "prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["text"] == want and "Paris" in want
+            assert demo_greedy_text(url, ids, 12) == want and "Paris" in want
         finally:
             out += _stop(proc)
     assert "token authentication" in out, out
